@@ -1,0 +1,144 @@
+"""ONNX Runtime: the partition exported with torch's dynamo ONNX exporter, run by an InferenceSession with the
+member descriptor's execution providers, bound to torch memory through IO binding (no copies in or out)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backend import Backend, Partition, decomposes
+from ..errors import BackendError
+from ..pool import Member
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+       torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
+
+
+class OnnxruntimeBackend(Backend):
+    name = "onnxruntime"
+    requires = ("onnxruntime", "onnx", "onnxscript")
+    extra = "onnx"
+    call_overhead_us = 8.0
+
+    def op_support(self):
+        from torch.fx.passes.operator_support import create_op_support
+
+        registry = _torchlib_registry()
+
+        def ok(_submodules, node) -> bool:
+            t = node.target
+            if not isinstance(t, torch._ops.OpOverload):
+                return True  # getitem and friends
+            return registry.is_registered(t) or decomposes(t)
+        return create_op_support(ok)
+
+    def providers(self, member: Member) -> tuple[list, bool]:
+        import onnxruntime as ort
+
+        spec = member.descriptor.backend(self.name)
+        if member.stand_in or spec is None:
+            return [("CPUExecutionProvider", {})], False
+        wanted = [(p.name, dict(p.options)) for p in spec.options.providers]
+        have = set(ort.get_available_providers())
+        missing = [n for n, _ in wanted if n not in have]
+        if missing:
+            raise BackendError(f"member {member.id}: execution provider(s) {', '.join(missing)} are not in this "
+                               f"onnxruntime build (it has {', '.join(sorted(have))}); install the matching "
+                               "onnxruntime package (onnxruntime-gpu, onnxruntime-openvino, ...)")
+        return wanted, spec.options.disable_cpu_ep_fallback
+
+    def export(self, part: Partition) -> Path:
+        path = self.cache_dir / f"{part.digest}.onnx"
+        if path.exists():
+            return path
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
+        with _quiet():
+            program = torch.onnx.export(part.gm, tuple(part.example_inputs), dynamo=True, input_names=names,
+                                        optimize=True, verbose=False)
+        tmp = path.with_suffix(".tmp.onnx")
+        program.save(str(tmp))
+        tmp.replace(path)  # atomic: a crash never leaves half a model in the cache
+        return path
+
+    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency"):
+        import onnxruntime as ort
+
+        path = self.export(part)
+        providers, no_fallback = self.providers(member)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads(member)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if no_fallback:
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+        return _bound_runner(sess, part, self.io_device(member)), str(path)
+
+
+def _bound_runner(sess, part: Partition, device: str):
+    """A callable feeding torch tensors to `sess` by pointer and writing its outputs into fresh torch tensors."""
+    placeholders = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
+    feed = [(i, name) for i, name in enumerate(placeholders) if name in {x.name for x in sess.get_inputs()}]
+    out_names = [o.name for o in sess.get_outputs()]
+    specs = part.output_specs
+    static = all(s is not None and not isinstance(s, tuple) and all(isinstance(d, int) for d in s.shape)
+                 and s.torch_dtype in _NP for s in specs)
+    dev = torch.device(device)
+    dev_type, dev_id = dev.type, dev.index or 0
+    if not static:  # outputs of unknown shape: let ONNX Runtime allocate, then wrap without copying
+        def run_plain(*inputs):
+            outs = sess.run(out_names, {name: inputs[i].contiguous().cpu().numpy() for i, name in feed})
+            return tuple(torch.from_numpy(o).to(dev) for o in outs)
+        return run_plain
+
+    shapes = [(list(s.shape), s.torch_dtype) for s in specs]
+
+    def run(*inputs):
+        binding = sess.io_binding()
+        keep = []
+        for i, name in feed:
+            x = inputs[i].contiguous()
+            keep.append(x)
+            binding.bind_input(name, dev_type, dev_id, _NP[x.dtype], list(x.shape), x.data_ptr())
+        outs = [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in shapes]
+        for name, o in zip(out_names, outs):
+            binding.bind_output(name, dev_type, dev_id, _NP[o.dtype], list(o.shape), o.data_ptr())
+        sess.run_with_iobinding(binding)
+        return tuple(outs)
+    return run
+
+
+_REGISTRY = None
+
+
+def _torchlib_registry():
+    global _REGISTRY
+    if _REGISTRY is None:
+        from torch.onnx._internal.exporter import _registration
+
+        with _quiet():
+            _REGISTRY = _registration.ONNXRegistry.from_torchlib()
+    return _REGISTRY
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress and warns about torchvision ops; DIOE reports what matters itself."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
+                                              "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)

@@ -1,0 +1,92 @@
+"""OpenVINO: the partition converted with openvino.convert_model (from torch.export) and compiled for the
+member's OpenVINO device. Precision is always explicit: OpenVINO's CPU default is bf16 where the CPU has it."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..backend import Backend, Partition, decomposes
+from ..pool import Member
+
+_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+class OpenvinoBackend(Backend):
+    name = "openvino"
+    requires = ("openvino",)
+    extra = "openvino"
+    precisions = ("fp32", "bf16", "fp16")
+    call_overhead_us = 40.0
+
+    def __init__(self, cache_dir=None):
+        super().__init__(cache_dir)
+        self._core = None
+
+    @property
+    def core(self):
+        if self._core is None:
+            import openvino as ov
+
+            self._core = ov.Core()
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._core.set_property({"CACHE_DIR": str(self.cache_dir / "blobs")})  # OpenVINO's own blob cache
+        return self._core
+
+    def op_support(self):
+        from openvino.frontend.pytorch.torchdynamo.op_support import OperatorSupport
+        from torch.fx.passes.operator_support import create_op_support
+
+        table = OperatorSupport({})
+
+        def ok(submodules, node) -> bool:
+            t = node.target
+            if not isinstance(t, torch._ops.OpOverload):
+                return True
+            return table.is_node_supported(submodules, node) or decomposes(t)
+        return create_op_support(ok)
+
+    def ov_device(self, member: Member) -> str:
+        spec = member.descriptor.backend(self.name)
+        if member.stand_in:
+            return "CPU"
+        return (spec.options.device if spec and spec.options.device else member.descriptor.match.openvino_device
+                or "CPU")
+
+    def convert(self, part: Partition):
+        import openvino as ov
+
+        xml = self.cache_dir / f"{part.digest}.xml"
+        if xml.exists():
+            return self.core.read_model(str(xml)), str(xml)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            ep = torch.export.export(part.gm, tuple(part.example_inputs), strict=False)
+        model = ov.convert_model(ep)
+        ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32
+        return model, str(xml)
+
+    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency"):
+        model, xml = self.convert(part)
+        device = self.ov_device(member)
+        config = {"INFERENCE_PRECISION_HINT": _HINT[precision],
+                  "PERFORMANCE_HINT": "THROUGHPUT" if objective == "throughput" else "LATENCY"}
+        if device.startswith("CPU"):
+            config["INFERENCE_NUM_THREADS"] = self.threads(member)
+        spec = member.descriptor.backend(self.name)
+        if spec:
+            config.update({k: v for k, v in spec.options.config.items()})
+        compiled = self.core.compile_model(model, device, config)
+        names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
+        inputs = [p.get_any_name() for p in compiled.inputs]
+        order = [names.index(n) if n in names else i for i, n in enumerate(inputs)]
+        local = threading.local()  # an infer request per calling thread, reused across calls
+
+        def run(*xs):
+            req = getattr(local, "req", None)
+            if req is None:
+                req = local.req = compiled.create_infer_request()
+            res = req.infer([xs[i].contiguous().numpy() for i in order], share_inputs=True)
+            return tuple(torch.from_numpy(v) for v in res.values())
+        return run, xml

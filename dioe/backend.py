@@ -1,0 +1,215 @@
+"""The small face every backend shows: which nodes it supports, compile a partition for a member, run it.
+
+A backend lives in one file under `dioe/backends/` and subclasses `Backend`:
+
+    class MyBackend(Backend):
+        name = "mine"
+        requires = ("mylib",)          # imported inside the file only; missing -> reported, not raised
+        extra = "mine"                 # pip install 'dioe[mine]' brings it
+        def compile_fn(self, part, member, precision): ...   # -> callable(*tensors) -> tuple of tensors
+
+    >>> from dioe.backends import get
+    >>> get("torch").name
+    'torch'
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
+
+import torch
+from torch import fx
+from torch.fx.passes.operator_support import OperatorSupportBase, chain
+
+from .errors import BackendError
+from .pool import Member
+
+Fn = Callable[..., tuple]
+
+
+@dataclass(eq=False)
+class Partition:
+    """A piece of the graph to compile: a GraphModule from flat tensors to a tuple of tensors."""
+
+    id: str
+    gm: fx.GraphModule
+    example_inputs: tuple
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Hash of the code, input specs and weight bytes: the key of on-disk compiled artifacts."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.gm.code.encode())
+        for x in self.example_inputs:
+            h.update(f"{tuple(x.shape)}:{x.dtype}".encode() if isinstance(x, torch.Tensor) else repr(x).encode())
+        seen = set()
+        for name, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if id(t) not in seen:
+                seen.add(id(t))
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                         if t.numel() else b"")
+        return h.hexdigest()
+
+    @property
+    def output_specs(self) -> list:
+        out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        return [a.meta.get("dioe.tensor") if isinstance(a, fx.Node) else None for a in out.args[0]]
+
+    @property
+    def op_count(self) -> int:
+        return sum(1 for n in self.gm.graph.nodes if n.op == "call_function")
+
+
+@dataclass(eq=False)
+class Compiled:
+    """A partition compiled for one member by one backend. Call it with tensors on `io_device`."""
+
+    fn: Fn
+    partition_id: str
+    backend: str
+    member: str
+    precision: str
+    io_device: str
+    compile_s: float
+    artifact: str = ""  # where the backend cached what it built, if on disk
+    notes: dict = field(default_factory=dict)
+
+    def __call__(self, *inputs):
+        try:
+            return self.fn(*inputs)
+        except Exception as e:
+            raise BackendError(f"partition {self.partition_id} on member {self.member} with backend "
+                               f"{self.backend} ({self.precision}) failed: {type(e).__name__}: {e}") from e
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where compiled artifacts and profiles live: cache_dir, else $DIOE_CACHE_DIR, else ~/.cache/dioe."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("DIOE_CACHE_DIR") or Path(
+            os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dioe"
+    path = Path(cache_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class DescriptorSupport(OperatorSupportBase):
+    """What the member's descriptor allows: op allow/deny lists and tensor dtypes."""
+
+    def __init__(self, member: Member):
+        self.rules = member.descriptor.ops
+
+    def is_node_supported(self, submodules, node: fx.Node) -> bool:
+        if node.op != "call_function":
+            return True
+        if not self.rules.permits(_op_name(node)):
+            return False
+        if self.rules.dtypes:
+            for t in _node_specs(node):
+                if t.dtype not in self.rules.dtypes:
+                    return False
+        return True
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+
+
+def _node_specs(node: fx.Node) -> list:
+    specs = []
+    for n in [node, *node.all_input_nodes]:
+        s = n.meta.get("dioe.tensor")
+        specs.extend(s if isinstance(s, tuple) else [s])
+    return [s for s in specs if s is not None]
+
+
+def decomposes(op) -> bool:
+    """True when export-time decomposition turns `op` into other ATen ops (linear -> addmm, ...)."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return False
+    from torch._decomp import core_aten_decompositions
+
+    return op in core_aten_decompositions() or torch._C._dispatch_has_kernel_for_dispatch_key(
+        op.name(), "CompositeImplicitAutograd")
+
+
+class Backend:
+    """Base of all backends. Subclasses set the class attributes and implement `compile_fn`."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()       # Python modules it imports (lazily, in its own file)
+    extra: ClassVar[str | None] = None              # pip extra that installs them
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    call_overhead_us: ClassVar[float] = 5.0         # prior for the cost model; profiling replaces it
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.cache_dir = cache_root(cache_dir) / self.name
+
+    # -- capability -----------------------------------------------------------------------------------------
+    def member_reason(self, member: Member) -> str | None:
+        """Why this backend cannot drive `member` at all, or None when it can."""
+        if self.name not in member.backends:
+            return member.unavailable.get(self.name, f"{self.name} is not among {member.id}'s backends")
+        return None
+
+    def op_support(self) -> OperatorSupportBase | None:
+        """The backend's own knowledge of which nodes it can run; None means all of them."""
+        return None
+
+    def supports(self, member: Member) -> OperatorSupportBase:
+        """Nodes this backend may run on `member`: its own support, narrowed by the member's descriptor."""
+        own = self.op_support()
+        return chain(DescriptorSupport(member), own) if own is not None else DescriptorSupport(member)
+
+    def io_device(self, member: Member) -> str:
+        """Device of the tensors the compiled callable takes and returns."""
+        return "cpu" if member.stand_in or member.device is None else member.device
+
+    # -- compiling ------------------------------------------------------------------------------------------
+    def compile(self, part: Partition, member: Member, precision: str = "fp32", *,
+                objective: str = "latency") -> Compiled:
+        """Compile `part` for `member` in `precision`; errors name the partition, member and backend."""
+        if precision not in self.precisions:
+            raise BackendError(f"backend {self.name} does not run {precision} (it runs "
+                               f"{', '.join(self.precisions)}); partition {part.id}, member {member.id}")
+        if precision not in member.descriptor.precisions:
+            raise BackendError(f"member {member.id} ({member.descriptor.name}) does not compute in {precision}; "
+                               f"it lists {', '.join(member.descriptor.precisions)}")
+        reason = self.member_reason(member)
+        if reason:
+            raise BackendError(f"backend {self.name} cannot drive member {member.id}: {reason}")
+        start = time.perf_counter()
+        try:
+            fn, artifact = self.compile_fn(part, member, precision, objective=objective)
+        except BackendError:
+            raise
+        except Exception as e:
+            raise BackendError(f"partition {part.id}: backend {self.name} failed to compile it for member "
+                               f"{member.id} ({precision}): {type(e).__name__}: {str(e)[:2000]}") from e
+        return Compiled(fn, part.id, self.name, member.id, precision, self.io_device(member),
+                        time.perf_counter() - start, artifact)
+
+    def compile_fn(self, part: Partition, member: Member, precision: str, *,
+                   objective: str = "latency") -> tuple[Fn, str]:
+        """Build the callable; return it with the path of any on-disk artifact ("" if none)."""
+        raise NotImplementedError
+
+    def threads(self, member: Member) -> int:
+        return member.threads or os.cpu_count() or 1
+
+    def to_io(self, tensors: Sequence[torch.Tensor], member: Member) -> list[torch.Tensor]:
+        """Move tensors to where this backend's compiled callables take them."""
+        dev = self.io_device(member)
+        return [t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) and t.device.type != dev.split(":")[0]
+                else t for t in tensors]
+
+
+def float_precision_dtype(precision: str) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -1,0 +1,144 @@
+"""The `dioe` command line.
+
+    dioe devices [--hardware auto|PATH ...] [--json]
+    dioe capture MODEL [--top N] [--json] [--small]
+    dioe descriptor check FILE ...       # validate descriptors, with file:line:key errors
+    dioe descriptor schema               # print the descriptor JSON Schema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from .errors import DIOEError
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Plain aligned text table: readable in a terminal and in CI logs."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _hardware_arg(values: list[str] | None):
+    if not values:
+        return "auto"
+    return values[0] if len(values) == 1 else values
+
+
+def cmd_devices(args) -> int:
+    from .pool import ResourcePool
+
+    pool = ResourcePool.discover(_hardware_arg(args.hardware))
+    data = pool.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"CPU: {pool.cpu.name} ({pool.cpu.machine}, {pool.cpu.usable_cores} usable cores)")
+    rows = []
+    for m in data["members"]:
+        t = m["telemetry"] or {}
+        util = "-" if t.get("utilization_pct") is None else f"{t['utilization_pct']:.0f}%"
+        used = t.get("memory_used_bytes")
+        mem = f"{_fmt_bytes(used)} / {_fmt_bytes(m['memory_bytes'])}" if used is not None \
+            else _fmt_bytes(m["memory_bytes"])
+        label = m["name"] + (" [stand-in]" if m["stand_in"] else "")
+        rows.append([m["id"], label, m["descriptor"], ", ".join(m["backends"]) or "-", mem, util,
+                     str(m["threads"] or "-")])
+    print(table(rows, ["member", "device", "descriptor", "backends", "memory used / capacity", "util", "threads"]))
+    missing = {b: why for m in data["members"] for b, why in m["unavailable_backends"].items()}
+    for b, why in missing.items():
+        print(f"  backend {b}: unavailable ({why})")
+    if data["absent"]:
+        print("\nLooked for, not present:")
+        print(table([[m["id"], m["reason"]] for m in data["absent"]], ["descriptor", "why"]))
+    return 0
+
+
+def cmd_capture(args) -> int:
+    from . import zoo
+    from .capture import capture
+
+    model, inputs = zoo.resolve(args.model, size="small" if args.small else "full")
+    g = capture(model, inputs, name=args.model)
+    s = g.summary(top=args.top)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"{s['model']}: {s['nodes']} ATen nodes, {s['gflops']:.2f} GFLOP, {s['gbytes_moved']:.2f} GB moved, "
+          f"{_fmt_bytes(s['parameters_bytes'])} of weights")
+    print("inputs: " + ", ".join(f"{k} {v}" for k, v in s["inputs"].items()))
+    print()
+    rows = [[o["op"], str(o["count"]), f"{100 * o['flops_share']:.1f}%"] for o in s["ops"]]
+    print(table(rows, ["op", "count", "FLOPs share"]))
+    print(f"\nheaviest {len(s['heaviest'])} nodes:")
+    rows = [[h["node"], h["op"], h["module"] or "-", h["shape"], f"{h['gflops']:.3f}"] for h in s["heaviest"]]
+    print(table(rows, ["node", "op", "module", "output", "GFLOP"]))
+    return 0
+
+
+def cmd_descriptor(args) -> int:
+    from . import hardware
+
+    if args.action == "schema":
+        print(json.dumps(hardware.descriptor_json_schema(), indent=2))
+        return 0
+    failed = 0
+    for path in args.files or list(hardware.shipped().values()):
+        try:
+            d = hardware.load(path)
+            print(f"ok    {path} ({d.name})")
+        except DIOEError as e:
+            failed += 1
+            print(f"error {e}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dioe", description="Dynamic Inference Optimization Engine")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("devices", help="list the resource pool of this machine")
+    d.add_argument("--hardware", nargs="+", help="'auto' (default), descriptor names/paths, or a pool file")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_devices)
+
+    c = sub.add_parser("capture", help="capture a model and summarise its ATen graph")
+    c.add_argument("model", help="zoo name (bert-base, resnet50, ...) or package.module:function")
+    c.add_argument("--top", type=int, default=10, help="how many of the heaviest nodes to list")
+    c.add_argument("--small", action="store_true", help="the zoo model's small variant (fewer layers)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_capture)
+
+    h = sub.add_parser("descriptor", help="validate hardware descriptors or print their JSON Schema")
+    h.add_argument("action", choices=["check", "schema"])
+    h.add_argument("files", nargs="*", help="descriptor files (default: the shipped ones)")
+    h.set_defaults(fn=cmd_descriptor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.fn(args)
+    except DIOEError as e:
+        print(f"dioe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Every error DIOE raises on purpose derives from DIOEError, so callers can catch ours and not a backend's."""
+
+from __future__ import annotations
+
+
+class DIOEError(Exception):
+    """Base class of the errors DIOE raises on purpose."""
+
+
+class DescriptorError(DIOEError, ValueError):
+    """A hardware descriptor or pool file is malformed.
+
+    Carries the file, the 1-based line, the dotted key and what was expected, so an editor can jump to it.
+    """
+
+    def __init__(self, file: str, line: int | None, key: str, message: str):
+        self.file, self.line, self.key, self.message = file, line, key, message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {key or '<document>'}: {message}")
+
+
+class CaptureError(DIOEError, RuntimeError):
+    """torch.export could not capture the model; the message names the construct and what to try."""
+
+
+class InputSpecError(DIOEError, TypeError):
+    """Inputs at call time do not match the captured spec (count, shape, dtype or device)."""
+
+
+class BackendUnavailable(DIOEError, ImportError):
+    """A backend's library is not installed; the message names the extra that brings it."""
+
+
+class BackendError(DIOEError, RuntimeError):
+    """A backend failed while compiling or running a partition; names the partition, member and backend."""
+
+
+class PoolError(DIOEError, RuntimeError):
+    """The resource pool could not be built as asked (no member left, unknown member id, ...)."""

