@@ -53,7 +53,7 @@ class Partition:
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             if id(t) not in seen:
                 seen.add(id(t))
-                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                          if t.numel() else b"")
         return h.hexdigest()
 

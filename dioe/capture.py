@@ -121,14 +121,20 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def remove_inference_noops(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop ops that do nothing in eval mode (dropout with train=False), so no backend pays a call for them."""
+    """Drop ops that do nothing in eval mode (dropout with train=False), so no backend pays a call for them,
+    and export's input-guard submodule: CapturedGraph checks inputs itself, with clearer messages."""
     for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            continue
         if node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
             if not train:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
     gm.recompile()
     return gm
 

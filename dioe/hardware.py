@@ -95,9 +95,9 @@ class BackendSpec:
         for key in BackendOptions.__dataclass_fields__:
             if getattr(self.options, key) != getattr(default, key) and key not in _BACKEND_KEYS[self.name]:
                 raise where.error(path + ("options", key), f"not an option of backend {self.name!r}; "
-                                  f"it takes: {', '.join(sorted(_BACKEND_KEYS[self.name]))}")
+                                  f"expected one of: {', '.join(sorted(_BACKEND_KEYS[self.name]))}")
         if self.name == "onnxruntime" and not self.options.providers:
-            raise where.error(path + ("options",), "onnxruntime needs a 'providers' list, "
+            raise where.error(path + ("options",), "expected a 'providers' list for onnxruntime, "
                               "e.g. [{name: CPUExecutionProvider}]")
 
 
@@ -172,14 +172,14 @@ class Descriptor:
         seen = set()
         for i, b in enumerate(self.backends):
             if b.name in seen:
-                raise where.error(path + ("backends", i, "name"), f"backend {b.name!r} is listed twice")
+                raise where.error(path + ("backends", i, "name"), f"expected each backend once; {b.name!r} is listed twice")
             seen.add(b.name)
         for p in self.peak_tflops:
             if p not in self.precisions:
-                raise where.error(path + ("peak_tflops", p), f"precision {p!r} is not in precisions "
-                                  f"{list(self.precisions)}")
+                raise where.error(path + ("peak_tflops", p), f"expected a precision listed in precisions "
+                                  f"{list(self.precisions)}; {p!r} is not")
         if self.match.torch_device is None and self.match.openvino_device is None:
-            raise where.error(path + ("match",), "expected torch_device or openvino_device to find the device")
+            raise where.error(path + ("match",), "expected torch_device or openvino_device, to find the device by")
 
     def backend_names(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.backends)

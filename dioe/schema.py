@@ -74,7 +74,7 @@ def _walk(node: yaml.Node, path: Path_, lines: dict, file: str) -> None:
             key = key_node.value
             if key in seen:
                 raise DescriptorError(file, key_node.start_mark.line + 1, dotted(path + (key,)),
-                                      f"duplicate key (first given on line {seen[key]})")
+                                      f"duplicate key; expected each key once (first given on line {seen[key]})")
             seen[key] = key_node.start_mark.line + 1
             lines[path + (key,)] = key_node.start_mark.line + 1
             _walk(value_node, path + (key,), lines, file)
@@ -184,7 +184,7 @@ def _build_dataclass(cls: type, value: Any, where: LineMap, path: Path_) -> Any:
     for name, f in known.items():
         if name not in value:
             if f.default is MISSING and f.default_factory is MISSING:
-                raise where.error(path, f"missing required key {name!r} ({_describe(hints[name])})")
+                raise where.error(path + (name,), f"missing required key; expected {_describe(hints[name])}")
             continue
         built = build(hints[name], value[name], where, path + (name,))
         _check_bounds(built, f.metadata, where, path + (name,))

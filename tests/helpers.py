@@ -1,0 +1,44 @@
+"""Helpers shared by the tests: one way to say 'this matches eager'."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.utils._pytree as pytree
+
+
+def max_rel_error(expected, actual) -> float:
+    """Largest |a - e| / max|e| over all tensor leaves (max|e| floored so all-zero outputs compare absolutely)."""
+    worst = 0.0
+    for e, a in zip(pytree.tree_leaves(expected), pytree.tree_leaves(actual)):
+        if not isinstance(e, torch.Tensor):
+            continue
+        e, a = e.detach().double().cpu(), a.detach().double().cpu()
+        scale = max(e.abs().max().item(), 1e-6) if e.numel() else 1.0
+        worst = max(worst, ((a - e).abs().max().item() / scale) if e.numel() else 0.0)
+    return worst
+
+
+def assert_matches_eager(expected, actual, *, rtol: float = 1e-5, what: str = "") -> None:
+    """Same structure (types, keys, lengths), same shapes and dtypes, values within `rtol` of the largest value."""
+    e_leaves, e_spec = pytree.tree_flatten(expected)
+    a_leaves, a_spec = pytree.tree_flatten(actual)
+    assert type(actual) is type(expected), f"{what}: output type {type(actual).__name__} != {type(expected).__name__}"
+    assert e_spec == a_spec, f"{what}: output structure differs:\n{e_spec}\nvs\n{a_spec}"
+    if dataclasses.is_dataclass(expected) and hasattr(expected, "keys"):
+        assert list(expected.keys()) == list(actual.keys()), f"{what}: keys differ"
+    for i, (e, a) in enumerate(zip(e_leaves, a_leaves)):
+        if isinstance(e, torch.Tensor):
+            assert isinstance(a, torch.Tensor), f"{what}: output {i} is {type(a).__name__}, expected a tensor"
+            assert a.shape == e.shape, f"{what}: output {i} shape {tuple(a.shape)} != {tuple(e.shape)}"
+            assert a.dtype == e.dtype, f"{what}: output {i} dtype {a.dtype} != {e.dtype}"
+        else:
+            assert a == e, f"{what}: output {i} {a!r} != {e!r}"
+    err = max_rel_error(expected, actual)
+    assert err <= rtol, f"{what}: relative error {err:.2e} exceeds {rtol:.0e}"
+
+
+def eager(model, inputs, kwargs=None):
+    with torch.inference_mode():
+        return model(*inputs, **(kwargs or {}))
