@@ -30,6 +30,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": ["dioe=dioe.cli:main"],
+        "torch_dynamo_backends": ["dioe=dioe.dynamo:dioe_backend"],
     },
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

@@ -132,12 +132,12 @@ def _torchlib_registry():
 def _quiet():
     """The exporter prints progress and warns about torchvision ops; DIOE reports what matters itself."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                              "onnxscript")]
+                                              "onnxscript", "onnx_ir", "onnxscript.optimizer")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         for lg, lvl in zip(loggers, levels):

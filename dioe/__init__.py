@@ -2,14 +2,16 @@
 unit of the machine, and run each part on the backend and member that serves it best."""
 
 from . import hardware, zoo
+from .api import Optimized, load, optimize
 from .capture import CapturedGraph, TensorSpec, capture
 from .cost import Cost
 from .errors import (BackendError, BackendUnavailable, CaptureError, DescriptorError, DIOEError,
                      InputSpecError, PoolError)
+from .plan import Plan
 from .pool import Member, ResourcePool
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "BackendUnavailable", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
-           "DIOEError", "InputSpecError", "Member", "PoolError", "ResourcePool", "TensorSpec", "capture",
+           "DIOEError", "InputSpecError", "Member", "Optimized", "Plan", "load", "optimize", "PoolError", "ResourcePool", "TensorSpec", "capture",
            "hardware", "zoo"]

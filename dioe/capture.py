@@ -127,6 +127,9 @@ def remove_inference_noops(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
             continue
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)  # export's dtype asserts: no backend but torch can run them
+            continue
         if node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
             if not train:

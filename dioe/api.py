@@ -1,0 +1,301 @@
+"""`dioe.optimize`: capture, segment, profile, partition, compile, verify, run. One readable list.
+
+    >>> import dioe
+    >>> model, inputs = dioe.zoo.load("minilm")                  # doctest: +SKIP
+    >>> opt = dioe.optimize(model, inputs)                       # doctest: +SKIP
+    >>> out = opt(*inputs)                                       # same structure as model(*inputs)
+    >>> print(opt.plan.summary())                                # where each part runs, and why
+    >>> opt.save("minilm.plan.json"); opt2 = dioe.load("minilm.plan.json", model)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import backends as registry
+from .backend import Compiled, Partition
+from .capture import CapturedGraph, TensorSpec, capture
+from .errors import BackendError, DIOEError
+from .partition import INPUT, OUTPUT, Edges, assign
+from .plan import Choice, Plan, PlanPartition
+from .pool import ResourcePool
+from .profile import measure, option_label, parse_option, profile_segments
+from .runtime import Runtime, time_call
+from .segment import Segment, segment_graph
+from .split import Program, split_graph
+
+# Inductor compiles each segment for seconds; it is profiled only when asked for by name.
+DEFAULT_BACKENDS = ("torch", "onnxruntime", "openvino")
+REPLAN_THRESHOLD = 0.20
+
+
+class Optimized:
+    """A model running under a DIOE plan. Call it like the model."""
+
+    def __init__(self, captured: CapturedGraph, plan: Plan, program: Program, runtime: Runtime):
+        self.captured, self.plan, self.program, self.runtime = captured, plan, program, runtime
+
+    def __call__(self, *args, **kwargs) -> Any:
+        flat = self.captured.flatten_inputs(args, kwargs)
+        with torch.inference_mode():
+            return self.captured.unflatten_outputs(self.runtime.run(flat))
+
+    @property
+    def stats(self) -> dict:
+        """Run-time fallbacks: how many calls needed one, and why each partition left its first choice."""
+        return {"fallback_calls": self.runtime.stats["fallbacks"], "fallbacks": dict(self.runtime.fallbacks)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON (a folder gets `<model>.plan.json`)."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / f"{self.plan.model}.plan.json"
+        self.plan.save(path)
+        return path
+
+
+def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Mapping | None = None,
+             hardware: Any = "auto", backends: Sequence[str] | None = None, objective: str = "latency",
+             cache_dir: str | Path | None = None, verify: bool = True, tolerance: float | None = None,
+             progress: bool = False, name: str | None = None) -> Optimized:
+    """Optimize `model` for this machine's pool; see the module docstring."""
+    if objective not in ("latency", "throughput"):
+        raise DIOEError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    pool = hardware if isinstance(hardware, ResourcePool) else ResourcePool.discover(hardware)
+    backends = _check_backends(backends)
+    # 1. capture: flat ATen graph with shapes, costs and module paths on every node
+    captured = capture(model, example_inputs, example_kwargs, name=name or type(model).__name__)
+    # 2. segments: placement units coarse enough that per-call overheads stay small
+    segments = segment_graph(captured.gm)
+    program = split_graph(captured.gm, _labeller(segments), captured.example_inputs)
+    # 3. live profiling of every segment on every legal (member, backend), cached on disk
+    profile = profile_segments(program.partitions, segments, pool, backends, graph_hash=captured.structure_hash(),
+                               cache_dir=cache_dir, progress=progress)
+    # 4. partition: DP on chains, HEFT on DAGs, within capabilities and memory
+    edges = _edges(program, segments, captured)
+    assignment = assign(segments, edges, profile, pool)
+    plan = _plan(captured, segments, assignment, profile, pool, objective)
+    # 5. compile the merged partitions
+    opt = _build(captured, plan, pool, cache_dir, objective)
+    # 6. verify against eager; a failing partition goes to the reference backend
+    if verify:
+        opt = _verify(opt, pool, tolerance, cache_dir, objective)
+    # 7. measure; re-plan once if the prediction was off by more than 20%
+    opt = _measure(opt, profile, segments, edges, pool, cache_dir, objective)
+    return opt
+
+
+def load(path: str | Path, model: torch.nn.Module, example_inputs: Any = None, *,
+         hardware: Any = "auto", cache_dir: str | Path | None = None) -> Optimized:
+    """Rebuild an optimized model from a saved plan, without profiling."""
+    plan = Plan.load(path)
+    if example_inputs is None:
+        example_inputs = tuple(_synthetic(TensorSpec.from_dict(s)) for s in plan.inputs)
+    captured = capture(model, example_inputs, name=plan.model)
+    if captured.structure_hash() != plan.graph_hash:
+        raise DIOEError(f"{path}: this plan was made for a different graph ({plan.graph_hash}); the model captured "
+                        f"now hashes to {captured.structure_hash()}. Optimize it again.")
+    pool = hardware if isinstance(hardware, ResourcePool) else ResourcePool.discover(hardware)
+    missing = [m for m in plan.members() if m not in {x.id for x in pool.members}]
+    if missing:
+        raise DIOEError(f"{path}: plan uses member(s) {missing} that this pool lacks "
+                        f"(pool: {[m.id for m in pool.members]})")
+    return _build(captured, plan, pool, cache_dir, plan.objective)
+
+
+# -- steps ------------------------------------------------------------------------------------------------------
+def _check_backends(backends: Sequence[str] | None) -> tuple[str, ...]:
+    if backends is None:
+        return tuple(b for b in DEFAULT_BACKENDS if registry.unavailable_reason(b) is None)
+    unknown = [b for b in backends if b not in registry.names()]
+    if unknown:
+        raise DIOEError(f"unknown backend(s) {unknown}; known: {', '.join(registry.names())}")
+    missing = {b: registry.unavailable_reason(b) for b in backends if registry.unavailable_reason(b)}
+    if missing:
+        raise DIOEError("requested backend(s) unavailable: " + "; ".join(f"{b}: {r}" for b, r in missing.items()))
+    return tuple(backends)
+
+
+def _labeller(segments: Sequence[Segment]):
+    where = {n: s.id for s in segments for n in s.nodes}
+    return lambda node: where[node.name]
+
+
+def _edges(program: Program, segments: Sequence[Segment], captured: CapturedGraph) -> Edges:
+    nbytes = {}
+    for n in captured.gm.graph.nodes:
+        s = n.meta.get("dioe.tensor")
+        nbytes[n.name] = s.nbytes if isinstance(s, TensorSpec) else 0
+    producer = {v: st.partition for st in program.steps for v in st.outputs}
+    out: dict[tuple[str, str], int] = {}
+    for st in program.steps:
+        for v in st.inputs:
+            src = producer.get(v, INPUT)
+            out[(src, st.partition)] = out.get((src, st.partition), 0) + nbytes.get(v, 0)
+    for v in program.graph_outputs:
+        if v is not None and v in producer:
+            out[(producer[v], OUTPUT)] = out.get((producer[v], OUTPUT), 0) + nbytes.get(v, 0)
+    return Edges(out)
+
+
+def _plan(captured, segments, assignment, profile, pool, objective, *, replanned=False, notes=()) -> Plan:
+    groups: list[list[Segment]] = []
+    for s in segments:  # merge neighbours with the same choice: fewer calls, fewer copies
+        if groups and assignment.options[groups[-1][-1].id] == assignment.options[s.id]:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    parts = []
+    for i, g in enumerate(groups):
+        opt = assignment.options[g[0].id]
+        member, backend, prec = parse_option(opt)
+        pred = sum(profile.times[s.id][opt].median_ms for s in g)
+        alts: dict[str, float] = {}
+        for o in set.intersection(*(set(profile.times[s.id]) for s in g)) - {opt}:
+            alts[o] = sum(profile.times[s.id][o].median_ms for s in g)
+        runner = min(alts, key=alts.get) if alts else None
+        ru = Choice(*parse_option(runner)[:3], predicted_ms=alts[runner]) if runner else None
+        if ru is None:
+            reason = "only legal choice"
+        elif alts[runner] >= pred:
+            reason = f"fastest measured ({alts[runner] / max(pred, 1e-9):.2f}x faster than the runner-up)"
+        else:
+            reason = "not fastest alone; saves copies or member time in the whole schedule"
+        nodes = tuple(n for s in g for n in s.nodes)
+        gflops = sum(s.cost.flops for s in g) / 1e9
+        parts.append(PlanPartition(f"p{i}", tuple(s.id for s in g), nodes, member, backend, prec, len(nodes),
+                                   round(gflops, 4), round(pred, 4), None, ru, reason))
+    notes = list(notes) + [f"partitioned by {assignment.method}"]
+    notes += [f"moved for capacity: {m}" for m in assignment.moved_for_capacity]
+    return Plan(captured.name, captured.structure_hash(), pool.fingerprint(), objective, tuple(parts),
+                round(assignment.predicted_ms, 4), inputs=tuple(s.to_dict() if s else {} for s in
+                                                                  captured.input_specs),
+                replanned=replanned, notes=tuple(notes))
+
+
+def _build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, cache_dir, objective: str) -> Optimized:
+    where = {n: p.id for p in plan.partitions for n in p.nodes}
+    program = split_graph(captured.gm, lambda n: where[n.name], captured.example_inputs)
+    compiled: dict[str, Compiled] = {}
+    for p in plan.partitions:
+        member = pool[p.member]
+        part = program.partition(p.id)
+        try:
+            compiled[p.id] = registry.get(p.backend, cache_dir).compile(part, member, p.precision,
+                                                                        objective=objective)
+        except BackendError as e:
+            warnings.warn(f"dioe: {e}. Partition {p.id} runs on torch@{pool.reference.id} instead.", RuntimeWarning)
+            compiled[p.id] = registry.get("torch", cache_dir).compile(part, pool.reference, "fp32")
+    return Optimized(captured, plan, program, Runtime(program, compiled, pool))
+
+
+def _verify(opt: Optimized, pool, tolerance, cache_dir, objective) -> Optimized:
+    tol = tolerance if tolerance is not None else 1e-4
+    reference = pool.reference
+    changed = False
+    for step in opt.program.steps:
+        c = opt.runtime.compiled[step.partition]
+        if c.backend == "torch" and c.member == reference.id:
+            continue
+        part = opt.program.partition(step.partition)
+        with torch.inference_mode():
+            want = part.gm(*part.example_inputs)
+            got = c(*registry.get(c.backend, cache_dir).to_io(part.example_inputs, pool[c.member]))
+        err = _rel_error(want, got)
+        if err > tol:
+            warnings.warn(f"dioe: partition {step.partition} on {c.backend}@{c.member} differs from eager by "
+                          f"{err:.2e} (> {tol:.0e}); it runs on torch@{reference.id} instead.", RuntimeWarning)
+            opt.runtime.compiled[step.partition] = registry.get("torch", cache_dir).compile(part, reference, "fp32")
+            changed = True
+    if changed:
+        from dataclasses import replace
+
+        parts = tuple(replace(p, member=opt.runtime.compiled[p.id].member, backend=opt.runtime.compiled[p.id].backend,
+                              reason=p.reason if opt.runtime.compiled[p.id].backend == p.backend
+                              else "verification failed on the first choice; reference backend")
+                      for p in opt.plan.partitions)
+        opt.plan = replace(opt.plan, partitions=parts)
+    flat = opt.captured.example_inputs
+    with torch.inference_mode():
+        want = opt.captured.gm(*flat)
+        got = opt.runtime.run(flat)
+    err = _rel_error(want, got)
+    if err > tol * 10:
+        raise DIOEError(f"optimized {opt.plan.model} differs from eager by {err:.2e} although every partition "
+                        f"passed at {tol:.0e}; please report this plan: {opt.plan.to_dict()['partitions']}")
+    return opt
+
+
+def _rel_error(want, got) -> float:
+    worst = 0.0
+    for w, g in zip(want, got):
+        if isinstance(w, torch.Tensor) and w.numel():
+            w64, g64 = w.detach().double().cpu(), g.detach().double().cpu()
+            worst = max(worst, ((w64 - g64).abs().max() / max(w64.abs().max().item(), 1e-6)).item())
+    return worst
+
+
+def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objective) -> Optimized:
+    flat = opt.captured.example_inputs
+    with torch.inference_mode():
+        eager_ms = time_call(opt.captured.gm, *flat)
+        total_ms = time_call(opt.runtime.run, flat)
+    per_part = _per_partition_ms(opt, cache_dir, pool)
+    plan = opt.plan.with_measurements(per_part, round(total_ms, 4), round(eager_ms, 4))
+    opt.plan = plan
+    if plan.replanned or abs(total_ms - plan.predicted_ms) <= REPLAN_THRESHOLD * max(plan.predicted_ms, 1e-9):
+        return opt
+    # The prediction missed: let what the merged partitions measured replace the sums of their segments.
+    for p in plan.partitions:
+        if p.measured_ms is None:
+            continue
+        option = option_label(p.member, p.backend, p.precision)
+        scale = p.measured_ms / max(p.predicted_ms, 1e-9)
+        for sid in p.segments:
+            t = profile.times[sid].get(option)
+            if t is not None:
+                profile.times[sid][option] = type(t)(t.median_ms * scale, t.p25_ms * scale, t.p75_ms * scale, t.runs)
+    assignment = assign(segments, edges, profile, pool)
+    new_plan = _plan(opt.captured, segments, assignment, profile, pool, objective, replanned=True,
+                     notes=(f"first plan predicted {plan.predicted_ms:.2f} ms, measured {total_ms:.2f} ms; "
+                            "re-planned with partition-level measurements",))
+    if [(p.nodes, p.member, p.backend) for p in new_plan.partitions] == \
+            [(p.nodes, p.member, p.backend) for p in plan.partitions]:
+        from dataclasses import replace
+
+        opt.plan = replace(plan, replanned=True, notes=new_plan.notes)
+        return opt
+    new = _build(opt.captured, new_plan, pool, cache_dir, objective)
+    with torch.inference_mode():
+        new_ms = time_call(new.runtime.run, flat)
+    if new_ms >= total_ms:  # keep the better of the two, measured side by side
+        from dataclasses import replace
+
+        opt.plan = replace(plan, replanned=True, notes=new_plan.notes + ("the re-plan measured slower; kept the first",))
+        return opt
+    new.plan = new_plan.with_measurements(_per_partition_ms(new, cache_dir, pool), round(new_ms, 4),
+                                          round(eager_ms, 4))
+    return new
+
+
+def _per_partition_ms(opt: Optimized, cache_dir, pool) -> dict[str, float]:
+    out = {}
+    for step in opt.program.steps:
+        c = opt.runtime.compiled[step.partition]
+        part = opt.program.partition(step.partition)
+        inputs = registry.get(c.backend, cache_dir).to_io(part.example_inputs, pool[c.member])
+        with torch.inference_mode():
+            out[step.partition] = round(measure(c, inputs, max_runs=10, budget_s=0.2).median_ms, 4)
+    return out
+
+
+def _synthetic(spec: TensorSpec) -> torch.Tensor:
+    shape = [s if isinstance(s, int) else 2 for s in spec.shape]
+    dt = spec.torch_dtype
+    return torch.ones(shape, dtype=dt) if not dt.is_floating_point else torch.zeros(shape, dtype=dt)

@@ -1,0 +1,191 @@
+"""Partitioning: choose (member, backend, precision) per segment to minimise predicted end-to-end latency,
+copies and per-call costs included, within each member's capabilities and memory.
+
+- a chain of segments (no two can run at once): exact dynamic program over the segments;
+- a DAG with parallel branches: earliest-finish-time list scheduling by upward rank (HEFT), which places
+  independent branches on different members when that finishes sooner;
+- either way, a member whose weights plus peak activations would exceed its capacity loses the segment that
+  costs least to move, and the search runs again, until everything fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from .errors import PoolError
+from .pool import ResourcePool
+from .profile import Profile, parse_option
+from .segment import Segment
+
+INPUT, OUTPUT = "<input>", "<output>"
+
+
+@dataclass(frozen=True)
+class Edges:
+    """Bytes crossing between segments, and from graph inputs / to graph outputs."""
+
+    bytes: Mapping[tuple[str, str], int]
+
+    def into(self, seg: str) -> dict[str, int]:
+        return {a: n for (a, b), n in self.bytes.items() if b == seg}
+
+    def preds(self, seg: str) -> list[str]:
+        return [a for (a, b) in self.bytes if b == seg and a != INPUT]
+
+    def succs(self, seg: str) -> list[str]:
+        return [b for (a, b) in self.bytes if a == seg and b != OUTPUT]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    options: Mapping[str, str]          # segment id -> option label "backend@member/precision"
+    predicted_ms: float
+    method: str                         # "dp" | "heft"
+    moved_for_capacity: tuple[str, ...] = ()
+
+
+def is_chain(segments: Sequence[Segment], edges: Edges) -> bool:
+    """True when every segment (after the first) depends on its predecessor: nothing can run concurrently."""
+    ids = [s.id for s in segments]
+    return all(ids[i - 1] in edges.preds(ids[i]) for i in range(1, len(ids)))
+
+
+def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: ResourcePool) -> Assignment:
+    reference = pool.reference.id
+    forbidden: set[tuple[str, str]] = set()  # (segment, member) pairs taken away for capacity
+    moved: list[str] = []
+    chain = is_chain(segments, edges) or len({m.id for m in pool.members}) == 1
+    for _ in range(len(segments) * max(len(pool.members), 1) + 1):
+        options = {s.id: {o: t.median_ms for o, t in profile.times.get(s.id, {}).items()
+                          if (s.id, parse_option(o)[0]) not in forbidden} for s in segments}
+        empty = [s for s, o in options.items() if not o]
+        if empty:
+            raise PoolError(f"no member can run segment {empty[0]} within its memory capacity and capabilities; "
+                            f"failures: {profile.failures.get(empty[0], {})}")
+        if chain:
+            chosen = _dp(segments, edges, options, profile, reference)
+        else:
+            chosen = _heft(segments, edges, options, profile, reference)
+        over = _over_capacity(segments, chosen, pool)
+        if not over:
+            return Assignment(chosen, simulate(segments, edges, chosen, options, profile, reference),
+                              "dp" if chain else "heft", tuple(moved))
+        member, segs = over
+        # move the segment whose best alternative elsewhere costs least
+        def penalty(s: Segment) -> float:
+            alts = [t for o, t in options[s.id].items() if parse_option(o)[0] != member]
+            return (min(alts) if alts else float("inf")) - options[s.id][chosen[s.id]]
+        victim = min(segs, key=penalty)
+        forbidden.add((victim.id, member))
+        moved.append(f"{victim.id} off {member}")
+    raise PoolError("could not fit the model into the pool's memory")
+
+
+def _member(option: str) -> str:
+    return parse_option(option)[0]
+
+
+def _copy_ms(profile: Profile, a: str, b: str, nbytes: int) -> float:
+    return profile.link(a, b).ms(nbytes) if nbytes else 0.0
+
+
+def _dp(segments, edges: Edges, options, profile: Profile, reference: str) -> dict[str, str]:
+    """Exact over a chain: state = option of the current segment; inputs from older segments are charged
+    as if they sat where the previous segment ran (exact for pure chains)."""
+    best: list[dict[str, tuple[float, str | None]]] = []
+    for i, seg in enumerate(segments):
+        incoming = edges.into(seg.id)
+        row: dict[str, tuple[float, str | None]] = {}
+        for o, t in options[seg.id].items():
+            m = _member(o)
+            cost_in = _copy_ms(profile, reference, m, incoming.get(INPUT, 0))
+            if i == 0:
+                row[o] = (t + cost_in, None)
+                continue
+            cands = []
+            for po, (pc, _) in best[-1].items():
+                pm = _member(po)
+                copies = sum(_copy_ms(profile, pm, m, n) for src, n in incoming.items() if src != INPUT)
+                cands.append((pc + copies, po))
+            pc, po = min(cands)
+            row[o] = (pc + t + cost_in, po)
+        if i == len(segments) - 1:  # results go back to the caller on the reference member
+            out = sum(n for (a, b), n in edges.bytes.items() if b == OUTPUT)
+            row = {o: (c + _copy_ms(profile, _member(o), reference, out), p) for o, (c, p) in row.items()}
+        best.append(row)
+    chosen: dict[str, str] = {}
+    o = min(best[-1], key=lambda k: best[-1][k][0])
+    for i in range(len(segments) - 1, -1, -1):
+        chosen[segments[i].id] = o
+        o = best[i][o][1]
+    return chosen
+
+
+def _upward_rank(segments, edges: Edges, options) -> dict[str, float]:
+    rank: dict[str, float] = {}
+    for seg in reversed(segments):
+        avg = sum(options[seg.id].values()) / len(options[seg.id])
+        rank[seg.id] = avg + max((rank[s] for s in edges.succs(seg.id) if s in rank), default=0.0)
+    return rank
+
+
+def _heft(segments, edges: Edges, options, profile: Profile, reference: str) -> dict[str, str]:
+    rank = _upward_rank(segments, edges, options)
+    order = sorted(segments, key=lambda s: -rank[s.id])
+    finish: dict[str, float] = {}
+    where: dict[str, str] = {}
+    free: dict[str, float] = {}
+    chosen: dict[str, str] = {}
+    for seg in order:
+        incoming = edges.into(seg.id)
+        best = None
+        for o, t in options[seg.id].items():
+            m = _member(o)
+            ready = max([finish[p] + _copy_ms(profile, where[p], m, incoming[p]) for p in incoming if p != INPUT]
+                        + [_copy_ms(profile, reference, m, incoming.get(INPUT, 0))])
+            eft = max(ready, free.get(m, 0.0)) + t
+            if best is None or eft < best[0]:
+                best = (eft, o, m)
+        eft, o, m = best
+        chosen[seg.id], finish[seg.id], where[seg.id], free[m] = o, eft, m, eft
+    return chosen
+
+
+def simulate(segments, edges: Edges, chosen: Mapping[str, str], options, profile: Profile,
+             reference: str) -> float:
+    """Predicted makespan of an assignment: segments in order, each member one at a time, copies on edges."""
+    finish: dict[str, float] = {}
+    free: dict[str, float] = {}
+    for seg in segments:
+        o = chosen[seg.id]
+        m = _member(o)
+        incoming = edges.into(seg.id)
+        ready = max([finish[p] + _copy_ms(profile, _member(chosen[p]), m, incoming[p]) for p in incoming
+                     if p != INPUT] + [_copy_ms(profile, reference, m, incoming.get(INPUT, 0))])
+        finish[seg.id] = max(ready, free.get(m, 0.0)) + options[seg.id][o]
+        free[m] = finish[seg.id]
+    outs = [(a, n) for (a, b), n in edges.bytes.items() if b == OUTPUT]
+    return max([finish[a] + _copy_ms(profile, _member(chosen[a]), reference, n) for a, n in outs]
+               + list(finish.values()) + [0.0])
+
+
+def _over_capacity(segments, chosen: Mapping[str, str], pool: ResourcePool):
+    """(member, its segments) for the first member whose weights + peak activation exceed its capacity."""
+    for member in pool.members:
+        mine = [s for s in segments if _member(chosen[s.id]) == member.id]
+        if not mine or member.memory_bytes is None:
+            continue
+        need = sum(s.weight_bytes for s in mine) + max(s.activation_bytes for s in mine)
+        if need > member.memory_bytes:
+            return member.id, mine
+    return None
+
+
+def member_load(segments, chosen: Mapping[str, str]) -> dict[str, int]:
+    """Bytes of weights plus peak activation placed on each member."""
+    out: dict[str, int] = {}
+    for m in {_member(o) for o in chosen.values()}:
+        mine = [s for s in segments if _member(chosen[s.id]) == m]
+        out[m] = sum(s.weight_bytes for s in mine) + max(s.activation_bytes for s in mine)
+    return out

@@ -1,0 +1,230 @@
+"""Live profiling: time each segment on each legal (member, backend, precision), and each link's copies.
+
+Results are a `Profile`, JSON on disk keyed by the graph's structure hash and the pool's fingerprint, so a
+second `optimize()` of the same model on the same machine measures nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from . import backends as registry
+from .backend import Partition, cache_root
+from .errors import BackendError
+from .pool import Member, ResourcePool
+from .segment import Segment
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    """Copy cost between two devices: latency + bytes / bandwidth."""
+
+    latency_us: float
+    gbps: float
+    source: str = "measured"   # measured | descriptor (stand-ins) | shared memory
+
+    def ms(self, nbytes: int) -> float:
+        if self.gbps == float("inf"):
+            return 0.0
+        return self.latency_us / 1e3 + nbytes / (self.gbps * 1e9) * 1e3
+
+
+@dataclass
+class Profile:
+    graph_hash: str
+    fingerprint: str
+    times: dict[str, dict[str, Timing]] = field(default_factory=dict)      # segment id -> option -> timing
+    failures: dict[str, dict[str, str]] = field(default_factory=dict)      # segment id -> option -> why
+    links: dict[str, LinkCost] = field(default_factory=dict)               # "a->b" (member ids) -> cost
+    seconds: float = 0.0
+    version: int = PROFILE_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Profile":
+        return cls(d["graph_hash"], d["fingerprint"],
+                   {s: {o: Timing(**t) for o, t in opts.items()} for s, opts in d["times"].items()},
+                   {s: dict(f) for s, f in d.get("failures", {}).items()},
+                   {k: LinkCost(**v) for k, v in d["links"].items()}, d.get("seconds", 0.0), d["version"])
+
+    def link(self, a: str, b: str) -> LinkCost:
+        return LinkCost(0.0, float("inf"), "same member") if a == b else self.links[f"{a}->{b}"]
+
+
+def option_label(member: str, backend: str, precision: str) -> str:
+    return f"{backend}@{member}/{precision}"
+
+
+def parse_option(label: str) -> tuple[str, str, str]:
+    backend, rest = label.split("@", 1)
+    member, precision = rest.rsplit("/", 1)
+    return member, backend, precision
+
+
+def measure(fn: Callable, inputs: Sequence, *, warmup: int = 2, min_runs: int = 5, max_runs: int = 25,
+            budget_s: float = 0.4) -> Timing:
+    """Median and quartiles of `fn(*inputs)` wall time after warm-up; stops at max_runs or the time budget."""
+    for _ in range(warmup):
+        fn(*inputs)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_runs or (len(samples) < max_runs and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn(*inputs)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return Timing(statistics.median(samples), q[0], q[2], len(samples))
+
+
+def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str],
+                  precisions: Sequence[str] = ("fp32",)) -> tuple[list[tuple[Member, str, str]], dict[str, str]]:
+    """(member, backend, precision) that may run every node of `part`, and why the others may not."""
+    ok, why = [], {}
+    for m in pool.members:
+        for b in backends:
+            if registry.unavailable_reason(b) is not None:
+                continue
+            be = registry.get(b)
+            for prec in precisions:
+                label = option_label(m.id, b, prec)
+                reason = be.member_reason(m)
+                if reason is None and prec not in m.descriptor.precisions:
+                    reason = f"{m.id} does not list {prec}"
+                if reason is None and prec not in be.precisions:
+                    reason = f"{b} does not run {prec}"
+                if reason is None:
+                    support = be.supports(m)
+                    bad = [n for n in part.gm.graph.nodes
+                           if n.op == "call_function" and not support.is_node_supported({}, n)]
+                    if bad:
+                        reason = f"{len(bad)} node(s) not supported, first {bad[0].target}"
+                if reason:
+                    why[label] = reason
+                else:
+                    ok.append((m, b, prec))
+    return ok, why
+
+
+def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], pool: ResourcePool,
+                     backends: Sequence[str], *, graph_hash: str, cache_dir=None, progress: bool = True,
+                     use_cache: bool = True) -> Profile:
+    """Profile every segment partition on every legal option; reuse a cached profile when one matches."""
+    fp = hashlib.blake2b((pool.fingerprint() + "|" + ",".join(sorted(backends))).encode(),
+                         digest_size=8).hexdigest()
+    path = cache_root(cache_dir) / "profiles" / f"{graph_hash}-{fp}.json"
+    if use_cache and path.exists():
+        try:
+            prof = Profile.from_dict(json.loads(path.read_text()))
+            if prof.version == PROFILE_VERSION and set(prof.times) | set(prof.failures) >= {s.id for s in segments}:
+                return prof
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            pass  # an unreadable cache is re-measured, never trusted
+    start = time.perf_counter()
+    prof = Profile(graph_hash, fp)
+    jobs = []
+    for part, seg in zip(parts, segments):
+        options, why = legal_options(part, pool, backends)
+        prof.failures[seg.id] = dict(why)
+        jobs.extend((part, seg, m, b, p) for m, b, p in options)
+    bar = _progress(len(jobs), progress)
+    for part, seg, member, backend, prec in jobs:
+        label = option_label(member.id, backend, prec)
+        bar.set_postfix_str(f"{seg.id[:28]} {backend}@{member.id}", refresh=False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compiled = registry.get(backend, cache_dir).compile(part, member, prec)
+            inputs = registry.get(backend, cache_dir).to_io(part.example_inputs, member)
+            prof.times.setdefault(seg.id, {})[label] = measure(compiled, inputs)
+        except BackendError as e:
+            prof.failures[seg.id][label] = str(e)[:500]
+        bar.update(1)
+    bar.close()
+    prof.links = profile_links(pool)
+    prof.seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(prof.to_dict(), indent=1))
+    return prof
+
+
+def profile_links(pool: ResourcePool, sizes: Sequence[int] = (1 << 12, 1 << 18, 1 << 22)) -> dict[str, LinkCost]:
+    """Fit latency + bytes/bandwidth per ordered member pair. Members sharing memory copy nothing; a stand-in
+    is charged its descriptor's link so plans for it look like plans for the real device."""
+    out: dict[str, LinkCost] = {}
+    for a in pool.members:
+        for b in pool.members:
+            if a.id == b.id:
+                continue
+            dev_a, dev_b = (a.device or "cpu"), (b.device or "cpu")
+            if a.stand_in or b.stand_in:
+                d = (b if b.stand_in else a).descriptor.link
+                out[f"{a.id}->{b.id}"] = LinkCost(d.latency_us, d.bandwidth_gbps, "descriptor (stand-in)")
+            elif dev_a == dev_b or (a.device is None or b.device is None):
+                out[f"{a.id}->{b.id}"] = LinkCost(0.0, float("inf"), "shared memory")
+            else:
+                out[f"{a.id}->{b.id}"] = _measure_copy(dev_a, dev_b, sizes)
+    return out
+
+
+def _measure_copy(src: str, dst: str, sizes: Sequence[int]) -> LinkCost:
+    xs, ys = [], []
+    for n in sizes:
+        t = torch.empty(n // 4, dtype=torch.float32, device=src)
+        sync = (lambda: torch.cuda.synchronize()) if "cuda" in (src + dst) else (lambda: None)
+        for _ in range(2):
+            t.to(dst)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            t.to(dst)
+        sync()
+        xs.append(n)
+        ys.append((time.perf_counter() - t0) / 5 * 1e6)
+    # least squares: us = latency + bytes * k
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
+    latency = max(my - k * mx, 0.0)
+    gbps = 1e-3 / k if k > 0 else float("inf")
+    return LinkCost(latency, gbps, "measured")
+
+
+class _NoBar:
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="dioe: profiling", unit="run", dynamic_ncols=True, leave=False)

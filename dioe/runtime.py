@@ -1,0 +1,149 @@
+"""The runtime: executes a compiled plan. Partitions run in dependency order; independent partitions on
+different members run at the same time, one worker thread per member; a backend that fails at run time is
+replaced, loudly, by torch on the reference member and no call is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from . import backends as registry
+from .backend import Compiled
+from .errors import BackendError
+from .pool import ResourcePool
+from .split import Program
+
+
+class Recorder:
+    """Collects one event per partition run and per copy while a trace is active (see dioe.trace)."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def add(self, **event) -> None:
+        with self._lock:
+            self.events.append(event)
+
+
+class Runtime:
+    def __init__(self, program: Program, compiled: Mapping[str, Compiled], pool: ResourcePool):
+        self.program = program
+        self.compiled = dict(compiled)
+        self.pool = pool
+        self.stats: Counter = Counter()
+        self.fallbacks: dict[str, str] = {}   # partition -> why it now runs on the reference backend
+        self.recorder: Recorder | None = None
+        self._warned: set[str] = set()
+        self._deps = program.dependencies()
+        members = {c.member for c in self.compiled.values()}
+        self.concurrent = len(members) > 1 and self._has_parallel_steps()
+        self._workers = {m: ThreadPoolExecutor(1, thread_name_prefix=f"dioe-{m}") for m in members} \
+            if self.concurrent else {}
+
+    def _has_parallel_steps(self) -> bool:
+        steps = [s.partition for s in self.program.steps]
+        reach: dict[str, set[str]] = {}
+        for p in steps:
+            reach[p] = set(self._deps[p]).union(*(reach[d] for d in self._deps[p])) if self._deps[p] else set()
+        return any(a not in reach[b] and b not in reach[a] for i, a in enumerate(steps) for b in steps[i + 1:])
+
+    # -- one partition ---------------------------------------------------------------------------------------
+    def _run_step(self, step, env: dict) -> None:
+        c = self.compiled[step.partition]
+        args = []
+        for v in step.inputs:
+            x = env[v]
+            if isinstance(x, torch.Tensor) and x.device.type != c.io_device.split(":")[0]:
+                t0 = time.perf_counter()
+                x = x.to(c.io_device)
+                if self.recorder:
+                    self.recorder.add(kind="copy", value=v, to=c.member, start=t0, end=time.perf_counter(),
+                                      bytes=x.numel() * x.element_size(), partition=step.partition)
+            args.append(x)
+        t0 = time.perf_counter()
+        try:
+            outs = c(*args)
+        except BackendError as e:
+            outs = self._fallback(step.partition, e, args)
+            c = self.compiled[step.partition]
+        if self.recorder:
+            self.recorder.add(kind="partition", partition=step.partition, member=c.member, backend=c.backend,
+                              precision=c.precision, start=t0, end=time.perf_counter(),
+                              thread=threading.current_thread().name)
+        env.update(zip(step.outputs, outs))
+
+    def _fallback(self, pid: str, error: BackendError, args: Sequence) -> tuple:
+        """Re-run on torch at the reference member; later calls go there directly."""
+        failed = self.compiled[pid]
+        ref = self.pool.reference
+        part = self.program.partition(pid)
+        compiled = registry.get("torch").compile(part, ref, "fp32")
+        self.compiled[pid] = compiled
+        self.fallbacks[pid] = str(error)
+        self.stats["fallbacks"] += 1
+        self.stats[f"fallback:{pid}"] += 1
+        if pid not in self._warned:
+            self._warned.add(pid)
+            warnings.warn(f"dioe: {error}. Re-running partition {pid} on torch@{ref.id} (the reference) for this "
+                          f"and later calls instead of {failed.backend}@{failed.member}; expect it to be slower.",
+                          RuntimeWarning, stacklevel=3)
+        moved = [a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args]
+        return compiled(*moved)
+
+    # -- the whole program -------------------------------------------------------------------------------------
+    def run(self, flat_inputs: Sequence) -> tuple:
+        env = dict(zip(self.program.graph_inputs, flat_inputs))
+        if not self.concurrent:
+            for step in self.program.steps:
+                self._run_step(step, env)
+        else:
+            self._run_concurrent(env)
+        outs = []
+        for i, v in enumerate(self.program.graph_outputs):
+            x = env[v] if v is not None else self.program.constants[i]
+            outs.append(x.to("cpu") if isinstance(x, torch.Tensor) and x.device.type != "cpu" else x)
+        return tuple(outs)
+
+    def _run_concurrent(self, env: dict) -> None:
+        futures: dict[str, Future] = {}
+        lock = threading.Lock()
+
+        def task(step):
+            for d in self._deps[step.partition]:
+                futures[d].result()  # dependencies were submitted earlier, to FIFO workers: no deadlock
+            with lock:
+                local = {v: env[v] for v in step.inputs}
+            self._run_step(step, local)
+            with lock:
+                env.update({v: local[v] for v in step.outputs})
+
+        for step in self.program.steps:
+            member = self.compiled[step.partition].member
+            futures[step.partition] = self._workers[member].submit(task, step)
+        for f in futures.values():
+            f.result()
+
+    def close(self) -> None:
+        for w in self._workers.values():
+            w.shutdown(wait=True)
+
+
+def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of fn(*args) in ms."""
+    for _ in range(warmup):
+        fn(*args)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return samples[len(samples) // 2]

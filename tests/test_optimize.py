@@ -1,0 +1,221 @@
+"""The optimizer and runtime: plans, placement rules, concurrency, fallback, verification, reload."""
+
+import warnings
+
+import pytest
+import torch
+
+import dioe
+from dioe.api import _build
+from dioe.partition import INPUT, OUTPUT, Edges, assign, member_load
+from dioe.plan import Plan, PlanPartition
+from dioe.profile import Profile, Timing
+from dioe.segment import Segment, segment_graph
+from dioe.cost import Cost
+
+from conftest import POOLS
+from helpers import assert_matches_eager, eager
+
+FAST = ["torch", "onnxruntime"]
+
+
+def _timing(ms):
+    return Timing(ms, ms, ms, 5)
+
+
+def _seg(sid, weights=0, acts=0):
+    return Segment(sid, (sid,), sid, Cost(), weights, acts)
+
+
+def test_heft_puts_parallel_branches_on_different_members(standin_pool):
+    segs = [_seg("a"), _seg("left"), _seg("right"), _seg("join")]
+    edges = Edges({(INPUT, "a"): 4, ("a", "left"): 4, ("a", "right"): 4, ("left", "join"): 4, ("right", "join"): 4,
+                   ("join", OUTPUT): 4})
+    prof = Profile("g", "f")
+    for s, ms in [("a", 1), ("left", 10), ("right", 10), ("join", 1)]:
+        prof.times[s] = {f"torch@cpu/fp32": _timing(ms), f"torch@cpu-b/fp32": _timing(ms * 1.1)}
+    prof.links = {"cpu->cpu-b": dioe.profile.LinkCost(0, float("inf")), "cpu-b->cpu": dioe.profile.LinkCost(0, float("inf"))}
+    a = assign(segs, edges, prof, standin_pool)
+    assert a.method == "heft"
+    assert {a.options["left"].split("@")[1], a.options["right"].split("@")[1]} == {"cpu/fp32", "cpu-b/fp32"}
+    assert a.predicted_ms == pytest.approx(1 + 11 + 1)
+
+
+def test_dp_pays_for_copies_on_a_chain(standin_pool):
+    # the npu is a bit faster per segment, but its 10 us link makes hopping there and back a loss
+    segs = [_seg("s0"), _seg("s1"), _seg("s2")]
+    edges = Edges({(INPUT, "s0"): 1 << 20, ("s0", "s1"): 1 << 20, ("s1", "s2"): 1 << 20, ("s2", OUTPUT): 1 << 20})
+    prof = Profile("g", "f")
+    prof.times = {"s0": {"torch@cpu/fp32": _timing(1.0)},
+                  "s1": {"torch@cpu/fp32": _timing(1.0), "onnxruntime@npu/fp32": _timing(0.95)},
+                  "s2": {"torch@cpu/fp32": _timing(1.0)}}
+    prof.links = dioe.profile.profile_links(standin_pool)
+    a = assign(segs, edges, prof, standin_pool)
+    assert a.method == "dp"
+    assert a.options["s1"] == "torch@cpu/fp32", "two 1 MiB copies at 16 GB/s cost more than 0.05 ms saved"
+
+
+def test_capacity_is_never_exceeded(standin_pool):
+    npu = standin_pool["npu"]
+    segs = [_seg(f"s{i}", weights=npu.memory_bytes // 3, acts=1024) for i in range(6)]
+    edges = Edges({**{(f"s{i}", f"s{i+1}"): 0 for i in range(5)}, (INPUT, "s0"): 0, ("s5", OUTPUT): 0})
+    prof = Profile("g", "f")
+    prof.times = {s.id: {"onnxruntime@npu/fp32": _timing(0.1), "torch@cpu/fp32": _timing(1.0)} for s in segs}
+    prof.links = dioe.profile.profile_links(standin_pool)
+    a = assign(segs, edges, prof, standin_pool)
+    load = member_load(segs, a.options)
+    assert load["npu"] <= npu.memory_bytes
+    assert sum(1 for o in a.options.values() if "@npu" in o) == 2  # as much as fits, no more
+    assert a.moved_for_capacity
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_on_standins(standin_pool):
+    model, inputs = dioe.zoo.load("tiny-bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(model, inputs, hardware=standin_pool, backends=FAST)
+    return model, inputs, opt
+
+
+def test_denied_ops_never_land_on_the_member(tiny_bert_on_standins):
+    _, _, opt = tiny_bert_on_standins
+    for p in opt.plan.partitions:
+        if p.member == "npu":
+            part = opt.program.partition(p.id)
+            ops = {str(n.target) for n in part.gm.graph.nodes if n.op == "call_function"}
+            assert not any("embedding" in o for o in ops), p
+
+
+def test_optimized_matches_eager_with_structure(tiny_bert_on_standins):
+    model, inputs, opt = tiny_bert_on_standins
+    assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
+    assert opt.plan.measured_ms is not None and opt.plan.eager_ms is not None
+    for p in opt.plan.partitions:
+        assert p.measured_ms is not None and p.reason
+
+
+def test_plan_round_trips_and_reloads_without_profiling(tiny_bert_on_standins, tmp_path, standin_pool, monkeypatch):
+    model, inputs, opt = tiny_bert_on_standins
+    p = opt.plan
+    assert Plan.from_dict(p.to_dict()) == p
+    path = opt.save(tmp_path)
+    assert Plan.load(path) == p
+
+    def no_profiling(*a, **k):
+        raise AssertionError("load() must not profile")
+    monkeypatch.setattr(dioe.api, "profile_segments", no_profiling)
+    again = dioe.load(path, model, hardware=standin_pool)
+    assert_matches_eager(eager(model, inputs), again(*inputs), rtol=1e-4)
+    assert "p0" in p.summary()
+
+
+def test_dict_and_tuple_outputs(cpu):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return {"logits": self.b(h), "extra": (h.mean(), [h * 2])}
+
+    m, x = M().eval(), torch.randn(4, 8)
+    opt = dioe.optimize(m, (x,), backends=FAST)
+    assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
+
+
+def test_runtime_failure_falls_back_and_loses_no_call(tiny_bert_on_standins):
+    model, inputs, opt = tiny_bert_on_standins
+    pid = opt.plan.partitions[-1].id
+    compiled = opt.runtime.compiled[pid]
+    original = compiled.fn
+
+    def broken(*a):
+        raise RuntimeError("device lost")
+    compiled.fn = broken
+    try:
+        with pytest.warns(RuntimeWarning, match=rf"partition {pid}.*device lost.*torch@cpu"):
+            out = opt(*inputs)
+        assert_matches_eager(eager(model, inputs), out, rtol=1e-4)
+        assert "device lost" in opt.stats["fallbacks"][pid] and opt.stats["fallback_calls"] == 1
+        opt(*inputs)  # later calls go straight to the reference
+        assert opt.stats["fallback_calls"] == 1
+    finally:
+        compiled.fn = original
+
+
+def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
+    _, inputs, opt = tiny_bert_on_standins
+    with pytest.raises(dioe.InputSpecError, match=r"captured shape is \[1, 32\]"):
+        opt(inputs[0][:, :16], inputs[1][:, :16])
+
+
+class Branches(torch.nn.Module):
+    """Two heavy independent branches: enough work per branch (~tens of ms) for overlap to be visible."""
+
+    def __init__(self, d=768):
+        super().__init__()
+        self.left = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(6)])
+        self.right = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(6)])
+        self.head = torch.nn.Linear(d, 4)
+
+    def forward(self, x):
+        return self.head(self.left(x) + self.right(x))
+
+
+def test_parallel_branches_run_concurrently_on_two_members(standin_pool):
+    from dioe.runtime import Recorder
+
+    torch.manual_seed(0)
+    m, x = Branches().eval(), torch.randn(256, 768)
+    g = dioe.capture(m, (x,))
+    where = {}
+    for n in g.compute_nodes:
+        mod = n.meta["dioe.module"]
+        where[n.name] = "left" if mod.startswith("left") else ("right" if mod.startswith("right") else "head")
+    parts = []
+    for pid, member, backend in [("left", "cpu", "onnxruntime"), ("right", "cpu-b", "onnxruntime"),
+                                 ("head", "cpu", "torch")]:
+        nodes = tuple(n for n, p in where.items() if p == pid)
+        parts.append(PlanPartition(pid, (pid,), nodes, member, backend, "fp32", len(nodes), 0.0, 1.0))
+    plan = Plan("Branches", g.structure_hash(), "", "latency", tuple(parts), 1.0)
+    opt = _build(g, plan, standin_pool, None, "latency")
+    assert opt.runtime.concurrent
+    opt.runtime.recorder = rec = Recorder()
+    for _ in range(3):
+        out = opt(x)
+    assert_matches_eager(eager(m, (x,)), out, rtol=1e-4)
+    runs = [e for e in rec.events if e["kind"] == "partition"]
+    lefts = [e for e in runs if e["partition"] == "left"]
+    rights = [e for e in runs if e["partition"] == "right"]
+    overlaps = [min(l_["end"], r["end"]) - max(l_["start"], r["start"]) for l_, r in zip(lefts, rights)]
+    assert max(overlaps) > 0, f"left and right never overlapped: {overlaps}"
+    assert {e["thread"].split("_")[0] for e in lefts} != {e["thread"].split("_")[0] for e in rights}
+    opt.runtime.close()
+
+
+def test_torch_compile_backend(cpu):
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="dioe", dynamic=False)
+    with torch.inference_mode():
+        out = compiled(x)
+    assert_matches_eager(eager(m, (x,)), out, rtol=1e-4)
+
+
+def test_segments_are_coarse(cpu):
+    model, inputs = dioe.zoo.load("bert-base", size="small")
+    g = dioe.capture(model, inputs)
+    segs = segment_graph(g.gm)
+    assert 2 <= len(segs) <= 32
+    assert sum(len(s.nodes) for s in segs) == len(g.compute_nodes)
+
+
+def test_unknown_backend_and_objective():
+    m, x = torch.nn.Linear(2, 2), torch.randn(1, 2)
+    with pytest.raises(dioe.DIOEError, match="unknown backend"):
+        dioe.optimize(m, (x,), backends=["tvm"])
+    with pytest.raises(dioe.DIOEError, match="objective"):
+        dioe.optimize(m, (x,), objective="fastest")
