@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from ..backend import Backend, Partition, float_precision_dtype
+from ..backend import Backend, Partition, cast_io, placed_module
 from ..pool import Member
 
 _CODEGEN_DEVICES = ("cpu", "cuda", "xpu")  # device types Inductor generates code for
@@ -24,29 +22,17 @@ class InductorBackend(Backend):
         return super().member_reason(member)
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency"):
-        device = torch.device(self.io_device(member))
-        low = float_precision_dtype(precision)
-        gm = part.gm
-        if device.type != "cpu" or low is not None:
-            gm = copy.deepcopy(gm).to(device)
-            if low is not None:
-                gm.to(low)
+        device = self.io_device(member)
+        gm, low = placed_module(part, device, precision)
         spec = member.descriptor.backend(self.name)
-        mode = spec.options.mode if spec else None
-        compiled = torch.compile(gm, backend="inductor", dynamic=False, mode=mode, fullgraph=True)
-        examples = [x.to(device) if isinstance(x, torch.Tensor) else x for x in part.example_inputs]
-        if low is not None:
-            examples = [x.to(low) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                        for x in examples]
+        compiled = torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True,
+                                 mode=spec.options.mode if spec else None)
+        body = cast_io(compiled, low)
 
         def run(*inputs):
             with torch.inference_mode():
-                if low is not None:
-                    inputs = [x.to(low) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                              for x in inputs]
-                    return tuple(o.float() if isinstance(o, torch.Tensor) and o.dtype == low else o
-                                 for o in compiled(*inputs))
-                return compiled(*inputs)
+                return body(*inputs)
 
-        run(*examples)  # compile now, so that compile time is not charged to the first request
+        # compile now, so that compile time is not charged to the first request
+        run(*[x.to(device) if isinstance(x, torch.Tensor) else x for x in part.example_inputs])
         return run, ""

@@ -15,6 +15,7 @@ A backend lives in one file under `dioe/backends/` and subclasses `Backend`:
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -213,3 +214,26 @@ class Backend:
 
 def float_precision_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def placed_module(part: Partition, device: str, precision: str) -> tuple[fx.GraphModule, torch.dtype | None]:
+    """The partition's module on `device` with weights in `precision`. A copy only when something changes,
+    so the caller's CPU fp32 weights stay untouched and a CPU fp32 placement costs no memory."""
+    low = float_precision_dtype(precision)
+    gm = part.gm
+    if torch.device(device).type != "cpu" or low is not None:
+        gm = copy.deepcopy(gm).to(device)
+        if low is not None:
+            gm.to(low)
+    return gm.eval(), low
+
+
+def cast_io(fn: Fn, low: torch.dtype | None) -> Fn:
+    """Wrap `fn` so float inputs go in as `low` and `low` outputs come back as fp32; identity when low is None."""
+    if low is None:
+        return fn
+
+    def run(*inputs):
+        xs = [x.to(low) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+        return tuple(o.float() if isinstance(o, torch.Tensor) and o.dtype == low else o for o in fn(*xs))
+    return run

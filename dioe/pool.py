@@ -293,6 +293,18 @@ def _find_accelerators(d: Descriptor, used: set[str]) -> list[Member] | str:
     return "the descriptor names no way to find the device"
 
 
+def _add_accelerators(descriptors: Sequence[Descriptor], members: list[Member], absent: list[Member]) -> None:
+    """Look each non-CPU descriptor up live; found devices join `members`, the rest `absent` with the reason."""
+    used: set[str] = set()
+    for d in descriptors:
+        found = _find_accelerators(d, used)
+        if isinstance(found, str):
+            absent.append(_member(d.name, d, d.name, None, present=False, reason=found))
+        else:
+            members.extend(found)
+            used.update(m.device or f"ov:{m.id.upper()}" for m in found)
+
+
 class ResourcePool:
     """The members DIOE may place work on, and the ones it looked for and did not find (with reasons)."""
 
@@ -331,36 +343,23 @@ class ResourcePool:
             raise PoolError(f"no shipped descriptor matches this CPU ({cpu.name}, {cpu.machine}); "
                             "pass one with hardware=PATH")
         members.append(_cpu_member(cpu, best))
-        used: set[str] = set()
-        for d in descriptors:
-            if d.kind == "cpu":
-                continue
-            found = _find_accelerators(d, used)
-            if isinstance(found, str):
-                absent.append(_member(d.name, d, d.name, None, present=False, reason=found))
-            else:
-                members.extend(found)
-                used.update(m.device or f"ov:{m.id.upper()}" for m in found)
+        _add_accelerators([d for d in descriptors if d.kind != "cpu"], members, absent)
         return cls(members, absent, cpu)
 
     @classmethod
     def _from_descriptors(cls, descriptors: list[Descriptor], cpu: CpuInfo) -> "ResourcePool":
-        members, absent, used = [], [], set()
+        members: list[Member] = []
+        absent: list[Member] = []
         for d in descriptors:
-            if d.kind == "cpu":
-                if _cpu_score(d, cpu) is None:
-                    absent.append(_member(d.name, d, d.name, None, present=False,
-                                          reason=f"this CPU ({cpu.name}; {cpu.machine}) does not match: needs "
-                                          f"{', '.join(d.match.isa_flags) or d.match.name_pattern}"))
-                else:
-                    members.append(_cpu_member(cpu, d, id_=f"cpu{sum(m.kind == 'cpu' for m in members)}"))
+            if d.kind != "cpu":
                 continue
-            found = _find_accelerators(d, used)
-            if isinstance(found, str):
-                absent.append(_member(d.name, d, d.name, None, present=False, reason=found))
+            if _cpu_score(d, cpu) is None:
+                absent.append(_member(d.name, d, d.name, None, present=False,
+                                      reason=f"this CPU ({cpu.name}; {cpu.machine}) does not match: needs "
+                                      f"{', '.join(d.match.isa_flags) or d.match.name_pattern}"))
             else:
-                members.extend(found)
-                used.update(m.device or f"ov:{m.id.upper()}" for m in found)
+                members.append(_cpu_member(cpu, d, id_=f"cpu{sum(m.kind == 'cpu' for m in members)}"))
+        _add_accelerators([d for d in descriptors if d.kind != "cpu"], members, absent)
         return cls(members, absent, cpu)
 
     @classmethod
