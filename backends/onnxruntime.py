@@ -76,6 +76,8 @@ class OnnxruntimeBackend(Backend):
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # ORT's pool spins after a run; in a plan the next partition (another engine) needs those cores now
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if no_fallback:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         sess = ort.InferenceSession(str(path), so, providers=providers)
