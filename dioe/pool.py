@@ -448,6 +448,10 @@ class ResourcePool:
         samples = self._telemetry.latest()
         return samples if member_id is None else samples[self[member_id].id]
 
+    def sample(self) -> dict[str, Sample]:
+        """A fresh reading of every member now (what a trace's counter tracks record)."""
+        return self._telemetry.sample()
+
     def to_dict(self) -> dict:
         tel = self.telemetry()
 
@@ -524,7 +528,10 @@ class _Telemetry:
                 have = dict(self._latest)
         return have
 
-    def _sample(self) -> None:
+    def sample(self) -> dict[str, Sample]:
+        return self._sample()
+
+    def _sample(self) -> dict[str, Sample]:
         now = time.time()
         out: dict[str, Sample] = {}
         vm = psutil.virtual_memory()
@@ -539,6 +546,7 @@ class _Telemetry:
                 out[m.id] = Sample(now, None, None, m.memory_bytes, None)
         with self._lock:
             self._latest = out
+        return out
 
 
 def _nvml_handles():

@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import backends as registry
+from . import tracing as _trace
 from .backend import Partition, cache_root
 from .errors import BackendError
 from .pool import Member, ResourcePool
@@ -151,14 +152,24 @@ def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], po
     for part, seg, member, backend, prec in jobs:
         label = option_label(member.id, backend, prec)
         bar.set_postfix_str(f"{seg.id[:28]} {backend}@{member.id}", refresh=False)
+        tr = _trace.active()
+        t0 = time.perf_counter()
+        phase, error, timing = "compile", None, None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 compiled = registry.get(backend, cache_dir).compile(part, member, prec)
             inputs = registry.get(backend, cache_dir).to_io(part.example_inputs, member)
-            prof.times.setdefault(seg.id, {})[label] = measure(compiled, inputs)
+            if tr is not None:
+                tr.add("profile", phase="compile", segment=seg.id, member=member.id, backend=backend,
+                       precision=prec, start=t0, end=time.perf_counter())
+            phase, t0 = "measure", time.perf_counter()
+            timing = prof.times.setdefault(seg.id, {})[label] = measure(compiled, inputs)
         except BackendError as e:
-            prof.failures[seg.id][label] = str(e)[:500]
+            error = prof.failures[seg.id][label] = str(e)[:500]
+        if tr is not None:
+            tr.add("profile", phase=phase, segment=seg.id, member=member.id, backend=backend, precision=prec,
+                   start=t0, end=time.perf_counter(), median_ms=timing.median_ms if timing else None, error=error)
         bar.update(1)
     bar.close()
     prof.links = profile_links(pool)

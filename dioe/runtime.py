@@ -19,18 +19,7 @@ from .backend import Compiled
 from .errors import BackendError
 from .pool import ResourcePool
 from .split import Program
-
-
-class Recorder:
-    """Collects one event per partition run and per copy while a trace is active (see dioe.trace)."""
-
-    def __init__(self):
-        self.events: list[dict] = []
-        self._lock = threading.Lock()
-
-    def add(self, **event) -> None:
-        with self._lock:
-            self.events.append(event)
+from .tracing import Trace, nbytes
 
 
 class Runtime:
@@ -40,9 +29,11 @@ class Runtime:
         self.pool = pool
         self.stats: Counter = Counter()
         self.fallbacks: dict[str, str] = {}   # partition -> why it now runs on the reference backend
-        self.recorder: Recorder | None = None
         self._warned: set[str] = set()
         self._deps = program.dependencies()
+        self._producer = {v: st.partition for st in program.steps for v in st.outputs}
+        self._ops = {st.partition: sum(1 for n in program.partition(st.partition).gm.graph.nodes
+                                       if n.op == "call_function") for st in program.steps}
         members = {c.member for c in self.compiled.values()}
         self.concurrent = len(members) > 1 and self._has_parallel_steps()
         self._workers = {m: ThreadPoolExecutor(1, thread_name_prefix=f"dioe-{m}") for m in members} \
@@ -56,29 +47,40 @@ class Runtime:
         return any(a not in reach[b] and b not in reach[a] for i, a in enumerate(steps) for b in steps[i + 1:])
 
     # -- one partition ---------------------------------------------------------------------------------------
-    def _run_step(self, step, env: dict) -> None:
+    def _run_step(self, step, env: dict, tr: Trace | None = None, call: int = 0) -> None:
         c = self.compiled[step.partition]
         args = []
         for v in step.inputs:
             x = env[v]
             if isinstance(x, torch.Tensor) and x.device.type != c.io_device.split(":")[0]:
                 t0 = time.perf_counter()
+                src = x.device
                 x = x.to(c.io_device)
-                if self.recorder:
-                    self.recorder.add(kind="copy", value=v, to=c.member, start=t0, end=time.perf_counter(),
-                                      bytes=x.numel() * x.element_size(), partition=step.partition)
+                if tr is not None:
+                    tr.add("copy", call=call, value=v, start=t0, end=time.perf_counter(), to=c.member,
+                           **{"from": self._member_of(v, src)}, bytes=x.numel() * x.element_size(),
+                           producer=self._producer.get(v), consumer=step.partition)
             args.append(x)
         t0 = time.perf_counter()
+        fell_back = False
         try:
             outs = c(*args)
         except BackendError as e:
             outs = self._fallback(step.partition, e, args)
             c = self.compiled[step.partition]
-        if self.recorder:
-            self.recorder.add(kind="partition", partition=step.partition, member=c.member, backend=c.backend,
-                              precision=c.precision, start=t0, end=time.perf_counter(),
-                              thread=threading.current_thread().name)
+            fell_back = True
+        if tr is not None:
+            tr.add("partition", call=call, partition=step.partition, member=c.member, backend=c.backend,
+                   precision=c.precision, start=t0, end=time.perf_counter(), thread=threading.current_thread().name,
+                   ops=self._ops[step.partition], bytes_in=nbytes(args), bytes_out=nbytes(outs),
+                   deps=list(self._deps[step.partition]), fallback=fell_back)
         env.update(zip(step.outputs, outs))
+
+    def _member_of(self, value: str, device) -> str:
+        p = self._producer.get(value)
+        if p is not None:
+            return self.compiled[p].member
+        return next((m.id for m in self.pool.members if m.device == str(device)), str(device))
 
     def _fallback(self, pid: str, error: BackendError, args: Sequence) -> tuple:
         """Re-run on torch at the reference member; later calls go there directly."""
@@ -99,20 +101,21 @@ class Runtime:
         return compiled(*moved)
 
     # -- the whole program -------------------------------------------------------------------------------------
-    def run(self, flat_inputs: Sequence) -> tuple:
+    def run(self, flat_inputs: Sequence, tr: Trace | None = None, call: int = 0) -> tuple:
+        """Run the program once. `tr`, when given, records every partition run and copy of this call."""
         env = dict(zip(self.program.graph_inputs, flat_inputs))
         if not self.concurrent:
             for step in self.program.steps:
-                self._run_step(step, env)
+                self._run_step(step, env, tr, call)
         else:
-            self._run_concurrent(env)
+            self._run_concurrent(env, tr, call)
         outs = []
         for i, v in enumerate(self.program.graph_outputs):
             x = env[v] if v is not None else self.program.constants[i]
             outs.append(x.to("cpu") if isinstance(x, torch.Tensor) and x.device.type != "cpu" else x)
         return tuple(outs)
 
-    def _run_concurrent(self, env: dict) -> None:
+    def _run_concurrent(self, env: dict, tr: Trace | None, call: int) -> None:
         futures: dict[str, Future] = {}
         lock = threading.Lock()
 
@@ -121,7 +124,7 @@ class Runtime:
                 futures[d].result()  # dependencies were submitted earlier, to FIFO workers: no deadlock
             with lock:
                 local = {v: env[v] for v in step.inputs}
-            self._run_step(step, local)
+            self._run_step(step, local, tr, call)
             with lock:
                 env.update({v: local[v] for v in step.outputs})
 

@@ -42,3 +42,39 @@ def assert_matches_eager(expected, actual, *, rtol: float = 1e-5, what: str = ""
 def eager(model, inputs, kwargs=None):
     with torch.inference_mode():
         return model(*inputs, **(kwargs or {}))
+
+
+class Branches(torch.nn.Module):
+    """Two heavy independent branches: enough work per branch (~tens of ms) for overlap to be visible."""
+
+    def __init__(self, d=768):
+        super().__init__()
+        self.left = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(6)])
+        self.right = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(6)])
+        self.head = torch.nn.Linear(d, 4)
+
+    def forward(self, x):
+        return self.head(self.left(x) + self.right(x))
+
+
+def branches_on_two_members(standin_pool):
+    """Branches compiled under a hand-written plan: left on cpu (ONNX Runtime), right on the stand-in cpu-b
+    (ONNX Runtime), head on cpu (torch). Returns (model, input, optimized)."""
+    import dioe
+    from dioe.api import _build
+    from dioe.plan import Plan, PlanPartition
+
+    torch.manual_seed(0)
+    m, x = Branches().eval(), torch.randn(256, 768)
+    g = dioe.capture(m, (x,))
+    where = {}
+    for n in g.compute_nodes:
+        mod = n.meta["dioe.module"]
+        where[n.name] = "left" if mod.startswith("left") else ("right" if mod.startswith("right") else "head")
+    parts = []
+    for pid, member, backend in [("left", "cpu", "onnxruntime"), ("right", "cpu-b", "onnxruntime"),
+                                 ("head", "cpu", "torch")]:
+        nodes = tuple(n for n, p in where.items() if p == pid)
+        parts.append(PlanPartition(pid, (pid,), nodes, member, backend, "fp32", len(nodes), 0.0, 1.0))
+    plan = Plan("Branches", g.structure_hash(), "", "latency", tuple(parts), 1.0)
+    return m, x, _build(g, plan, standin_pool, None, "latency")

@@ -14,7 +14,7 @@ from dioe.segment import Segment, segment_graph
 from dioe.cost import Cost
 
 from conftest import POOLS
-from helpers import assert_matches_eager, eager
+from helpers import assert_matches_eager, branches_on_two_members, eager
 
 FAST = ["torch", "onnxruntime"]
 
@@ -151,42 +151,14 @@ def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
         opt(inputs[0][:, :16], inputs[1][:, :16])
 
 
-class Branches(torch.nn.Module):
-    """Two heavy independent branches: enough work per branch (~tens of ms) for overlap to be visible."""
-
-    def __init__(self, d=768):
-        super().__init__()
-        self.left = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(6)])
-        self.right = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(6)])
-        self.head = torch.nn.Linear(d, 4)
-
-    def forward(self, x):
-        return self.head(self.left(x) + self.right(x))
-
-
 def test_parallel_branches_run_concurrently_on_two_members(standin_pool):
-    from dioe.runtime import Recorder
-
-    torch.manual_seed(0)
-    m, x = Branches().eval(), torch.randn(256, 768)
-    g = dioe.capture(m, (x,))
-    where = {}
-    for n in g.compute_nodes:
-        mod = n.meta["dioe.module"]
-        where[n.name] = "left" if mod.startswith("left") else ("right" if mod.startswith("right") else "head")
-    parts = []
-    for pid, member, backend in [("left", "cpu", "onnxruntime"), ("right", "cpu-b", "onnxruntime"),
-                                 ("head", "cpu", "torch")]:
-        nodes = tuple(n for n, p in where.items() if p == pid)
-        parts.append(PlanPartition(pid, (pid,), nodes, member, backend, "fp32", len(nodes), 0.0, 1.0))
-    plan = Plan("Branches", g.structure_hash(), "", "latency", tuple(parts), 1.0)
-    opt = _build(g, plan, standin_pool, None, "latency")
+    m, x, opt = branches_on_two_members(standin_pool)
     assert opt.runtime.concurrent
-    opt.runtime.recorder = rec = Recorder()
-    for _ in range(3):
-        out = opt(x)
+    with dioe.trace() as rec:
+        for _ in range(3):
+            out = opt(x)
     assert_matches_eager(eager(m, (x,)), out, rtol=1e-4)
-    runs = [e for e in rec.events if e["kind"] == "partition"]
+    runs = [e for e in rec.records if e["kind"] == "partition"]
     lefts = [e for e in runs if e["partition"] == "left"]
     rights = [e for e in runs if e["partition"] == "right"]
     overlaps = [min(l_["end"], r["end"]) - max(l_["start"], r["start"]) for l_, r in zip(lefts, rights)]

