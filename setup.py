@@ -26,7 +26,7 @@ setup(
     python_requires=">=3.10",
     packages=["dioe", "dioe.backends", "dioe.descriptors"],
     package_dir={"dioe": "dioe", "dioe.backends": "backends", "dioe.descriptors": "hardware"},
-    package_data={"dioe.descriptors": ["*.yaml", "*.json"]},
+    package_data={"dioe.descriptors": ["*.yaml", "*.json"], "dioe": ["assets/*.js", "assets/*.css"]},
     install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6", "psutil>=5.9", "tqdm>=4.60"],
     extras_require=EXTRAS,
     entry_points={

@@ -148,7 +148,8 @@ def summarize(data: Mapping, *, top: int = 5) -> dict:
         info["busy_ms"] = round(info["busy_ms"], 4)
         info["busy_share"] = round(info["busy_ms"] * 1e3 / wall, 4) if wall else 0.0
         info["idle_ms"] = round(wall / 1e3 - info["busy_ms"], 4)
-        info["waits"] = {why: {"total_ms": round(sum(v), 4), "count": len(v), "per_call_ms": round(sum(v) / len(ev.calls), 4)}
+        info["waits"] = {why: {"total_ms": round(sum(v), 4), "count": len(v),
+                               "per_call_ms": round(sum(v) / len(ev.calls), 4)}
                          for why, v in sorted(waits_total.get(m, {}).items(), key=lambda kv: -sum(kv[1]))}
     copy_ms = sum(c["dur"] for c in ev.copies) / 1e3
     median_call = sorted(ev.calls, key=lambda c: c["dur"])[len(ev.calls) // 2]
@@ -197,7 +198,9 @@ def _waited_for(e: Mapping, by_id: Mapping, copies: list[dict], ev: _Events, cur
               if c["args"]["consumer"] == pid_]
     cands = [c for c in cands if c[0] > cursor - 1.0]
     if not cands:
-        return "the call's start (inputs)" if not e["args"].get("deps") else "scheduling (inputs were ready)"
+        if not e["args"].get("deps"):
+            return "the call's start (input checks, dispatch)"
+        return "dispatch (its inputs were ready)"
     return max(cands)[1]
 
 
@@ -249,8 +252,8 @@ def format_summary(s: Mapping) -> str:
         lines.append(f"\ntransfers: {t['count']} copies, {t['total_ms']:.2f} ms, {100 * t['share']:.1f}% of the "
                      f"time inside calls, {t['bytes']} bytes")
         cp = s["critical_path"]
-        chain = " → ".join(f"{x['partition']} {x['backend']}@{x['member']} {x['ms']:.2f} ms" if x["kind"] == "partition"
-                           else f"{x['name']} {x['ms']:.3f} ms" for x in cp["steps"])
+        chain = " → ".join(f"{x['partition']} {x['backend']}@{x['member']} {x['ms']:.2f} ms"
+                           if x["kind"] == "partition" else f"{x['name']} {x['ms']:.3f} ms" for x in cp["steps"])
         lines.append(f"\ncritical path of the median call (#{cp['call']}, {cp['call_ms']:.2f} ms; "
                      f"{cp['path_busy_ms']:.2f} ms busy on the path):\n  {chain}")
         rows = [[h["partition"], h["member"], h["backend"], str(h["ops"]), str(h["runs"]), f"{h['median_ms']:.3f}",
@@ -299,7 +302,8 @@ def report_data(data: Mapping, summary: Mapping) -> dict:
             a = e["args"]
             index[("c", a["value"], a["consumer"]) if e["cat"] == "copy" else ("p", a["partition"])] = len(slices)
             tip = (f"{e['name']}\n{e['dur'] / 1e3:.3f} ms" +
-                   (f"\n{a.get('ops')} ops, {a.get('precision')}\nin {a.get('bytes_in', 0)} B, out {a.get('bytes_out', 0)} B"
+                   (f"\n{a.get('ops')} ops, {a.get('precision')}"
+                    f"\nin {a.get('bytes_in', 0)} B, out {a.get('bytes_out', 0)} B"
                     if e["cat"] == "partition" else f"\n{a.get('bytes')} B {a.get('from')} → {a.get('to')}"))
             slices.append({"pid": e["pid"], "tid": e["tid"], "t": round((e["ts"] - call["ts"]) / 1e3, 4),
                            "d": round(e["dur"] / 1e3, 4), "label": a.get("partition") or e["name"],
@@ -320,83 +324,10 @@ def report_data(data: Mapping, summary: Mapping) -> dict:
     return {"members": members, "calls": calls, "picks": picks}
 
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px 32px;color:#1d2330;background:#fff}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
-.lead{color:#4a5466;margin:0 0 12px} table{border-collapse:collapse;margin:6px 0 4px}
-th,td{padding:4px 10px;border-bottom:1px solid #eceff4;text-align:left;vertical-align:top} th{background:#f5f7fa;font-weight:600}
-td.n{text-align:right;font-variant-numeric:tabular-nums} .crit{color:#c0262d;font-weight:600}
-#controls{margin:8px 0} #timeline{border:1px solid #dde2ea;background:#fbfcfd}
-.legend span{display:inline-block;margin-right:14px} .legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border-radius:2px}
-code{background:#f2f4f7;padding:1px 4px;border-radius:3px}
-"""
+def _asset(name: str) -> str:
+    from importlib import resources
 
-_JS = r"""
-(function(){
-const D = JSON.parse(document.getElementById('dioe-data').textContent);
-const COLORS = {torch:'#4f7fd9', onnxruntime:'#8a5cc7', openvino:'#2e9d6b', inductor:'#d9822b', copy:'#9aa3b2'};
-const color = b => COLORS[b] || '#6c7a89';
-const NS = 'http://www.w3.org/2000/svg';
-function el(tag, attrs, text){const e=document.createElementNS(NS,tag);for(const k in attrs)e.setAttribute(k,attrs[k]);if(text!==undefined)e.textContent=text;return e;}
-function draw(k){
-  const call = D.calls.find(c => c.call === k) || D.calls[0];
-  const svg = document.getElementById('timeline');
-  while (svg.firstChild) svg.removeChild(svg.firstChild);
-  const L = 250, W = Math.max(900, document.body.clientWidth - 80), R = 20, H0 = 34, HEAD = 22, ROW = 26;
-  const scale = (W - L - R) / Math.max(call.ms, 1e-6);
-  let y = H0; const laneY = {};
-  for (const m of D.members){
-    const g = el('g', {'class':'member-group'});
-    g.appendChild(el('rect', {x:0, y:y, width:W, height:HEAD, fill:'#eef2f7'}));
-    g.appendChild(el('text', {x:8, y:y+15, 'class':'member', 'font-weight':'600', 'font-size':'13'}, m.label));
-    svg.appendChild(g); y += HEAD;
-    const lanes = m.lanes.length ? m.lanes : [{tid:-1, name:'(no partition ran here)'}];
-    for (const ln of lanes){
-      laneY[m.pid + ':' + ln.tid] = y;
-      svg.appendChild(el('text', {x:22, y:y+17, 'class':'lane', 'font-size':'12', fill:'#4a5466'}, ln.name));
-      svg.appendChild(el('line', {x1:L, x2:W-R, y1:y+ROW, y2:y+ROW, stroke:'#e6e9ef'}));
-      y += ROW;
-    }
-  }
-  const step = niceStep(call.ms / 8);
-  for (let t = 0; t <= call.ms + 1e-9; t += step){
-    const x = L + t * scale;
-    svg.appendChild(el('line', {x1:x, x2:x, y1:H0-6, y2:y, stroke:'#dfe3ea', 'stroke-dasharray':'2,3'}));
-    svg.appendChild(el('text', {x:x, y:H0-10, 'font-size':'11', 'text-anchor':'middle', fill:'#6b7485'}, fmt(t) + ' ms'));
-  }
-  const boxes = [];
-  for (const s of call.slices){
-    const ly = laneY[s.pid + ':' + s.tid]; if (ly === undefined){boxes.push(null); continue;}
-    const x = L + s.t * scale, w = Math.max(s.d * scale, 1.5);
-    const r = el('rect', {x:x, y:ly+4, width:w, height:ROW-8, rx:3, fill:color(s.backend), 'class':'slice' + (s.critical ? ' critical' : ''),
-                          stroke: s.critical ? '#c0262d' : 'none', 'stroke-width': s.critical ? 2.5 : 0});
-    r.appendChild(el('title', {}, s.tip + (s.critical ? '\non the critical path' : '') + (s.fallback ? '\nFELL BACK to the reference backend' : '')));
-    svg.appendChild(r);
-    if (w > 46) svg.appendChild(el('text', {x:x+5, y:ly+17, 'font-size':'11', fill:'#fff', 'pointer-events':'none'}, s.label));
-    boxes.push({x:x, w:w, y:ly+ROW/2});
-  }
-  for (const [a, b] of call.flows){
-    const A = boxes[a], B = boxes[b]; if (!A || !B) continue;
-    const x1 = A.x + A.w, x2 = B.x, mid = (x1 + x2) / 2;
-    svg.appendChild(el('path', {d:`M${x1},${A.y} C${mid},${A.y} ${mid},${B.y} ${x2},${B.y}`, fill:'none', stroke:'#39414f', 'stroke-width':1.2, 'marker-end':'url(#arrow)', opacity:0.7}));
-  }
-  const defs = el('defs', {}); const mk = el('marker', {id:'arrow', viewBox:'0 0 10 10', refX:9, refY:5, markerWidth:6, markerHeight:6, orient:'auto'});
-  mk.appendChild(el('path', {d:'M0,0 L10,5 L0,10 z', fill:'#39414f'})); defs.appendChild(mk); svg.appendChild(defs);
-  svg.setAttribute('width', W); svg.setAttribute('height', y + 10);
-  document.getElementById('call-ms').textContent = fmt(call.ms) + ' ms';
-}
-function niceStep(x){const p = Math.pow(10, Math.floor(Math.log10(Math.max(x, 1e-6)))); for (const m of [1,2,5,10]) if (m*p >= x) return m*p; return 10*p;}
-function fmt(t){return t >= 10 ? t.toFixed(1) : t.toFixed(t >= 1 ? 2 : 3);}
-const sel = document.getElementById('call');
-if (!D.calls.length){document.getElementById('timeline-section').style.display='none'; document.body.dataset.rendered='1'; return;}
-const names = {}; for (const [k, v] of Object.entries(D.picks)) (names[v] = names[v] || []).push(k);
-for (const c of D.calls){const o = document.createElement('option'); o.value = c.call; o.textContent = `call #${c.call} (${fmt(c.ms)} ms)` + (names[c.call] ? ' — ' + names[c.call].join(', ') : ''); sel.appendChild(o);}
-sel.value = D.picks.median; sel.addEventListener('change', () => draw(Number(sel.value)));
-window.addEventListener('resize', () => draw(Number(sel.value)));
-draw(D.picks.median);
-document.body.dataset.rendered = '1';
-})();
-"""
+    return resources.files("dioe").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _table(rows, header, numeric=()) -> str:
@@ -413,23 +344,25 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
     rd = report_data(data, s)
     e = html.escape
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title or 'DIOE trace report')}</title>"
-             f"<style>{_CSS}</style></head><body>"]
+             f"<style>{_asset('report.css')}</style></head><body>"]
     parts.append(f"<h1>{e(title or 'DIOE trace report')}</h1>")
     if s.get("calls"):
         lat = s["latency_ms"]
         parts.append(f"<p class=lead>{s['calls']} call(s) of {e(', '.join(s['models']))}; median latency "
-                     f"<b>{lat['median']:.2f} ms</b> (min {lat['min']:.2f}, max {lat['max']:.2f}). Each coloured bar is "
+                     f"<b>{lat['median']:.2f} ms</b> (min {lat['min']:.2f}, max {lat['max']:.2f}). "
+                     "Each coloured bar is "
                      "one partition of the model running on one member of the pool; bars outlined in red form the "
                      "critical path, the chain of work that decided when the call finished. Arrows show data "
                      "passed between members. Hover a bar for its details.</p>")
     else:
         parts.append(f"<p class=lead>{e(s.get('note', ''))}</p>")
     legend = "".join(f"<span><i style='background:{c}'></i>{b}</span>" for b, c in
-                     [("torch", "#4f7fd9"), ("onnxruntime", "#8a5cc7"), ("openvino", "#2e9d6b"), ("inductor", "#d9822b"),
-                      ("copy", "#9aa3b2")])
+                     [("torch", "#4f7fd9"), ("onnxruntime", "#8a5cc7"), ("openvino", "#2e9d6b"),
+                      ("inductor", "#d9822b"), ("copy", "#9aa3b2")])
     parts.append("<section id=timeline-section><h2>Timeline of one call</h2>"
                  "<div id=controls><label>call: <select id=call></select></label> <span id=call-ms></span></div>"
-                 f"<div class=legend>{legend}<span><i style='background:#fff;border:2px solid #c0262d'></i>critical path</span></div>"
+                 f"<div class=legend>{legend}<span><i style='background:#fff;border:2px solid #c0262d'></i>"
+                 "critical path</span></div>"
                  "<svg id=timeline xmlns='http://www.w3.org/2000/svg' width=900 height=60></svg></section>")
     if s.get("calls"):
         rows = [[e(m), f"{100 * i['busy_share']:.1f}%", f"{i['busy_ms']:.2f}", f"{i['idle_ms']:.2f}", i["runs"]]
@@ -467,7 +400,8 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
         rows = [[e(x["stage"]), f"{x['ms'] / 1e3:.2f}"] for x in s["stages"]]
         parts.append("<h2>Optimize stages</h2>" + _table(rows, ["stage", "seconds"], numeric=(1,)))
     data_json = json.dumps(rd).replace("</", "<\\/")
-    parts.append(f"<script type='application/json' id=dioe-data>{data_json}</script><script>{_JS}</script>")
+    parts.append(f"<script type='application/json' id=dioe-data>{data_json}</script>"
+                 f"<script>{_asset('report.js')}</script>")
     parts.append("<p style='color:#8a93a3;margin-top:30px'>Written by <code>dioe trace report</code>. "
                  "The same trace opens in Perfetto UI or chrome://tracing, or with <code>dioe trace view</code>.</p>")
     parts.append("</body></html>")
