@@ -13,7 +13,7 @@ _CODEGEN_DEVICES = ("cpu", "cuda", "xpu")  # device types Inductor generates cod
 class InductorBackend(Backend):
     name = "inductor"
     precisions = ("fp32", "bf16", "fp16")
-    call_overhead_us = 15.0
+    call_overhead_us = 32.0
 
     def member_reason(self, member: Member) -> str | None:
         dev = self.io_device(member) if (member.device or member.stand_in) else None

@@ -23,7 +23,7 @@ class OnnxruntimeBackend(Backend):
     name = "onnxruntime"
     requires = ("onnxruntime", "onnx", "onnxscript")
     extra = "onnx"
-    call_overhead_us = 8.0
+    call_overhead_us = 10.5
 
     def op_support(self):
         from torch.fx.passes.operator_support import create_op_support

@@ -18,7 +18,7 @@ class OpenvinoBackend(Backend):
     requires = ("openvino",)
     extra = "openvino"
     precisions = ("fp32", "bf16", "fp16")
-    call_overhead_us = 40.0
+    call_overhead_us = 75.0
 
     def __init__(self, cache_dir=None):
         super().__init__(cache_dir)

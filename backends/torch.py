@@ -11,7 +11,7 @@ from ..pool import Member
 class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32", "bf16", "fp16")
-    call_overhead_us = 3.0
+    call_overhead_us = 6.6
 
     def member_reason(self, member: Member) -> str | None:
         if member.device is None and not member.stand_in:

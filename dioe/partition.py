@@ -183,14 +183,19 @@ def _over_capacity(segments, chosen: Mapping[str, str], pool: ResourcePool):
 
 
 def whole_graph_options(segments, profile: Profile, pool: ResourcePool) -> list[tuple[str, float]]:
-    """Options that can run every segment within capacity, with the sum of their segment times, best first:
-    the single-backend plans a split plan has to beat."""
+    """Options that can run every segment within capacity, with the predicted time of running the whole graph in
+    one call, best first: the single-backend plans a split plan has to beat."""
+    from . import backends as registry
+
     ids = [s.id for s in segments]
     common = set.intersection(*(set(profile.times.get(i, {})) for i in ids)) if ids else set()
     out = []
     for o in common:
         if _over_capacity(segments, {i: o for i in ids}, pool) is None:
-            out.append((o, sum(profile.times[i][o].median_ms for i in ids)))
+            # one call instead of one per segment: take back the per-call overhead the segment sums paid
+            overhead_ms = registry.backend_class(parse_option(o)[1]).call_overhead_us / 1e3
+            total = sum(profile.times[i][o].median_ms for i in ids)
+            out.append((o, max(total - (len(ids) - 1) * overhead_ms, total / len(ids))))
     return sorted(out, key=lambda kv: (kv[1], kv[0]))
 
 
