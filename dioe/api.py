@@ -36,6 +36,7 @@ REPLAN_THRESHOLD = 0.20
 # Whole-graph rivals raced against a split plan: at most this many, predicted within this factor of the best one.
 # A backend compiled whole fuses across segment boundaries, so its sum of segment times overstates it.
 RIVALS, RIVAL_WINDOW = 2, 1.25
+TIMING_BUDGET_S = 1.0   # per timed contender: heavy models at large batches get fewer (at least 3) runs
 
 
 class Optimized:
@@ -269,8 +270,8 @@ def _rel_error(want, got) -> float:
 def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objective) -> Optimized:
     flat = opt.captured.example_inputs
     with torch.inference_mode():
-        eager_ms = time_call(opt.captured.gm, *flat)
-        total_ms = time_call(opt.runtime.run, flat)
+        eager_ms = time_call(opt.captured.gm, *flat, budget_s=TIMING_BUDGET_S)
+        total_ms = time_call(opt.runtime.run, flat, budget_s=TIMING_BUDGET_S)
     per_part = _per_partition_ms(opt, cache_dir, pool)
     plan = opt.plan.with_measurements(per_part, round(total_ms, 4), round(eager_ms, 4))
     opt.plan = plan
@@ -298,11 +299,12 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
         return opt
     new = _build(opt.captured, new_plan, pool, cache_dir, objective)
     with torch.inference_mode():
-        new_ms = time_call(new.runtime.run, flat)
+        new_ms = time_call(new.runtime.run, flat, budget_s=TIMING_BUDGET_S)
     if new_ms >= total_ms:  # keep the better of the two, measured side by side
         from dataclasses import replace
 
-        opt.plan = replace(plan, replanned=True, notes=new_plan.notes + ("the re-plan measured slower; kept the first",))
+        opt.plan = replace(plan, replanned=True,
+                           notes=new_plan.notes + ("the re-plan measured slower; kept the first",))
         return opt
     new.plan = new_plan.with_measurements(_per_partition_ms(new, cache_dir, pool), round(new_ms, 4),
                                           round(eager_ms, 4))
@@ -341,7 +343,8 @@ def _race_whole_graph(opt: Optimized, profile, segments, pool, cache_dir, object
     with torch.inference_mode():
         for _ in range(3):  # interleaved, so drift in the machine's state hits every contender alike
             for k, o in contenders.items():
-                samples[k].append(time_call(o.runtime.run, flat, repeats=5, warmup=1))
+                samples[k].append(time_call(o.runtime.run, flat, repeats=5, warmup=1,
+                                            budget_s=TIMING_BUDGET_S / 3))
     med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     best = min(med, key=med.get)
     report = ", ".join(f"{k if k != 'plan' else 'split plan'} {v:.2f} ms" for k, v in sorted(med.items(),
@@ -369,7 +372,7 @@ def _per_partition_ms(opt: Optimized, cache_dir, pool) -> dict[str, float]:
         part = opt.program.partition(step.partition)
         inputs = registry.get(c.backend, cache_dir).to_io(part.example_inputs, pool[c.member])
         with torch.inference_mode():
-            out[step.partition] = round(measure(c, inputs, max_runs=10, budget_s=0.2).median_ms, 4)
+            out[step.partition] = round(measure(c, inputs, min_runs=3, max_runs=10, budget_s=0.2).median_ms, 4)
     return out
 
 

