@@ -1,6 +1,14 @@
 """DIOE, the Dynamic Inference Optimization Engine: capture a PyTorch model, measure it on every compute
 unit of the machine, and run each part on the backend and member that serves it best."""
 
+import importlib.util as _util
+
+if _util.find_spec(f"{__name__}.backends") is None:
+    # `backends/` is installed as dioe.backends; the bare source folder has no such subpackage.
+    raise ImportError(f"dioe was imported from its source folder {__path__[0]}, which lacks dioe.backends (it is "
+                      "installed from backends/). Install DIOE (pip install -c constraints.txt '.[all]', or "
+                      "pip install -e .) and run from outside the source tree, or use the `dioe` command.")
+
 from . import hardware, zoo
 from .api import Optimized, load, optimize
 from .capture import CapturedGraph, TensorSpec, capture

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import sys
+from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
+
+
+def dioe_command() -> list[str]:
+    """The installed `dioe` console script, run as a user would. Not `python -m dioe.cli`: from the repository
+    root that imports the source folder `dioe/`, which lacks `dioe.backends` (installed from `backends/`)."""
+    beside = Path(sys.executable).with_name("dioe")
+    found = str(beside) if beside.exists() else shutil.which("dioe")
+    assert found, "the dioe console script is not installed: pip install -c constraints.txt '.[all]'"
+    return [found]
 
 
 def max_rel_error(expected, actual) -> float:

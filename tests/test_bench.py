@@ -3,13 +3,14 @@ ratios and roof fractions are derived as documented."""
 
 import json
 import subprocess
-import sys
 
 from dioe.bench import ENGINES, derive, markdown
 
+from helpers import dioe_command
+
 
 def test_quick_bench_completes_and_writes_valid_json(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "dioe.cli", "bench", "--quick", "--out", str(tmp_path)],
+    p = subprocess.run(dioe_command() + ["bench", "--quick", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     data = json.loads((tmp_path / "quick.json").read_text())

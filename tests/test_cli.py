@@ -1,17 +1,15 @@
 """The dioe command line, run as a user would: as a subprocess of the installed console script."""
 
 import json
-import shutil
 import subprocess
-import sys
 
 import pytest
 
-DIOE = shutil.which("dioe") or f"{sys.executable} -m dioe.cli"
+from helpers import dioe_command
 
 
 def run(*args, check=True):
-    cmd = DIOE.split() + list(args)
+    cmd = dioe_command() + list(args)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
@@ -43,7 +41,7 @@ def test_capture_of_a_user_function(tmp_path, monkeypatch):
         "import torch\n"
         "def build():\n"
         "    return torch.nn.Linear(3, 2), (torch.randn(1, 3),)\n")
-    p = subprocess.run(DIOE.split() + ["capture", "mymodels:build", "--json"], capture_output=True, text=True,
+    p = subprocess.run(dioe_command() + ["capture", "mymodels:build", "--json"], capture_output=True, text=True,
                        cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)}, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["nodes"] == 1

