@@ -132,14 +132,15 @@ def cmd_optimize(args) -> int:
 
     from .tracing import trace
 
-    with trace(args.trace) if args.trace else nullcontext():
+    with trace(args.trace) if args.trace else nullcontext() as tr:
         start = time.perf_counter()
         opt = optimize(model, inputs, hardware=pool_arg, backends=args.backends, objective=args.objective,
                        progress=not args.quiet, name=name)
         took = time.perf_counter() - start
         if args.trace:
-            for _ in range(args.trace_calls):  # the optimized model's runs, after the optimize stages
-                opt(*inputs)
+            with tr.record_ops() if args.trace_ops else nullcontext():
+                for _ in range(args.trace_calls):  # the optimized model's runs, after the optimize stages
+                    opt(*inputs)
     if args.trace:
         print(f"trace of optimize and {args.trace_calls} calls written to {args.trace} "
               f"(dioe trace summary|report|view {args.trace})")
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--trace", metavar="FILE", help="record a Chrome trace of optimizing and of the optimized runs")
     o.add_argument("--trace-calls", type=int, default=20, help="optimized calls recorded in the trace (default 20)")
+    o.add_argument("--trace-ops", action="store_true",
+                   help="also record torch.profiler's ATen ops, nested under each torch partition")
     o.set_defaults(fn=cmd_optimize)
 
     pl = sub.add_parser("plan", help="show a saved plan")

@@ -19,7 +19,7 @@ from .backend import Compiled
 from .errors import BackendError
 from .pool import ResourcePool
 from .split import Program
-from .tracing import Trace, nbytes
+from .tracing import PARTITION_MARK, Trace, nbytes
 
 
 class Runtime:
@@ -64,7 +64,11 @@ class Runtime:
         t0 = time.perf_counter()
         fell_back = False
         try:
-            outs = c(*args)
+            if tr is not None and tr.ops and c.backend == "torch":
+                with torch.profiler.record_function(f"{PARTITION_MARK}{call}:{step.partition}"):
+                    outs = c(*args)
+            else:
+                outs = c(*args)
         except BackendError as e:
             outs = self._fallback(step.partition, e, args)
             c = self.compiled[step.partition]
@@ -104,7 +108,8 @@ class Runtime:
     def run(self, flat_inputs: Sequence, tr: Trace | None = None, call: int = 0) -> tuple:
         """Run the program once. `tr`, when given, records every partition run and copy of this call."""
         env = dict(zip(self.program.graph_inputs, flat_inputs))
-        if not self.concurrent:
+        # torch.profiler sees only the thread that started it: op tracing runs the partitions in this one
+        if not self.concurrent or (tr is not None and tr.ops):
             for step in self.program.steps:
                 self._run_step(step, env, tr, call)
         else:

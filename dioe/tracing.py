@@ -11,7 +11,10 @@ partition run is an `X` slice (args: partition, backend, precision, ops, bytes i
 copy is a slice on the destination's copy lane; flow events (`s`/`f`, bound to the enclosing slices) tie a
 producer to its consumer on another member, through the copy when there is one. Counter tracks (`C`) carry the
 members' utilization, memory and power, sampled while the trace records. The plans that ran are embedded under
-`otherData.plans`.
+`otherData.plans`. With `ops=True`, torch.profiler also records the ATen ops inside each torch partition, and
+they appear nested under that partition's slice (ONNX Runtime and OpenVINO run their own kernels, out of its
+sight). torch.profiler watches only the thread that started it, so while it records, partitions run one after
+another in the calling thread instead of concurrently on their members' workers.
 
 Recording is off unless a `trace` is active: the hot path then reads one module attribute per call. When it is
 on, each partition run adds two clock reads and one small dict.
@@ -33,6 +36,7 @@ from .errors import DIOEError
 TRACE_FORMAT = "dioe-trace/1"
 
 _ACTIVE: "Trace | None" = None   # the recording trace, read once per call by the runtime
+PARTITION_MARK = "dioe.partition:"   # + "<call>:<partition>": torch.profiler's name for a torch partition's run
 
 
 def active() -> "Trace | None":
@@ -49,9 +53,12 @@ class Trace:
     Use it as a context manager (`dioe.trace(path)`); the file is written when the block exits, also when the
     block raised, so the trace of a failing run is kept."""
 
-    def __init__(self, path: str | Path | None = None, *, telemetry_interval_s: float = 0.05):
+    def __init__(self, path: str | Path | None = None, *, telemetry_interval_s: float = 0.05, ops: bool = False):
         self.path = Path(path) if path is not None else None
         self.interval = telemetry_interval_s
+        self.ops = ops                 # the runtime marks torch partitions for torch.profiler when set
+        self._profiler = None
+        self._clock: tuple[float, str] | None = None   # (perf_counter time, marker name) tying the two clocks
         self.records: list[dict] = []
         self._lock = threading.Lock()
         self._pools: dict[int, Any] = {}
@@ -69,6 +76,8 @@ class Trace:
             raise DIOEError(f"a trace is already recording (to {_ACTIVE.path}); traces do not nest")
         self.origin, self.wall_origin = time.perf_counter(), time.time()
         _ACTIVE = self
+        if self.ops:
+            self._start_op_profiler()
         self._stop.clear()
         self._sampler = threading.Thread(target=self._sample_loop, name="dioe-trace-telemetry", daemon=True)
         self._sampler.start()
@@ -81,6 +90,8 @@ class Trace:
         if self._sampler is not None:
             self._sampler.join(timeout=5)
         self._sample_once()
+        if self._profiler is not None:
+            self._collect_ops()
         if self.path is not None:
             self.save(self.path)
 
@@ -112,6 +123,53 @@ class Trace:
         finally:
             self.add("stage", name=name, start=t0, end=time.perf_counter(), args=args)
 
+    # -- torch.profiler's ops, nested under their partitions ------------------------------------------------------
+    @contextmanager
+    def record_ops(self) -> Iterator[None]:
+        """Record torch.profiler's ops for this block only (`ops=True` does it for the whole trace)."""
+        if self._profiler is not None:
+            yield
+            return
+        self.ops = True
+        self._start_op_profiler()
+        try:
+            yield
+        finally:
+            self.ops = False
+            self._collect_ops()
+
+    def _start_op_profiler(self) -> None:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU])
+        self._profiler.__enter__()
+        # The profiler keeps its own clock: one marker, stamped on both, maps its times onto ours.
+        name = f"dioe.clock.{id(self)}"
+        t = time.perf_counter()
+        with record_function(name):
+            pass
+        self._clock = (t, name)
+
+    def _collect_ops(self, max_depth: int = 2) -> None:
+        """Each ATen op run inside a torch partition's marker, to `max_depth` levels below it, as an `op` record
+        on the partition's own times (the writer nests it under that partition's slice)."""
+        prof, self._profiler = self._profiler, None
+        prof.__exit__(None, None, None)
+        events = prof.events()
+        clock = next((e for e in events if e.name == self._clock[1]), None)
+        if clock is None:
+            return
+        offset = self._clock[0] - clock.time_range.start / 1e6   # seconds to add to a profiler time
+        for e in events:
+            depth, parent = 0, e.cpu_parent
+            while parent is not None and not parent.name.startswith(PARTITION_MARK) and depth < max_depth:
+                depth, parent = depth + 1, parent.cpu_parent
+            if parent is None or not parent.name.startswith(PARTITION_MARK) or e.name.startswith(PARTITION_MARK):
+                continue
+            call, partition = parent.name[len(PARTITION_MARK):].split(":", 1)
+            self.add("op", name=e.name, call=int(call), partition=partition, depth=depth,
+                     start=e.time_range.start / 1e6 + offset, end=e.time_range.end / 1e6 + offset)
+
     # -- telemetry --------------------------------------------------------------------------------------------
     def _sample_loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -141,9 +199,10 @@ class Trace:
         return path
 
 
-def trace(path: str | Path | None = None, *, telemetry_interval_s: float = 0.05) -> Trace:
-    """Record a Chrome trace of everything DIOE runs inside the `with` block; written to `path` at its end."""
-    return Trace(path, telemetry_interval_s=telemetry_interval_s)
+def trace(path: str | Path | None = None, *, telemetry_interval_s: float = 0.05, ops: bool = False) -> Trace:
+    """Record a Chrome trace of everything DIOE runs inside the `with` block; written to `path` at its end.
+    `ops=True` adds torch.profiler's ATen ops under each torch partition (at torch.profiler's own cost)."""
+    return Trace(path, telemetry_interval_s=telemetry_interval_s, ops=ops)
 
 
 @contextmanager
@@ -226,6 +285,7 @@ class ChromeWriter:
                 self.pid(m.id)  # every member gets its lane, busy or not: idle members are the point
         parts: dict[tuple[int, str], dict] = {}
         copies: dict[tuple[int, str], list[tuple[dict, dict]]] = {}
+        ops: list[dict] = []
         for r in sorted(records, key=lambda r: r.get("start", r.get("time", 0.0))):
             k = r["kind"]
             if k == "call":
@@ -255,6 +315,8 @@ class ChromeWriter:
                            self.tid(pid, f"profiling: {r['backend']}", 3), r["start"], r["end"],
                            {key: r[key] for key in ("segment", "backend", "precision", "phase", "median_ms", "error")
                             if r.get(key) is not None})
+            elif k == "op":
+                ops.append(r)
             elif k == "sample":
                 pid = self.pid(r["member"])
                 ts = self.us(r["time"])
@@ -264,12 +326,27 @@ class ChromeWriter:
                         self.events.append({"name": name, "cat": "telemetry", "ph": "C", "pid": pid, "tid": 0,
                                             "ts": ts, "args": {unit: r[key]}})
         self._flows(parts, copies)
+        self._ops(ops, parts)
         self.events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
         return {"traceEvents": self.meta + self.events, "displayTimeUnit": "ms",
                 "otherData": {"format": TRACE_FORMAT, "generator": "dioe",
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.wall_origin)),
                               "members": {m: p for m, p in self.pids.items()},
                               "plans": self.plans}}
+
+    def _ops(self, ops: list[dict], parts: dict) -> None:
+        """torch.profiler's ops on their partition's lane, clamped into its slice: the two clocks agree to a few
+        microseconds, and a child that pokes out of its parent would not nest in a viewer."""
+        for r in ops:
+            parent = parts.get((r["call"], r["partition"]))
+            if parent is None:
+                continue
+            lo, hi = parent["ts"], parent["ts"] + parent["dur"]
+            ts = min(max(self.us(r["start"]), lo), hi)
+            end = min(max(self.us(r["end"]), ts), hi)
+            self.events.append({"name": r["name"], "cat": "op", "ph": "X", "pid": parent["pid"],
+                                "tid": parent["tid"], "ts": round(ts, 3), "dur": round(end - ts, 3),
+                                "args": {"call": r["call"], "partition": r["partition"], "depth": r["depth"]}})
 
     def _flows(self, parts: dict, copies: dict) -> None:
         for (call, pid_), ev in parts.items():

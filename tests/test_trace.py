@@ -127,6 +127,29 @@ def test_two_member_trace_follows_the_trace_event_format(branches_trace):
     assert dioe.Plan.from_dict(plan).model == "Branches"
 
 
+def test_torch_ops_nest_under_their_partition(standin_pool, tmp_path):
+    _, x, opt = branches_on_two_members(standin_pool)   # head runs on torch, left and right on ONNX Runtime
+    opt(x)
+    with dioe.trace(tmp_path / "ops.json", ops=True):
+        out = opt(x)
+    torch.testing.assert_close(out, opt(x))
+    opt.runtime.close()
+    data = load_trace(tmp_path / "ops.json")
+    check_trace_event_format(data)
+    evs = data["traceEvents"]
+    parts = {(e["args"]["call"], e["args"]["partition"]): e for e in evs if e.get("cat") == "partition"}
+    ops = [e for e in evs if e.get("cat") == "op"]
+    assert ops, "no op events recorded"
+    for o in ops:
+        parent = parts[(o["args"]["call"], o["args"]["partition"])]
+        assert parent["args"]["backend"] == "torch", f"{o['name']} nested under a non-torch partition"
+        assert (o["pid"], o["tid"]) == (parent["pid"], parent["tid"])
+        assert parent["ts"] <= o["ts"] and o["ts"] + o["dur"] <= parent["ts"] + parent["dur"] + 1e-3, o
+        assert o["name"].startswith("aten::"), o
+    assert {o["args"]["partition"] for o in ops} == {"head"}
+    assert any(o["name"] in ("aten::linear", "aten::addmm") and o["args"]["depth"] == 0 for o in ops)
+
+
 def test_copies_get_their_own_lane_and_flows_through_them(standin_pool):
     """CI has no second device, so no run copies; the writer is checked on the records a GPU run makes."""
     t = 100.0
