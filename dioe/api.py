@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import copy
+import statistics
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,7 +39,9 @@ REPLAN_THRESHOLD = 0.20
 # Whole-graph rivals raced against a split plan: at most this many, predicted within this factor of the best one.
 # A backend compiled whole fuses across segment boundaries, so its sum of segment times overstates it.
 RIVALS, RIVAL_WINDOW = 2, 1.25
-TIMING_BUDGET_S = 1.0   # per timed contender: heavy models at large batches get fewer (at least 3) runs
+RACE_ROUNDS = 3
+EAGER = "torch eager"   # the model as captured: timed in the race as the baseline, never chosen
+TIMING_BUDGET_S = 1.0   # per timed contender: heavy models at large batches get fewer runs
 
 
 class Optimized:
@@ -52,10 +57,12 @@ class Optimized:
             if tr is None:
                 return self.captured.unflatten_outputs(self.runtime.run(flat))
             tr.attach(self.runtime.pool, self.plan)
+            tr.before_call()
             call = tr.next_call()
             t0 = time.perf_counter()
             out = self.runtime.run(flat, tr, call)
-            tr.add("call", call=call, model=self.plan.model, start=t0, end=time.perf_counter())
+            tr.add("call", call=call, model=self.plan.model, start=t0, end=time.perf_counter(),
+                   sequential=tr.ops and self.runtime.concurrent)
             return self.captured.unflatten_outputs(out)
 
     @property
@@ -110,10 +117,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
             opt = _verify(opt, pool, tolerance, cache_dir, objective)
     # 7. measure; re-plan once if the prediction was off by more than 20%
     with stage("measure"):
-        opt = _measure(opt, profile, segments, edges, pool, cache_dir, objective)
-    # 8. never lose to a single backend: race the most promising whole-graph choices against the plan
+        opt = _measure(opt, profile, segments, edges, pool, cache_dir, objective, verify, tolerance)
+    # 8. never lose to a single backend it profiled: race the plan, eager and the best whole-graph choices
     with stage("race whole-graph rivals"):
-        opt = _race_whole_graph(opt, profile, segments, pool, cache_dir, objective, verify, tolerance)
+        opt = _race(opt, profile, segments, pool, cache_dir, objective, verify, tolerance)
     return opt
 
 
@@ -240,10 +247,9 @@ def _verify(opt: Optimized, pool, tolerance, cache_dir, objective) -> Optimized:
             opt.runtime.compiled[step.partition] = registry.get("torch", cache_dir).compile(part, reference, "fp32")
             changed = True
     if changed:
-        from dataclasses import replace
-
-        parts = tuple(replace(p, member=opt.runtime.compiled[p.id].member, backend=opt.runtime.compiled[p.id].backend,
-                              reason=p.reason if opt.runtime.compiled[p.id].backend == p.backend
+        now = opt.runtime.compiled
+        parts = tuple(replace(p, member=now[p.id].member, backend=now[p.id].backend, precision=now[p.id].precision,
+                              reason=p.reason if now[p.id].backend == p.backend
                               else "verification failed on the first choice; reference backend")
                       for p in opt.plan.partitions)
         opt.plan = replace(opt.plan, partitions=parts)
@@ -267,63 +273,67 @@ def _rel_error(want, got) -> float:
     return worst
 
 
-def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objective) -> Optimized:
+def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objective, verify, tolerance) -> Optimized:
     flat = opt.captured.example_inputs
     with torch.inference_mode():
-        eager_ms = time_call(opt.captured.gm, *flat, budget_s=TIMING_BUDGET_S)
         total_ms = time_call(opt.runtime.run, flat, budget_s=TIMING_BUDGET_S)
     per_part = _per_partition_ms(opt, cache_dir, pool)
-    plan = opt.plan.with_measurements(per_part, round(total_ms, 4), round(eager_ms, 4))
+    plan = opt.plan.with_measurements(per_part, round(total_ms, 4))
     opt.plan = plan
     if plan.replanned or abs(total_ms - plan.predicted_ms) <= REPLAN_THRESHOLD * max(plan.predicted_ms, 1e-9):
         return opt
-    # The prediction missed: let what the merged partitions measured replace the sums of their segments.
+    # The prediction missed: let what the merged partitions measured replace the sums of their segments, in a
+    # copy, so that the race below still ranks every option by what its segments measured.
+    scaled = copy.deepcopy(profile)
     for p in plan.partitions:
         if p.measured_ms is None:
             continue
         option = option_label(p.member, p.backend, p.precision)
         scale = p.measured_ms / max(p.predicted_ms, 1e-9)
         for sid in p.segments:
-            t = profile.times[sid].get(option)
+            t = scaled.times[sid].get(option)
             if t is not None:
-                profile.times[sid][option] = type(t)(t.median_ms * scale, t.p25_ms * scale, t.p75_ms * scale, t.runs)
-    assignment = assign(segments, edges, profile, pool)
-    new_plan = _plan(opt.captured, segments, assignment, profile, pool, objective, replanned=True,
+                scaled.times[sid][option] = type(t)(t.median_ms * scale, t.p25_ms * scale, t.p75_ms * scale, t.runs)
+    assignment = assign(segments, edges, scaled, pool)
+    new_plan = _plan(opt.captured, segments, assignment, scaled, pool, objective, replanned=True,
                      notes=(f"first plan predicted {plan.predicted_ms:.2f} ms, measured {total_ms:.2f} ms; "
                             "re-planned with partition-level measurements",))
     if [(p.nodes, p.member, p.backend) for p in new_plan.partitions] == \
             [(p.nodes, p.member, p.backend) for p in plan.partitions]:
-        from dataclasses import replace
-
         opt.plan = replace(plan, replanned=True, notes=new_plan.notes)
         return opt
     new = _build(opt.captured, new_plan, pool, cache_dir, objective)
+    if verify:
+        new = _verify(new, pool, tolerance, cache_dir, objective)
     with torch.inference_mode():
         new_ms = time_call(new.runtime.run, flat, budget_s=TIMING_BUDGET_S)
     if new_ms >= total_ms:  # keep the better of the two, measured side by side
-        from dataclasses import replace
-
-        opt.plan = replace(plan, replanned=True,
-                           notes=new_plan.notes + ("the re-plan measured slower; kept the first",))
+        new.runtime.close()
+        opt.plan = replace(plan, replanned=True, notes=new_plan.notes + ("the re-plan measured slower; kept the first",))
         return opt
-    new.plan = new_plan.with_measurements(_per_partition_ms(new, cache_dir, pool), round(new_ms, 4),
-                                          round(eager_ms, 4))
+    opt.runtime.close()
+    new.plan = new_plan.with_measurements(_per_partition_ms(new, cache_dir, pool), round(new_ms, 4))
     return new
 
 
-def _race_whole_graph(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance) -> Optimized:
-    """Compile the best single (member, backend) choices over the whole graph and keep whichever of them and the
-    split plan measures fastest, timed side by side in interleaved rounds."""
-    own = {option_label(p.member, p.backend, p.precision) for p in opt.plan.partitions}
+def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance) -> Optimized:
+    """Time the split plan side by side with torch eager and the most promising single (member, backend) choices
+    compiled over the whole graph, in interleaved rounds; keep the fastest. Its latency and eager's, from those
+    same rounds, are what the plan records."""
     ranked = whole_graph_options(segments, profile, pool)
-    if not ranked:
-        return opt
-    window = ranked[0][1] * RIVAL_WINDOW
-    picks = [(o, ms) for o, ms in ranked if ms <= window and not (len(opt.plan.partitions) == 1 and o in own)]
+    single = opt.plan.partitions[0] if len(opt.plan.partitions) == 1 else None
+    own = option_label(single.member, single.backend, single.precision) if single else None
+    # Rivals predicted within the window of the best, or below what the plan measured; torch on the reference
+    # always runs, since it costs no compile and is what a user would have without DIOE.
+    limit = max(ranked[0][1] * RIVAL_WINDOW, opt.plan.measured_ms or 0.0) if ranked else 0.0
+    picks = [(o, ms) for o, ms in ranked if ms <= limit and o != own][:RIVALS]
+    ref = option_label(pool.reference.id, "torch", "fp32")
+    if ref != own and ref not in dict(picks):
+        picks += [(o, ms) for o, ms in ranked if o == ref]
     rivals: dict[str, Optimized] = {}
-    for option, predicted in picks[:RIVALS]:
+    for option, predicted in picks:
         plan = _plan(opt.captured, segments, Assignment({s.id: option for s in segments}, predicted, "whole graph"),
-                     profile, pool, objective)
+                     profile, pool, objective, replanned=opt.plan.replanned, notes=opt.plan.notes)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -332,36 +342,39 @@ def _race_whole_graph(opt: Optimized, profile, segments, pool, cache_dir, object
                     rival = _verify(rival, pool, tolerance, cache_dir, objective)
         except DIOEError:
             continue  # a rival that cannot be built or verified simply does not compete
-        if any(c.backend != plan.partitions[0].backend for c in rival.runtime.compiled.values()):
-            continue
+        if any((c.member, c.backend, c.precision) != parse_option(option) for c in rival.runtime.compiled.values()):
+            rival.runtime.close()
+            continue  # it fell back while compiling or verifying: it would race under a false name
         rivals[option] = rival
-    if not rivals:
-        return opt
     flat = opt.captured.example_inputs
-    contenders = {"plan": opt, **rivals}
-    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    runs = {"plan": opt.runtime.run, **{k: r.runtime.run for k, r in rivals.items()},
+            EAGER: lambda xs: opt.captured.gm(*xs)}
+    samples: dict[str, list[float]] = {k: [] for k in runs}
     with torch.inference_mode():
-        for _ in range(3):  # interleaved, so drift in the machine's state hits every contender alike
-            for k, o in contenders.items():
-                samples[k].append(time_call(o.runtime.run, flat, repeats=5, warmup=1,
-                                            budget_s=TIMING_BUDGET_S / 3))
-    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-    best = min(med, key=med.get)
-    report = ", ".join(f"{k if k != 'plan' else 'split plan'} {v:.2f} ms" for k, v in sorted(med.items(),
-                                                                                           key=lambda kv: kv[1]))
-    from dataclasses import replace
-
+        for r in range(RACE_ROUNDS):  # interleaved, so drift in the machine's state hits every contender alike
+            for k, fn in runs.items():
+                samples[k].append(time_call(fn, flat, repeats=5, warmup=1 if r == 0 else 0, min_runs=1,
+                                            budget_s=TIMING_BUDGET_S / RACE_ROUNDS))
+    for k, r in list(rivals.items()):
+        if r.runtime.stats["fallbacks"]:
+            samples.pop(k)  # it failed while racing: its times are torch's, not its own
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    best = min((k for k in med if k != EAGER), key=med.get)
+    report = ", ".join(f"{'split plan' if k == 'plan' else k} {v:.2f} ms" for k, v in sorted(med.items(),
+                                                                                          key=lambda kv: kv[1]))
+    eager_ms = round(med[EAGER], 4)
     if best == "plan":
         for r in rivals.values():
             r.runtime.close()
-        opt.plan = replace(opt.plan, notes=opt.plan.notes + (f"raced against whole-graph rivals: {report}",))
+        opt.plan = replace(opt.plan, measured_ms=round(med["plan"], 4), eager_ms=eager_ms,
+                           notes=opt.plan.notes + (f"raced side by side: {report}",))
         return opt
     winner = rivals.pop(best)
     for o in [opt, *rivals.values()]:
         o.runtime.close()
-    plan = winner.plan.with_measurements(_per_partition_ms(winner, cache_dir, pool), round(med[best], 4),
-                                         opt.plan.eager_ms)
-    winner.plan = replace(plan, notes=plan.notes + (f"whole graph on {best} beat the split plan: {report}",))
+    plan = winner.plan.with_measurements(_per_partition_ms(winner, cache_dir, pool), round(med[best], 4), eager_ms)
+    winner.plan = replace(plan, notes=plan.notes + (f"whole graph on {best} beat the split plan, raced side by "
+                                                    f"side: {report}",))
     return winner
 
 

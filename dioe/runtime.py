@@ -5,6 +5,7 @@ replaced, loudly, by torch on the reference member and no call is lost.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 import warnings
@@ -144,9 +145,10 @@ class Runtime:
             w.shutdown(wait=True)
 
 
-def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2, budget_s: float | None = None) -> float:
-    """Median wall time of fn(*args) in ms: `repeats` runs, or fewer (at least 3) once `budget_s` is spent, so that
-    a heavy model at a large batch is not timed for tens of seconds."""
+def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2, budget_s: float | None = None,
+              min_runs: int = 3) -> float:
+    """Median wall time of fn(*args) in ms: `repeats` runs, or fewer (at least `min_runs`) once `budget_s` is
+    spent, so that a heavy model at a large batch is not timed for tens of seconds."""
     for _ in range(warmup):
         fn(*args)
     samples = []
@@ -155,7 +157,6 @@ def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2, budget_s:
         t0 = time.perf_counter()
         fn(*args)
         samples.append((time.perf_counter() - t0) * 1e3)
-        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
+        if budget_s is not None and i + 1 >= min_runs and time.perf_counter() - start > budget_s:
             break
-    samples.sort()
-    return samples[len(samples) // 2]
+    return statistics.median(samples)

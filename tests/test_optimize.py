@@ -69,6 +69,36 @@ def test_capacity_is_never_exceeded(standin_pool):
     assert a.moved_for_capacity
 
 
+def test_whole_graph_rivals_are_one_call_and_fit_their_member(standin_pool):
+    from dioe.backends import backend_class
+    from dioe.partition import whole_graph_options
+
+    npu = standin_pool["npu"]
+    segs = [_seg(f"s{i}", weights=npu.memory_bytes // 3, acts=1024) for i in range(4)]
+    prof = Profile("g", "f")
+    prof.times = {s.id: {"onnxruntime@npu/fp32": _timing(0.1), "torch@cpu/fp32": _timing(2.0),
+                         "onnxruntime@cpu/fp32": _timing(1.0)} for s in segs}
+    ranked = whole_graph_options(segs, prof, standin_pool)
+    assert [o for o, _ in ranked] == ["onnxruntime@cpu/fp32", "torch@cpu/fp32"], "4/3 of the npu's memory"
+    # one call instead of four: three per-call overheads fewer than the sum of the segments
+    overhead = backend_class("onnxruntime").call_overhead_us / 1e3
+    assert dict(ranked)["onnxruntime@cpu/fp32"] == pytest.approx(4 * 1.0 - 3 * overhead)
+
+
+def test_the_race_times_eager_beside_the_plan(cpu):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"])
+    p = opt.plan
+    assert p.eager_ms is not None and p.measured_ms is not None
+    race = [n for n in p.notes if "raced side by side" in n]
+    assert len(race) == 1 and "torch eager" in race[0] and "split plan" in race[0], p.notes
+    # what the plan says it measured is the winner's median from those same rounds
+    times = dict(t.rsplit(" ", 2)[:2] for t in race[0].split(": ", 1)[1].split(", "))
+    assert float(times["torch eager"]) == pytest.approx(p.eager_ms, abs=0.01)
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_on_standins(standin_pool):
     model, inputs = dioe.zoo.load("tiny-bert")
