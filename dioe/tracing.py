@@ -56,9 +56,8 @@ class Trace:
     def __init__(self, path: str | Path | None = None, *, telemetry_interval_s: float = 0.05, ops: bool = False):
         self.path = Path(path) if path is not None else None
         self.interval = telemetry_interval_s
-        self.ops = ops                 # the runtime marks torch partitions for torch.profiler when set
-        self._profiler = None
-        self._clock: tuple[float, str] | None = None   # (perf_counter time, marker name) tying the two clocks
+        self.ops = ops                 # record torch.profiler's ops in optimized calls (from the first one on)
+        self._profiler = None          # running while ops are recorded
         self.records: list[dict] = []
         self._lock = threading.Lock()
         self._pools: dict[int, Any] = {}
@@ -76,8 +75,6 @@ class Trace:
             raise DIOEError(f"a trace is already recording (to {_ACTIVE.path}); traces do not nest")
         self.origin, self.wall_origin = time.perf_counter(), time.time()
         _ACTIVE = self
-        if self.ops:
-            self._start_op_profiler()
         self._stop.clear()
         self._sampler = threading.Thread(target=self._sample_loop, name="dioe-trace-telemetry", daemon=True)
         self._sampler.start()
@@ -87,13 +84,15 @@ class Trace:
         global _ACTIVE
         _ACTIVE = None
         self._stop.set()
-        if self._sampler is not None:
-            self._sampler.join(timeout=5)
-        self._sample_once()
-        if self._profiler is not None:
-            self._collect_ops()
-        if self.path is not None:
-            self.save(self.path)
+        try:
+            if self._sampler is not None:
+                self._sampler.join(timeout=5)
+            if self._profiler is not None:
+                self._collect_ops()
+            self._sample_once()
+        finally:  # the trace of a failing run is the one most worth keeping
+            if self.path is not None:
+                self.save(self.path)
 
     # -- what the rest of DIOE reports --------------------------------------------------------------------------
     def add(self, kind: str, **fields) -> None:
@@ -126,49 +125,44 @@ class Trace:
     # -- torch.profiler's ops, nested under their partitions ------------------------------------------------------
     @contextmanager
     def record_ops(self) -> Iterator[None]:
-        """Record torch.profiler's ops for this block only (`ops=True` does it for the whole trace)."""
-        if self._profiler is not None:
-            yield
-            return
+        """Record torch.profiler's ops in the optimized calls of this block only."""
+        was = self.ops
         self.ops = True
-        self._start_op_profiler()
         try:
             yield
         finally:
-            self.ops = False
-            self._collect_ops()
+            self.ops = was
+            if not was and self._profiler is not None:
+                self._collect_ops()
 
-    def _start_op_profiler(self) -> None:
-        from torch.profiler import ProfilerActivity, profile, record_function
+    def before_call(self) -> None:
+        """Called by each traced optimized call: starts torch.profiler at the first call that wants ops, so that
+        optimize()'s own profiling runs, inside the same block, are neither slowed nor recorded by it."""
+        if self.ops and self._profiler is None:
+            from torch.profiler import ProfilerActivity, profile
 
-        self._profiler = profile(activities=[ProfilerActivity.CPU])
-        self._profiler.__enter__()
-        # The profiler keeps its own clock: one marker, stamped on both, maps its times onto ours.
-        name = f"dioe.clock.{id(self)}"
-        t = time.perf_counter()
-        with record_function(name):
-            pass
-        self._clock = (t, name)
+            prof = profile(activities=[ProfilerActivity.CPU])
+            prof.__enter__()
+            self._profiler = prof
 
     def _collect_ops(self, max_depth: int = 2) -> None:
-        """Each ATen op run inside a torch partition's marker, to `max_depth` levels below it, as an `op` record
-        on the partition's own times (the writer nests it under that partition's slice)."""
+        """Each ATen op run inside a torch partition's marker, at most `max_depth` levels below the partition's
+        top-level ops, as an `op` record timed from the start of that marker: the writer places it on the
+        partition's own slice, so no mapping between torch.profiler's clock and ours is needed."""
         prof, self._profiler = self._profiler, None
         prof.__exit__(None, None, None)
-        events = prof.events()
-        clock = next((e for e in events if e.name == self._clock[1]), None)
-        if clock is None:
-            return
-        offset = self._clock[0] - clock.time_range.start / 1e6   # seconds to add to a profiler time
-        for e in events:
+        for e in prof.events():
+            if e.name.startswith(PARTITION_MARK):
+                continue
             depth, parent = 0, e.cpu_parent
-            while parent is not None and not parent.name.startswith(PARTITION_MARK) and depth < max_depth:
+            while parent is not None and not parent.name.startswith(PARTITION_MARK):
                 depth, parent = depth + 1, parent.cpu_parent
-            if parent is None or not parent.name.startswith(PARTITION_MARK) or e.name.startswith(PARTITION_MARK):
+            if parent is None or depth > max_depth:
                 continue
             call, partition = parent.name[len(PARTITION_MARK):].split(":", 1)
             self.add("op", name=e.name, call=int(call), partition=partition, depth=depth,
-                     start=e.time_range.start / 1e6 + offset, end=e.time_range.end / 1e6 + offset)
+                     offset_s=(e.time_range.start - parent.time_range.start) / 1e6,
+                     dur_s=(e.time_range.end - e.time_range.start) / 1e6)
 
     # -- telemetry --------------------------------------------------------------------------------------------
     def _sample_loop(self) -> None:
@@ -290,7 +284,9 @@ class ChromeWriter:
             k = r["kind"]
             if k == "call":
                 self.slice(r["model"], "call", DIOE_PID, self.tid(DIOE_PID, "calls", 0), r["start"], r["end"],
-                           {"call": r["call"], "model": r["model"]})
+                           {"call": r["call"], "model": r["model"],
+                            **({"sequential": "op tracing ran its partitions one after another"}
+                               if r.get("sequential") else {})})
             elif k == "stage":
                 self.slice(r["name"], "optimize", DIOE_PID, self.tid(DIOE_PID, "optimize", 1), r["start"],
                            r["end"], dict(r["args"]))
@@ -335,15 +331,15 @@ class ChromeWriter:
                               "plans": self.plans}}
 
     def _ops(self, ops: list[dict], parts: dict) -> None:
-        """torch.profiler's ops on their partition's lane, clamped into its slice: the two clocks agree to a few
-        microseconds, and a child that pokes out of its parent would not nest in a viewer."""
+        """torch.profiler's ops on their partition's lane, inside its slice. The slice's clock reads bracket the
+        marker's by a microsecond or two; clamping keeps a child that pokes out by that much nested in a viewer."""
         for r in ops:
             parent = parts.get((r["call"], r["partition"]))
             if parent is None:
                 continue
             lo, hi = parent["ts"], parent["ts"] + parent["dur"]
-            ts = min(max(self.us(r["start"]), lo), hi)
-            end = min(max(self.us(r["end"]), ts), hi)
+            ts = min(lo + r["offset_s"] * 1e6, hi)
+            end = min(ts + r["dur_s"] * 1e6, hi)
             self.events.append({"name": r["name"], "cat": "op", "ph": "X", "pid": parent["pid"],
                                 "tid": parent["tid"], "ts": round(ts, 3), "dur": round(end - ts, 3),
                                 "args": {"call": r["call"], "partition": r["partition"], "depth": r["depth"]}})
