@@ -95,19 +95,22 @@ class _Rss:
 
         self._proc = psutil.Process()
         self.peak = self._proc.memory_info().rss
+        self._lock = threading.Lock()   # window() resets the peak while the sampler raises it
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True, name="dioe-bench-rss")
         self._t.start()
 
     def _loop(self):
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            rss = self._proc.memory_info().rss
+            with self._lock:
+                self.peak = max(self.peak, rss)
 
     def window(self) -> int:
         """Start a window; returns the RSS at its start."""
-        now = self._proc.memory_info().rss
-        self.peak = now
-        return now
+        with self._lock:
+            self.peak = self._proc.memory_info().rss
+            return self.peak
 
     def close(self):
         self._stop.set()
@@ -166,6 +169,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
 
     out: dict = {"model": name, "size": size, "batches": {}}
     for batch in batches:
+        started = time.perf_counter()
         model, inputs = zoo.load(name, size=size, batch=batch)
         captured = capture(model, inputs, name=name)
         gflops = captured.summary()["gflops"]
@@ -186,6 +190,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                 rows[engine] = {"precision": prec, "compile_s": round(time.perf_counter() - t0, 2),
                                 "peak_rss_mb": round(rss.peak / 2 ** 20, 1),
                                 "added_rss_mb": round((rss.peak - base) / 2 ** 20, 1)}
+                log(f"    built {engine} in {rows[engine]['compile_s']:.1f} s")
                 if engine == "dioe":
                     plan = build.last_plan
                     rows[engine]["plan"] = [f"{p.id}: {p.backend}@{p.member}/{p.precision} ({p.ops} ops)"
@@ -201,9 +206,10 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
             rows[engine].update({"median_ms": round(med, 3), "p90_ms": round(p90, 3),
                                  "runs": len(s), "per_s": round(1e3 * batch / med, 2),
                                  "gflops_per_s": round(gflops / (med / 1e3), 1)})
-        out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows}
+        took = time.perf_counter() - started
+        out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows, "seconds": round(took, 1)}
         log(f"  {name} batch {batch}: " + ", ".join(f"{e} {r['median_ms']:.2f} ms" for e, r in rows.items()
-                                                    if "median_ms" in r))
+                                                    if "median_ms" in r) + f" ({took:.0f} s)")
         del built, model, captured
         gc.collect()
         torch._dynamo.reset()
@@ -212,18 +218,19 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
 
 def _interleaved(built: dict, *, rounds: int, budget_s: float) -> dict[str, list[float]]:
     """Round-robin: every engine runs a few calls per round, in a rotated order, so that drift in the machine's
-    state (clocks, caches, a neighbour's load) hits all engines alike."""
+    state (clocks, caches, a neighbour's load) hits all engines alike. An engine gets `budget_s` of calls in all,
+    at least one per round: a 1 s call (vit-base at batch 8) is timed `rounds` times, a 1 ms call 50 times a round.
+    Every engine was called once already when it was built: that was its warm-up."""
     samples: dict[str, list[float]] = {e: [] for e in built}
     est = {}
     with torch.inference_mode():
         for e, (fn, args) in built.items():
-            fn(*args)
             est[e] = max(_time(lambda: fn(*args)), 1e-5)
         order = list(built)
         for r in range(rounds):
             for e in order[r % len(order):] + order[:r % len(order)]:
                 fn, args = built[e]
-                n = max(3, min(50, int(budget_s / rounds / est[e])))
+                n = max(1, min(50, int(budget_s / rounds / est[e])))
                 for _ in range(n):
                     t0 = time.perf_counter()
                     fn(*args)
@@ -297,7 +304,8 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                     cells.append("failed")
                 else:
                     extra = f"{r['per_s']:.1f}/s" if batch != "1" else f"p90 {r['p90_ms']:.2f}"
-                    cells.append(f"{r['median_ms']:.2f} ({extra}; {r['ratio_to_best_peer']:.2f}x; "
+                    ratio = f"{r['ratio_to_best_peer']:.2f}x" if r.get("ratio_to_best_peer") else "no peer"
+                    cells.append(f"{r['median_ms']:.2f} ({extra}; {ratio}; "
                                  f"roof {100 * (r['roof_fraction'] or 0):.0f}%)")
             lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
     lines += ["", "## Compile (or optimize) time and memory, batch 1", "",
