@@ -39,7 +39,10 @@ function draw(k){
                           stroke: s.critical ? '#c0262d' : 'none', 'stroke-width': s.critical ? 2.5 : 0});
     r.appendChild(el('title', {}, s.tip + (s.critical ? '\non the critical path' : '') + (s.fallback ? '\nFELL BACK to the reference backend' : '')));
     svg.appendChild(r);
+    // a bar too narrow for its name gets it just beside, in ink, where the lane has room
     if (w > 46) svg.appendChild(el('text', {x:x+5, y:ly+17, 'font-size':'11', fill:'#fff', 'pointer-events':'none'}, s.label));
+    else if (s.d > 0 && x + w + 60 < W - R) svg.appendChild(el('text', {x:x+w+4, y:ly+17, 'font-size':'11', fill:'#39414f', 'pointer-events':'none'}, s.label));
+    else if (s.d > 0) svg.appendChild(el('text', {x:x-4, y:ly+17, 'font-size':'11', fill:'#39414f', 'text-anchor':'end', 'pointer-events':'none'}, s.label));
     boxes.push({x:x, w:w, y:ly+ROW/2});
   }
   for (const [a, b] of call.flows){
