@@ -333,7 +333,8 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     rivals: dict[str, Optimized] = {}
     for option, predicted in picks:
         plan = _plan(opt.captured, segments, Assignment({s.id: option for s in segments}, predicted, "whole graph"),
-                     profile, pool, objective, replanned=opt.plan.replanned, notes=opt.plan.notes)
+                     profile, pool, objective, replanned=opt.plan.replanned,
+                     notes=tuple(n for n in opt.plan.notes if not n.startswith("partitioned by")))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
