@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 import warnings
@@ -22,7 +23,7 @@ import torch
 
 from . import backends as registry
 from . import tracing as _trace
-from .backend import Compiled, Partition
+from .backend import Compiled, Partition, cache_root
 from .capture import CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
 from .partition import INPUT, OUTPUT, Assignment, Edges, assign, whole_graph_options
@@ -108,6 +109,11 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
         edges = _edges(program, segments, captured)
         assignment = assign(segments, edges, profile, pool)
         plan = _plan(captured, segments, assignment, profile, pool, objective)
+    # a warm run reuses the race's verdict for this very plan: it compiles the winner and skips the rivals
+    verdict = _Verdict(cache_dir, profile, plan)
+    if verdict.winner not in (None, "plan"):
+        plan = _plan(captured, segments, Assignment({s.id: verdict.winner for s in segments},
+                                                    plan.predicted_ms, "whole graph"), profile, pool, objective)
     # 5. compile the merged partitions
     with stage("compile", partitions=len(plan.partitions)):
         opt = _build(captured, plan, pool, cache_dir, objective)
@@ -115,12 +121,13 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     if verify:
         with stage("verify"):
             opt = _verify(opt, pool, tolerance, cache_dir, objective)
-    # 7. measure; re-plan once if the prediction was off by more than 20%
+    # 7. measure; re-plan once if the prediction was off by more than 20% (not when the verdict chose the plan)
     with stage("measure"):
-        opt = _measure(opt, profile, segments, edges, pool, cache_dir, objective, verify, tolerance)
+        opt = _measure(opt, profile, segments, edges, pool, cache_dir, objective, verify, tolerance,
+                       replan=verdict.winner is None)
     # 8. never lose to a single backend it profiled: race the plan, eager and the best whole-graph choices
     with stage("race whole-graph rivals"):
-        opt = _race(opt, profile, segments, pool, cache_dir, objective, verify, tolerance)
+        opt = _race(opt, profile, segments, pool, cache_dir, objective, verify, tolerance, verdict)
     return opt
 
 
@@ -273,14 +280,16 @@ def _rel_error(want, got) -> float:
     return worst
 
 
-def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objective, verify, tolerance) -> Optimized:
+def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objective, verify, tolerance, *,
+             replan: bool = True) -> Optimized:
     flat = opt.captured.example_inputs
     with torch.inference_mode():
         total_ms = time_call(opt.runtime.run, flat, budget_s=TIMING_BUDGET_S)
     per_part = _per_partition_ms(opt, cache_dir, pool)
     plan = opt.plan.with_measurements(per_part, round(total_ms, 4))
     opt.plan = plan
-    if plan.replanned or abs(total_ms - plan.predicted_ms) <= REPLAN_THRESHOLD * max(plan.predicted_ms, 1e-9):
+    if not replan or plan.replanned or \
+            abs(total_ms - plan.predicted_ms) <= REPLAN_THRESHOLD * max(plan.predicted_ms, 1e-9):
         return opt
     # The prediction missed: let what the merged partitions measured replace the sums of their segments, in a
     # copy, so that the race below still ranks every option by what its segments measured.
@@ -316,10 +325,42 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
     return new
 
 
-def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance) -> Optimized:
+class _Verdict:
+    """What the race decided for one plan, cached beside the profile it was made from: "plan" (the split plan
+    won) or the winning whole-graph option. Keyed by the plan's partitions, so a changed plan races again."""
+
+    def __init__(self, cache_dir, profile, plan: Plan):
+        import hashlib
+
+        key = repr([(p.nodes, p.member, p.backend, p.precision) for p in plan.partitions]).encode()
+        self.plan_key = hashlib.blake2b(key, digest_size=8).hexdigest()
+        self.path = cache_root(cache_dir) / "profiles" / f"{profile.graph_hash}-{profile.fingerprint}.race.json"
+        self.winner, self.report = None, ""
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("plan") == self.plan_key:
+                self.winner, self.report = data["winner"], data.get("report", "")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no verdict, or an unreadable one: race again
+
+    def save(self, winner: str, report: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"plan": self.plan_key, "winner": winner, "report": report}))
+
+
+def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance,
+          verdict: _Verdict) -> Optimized:
     """Time the split plan side by side with torch eager and the most promising single (member, backend) choices
     compiled over the whole graph, in interleaved rounds; keep the fastest. Its latency and eager's, from those
-    same rounds, are what the plan records."""
+    same rounds, are what the plan records. With a cached verdict, only the plan it chose and eager are timed."""
+    if verdict.winner is not None:
+        med = _time_side_by_side({"plan": opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)},
+                                 opt.captured.example_inputs)
+        note = (f"race verdict reused from {verdict.path.name} ({verdict.report}); timed again side by side: "
+                f"plan {med['plan']:.2f} ms, torch eager {med[EAGER]:.2f} ms")
+        opt.plan = replace(opt.plan, measured_ms=round(med["plan"], 4), eager_ms=round(med[EAGER], 4),
+                           notes=opt.plan.notes + (note,))
+        return opt
     ranked = whole_graph_options(segments, profile, pool)
     single = opt.plan.partitions[0] if len(opt.plan.partitions) == 1 else None
     own = option_label(single.member, single.backend, single.precision) if single else None
@@ -347,22 +388,16 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
             rival.runtime.close()
             continue  # it fell back while compiling or verifying: it would race under a false name
         rivals[option] = rival
-    flat = opt.captured.example_inputs
     runs = {"plan": opt.runtime.run, **{k: r.runtime.run for k, r in rivals.items()},
             EAGER: lambda xs: opt.captured.gm(*xs)}
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    with torch.inference_mode():
-        for r in range(RACE_ROUNDS):  # interleaved, so drift in the machine's state hits every contender alike
-            for k, fn in runs.items():
-                samples[k].append(time_call(fn, flat, repeats=5, warmup=1 if r == 0 else 0, min_runs=1,
-                                            budget_s=TIMING_BUDGET_S / RACE_ROUNDS))
-    for k, r in list(rivals.items()):
+    med = _time_side_by_side(runs, opt.captured.example_inputs)
+    for k, r in rivals.items():
         if r.runtime.stats["fallbacks"]:
-            samples.pop(k)  # it failed while racing: its times are torch's, not its own
-    med = {k: statistics.median(v) for k, v in samples.items()}
+            med.pop(k)  # it failed while racing: its times are torch's, not its own
     best = min((k for k in med if k != EAGER), key=med.get)
     report = ", ".join(f"{'split plan' if k == 'plan' else k} {v:.2f} ms" for k, v in sorted(med.items(),
                                                                                           key=lambda kv: kv[1]))
+    verdict.save(best, report)
     eager_ms = round(med[EAGER], 4)
     if best == "plan":
         for r in rivals.values():
@@ -377,6 +412,18 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     winner.plan = replace(plan, notes=plan.notes + (f"whole graph on {best} beat the split plan, raced side by "
                                                     f"side: {report}",))
     return winner
+
+
+def _time_side_by_side(runs: Mapping[str, Any], flat) -> dict[str, float]:
+    """Median ms of each callable, timed in interleaved rounds so that drift in the machine's state hits every
+    contender alike."""
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for r in range(RACE_ROUNDS):
+            for k, fn in runs.items():
+                samples[k].append(time_call(fn, flat, repeats=5, warmup=1 if r == 0 else 0, min_runs=1,
+                                            budget_s=TIMING_BUDGET_S / RACE_ROUNDS))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _per_partition_ms(opt: Optimized, cache_dir, pool) -> dict[str, float]:

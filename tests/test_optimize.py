@@ -99,6 +99,25 @@ def test_the_race_times_eager_beside_the_plan(cpu):
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
+def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
+    import dioe.api
+
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8)).eval()
+    x = torch.randn(2, 48)
+    first = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
+    assert any("raced side by side" in n for n in first.plan.notes), first.plan.notes
+    built = []
+    real_build = dioe.api._build
+    monkeypatch.setattr(dioe.api, "_build", lambda *a, **k: built.append(a[1]) or real_build(*a, **k))
+    second = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
+    assert len(built) == 1, "a warm run compiles the race's winner only"
+    assert [(p.member, p.backend, p.nodes) for p in second.plan.partitions] == \
+        [(p.member, p.backend, p.nodes) for p in first.plan.partitions]
+    assert any("race verdict reused" in n for n in second.plan.notes), second.plan.notes
+    assert second.plan.measured_ms and second.plan.eager_ms
+    assert_matches_eager(eager(model, (x,)), second(x))
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_on_standins(standin_pool):
     model, inputs = dioe.zoo.load("tiny-bert")
