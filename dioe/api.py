@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import statistics
 import time
@@ -112,8 +113,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     # a warm run reuses the race's verdict for this very plan: it compiles the winner and skips the rivals
     verdict = _Verdict(cache_dir, profile, plan)
     if verdict.winner not in (None, "plan"):
-        plan = _plan(captured, segments, Assignment({s.id: verdict.winner for s in segments},
-                                                    plan.predicted_ms, "whole graph"), profile, pool, objective)
+        plan = _whole_graph_plan(captured, segments, verdict.winner, plan.predicted_ms, profile, pool, objective)
     # 5. compile the merged partitions
     with stage("compile", partitions=len(plan.partitions)):
         opt = _build(captured, plan, pool, cache_dir, objective)
@@ -219,6 +219,13 @@ def _plan(captured, segments, assignment, profile, pool, objective, *, replanned
                 replanned=replanned, notes=tuple(notes))
 
 
+def _whole_graph_plan(captured, segments, option: str, predicted_ms: float, profile, pool, objective,
+                      **kw) -> Plan:
+    """The plan that runs every segment on one (member, backend, precision): a race rival or its winner."""
+    return _plan(captured, segments, Assignment({s.id: option for s in segments}, predicted_ms, "whole graph"),
+                 profile, pool, objective, **kw)
+
+
 def _build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, cache_dir, objective: str) -> Optimized:
     where = {n: p.id for p in plan.partitions for n in p.nodes}
     program = split_graph(captured.gm, lambda n: where[n.name], captured.example_inputs)
@@ -282,14 +289,16 @@ def _rel_error(want, got) -> float:
 
 def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objective, verify, tolerance, *,
              replan: bool = True) -> Optimized:
+    per_part = _per_partition_ms(opt, cache_dir, pool)
+    if not replan:  # the race times the whole plan, side by side with eager
+        opt.plan = opt.plan.with_measurements(per_part, opt.plan.measured_ms)
+        return opt
     flat = opt.captured.example_inputs
     with torch.inference_mode():
         total_ms = time_call(opt.runtime.run, flat, budget_s=TIMING_BUDGET_S)
-    per_part = _per_partition_ms(opt, cache_dir, pool)
     plan = opt.plan.with_measurements(per_part, round(total_ms, 4))
     opt.plan = plan
-    if not replan or plan.replanned or \
-            abs(total_ms - plan.predicted_ms) <= REPLAN_THRESHOLD * max(plan.predicted_ms, 1e-9):
+    if plan.replanned or abs(total_ms - plan.predicted_ms) <= REPLAN_THRESHOLD * max(plan.predicted_ms, 1e-9):
         return opt
     # The prediction missed: let what the merged partitions measured replace the sums of their segments, in a
     # copy, so that the race below still ranks every option by what its segments measured.
@@ -330,8 +339,6 @@ class _Verdict:
     won) or the winning whole-graph option. Keyed by the plan's partitions, so a changed plan races again."""
 
     def __init__(self, cache_dir, profile, plan: Plan):
-        import hashlib
-
         key = repr([(p.nodes, p.member, p.backend, p.precision) for p in plan.partitions]).encode()
         self.plan_key = hashlib.blake2b(key, digest_size=8).hexdigest()
         self.path = cache_root(cache_dir) / "profiles" / f"{profile.graph_hash}-{profile.fingerprint}.race.json"
@@ -373,9 +380,9 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         picks += [(o, ms) for o, ms in ranked if o == ref]
     rivals: dict[str, Optimized] = {}
     for option, predicted in picks:
-        plan = _plan(opt.captured, segments, Assignment({s.id: option for s in segments}, predicted, "whole graph"),
-                     profile, pool, objective, replanned=opt.plan.replanned,
-                     notes=tuple(n for n in opt.plan.notes if not n.startswith("partitioned by")))
+        plan = _whole_graph_plan(opt.captured, segments, option, predicted, profile, pool, objective,
+                                 replanned=opt.plan.replanned,
+                                 notes=tuple(n for n in opt.plan.notes if not n.startswith("partitioned by")))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
