@@ -58,6 +58,36 @@ class Partition:
                          if t.numel() else b"")
         return h.hexdigest()
 
+    @functools.cached_property
+    def structure(self) -> str:
+        """Hash of what the partition computes, up to node names and weight values: the twelve layers of a
+        transformer share one, so timing one layer times them all. Ops, their wiring and arguments, and the
+        shape and dtype of every input and weight are in it."""
+        index: dict[fx.Node, int] = {}
+
+        def enc(a) -> str:
+            if isinstance(a, fx.Node):
+                return f"%{index[a]}"
+            if isinstance(a, (list, tuple)):
+                return "(" + ",".join(enc(x) for x in a) + ")"
+            if isinstance(a, dict):
+                return "{" + ",".join(f"{k}={enc(v)}" for k, v in a.items()) + "}"
+            return repr(a)
+
+        h = hashlib.blake2b(digest_size=16)
+        inputs = iter(self.example_inputs)
+        for i, n in enumerate(self.gm.graph.nodes):
+            index[n] = i
+            if n.op == "placeholder":
+                x = next(inputs, None)
+                what = _spec(x)
+            elif n.op == "get_attr":
+                what = _spec(_fetch_attr(self.gm, n.target))
+            else:
+                what = f"{n.target}{enc(n.args)}{enc(n.kwargs)}"
+            h.update(f"{n.op}:{what};".encode())
+        return h.hexdigest()
+
     @property
     def output_specs(self) -> list:
         out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
@@ -88,6 +118,19 @@ class Compiled:
         except Exception as e:
             raise BackendError(f"partition {self.partition_id} on member {self.member} with backend "
                                f"{self.backend} ({self.precision}) failed: {type(e).__name__}: {e}") from e
+
+
+def _spec(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)}:{x.dtype}:{x.device.type}"
+    return repr(x)
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -24,7 +24,7 @@ from .errors import BackendError
 from .pool import Member, ResourcePool
 from .segment import Segment
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class Profile:
     links: dict[str, LinkCost] = field(default_factory=dict)               # "a->b" (member ids) -> cost
     seconds: float = 0.0
     version: int = PROFILE_VERSION
+    # segment id -> the segment of the same structure whose timings it shares (it was not timed itself)
+    same_as: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +69,8 @@ class Profile:
         return cls(d["graph_hash"], d["fingerprint"],
                    {s: {o: Timing(**t) for o, t in opts.items()} for s, opts in d["times"].items()},
                    {s: dict(f) for s, f in d.get("failures", {}).items()},
-                   {k: LinkCost(**v) for k, v in d["links"].items()}, d.get("seconds", 0.0), d["version"])
+                   {k: LinkCost(**v) for k, v in d["links"].items()}, d.get("seconds", 0.0), d["version"],
+                   dict(d.get("same_as", {})))
 
     def link(self, a: str, b: str) -> LinkCost:
         return LinkCost(0.0, float("inf"), "same member") if a == b else self.links[f"{a}->{b}"]
@@ -138,7 +141,9 @@ def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str],
 def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], pool: ResourcePool,
                      backends: Sequence[str], *, graph_hash: str, cache_dir=None, progress: bool = True,
                      use_cache: bool = True) -> Profile:
-    """Profile every segment partition on every legal option; reuse a cached profile when one matches."""
+    """Profile every segment partition on every legal option; reuse a cached profile when one matches.
+    Segments of one structure (a transformer's layers) are timed once: the first of them is measured, and the
+    others share its timings, recorded in `Profile.same_as`."""
     fp = hashlib.blake2b((pool.fingerprint() + "|" + ",".join(sorted(backends))).encode(),
                          digest_size=8).hexdigest()
     path = cache_root(cache_dir) / "profiles" / f"{graph_hash}-{fp}.json"
@@ -152,7 +157,12 @@ def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], po
     start = time.perf_counter()
     prof = Profile(graph_hash, fp)
     jobs = []
+    first: dict[str, Segment] = {}
     for part, seg in zip(parts, segments):
+        rep = first.setdefault(part.structure, seg)
+        if rep is not seg:
+            prof.same_as[seg.id] = rep.id
+            continue
         options, why = legal_options(part, pool, backends)
         prof.failures[seg.id] = dict(why)
         jobs.extend((part, seg, m, b, p) for m, b, p in options)
@@ -180,6 +190,9 @@ def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], po
                    start=t0, end=time.perf_counter(), median_ms=timing.median_ms if timing else None, error=error)
         bar.update(1)
     bar.close()
+    for sid, rep_id in prof.same_as.items():
+        prof.times[sid] = dict(prof.times.get(rep_id, {}))
+        prof.failures[sid] = dict(prof.failures.get(rep_id, {}))
     prof.links = profile_links(pool)
     prof.seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)

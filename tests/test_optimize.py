@@ -234,6 +234,34 @@ def test_segments_are_coarse(cpu):
     assert sum(len(s.nodes) for s in segs) == len(g.compute_nodes)
 
 
+def test_layers_of_one_structure_are_timed_once(pool, tmp_path, monkeypatch):
+    import dioe.profile
+    from dioe.api import _labeller
+    from dioe.split import split_graph
+
+    model, inputs = dioe.zoo.load("bert-base", size="small")
+    g = dioe.capture(model, inputs)
+    segs = segment_graph(g.gm)
+    parts = split_graph(g.gm, _labeller(segs), g.example_inputs).partitions
+    groups: dict[str, list] = {}
+    for p in parts:
+        groups.setdefault(p.structure, []).append(p)
+    twins = max(groups.values(), key=len)
+    assert len(twins) >= 2 and all(".layer." in p.id for p in twins), [p.id for p in parts]
+    assert len({p.digest for p in twins}) == len(twins), "their weights still tell their artifacts apart"
+    timed = []
+    real = dioe.profile.measure
+    monkeypatch.setattr(dioe.profile, "measure", lambda fn, xs, **k: timed.append(fn) or real(fn, xs, **k))
+    prof = dioe.profile.profile_segments(parts, segs, pool, ["torch"], graph_hash=g.structure_hash(),
+                                         cache_dir=tmp_path, progress=False)
+    assert len(timed) == len(groups) < len(parts)
+    sid = {p.id: s.id for s, p in zip(segs, parts)}
+    for p in twins[1:]:
+        assert prof.same_as[sid[p.id]] == sid[twins[0].id]
+        assert prof.times[sid[p.id]] == prof.times[sid[twins[0].id]]
+    assert Profile.from_dict(prof.to_dict()).same_as == prof.same_as
+
+
 def test_unknown_backend_and_objective():
     m, x = torch.nn.Linear(2, 2), torch.randn(1, 2)
     with pytest.raises(dioe.DIOEError, match="unknown backend"):
