@@ -99,6 +99,41 @@ def test_the_race_times_eager_beside_the_plan(cpu):
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
+@pytest.mark.parametrize("plan_ms, winner", [(10.0, "onnxruntime"), (9.5, "split")])
+def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, monkeypatch, plan_ms, winner):
+    import dataclasses
+    import dioe.api
+
+    real_assign = dioe.api.assign
+
+    def split(segments, *a, **k):  # alternate the two backends: a plan of several partitions
+        got = real_assign(segments, *a, **k)
+        opts = {s.id: ("torch@%s/fp32" if i % 2 else "onnxruntime@%s/fp32") % cpu.id for i, s in enumerate(segments)}
+        return dataclasses.replace(got, options=opts)
+    times = {"plan": plan_ms, "onnxruntime": 10.2, "torch": 10.25, dioe.api.EAGER: 20.0}
+    calls = []
+
+    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=True):
+        calls.append((sorted(runs), rounds))
+        return {k: [times.get(k) or times[k.split("@")[0]]] * rounds for k in runs}
+    monkeypatch.setattr(dioe.api, "assign", split)
+    monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                                torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
+    # the race, then more rounds for the contenders within 10% of the leader only (never eager)
+    assert len(calls) == 2 and dioe.api.EAGER in calls[0][0] and dioe.api.EAGER not in calls[1][0], calls
+    assert calls[1][1] == dioe.api.RACE_EXTRA
+    if winner == "split":
+        assert len(opt.plan.partitions) > 1 and opt.plan.measured_ms == 9.5
+    else:
+        (p,) = opt.plan.partitions
+        assert p.backend == "onnxruntime" and opt.plan.measured_ms == 10.2
+        assert any("was kept: the split plan was less than 3% faster" in n for n in opt.plan.notes), opt.plan.notes
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
 def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
     import dioe.api
 
