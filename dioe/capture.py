@@ -157,10 +157,30 @@ class CapturedGraph:
         self.input_specs = tuple(_spec_of(n.meta.get("val")) if isinstance(n.meta.get("val"), torch.Tensor)
                                  else None for n in self.placeholders)
         self.input_names = tuple(n.name for n in self.placeholders)
+        self._positional_specs = self._static_positional_specs()
+
+    def _static_positional_specs(self) -> tuple | None:
+        """(shape, dtype, device type) of each input when all are positional tensors of static shape, else None."""
+        args = _child(self.in_spec, 0)
+        if _kwarg_names(self.in_spec) or args.num_children != len(self.input_specs) or \
+                not all(_child(args, i).is_leaf() for i in range(args.num_children)):
+            return None
+        if any(s is None or not all(isinstance(d, int) for d in s.shape) for s in self.input_specs):
+            return None
+        return tuple((torch.Size(s.shape), s.torch_dtype, s.device) for s in self.input_specs)
 
     # -- calling --------------------------------------------------------------------------------------------
     def flatten_inputs(self, args: tuple, kwargs: Mapping | None = None) -> list:
         """Check inputs against the captured spec and flatten them; a clear error names any mismatch."""
+        fast = self._positional_specs
+        if fast is not None and not kwargs and len(args) == len(fast):
+            # the hot path: positional tensors of the captured static shapes; anything else takes the long way,
+            # which names what is wrong
+            for x, (shape, dtype, device) in zip(args, fast):
+                if type(x) is not torch.Tensor or x.shape != shape or x.dtype != dtype or x.device.type != device:
+                    break
+            else:
+                return list(args)
         kwargs = dict(kwargs or {})
         expected_kw = _kwarg_names(self.in_spec)
         if set(kwargs) != set(expected_kw):
@@ -168,9 +188,14 @@ class CapturedGraph:
         kwargs = {k: kwargs[k] for k in expected_kw}
         flat, spec = pytree.tree_flatten((tuple(args), kwargs))
         if spec != self.in_spec:
-            n_args = _child(self.in_spec, 0).num_children
-            raise InputSpecError(f"{self.name}: expected {n_args} positional input(s) "
-                                 f"{self._expected_text()}, got {len(args)} with structure {spec}")
+            want = _child(self.in_spec, 0)
+            if len(args) == want.num_children:  # the right count: name the first argument of the wrong kind
+                for i, a in enumerate(args):
+                    if pytree.tree_flatten(a)[1] != _child(want, i):
+                        raise InputSpecError(f"{self.name}: positional input {i} is a {type(a).__name__}, not "
+                                             f"what was captured; expected {self._expected_text()}")
+            raise InputSpecError(f"{self.name}: expected {want.num_children} positional input(s) "
+                                 f"{self._expected_text()}, got {len(args)}")
         for i, (x, want, name) in enumerate(zip(flat, self.input_specs, self.input_names)):
             if want is None:
                 ex = self.example_inputs[i]

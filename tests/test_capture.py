@@ -70,6 +70,14 @@ def test_wrong_inputs_get_clear_errors():
         g(torch.randn(3, 4), torch.randn(3, 4))
     with pytest.raises(InputSpecError, match="keyword inputs"):
         g(torch.randn(3, 4), extra=1)
+    # what the hot path lets through unchecked must still be named when wrong
+    with pytest.raises(InputSpecError, match=r"shape \[3, 4, 1\], captured shape is \[3, 4\]"):
+        g(torch.randn(3, 4, 1))
+    with pytest.raises(InputSpecError, match=r"positional input 0 is a list, not what was captured; "
+                                             r"expected \(input_1: float32\[3, 4\]\)"):
+        g([[0.0] * 4] * 3)
+    x = torch.randn(4, 3).t()  # a non-contiguous view of the captured shape is a valid input
+    torch.testing.assert_close(g(x), g(x.contiguous()))
 
 
 def test_dynamic_batch_dimension():

@@ -229,6 +229,37 @@ def test_runtime_failure_falls_back_and_loses_no_call(tiny_bert_on_standins):
         compiled.fn = original
 
 
+def test_a_one_partition_plan_keeps_structure_and_falls_back(cpu):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x, y):
+            h = torch.relu(self.a(x)) + y
+            return {"logits": self.b(h), "extra": (h.mean(), [h * 2])}
+
+    m, x, y = M().eval(), torch.randn(4, 8), torch.randn(4, 8)
+    g = dioe.capture(m, (x, y))
+    nodes = tuple(n.name for n in g.compute_nodes)
+    plan = Plan("M", g.structure_hash(), "", "latency",
+                (PlanPartition("p0", ("p0",), nodes, cpu.id, "onnxruntime", "fp32", len(nodes), 0.0, 1.0),), 1.0)
+    pool = dioe.ResourcePool.discover()
+    opt = _build(g, plan, pool, None, "latency")
+    assert opt.runtime._direct is not None, "one partition over the graph's inputs takes the direct path"
+    assert_matches_eager(eager(m, (x, y)), opt(x, y), rtol=1e-4)
+    with pytest.raises(dioe.InputSpecError, match=r"captured shape is \[4, 8\]"):
+        opt(x, y[:2])
+
+    def broken(*a):
+        raise RuntimeError("session lost")
+    opt.runtime.compiled["p0"].fn = broken
+    with pytest.warns(RuntimeWarning, match="partition p0.*session lost.*torch@"):
+        out = opt(x, y)
+    assert_matches_eager(eager(m, (x, y)), out, rtol=1e-4)
+    assert opt.stats["fallback_calls"] == 1 and opt.runtime.compiled["p0"].backend == "torch"
+
+
 def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
     _, inputs, opt = tiny_bert_on_standins
     with pytest.raises(dioe.InputSpecError, match=r"captured shape is \[1, 32\]"):
