@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from . import backends
+
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
 PEERS = ENGINES[:-1]
 QUICK_MODEL = "minilm"
@@ -59,26 +61,72 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "versions": versions, "platform": platform.platform()}
 
 
-def gemm_roof(n: int = 2048, runs: int = 5) -> dict:
-    """Best achieved GEMM throughput per dtype, all cores: the roof each engine's GFLOP/s is compared with."""
+ROOF_SIZES = (1024, 2048)
+
+
+def gemm_roof(sizes: tuple[int, ...] = ROOF_SIZES, runs: int = 5) -> dict:
+    """Best achieved GEMM throughput per dtype, all cores: the roof each engine's GFLOP/s is compared with. It is
+    the best over square sizes and over two GEMM libraries, torch's and OpenVINO's oneDNN: a roof taken from one
+    library at one size was beaten by OpenVINO's own GEMMs inside whole models."""
     out = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
-        try:
-            if dt == torch.int8:
-                a = torch.randint(-64, 64, (n, n), dtype=dt)
-                b = torch.randint(-64, 64, (n, n), dtype=dt)
-                fn = lambda: torch._int_mm(a, b)  # noqa: E731  int8 x int8 -> int32 (oneDNN VNNI/AMX)
-            else:
-                a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-                fn = lambda: torch.mm(a, b)  # noqa: E731
-            with torch.inference_mode():
-                fn(), fn()
-                best = min(_time(fn) for _ in range(runs))
-            out[name] = {"gflops": round(2 * n ** 3 / best / 1e9, 1), "n": n, "op": "torch._int_mm" if dt == torch.int8
-                         else "torch.mm"}
-        except (RuntimeError, NotImplementedError) as e:
-            out[name] = {"gflops": None, "n": n, "error": str(e).splitlines()[0][:200]}
+        tried, errors = [], []
+        for n in sizes:
+            for op, make in (("torch.mm", _torch_gemm), ("openvino MatMul", _openvino_gemm)):
+                try:
+                    fn = make(n, dt)
+                    if fn is None:
+                        continue
+                    with torch.inference_mode():
+                        fn(), fn()
+                        best = min(_time(fn) for _ in range(runs))
+                    tried.append({"op": op, "n": n, "gflops": round(2 * n ** 3 / best / 1e9, 1)})
+                except Exception as e:  # an unsupported dtype is a row of the result, not a crash
+                    errors.append(f"{op} n={n}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        if tried:
+            top = max(tried, key=lambda t: t["gflops"])
+            out[name] = {**top, "candidates": tried}
+        else:
+            out[name] = {"gflops": None, "error": "; ".join(errors)[:400]}
     return out
+
+
+def gemm_probe(n: int = 1024, runs: int = 5) -> float:
+    """The machine's fp32 GEMM speed right now, in GFLOP/s: taken before each model's timed rounds, so that a
+    comparison of two runs can tell the machine's own drift from an engine's."""
+    fn = _torch_gemm(n, torch.float32)
+    with torch.inference_mode():
+        fn()
+        best = min(_time(fn) for _ in range(runs))
+    return round(2 * n ** 3 / best / 1e9, 1)
+
+
+def _torch_gemm(n: int, dt: torch.dtype):
+    if dt == torch.int8:
+        a = torch.randint(-64, 64, (n, n), dtype=dt)
+        b = torch.randint(-64, 64, (n, n), dtype=dt)
+        return lambda: torch._int_mm(a, b)  # int8 x int8 -> int32 (oneDNN VNNI/AMX)
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    return lambda: torch.mm(a, b)
+
+
+def _openvino_gemm(n: int, dt: torch.dtype):
+    """An n x n x n MatMul compiled by OpenVINO for the CPU in fp32 or bf16 (its int8 needs a quantized model)."""
+    hint = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dt)
+    if hint is None or backends.unavailable_reason("openvino") is not None:
+        return None
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    a = ops.parameter([n, n], ov.Type.f32, name="a")
+    b = ops.constant(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a]), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                        "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    req = compiled.create_infer_request()
+    x = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    return lambda: req.infer([x], share_inputs=True)
 
 
 def _time(fn: Callable) -> float:
@@ -119,7 +167,6 @@ class _Rss:
 # -- engines ------------------------------------------------------------------------------------------------------
 def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, str]:
     """A callable taking the model's positional inputs, and the precision it computes in."""
-    from . import backends
     from .backend import Partition
     from .pool import ResourcePool
 
@@ -198,6 +245,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
             except Exception as e:  # a peer that cannot run a model is a result, not a crash
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
+        probe = gemm_probe()
         samples = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5))
         for engine, s in samples.items():
             s.sort()
@@ -207,7 +255,8 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                                  "runs": len(s), "per_s": round(1e3 * batch / med, 2),
                                  "gflops_per_s": round(gflops / (med / 1e3), 1)})
         took = time.perf_counter() - started
-        out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows, "seconds": round(took, 1)}
+        out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows, "seconds": round(took, 1),
+                                      "probe_gflops": probe}
         log(f"  {name} batch {batch}: " + ", ".join(f"{e} {r['median_ms']:.2f} ms" for e, r in rows.items()
                                                     if "median_ms" in r) + f" ({took:.0f} s)")
         del built, model, captured
@@ -263,7 +312,7 @@ def markdown(results: dict, compare: dict | None = None) -> str:
              f"Machine: {mc['cpu']}, {mc['cores']} cores, {mc['machine']}; ISA: {', '.join(mc['isa'])}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v) + "  ",
              "Roof (best GEMM, all cores): " + ", ".join(
-                 f"{k} {v['gflops']} GFLOP/s" if v.get("gflops") else f"{k} n/a ({v.get('error', '')[:60]})"
+                 f"{k} {v['gflops']} GFLOP/s ({v.get('op', 'torch.mm')}, n={v.get('n')})" if v.get("gflops") else f"{k} n/a ({v.get('error', '')[:60]})"
                  for k, v in results["roof"].items()), "",
              "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
              "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
@@ -321,15 +370,43 @@ def markdown(results: dict, compare: dict | None = None) -> str:
     if failures:
         lines += ["", "## Failures", ""] + [f"- {m} batch {b}, {e}: {err}" for m, b, e, err in failures]
     if compare:
-        lines += ["", f"## Reproducibility: medians against `{compare.get('command', 'an earlier run')}` "
-                      f"({compare.get('date', '?')})", "",
-                  "| model | batch | engine | earlier ms | this run ms | change |",
-                  "|---|---|---|---|---|---|"]
-        for model, batch, engine, old, new in compare_medians(compare, results):
-            flag = " **>10%**" if abs(new / old - 1) > 0.10 else ""
-            lines.append(f"| {model} | {batch} | {engine} | {old:.2f} | {new:.2f} | "
-                         f"{100 * (new / old - 1):+.1f}%{flag} |")
+        lines += reproducibility(compare, results)
     return "\n".join(lines) + "\n"
+
+
+def reproducibility(old: dict, new: dict) -> list[str]:
+    """Markdown: each median against an earlier run's, beside the shift that every engine of that model and batch
+    shared (the machine's speed moving between the runs) and the GEMM probe's change taken at the same moments."""
+    rows = list(compare_medians(old, new))
+    if not rows:
+        return []
+    probes = {(m["model"], b): x.get("probe_gflops") for m in old["models"] for b, x in m["batches"].items()}
+    shared: dict[tuple, float] = {}
+    for model, batch in {(r[0], r[1]) for r in rows}:
+        shared[(model, batch)] = statistics.median(n / o for m, b, _, o, n in rows if (m, b) == (model, batch))
+    out = ["", f"## Reproducibility: medians against `{old.get('command', 'an earlier run')}` "
+               f"({old.get('date', '?')})", "",
+           "*change* is this run's median over the earlier one; *shared* is the median change of all engines of "
+           "that model and batch, which the machine's own drift between the runs moves alike; *own* is the engine's "
+           "change after the shared one is taken out, which is what the ratios between engines rest on; *probe* is "
+           "the change of a 1024³ fp32 GEMM timed just before that model's rounds in both runs.", "",
+           "| model | batch | engine | earlier ms | this run ms | change | shared | own | probe |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    probe_now = {(m["model"], b): x.get("probe_gflops") for m in new["models"] for b, x in m["batches"].items()}
+    raw = own = 0
+    for model, batch, engine, o, n in rows:
+        sh = shared[(model, batch)]
+        mine = (n / o) / sh
+        raw += abs(n / o - 1) > 0.10
+        own += abs(mine - 1) > 0.10
+        p0, p1 = probes.get((model, batch)), probe_now.get((model, batch))
+        probe = f"{100 * (p0 / p1 - 1):+.1f}%" if p0 and p1 else "-"  # slower GEMM = higher latency: p0/p1
+        out.append(f"| {model} | {batch} | {engine} | {o:.2f} | {n:.2f} | {100 * (n / o - 1):+.1f}%"
+                   f"{' **>10%**' if abs(n / o - 1) > 0.10 else ''} | {100 * (sh - 1):+.1f}% | "
+                   f"{100 * (mine - 1):+.1f}%{' **>10%**' if abs(mine - 1) > 0.10 else ''} | {probe} |")
+    out += ["", f"{raw} of {len(rows)} medians moved by more than 10%; {own} of {len(rows)} did once the shift "
+                f"shared by every engine of the same model and batch is taken out."]
+    return out
 
 
 def compare_medians(old: dict, new: dict):
@@ -400,8 +477,9 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     start = time.perf_counter()
     mc = machine()
     print(f"machine: {mc['cpu']} ({mc['cores']} cores; {', '.join(mc['isa'])})", flush=True)
-    roof = gemm_roof(1024 if args.quick else 2048)
-    print("roof: " + ", ".join(f"{k} {v['gflops']} GFLOP/s" for k, v in roof.items()), flush=True)
+    roof = gemm_roof((512, 1024) if args.quick else ROOF_SIZES)
+    print("roof: " + ", ".join(f"{k} {v['gflops']} GFLOP/s ({v.get('op')}, n={v.get('n')})"
+                               for k, v in roof.items()), flush=True)
     rss = _Rss()
     results = {"command": " ".join([prog, *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": mc, "roof": roof, "models": [],

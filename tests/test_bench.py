@@ -4,7 +4,7 @@ ratios and roof fractions are derived as documented."""
 import json
 import subprocess
 
-from dioe.bench import ENGINES, derive, markdown
+from dioe.bench import ENGINES, derive, markdown, reproducibility
 
 from helpers import dioe_command
 
@@ -17,8 +17,10 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert data["command"].startswith("dioe bench --quick")
     assert data["machine"]["cores"] >= 1 and data["machine"]["versions"]["torch"]
     assert data["roof"]["fp32"]["gflops"] > 0
+    assert data["roof"]["fp32"]["gflops"] == max(c["gflops"] for c in data["roof"]["fp32"]["candidates"])
     (model,) = data["models"]
     assert set(model["batches"]) == {"1", "8"}
+    assert model["batches"]["1"]["probe_gflops"] > 0
     rows = model["batches"]["1"]["engines"]
     assert set(rows) == set(ENGINES)
     d = rows["dioe"]
@@ -46,3 +48,18 @@ def test_ratios_compare_within_a_precision_class():
     assert rows["openvino-default"]["roof_fraction"] == round(10.0 / 0.004 / 400.0, 3)
     md = markdown(results)
     assert "| m | 10.00 | openvino-f32 | 10.00 | 8.00 | **0.80** |" in md
+
+
+def test_reproducibility_separates_the_machine_drift_from_an_engines_own():
+    def run(torch_ms, ov_ms, dioe_ms, probe):
+        return {"command": "dioe bench", "date": "d", "models": [{"model": "m", "batches": {"1": {
+            "probe_gflops": probe, "engines": {"torch": {"median_ms": torch_ms}, "openvino-f32": {"median_ms": ov_ms},
+                                               "dioe": {"median_ms": dioe_ms}}}}}]}
+    # every engine 15% slower, as when the machine slows: three raw moves, none of an engine's own
+    lines = reproducibility(run(100.0, 50.0, 40.0, 200.0), run(115.0, 57.5, 46.0, 174.0))
+    assert lines[-1] == ("3 of 3 medians moved by more than 10%; 0 of 3 did once the shift shared by every "
+                         "engine of the same model and batch is taken out.")
+    assert "| m | 1 | dioe | 40.00 | 46.00 | +15.0% **>10%** | +15.0% | +0.0% | +14.9% |" in lines
+    # only DIOE 20% slower: the shared shift is the median, 0%, and DIOE's own move stands out
+    lines = reproducibility(run(100.0, 50.0, 40.0, 200.0), run(100.0, 50.0, 48.0, 200.0))
+    assert lines[-1].startswith("1 of 3 medians moved by more than 10%; 1 of 3")
