@@ -15,6 +15,10 @@ from typing import Any, Mapping
 from .errors import DIOEError
 
 GAP_MS = 0.02   # idle stretches shorter than this are scheduling noise, not waiting
+# One palette for every picture DIOE draws: the report's timeline and legend, and the bench chart.
+BACKEND_COLORS = {"torch": "#4f7fd9", "onnxruntime": "#8a5cc7", "openvino": "#2e9d6b", "inductor": "#d9822b",
+                  "copy": "#9aa3b2"}
+CRITICAL_COLOR = "#c0262d"  # the critical path's outline, and DIOE itself in the bench chart
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
@@ -349,7 +353,7 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
     rd = report_data(data, s)
     e = html.escape
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title or 'DIOE trace report')}</title>"
-             f"<style>{_asset('report.css')}</style></head><body>"]
+             f"<style>:root{{--critical:{CRITICAL_COLOR}}}\n{_asset('report.css')}</style></head><body>"]
     parts.append(f"<h1>{e(title or 'DIOE trace report')}</h1>")
     if s.get("calls"):
         lat = s["latency_ms"]
@@ -361,12 +365,10 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
                      "passed between members. Hover a bar for its details.</p>")
     else:
         parts.append(f"<p class=lead>{e(s.get('note', ''))}</p>")
-    legend = "".join(f"<span><i style='background:{c}'></i>{b}</span>" for b, c in
-                     [("torch", "#4f7fd9"), ("onnxruntime", "#8a5cc7"), ("openvino", "#2e9d6b"),
-                      ("inductor", "#d9822b"), ("copy", "#9aa3b2")])
+    legend = "".join(f"<span><i style='background:{c}'></i>{b}</span>" for b, c in BACKEND_COLORS.items())
     parts.append("<section id=timeline-section><h2>Timeline of one call</h2>"
                  "<div id=controls><label>call: <select id=call></select></label> <span id=call-ms></span></div>"
-                 f"<div class=legend>{legend}<span><i style='background:#fff;border:2px solid #c0262d'></i>"
+                 f"<div class=legend>{legend}<span><i style='background:#fff;border:2px solid {CRITICAL_COLOR}'></i>"
                  "critical path</span></div>"
                  "<svg id=timeline xmlns='http://www.w3.org/2000/svg' width=900 height=60></svg></section>")
     if s.get("calls"):
@@ -404,7 +406,7 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
     if s.get("stages"):
         rows = [[e(x["stage"]), f"{x['ms'] / 1e3:.2f}"] for x in s["stages"]]
         parts.append("<h2>Optimize stages</h2>" + _table(rows, ["stage", "seconds"], numeric=(1,)))
-    data_json = json.dumps(rd).replace("</", "<\\/")
+    data_json = json.dumps({**rd, "colors": BACKEND_COLORS, "critical": CRITICAL_COLOR}).replace("</", "<\\/")
     parts.append(f"<script type='application/json' id=dioe-data>{data_json}</script>"
                  f"<script>{_asset('report.js')}</script>")
     parts.append("<p style='color:#8a93a3;margin-top:30px'>Written by <code>dioe trace report</code>. "

@@ -1,7 +1,7 @@
 // The timeline of DIOE's trace report: draws one call's partition runs per member lane as SVG.
 (function(){
 const D = JSON.parse(document.getElementById('dioe-data').textContent);
-const COLORS = {torch:'#4f7fd9', onnxruntime:'#8a5cc7', openvino:'#2e9d6b', inductor:'#d9822b', copy:'#9aa3b2'};
+const COLORS = D.colors;  // traceview.BACKEND_COLORS, shared with the legend and the bench chart
 const color = b => COLORS[b] || '#6c7a89';
 const NS = 'http://www.w3.org/2000/svg';
 function el(tag, attrs, text){const e=document.createElementNS(NS,tag);for(const k in attrs)e.setAttribute(k,attrs[k]);if(text!==undefined)e.textContent=text;return e;}
@@ -36,7 +36,7 @@ function draw(k){
     const ly = laneY[s.pid + ':' + s.tid]; if (ly === undefined){boxes.push(null); continue;}
     const x = L + s.t * scale, w = Math.max(s.d * scale, 1.5);
     const r = el('rect', {x:x, y:ly+4, width:w, height:ROW-8, rx:3, fill:color(s.backend), 'class':'slice' + (s.critical ? ' critical' : ''),
-                          stroke: s.critical ? '#c0262d' : 'none', 'stroke-width': s.critical ? 2.5 : 0});
+                          stroke: s.critical ? D.critical : 'none', 'stroke-width': s.critical ? 2.5 : 0});
     r.appendChild(el('title', {}, s.tip + (s.critical ? '\non the critical path' : '') + (s.fallback ? '\nFELL BACK to the reference backend' : '')));
     svg.appendChild(r);
     // a bar too narrow for its name gets it just beside, in ink, where the lane has room
