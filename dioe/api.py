@@ -49,6 +49,10 @@ RACE_CLOSE, RACE_EXTRA, SPLIT_MARGIN = 0.10, 3, 0.03
 # Calls per contender and round, within the round's share of TIMING_BUDGET_S: a 100 ms model gets 3, a 0.5 ms one
 # all 200 (five calls of a sub-millisecond model picked torch at 2.4x the best engine in one bench run).
 RACE_REPEATS = 200
+# Pause before each contender's calls: torch's OpenMP workers spin for milliseconds after a call, and an engine
+# called straight after torch ran up to 20% slower (OpenVINO on minilm: 21.0 ms against 17.7 ms; 18.1 ms after
+# a 10 ms pause). Without it the race ranks whoever follows torch eager too low.
+SETTLE_S = 0.02
 EAGER = "torch eager"   # the model as captured: timed in the race as the baseline, never chosen
 TIMING_BUDGET_S = 1.0   # per timed contender: heavy models at large batches get fewer runs
 
@@ -454,6 +458,7 @@ def _time_side_by_side(runs: Mapping[str, Any], flat, *, rounds: int = RACE_ROUN
     with torch.inference_mode():
         for r in range(rounds):
             for k, fn in runs.items():
+                time.sleep(SETTLE_S)
                 samples[k].append(time_call(fn, flat, repeats=RACE_REPEATS, warmup=1 if r == 0 and warm else 0,
                                             min_runs=1, budget_s=TIMING_BUDGET_S / RACE_ROUNDS))
     return samples

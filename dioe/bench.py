@@ -36,6 +36,9 @@ from . import backends
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
 PEERS = ENGINES[:-1]
 QUICK_MODEL = "minilm"
+# Pause between one engine's calls and the next engine's: torch's OpenMP workers spin for milliseconds after a
+# call, and an engine called straight after torch measured up to 20% slower; after 10 ms, not measurably.
+SETTLE_S = 0.02
 
 
 # -- the machine ------------------------------------------------------------------------------------------------
@@ -280,6 +283,7 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float) -> dict[str, list
             for e in order[r % len(order):] + order[:r % len(order)]:
                 fn, args = built[e]
                 n = max(1, min(50, int(budget_s / rounds / est[e])))
+                time.sleep(SETTLE_S)  # let the previous engine's spinning workers go idle
                 for _ in range(n):
                     t0 = time.perf_counter()
                     fn(*args)
@@ -431,8 +435,10 @@ def chart(results: dict, path: Path) -> Path | None:
     models = [m for m in results["models"] if "1" in m["batches"]]
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(models) + 3), 4.6), dpi=120)
     width = 0.8 / len(ENGINES)
-    colors = {"torch": "#4f7fd9", "inductor": "#d9822b", "onnxruntime": "#8a5cc7", "openvino-f32": "#2e9d6b",
-              "openvino-default": "#9ccc65", "dioe": "#c0262d"}
+    from .traceview import BACKEND_COLORS, CRITICAL_COLOR
+
+    colors = {**{e: BACKEND_COLORS[e] for e in ("torch", "inductor", "onnxruntime")},
+              "openvino-f32": BACKEND_COLORS["openvino"], "openvino-default": "#9ccc65", "dioe": CRITICAL_COLOR}
     for i, e in enumerate(ENGINES):
         ys = [(m["batches"]["1"]["engines"].get(e) or {}).get("speedup_over_eager") or 0 for m in models]
         label = e if e != "openvino-default" else "openvino-default (bf16 here)"
