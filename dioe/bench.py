@@ -245,6 +245,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                     plan = build.last_plan
                     rows[engine]["plan"] = [f"{p.id}: {p.backend}@{p.member}/{p.precision} ({p.ops} ops)"
                                             for p in plan.partitions]
+                    rows[engine]["plan_notes"] = list(plan.notes)  # why it chose that: the race, re-plans
             except Exception as e:  # a peer that cannot run a model is a result, not a crash
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
