@@ -99,28 +99,39 @@ def test_the_race_times_eager_beside_the_plan(cpu):
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
-@pytest.mark.parametrize("plan_ms, winner", [(10.0, "onnxruntime"), (9.5, "split")])
-def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, monkeypatch, plan_ms, winner):
+def _force_split(monkeypatch, member_id):
+    """Make optimize() plan segments alternately on onnxruntime and torch: a plan of several partitions."""
     import dataclasses
     import dioe.api
 
     real_assign = dioe.api.assign
 
-    def split(segments, *a, **k):  # alternate the two backends: a plan of several partitions
+    def split(segments, *a, **k):
         got = real_assign(segments, *a, **k)
-        opts = {s.id: ("torch@%s/fp32" if i % 2 else "onnxruntime@%s/fp32") % cpu.id for i, s in enumerate(segments)}
+        opts = {s.id: ("torch@%s/fp32" if i % 2 else "onnxruntime@%s/fp32") % member_id
+                for i, s in enumerate(segments)}
         return dataclasses.replace(got, options=opts)
+    monkeypatch.setattr(dioe.api, "assign", split)
+
+
+def _five_layers():
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                               torch.nn.GELU(), torch.nn.Linear(64, 8)).eval(), torch.randn(4, 32)
+
+
+@pytest.mark.parametrize("plan_ms, winner", [(10.0, "onnxruntime"), (9.5, "split")])
+def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, monkeypatch, plan_ms, winner):
+    import dioe.api
+
+    _force_split(monkeypatch, cpu.id)
     times = {"plan": plan_ms, "onnxruntime": 10.2, "torch": 10.25, dioe.api.EAGER: 20.0}
     calls = []
 
     def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=True):
         calls.append((sorted(runs), rounds))
         return {k: [times.get(k) or times[k.split("@")[0]]] * rounds for k in runs}
-    monkeypatch.setattr(dioe.api, "assign", split)
     monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
-                                torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
-    x = torch.randn(4, 32)
+    model, x = _five_layers()
     opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
     # the race, then more rounds for the contenders within 10% of the leader only (never eager)
     assert len(calls) == 2 and dioe.api.EAGER in calls[0][0] and dioe.api.EAGER not in calls[1][0], calls
@@ -131,6 +142,28 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
         (p,) = opt.plan.partitions
         assert p.backend == "onnxruntime" and opt.plan.measured_ms == 10.2
         assert any("was kept: the split plan was less than 3% faster" in n for n in opt.plan.notes), opt.plan.notes
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
+def test_a_rival_that_cannot_race_is_named_in_the_plan(cpu, tmp_path, monkeypatch):
+    from dioe.backends import backend_class
+
+    model, x = _five_layers()
+    whole = len(dioe.capture(model, (x,)).compute_nodes)
+    cls = backend_class("onnxruntime")
+    real = cls.compile_fn
+
+    def whole_graph_fails(self, part, *a, **k):
+        if part.op_count == whole:
+            raise RuntimeError("exporter ran out of luck")
+        return real(self, part, *a, **k)
+    monkeypatch.setattr(cls, "compile_fn", whole_graph_fails)
+    _force_split(monkeypatch, cpu.id)
+    opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
+    said = [n for n in opt.plan.notes if n.startswith(f"rival onnxruntime@{cpu.id}/fp32 fell back")]
+    assert len(said) == 1 and "exporter ran out of luck" in said[0], opt.plan.notes
+    race = next(n for n in opt.plan.notes if "raced side by side" in n)
+    assert f"onnxruntime@{cpu.id}/fp32 " not in race.split(": ", 1)[1], "it must not race under a false name"
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
