@@ -394,7 +394,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     if ref != own and ref not in dict(picks):
         picks += [(o, ms) for o, ms in ranked if o == ref]
     rivals: dict[str, Optimized] = {}
-    absent: list[str] = []  # rivals that could not race, and why: said in the plan, never silently dropped
+    absent: list[str] = []  # notes on the rivals that could not race, and why: never silently dropped
     for option, predicted in picks:
         plan = _whole_graph_plan(opt.captured, segments, option, predicted, profile, pool, objective,
                                  replanned=opt.plan.replanned,
@@ -406,16 +406,16 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
                 if verify:
                     rival = _verify(rival, pool, tolerance, cache_dir, objective)
         except DIOEError as e:
-            absent.append(f"{option} could not be built or verified: {str(e)[:300]}")
+            absent.append(f"rival {option} could not be built or verified: {str(e)[:300]}")
             continue
         if any((c.member, c.backend, c.precision) != parse_option(option) for c in rival.runtime.compiled.values()):
             rival.runtime.close()  # it fell back while compiling or verifying: it would race under a false name
             why = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "it fell back")
-            absent.append(f"{option} fell back to torch while compiling or verifying: {why[:300]}")
+            absent.append(f"rival {option} fell back to torch while compiling or verifying: {why[:300]}")
             continue
         rivals[option] = rival
     if absent:
-        opt.plan = replace(opt.plan, notes=opt.plan.notes + tuple(f"rival {a}" for a in absent))
+        opt.plan = replace(opt.plan, notes=opt.plan.notes + tuple(absent))
     runs = {"plan": opt.runtime.run, **{k: r.runtime.run for k, r in rivals.items()},
             EAGER: lambda xs: opt.captured.gm(*xs)}
     flat = opt.captured.example_inputs
@@ -452,7 +452,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     for o in [opt, *rivals.values()]:
         o.runtime.close()
     plan = winner.plan.with_measurements(_per_partition_ms(winner, cache_dir, pool), round(med[best], 4), eager_ms)
-    winner.plan = replace(plan, notes=plan.notes + tuple(f"rival {a}" for a in absent) +
+    winner.plan = replace(plan, notes=plan.notes + tuple(absent) +
                           (f"whole graph on {best} {why}, raced side by side: {report}",))
     return winner
 

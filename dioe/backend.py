@@ -28,6 +28,7 @@ import torch
 from torch import fx
 from torch.fx.passes.operator_support import OperatorSupportBase, chain
 
+from .capture import fetch_attr
 from .errors import BackendError
 from .pool import Member
 
@@ -82,7 +83,7 @@ class Partition:
                 x = next(inputs, None)
                 what = _spec(x)
             elif n.op == "get_attr":
-                what = _spec(_fetch_attr(self.gm, n.target))
+                what = _spec(fetch_attr(self.gm, n.target))
             else:
                 what = f"{n.target}{enc(n.args)}{enc(n.kwargs)}"
             h.update(f"{n.op}:{what};".encode())
@@ -124,13 +125,6 @@ def _spec(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"{tuple(x.shape)}:{x.dtype}:{x.device.type}"
     return repr(x)
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -75,15 +75,13 @@ def gemm_roof(sizes: tuple[int, ...] = ROOF_SIZES, runs: int = 5) -> dict:
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
         tried, errors = [], []
         for n in sizes:
-            for op, make in (("torch.mm", _torch_gemm), ("openvino MatMul", _openvino_gemm)):
+            torch_op = "torch._int_mm" if dt == torch.int8 else "torch.mm"
+            for op, make in ((torch_op, _torch_gemm), ("openvino MatMul", _openvino_gemm)):
                 try:
                     fn = make(n, dt)
                     if fn is None:
                         continue
-                    with torch.inference_mode():
-                        fn(), fn()
-                        best = min(_time(fn) for _ in range(runs))
-                    tried.append({"op": op, "n": n, "gflops": round(2 * n ** 3 / best / 1e9, 1)})
+                    tried.append({"op": op, "n": n, "gflops": _gemm_gflops(fn, n, runs)})
                 except Exception as e:  # an unsupported dtype is a row of the result, not a crash
                     errors.append(f"{op} n={n}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
         if tried:
@@ -97,9 +95,13 @@ def gemm_roof(sizes: tuple[int, ...] = ROOF_SIZES, runs: int = 5) -> dict:
 def gemm_probe(n: int = 1024, runs: int = 5) -> float:
     """The machine's fp32 GEMM speed right now, in GFLOP/s: taken before each model's timed rounds, so that a
     comparison of two runs can tell the machine's own drift from an engine's."""
-    fn = _torch_gemm(n, torch.float32)
+    return _gemm_gflops(_torch_gemm(n, torch.float32), n, runs)
+
+
+def _gemm_gflops(fn: Callable, n: int, runs: int) -> float:
+    """GFLOP/s of an n x n x n GEMM call: its best of `runs` after two warm-up calls."""
     with torch.inference_mode():
-        fn()
+        fn(), fn()
         best = min(_time(fn) for _ in range(runs))
     return round(2 * n ** 3 / best / 1e9, 1)
 
@@ -310,15 +312,18 @@ def derive(results: dict) -> None:
                 r["roof_fraction"] = round(r["gflops_per_s"] / top, 3) if top else None
 
 
+def roof_text(roof: dict) -> str:
+    return ", ".join(f"{k} {v['gflops']} GFLOP/s ({v.get('op', 'torch.mm')}, n={v.get('n')})" if v.get("gflops")
+                     else f"{k} n/a ({v.get('error', '')[:60]})" for k, v in roof.items())
+
+
 def markdown(results: dict, compare: dict | None = None) -> str:
     mc = results["machine"]
     lines = [f"# DIOE benchmark: {mc['cpu']}", "",
              f"Command: `{results['command']}`  ", f"Date: {results['date']}; took {results['seconds'] / 60:.1f} min  ",
              f"Machine: {mc['cpu']}, {mc['cores']} cores, {mc['machine']}; ISA: {', '.join(mc['isa'])}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v) + "  ",
-             "Roof (best GEMM, all cores): " + ", ".join(
-                 f"{k} {v['gflops']} GFLOP/s ({v.get('op', 'torch.mm')}, n={v.get('n')})" if v.get("gflops") else f"{k} n/a ({v.get('error', '')[:60]})"
-                 for k, v in results["roof"].items()), "",
+             "Roof (best GEMM, all cores): " + roof_text(results["roof"]), "",
              "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
              "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
              "*roof* is achieved GFLOP/s over the GEMM "
@@ -385,7 +390,9 @@ def reproducibility(old: dict, new: dict) -> list[str]:
     rows = list(compare_medians(old, new))
     if not rows:
         return []
-    probes = {(m["model"], b): x.get("probe_gflops") for m in old["models"] for b, x in m["batches"].items()}
+    def probes(results):
+        return {(m["model"], b): x.get("probe_gflops") for m in results["models"] for b, x in m["batches"].items()}
+    before, now = probes(old), probes(new)
     shared: dict[tuple, float] = {}
     for model, batch in {(r[0], r[1]) for r in rows}:
         shared[(model, batch)] = statistics.median(n / o for m, b, _, o, n in rows if (m, b) == (model, batch))
@@ -397,18 +404,18 @@ def reproducibility(old: dict, new: dict) -> list[str]:
            "the change of a 1024³ fp32 GEMM timed just before that model's rounds in both runs.", "",
            "| model | batch | engine | earlier ms | this run ms | change | shared | own | probe |",
            "|---|---|---|---|---|---|---|---|---|"]
-    probe_now = {(m["model"], b): x.get("probe_gflops") for m in new["models"] for b, x in m["batches"].items()}
+    def moved(ratio: float) -> str:
+        return f"{100 * (ratio - 1):+.1f}%" + (" **>10%**" if abs(ratio - 1) > 0.10 else "")
     raw = own = 0
     for model, batch, engine, o, n in rows:
         sh = shared[(model, batch)]
         mine = (n / o) / sh
         raw += abs(n / o - 1) > 0.10
         own += abs(mine - 1) > 0.10
-        p0, p1 = probes.get((model, batch)), probe_now.get((model, batch))
+        p0, p1 = before.get((model, batch)), now.get((model, batch))
         probe = f"{100 * (p0 / p1 - 1):+.1f}%" if p0 and p1 else "-"  # slower GEMM = higher latency: p0/p1
-        out.append(f"| {model} | {batch} | {engine} | {o:.2f} | {n:.2f} | {100 * (n / o - 1):+.1f}%"
-                   f"{' **>10%**' if abs(n / o - 1) > 0.10 else ''} | {100 * (sh - 1):+.1f}% | "
-                   f"{100 * (mine - 1):+.1f}%{' **>10%**' if abs(mine - 1) > 0.10 else ''} | {probe} |")
+        out.append(f"| {model} | {batch} | {engine} | {o:.2f} | {n:.2f} | {moved(n / o)} | {100 * (sh - 1):+.1f}% | "
+                   f"{moved(mine)} | {probe} |")
     out += ["", f"{raw} of {len(rows)} medians moved by more than 10%; {own} of {len(rows)} did once the shift "
                 f"shared by every engine of the same model and batch is taken out."]
     return out
@@ -485,8 +492,7 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     mc = machine()
     print(f"machine: {mc['cpu']} ({mc['cores']} cores; {', '.join(mc['isa'])})", flush=True)
     roof = gemm_roof((512, 1024) if args.quick else ROOF_SIZES)
-    print("roof: " + ", ".join(f"{k} {v['gflops']} GFLOP/s ({v.get('op')}, n={v.get('n')})"
-                               for k, v in roof.items()), flush=True)
+    print("roof: " + roof_text(roof), flush=True)
     rss = _Rss()
     results = {"command": " ".join([prog, *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": mc, "roof": roof, "models": [],

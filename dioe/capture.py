@@ -92,14 +92,15 @@ def _val(node: Any, gm: fx.GraphModule) -> Any:
         if "val" in node.meta:
             return node.meta["val"]
         if node.op == "get_attr":
-            return _attr(gm, node.target)
+            return fetch_attr(gm, node.target)
         return None
     if isinstance(node, (list, tuple)):
         return type(node)(_val(n, gm) for n in node)
     return node
 
 
-def _attr(gm: torch.nn.Module, target: str) -> Any:
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    """The module attribute a get_attr node names by its dotted path."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
