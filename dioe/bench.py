@@ -8,7 +8,7 @@ DIOE's plan, measured in one run, interleaved and repeated, against the machine'
 Engines (all fp32 unless named): torch eager (the model itself), inductor (torch.compile), ONNX Runtime (CPU
 provider), OpenVINO at f32 and at its own default precision (bf16 on CPUs that have it), and DIOE's fp32 plan
 (`dioe.optimize`, called as `opt(*inputs)`). The compiled peers run the graph DIOE captured, through DIOE's backend
-files, which call each engine's standard path (ORT: dynamo export + InferenceSession with IO binding; OpenVINO:
+files, which call each engine's standard path (ORT: dynamo export + InferenceSession.run; OpenVINO:
 convert_model + compile_model with the LATENCY hint); that wrapper costs microseconds per call.
 """
 
