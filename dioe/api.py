@@ -66,9 +66,9 @@ class Optimized:
     def __call__(self, *args, **kwargs) -> Any:
         flat = self.captured.flatten_inputs(args, kwargs)
         tr = _trace.active()
+        if tr is None:  # the hot path: each backend runs its partitions under inference mode itself
+            return self.captured.unflatten_outputs(self.runtime.run(flat))
         with torch.inference_mode():
-            if tr is None:
-                return self.captured.unflatten_outputs(self.runtime.run(flat))
             tr.attach(self.runtime.pool, self.plan)
             tr.before_call()
             call = tr.next_call()

@@ -129,15 +129,14 @@ class Runtime:
     def run(self, flat_inputs: Sequence, tr: Trace | None = None, call: int = 0) -> tuple:
         """Run the program once. `tr`, when given, records every partition run and copy of this call."""
         if self._direct is not None and tr is None:
-            step = self.program.steps[0]
-            c = self.compiled[step.partition]
-            if c.io_device == "cpu" and all(x.device.type == "cpu" for x in flat_inputs
-                                            if isinstance(x, torch.Tensor)):
+            pid = self.program.steps[0].partition
+            c = self.compiled[pid]
+            if c.io_device == "cpu" and not [x for x in flat_inputs if type(x) is torch.Tensor and not x.is_cpu]:
                 try:
                     outs = c(*flat_inputs)
                 except BackendError as e:
-                    outs = self._fallback(step.partition, e, flat_inputs)
-                return tuple(outs[v] if computed else v for computed, v in self._direct)
+                    outs = self._fallback(pid, e, flat_inputs)
+                return tuple([outs[v] if computed else v for computed, v in self._direct])
         env = dict(zip(self.program.graph_inputs, flat_inputs))
         # torch.profiler sees only the thread that started it: op tracing runs the partitions in this one
         if not self.concurrent or (tr is not None and tr.ops):
