@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -267,6 +268,9 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                                                     if "median_ms" in r) + f" ({took:.0f} s)")
         del built, model, captured
         gc.collect()
+        # every engine's exports and compiled blobs for this model and batch: kept for the whole zoo they came to
+        # 21 GB, and once filled the disk mid-run
+        shutil.rmtree(cache / f"b{batch}", ignore_errors=True)
         torch._dynamo.reset()
     return out
 
