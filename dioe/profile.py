@@ -92,13 +92,15 @@ HEAVY_S = 0.05   # a call this long is stable after one warm-up, and three runs 
 def measure(fn: Callable, inputs: Sequence, *, warmup: int = 2, min_runs: int = 5, max_runs: int = 25,
             budget_s: float = 0.4) -> Timing:
     """Median and quartiles of `fn(*inputs)` wall time after warm-up; stops at max_runs or the time budget.
-    A heavy call (over HEAVY_S) gets one warm-up and at least three runs instead of `warmup` and `min_runs`."""
-    t0 = time.perf_counter()
-    fn(*inputs)
-    if time.perf_counter() - t0 > HEAVY_S:
-        warmup, min_runs = 1, min(min_runs, 3)
-    for _ in range(warmup - 1):
+    A heavy call (over HEAVY_S) gets one warm-up and at least three runs instead of `warmup` and `min_runs`;
+    with no warm-up asked for (a callable already warm), every call is a sample."""
+    if warmup:
+        t0 = time.perf_counter()
         fn(*inputs)
+        if time.perf_counter() - t0 > HEAVY_S:
+            warmup, min_runs = 1, min(min_runs, 3)
+        for _ in range(warmup - 1):
+            fn(*inputs)
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < min_runs or (len(samples) < max_runs and time.perf_counter() - start < budget_s):

@@ -5,7 +5,6 @@ replaced, loudly, by torch on the reference member and no call is lost.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 import warnings
@@ -19,6 +18,7 @@ from . import backends as registry
 from .backend import Compiled
 from .errors import BackendError
 from .pool import ResourcePool
+from .profile import measure
 from .split import Program
 from .tracing import PARTITION_MARK, Trace, nbytes
 
@@ -178,14 +178,5 @@ def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2, budget_s:
               min_runs: int = 3) -> float:
     """Median wall time of fn(*args) in ms: `repeats` runs, or fewer (at least `min_runs`) once `budget_s` is
     spent, so that a heavy model at a large batch is not timed for tens of seconds."""
-    for _ in range(warmup):
-        fn(*args)
-    samples = []
-    start = time.perf_counter()
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        samples.append((time.perf_counter() - t0) * 1e3)
-        if budget_s is not None and i + 1 >= min_runs and time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(samples)
+    return measure(fn, args, warmup=warmup, min_runs=min(min_runs, repeats), max_runs=repeats,
+                   budget_s=float("inf") if budget_s is None else budget_s).median_ms
