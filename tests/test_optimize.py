@@ -93,13 +93,14 @@ def test_the_race_times_eager_beside_the_plan(cpu):
     assert p.eager_ms is not None and p.measured_ms is not None
     race = [n for n in p.notes if "raced side by side" in n]
     assert len(race) == 1 and "torch eager" in race[0] and "split plan" in race[0], p.notes
-    # what the plan says it measured is the median from those same rounds; the ranking is by best round
+    # what the plan says it measured is the median from those same rounds; the ranking is by the faster half
     times = {}
     for t in race[0].split(": ", 1)[1].split("), "):
         name, rest = t.split(" ms (median ")
         name, best = name.rsplit(" ", 1)
         times[name] = (float(best), float(rest.rstrip(")")))
-    assert times["torch eager"][1] == pytest.approx(p.eager_ms, abs=0.01)
+    (eager_key,) = [k for k in times if k.startswith("torch eager")]  # "(= torch@cpu0/fp32)": it stands for it
+    assert times[eager_key][1] == pytest.approx(p.eager_ms, abs=0.01)
     assert all(best <= med for best, med in times.values()), race[0]
     assert_matches_eager(eager(model, (x,)), opt(x))
 
@@ -138,7 +139,7 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
     monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
     model, x = _five_layers()
     opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
-    # the race, then more rounds for the contenders within 10% of the leader only (never eager)
+    # the race, then more rounds for the contenders within 10% of the leader only (eager, 2x behind, is not)
     assert len(calls) == 2 and dioe.api.EAGER in calls[0][0] and dioe.api.EAGER not in calls[1][0], calls
     assert calls[1][1] == dioe.api.RACE_EXTRA
     if winner == "split":
