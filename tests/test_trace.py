@@ -299,7 +299,8 @@ def test_viewer_listens_on_localhost_and_stops_on_ctrl_c(branches_trace, ui):
         head = urllib.request.urlopen(urllib.request.Request(base + "report.html", method="HEAD"), timeout=10)
         assert head.status == 200 and head.read() == b""
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=10) == 0
+        # generous: the viewer imports torch, and its exit once took over 10 s in a full run on a 2-core machine
+        assert p.wait(timeout=60) == 0
         assert "stopped" in p.stdout.read()
     finally:
         if p.poll() is None:
