@@ -377,9 +377,10 @@ class _Verdict:
 
 def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance,
           verdict: _Verdict) -> Optimized:
-    """Time the split plan side by side with torch eager and the most promising single (member, backend) choices
-    compiled over the whole graph, in interleaved rounds; keep the fastest. Its latency and eager's, from those
-    same rounds, are what the plan records. With a cached verdict, only the plan it chose and eager are timed."""
+    """Time the split plan side by side with torch eager and every other backend's best single (member, backend)
+    choice compiled over the whole graph, in interleaved rounds; keep the fastest. Its latency and eager's, from
+    those same rounds, are what the plan records. With a cached verdict, only the plan it chose and eager are
+    timed."""
     if verdict.winner is not None:
         med = {k: statistics.median(v) for k, v in _time_side_by_side(
             {"plan": opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)}, opt.captured.example_inputs).items()}
@@ -435,7 +436,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         rounds = _time_side_by_side(runs, flat)
         fast = {k: _fast_half(v) for k, v in rounds.items()}
         lead = min(predicted, key=fast.get)
-        # eager joins the extra rounds only when it is close: the profile's torch prediction is its own
+        # eager joins the extra rounds only when it is close: its rounds are the slowest, and it seldom wins
         again = [k for k in predicted if fast[k] <= fast[lead] * (1 + RACE_CLOSE)
                  or (k != EAGER and predicted[k] < predicted[lead])]
         if len(again) > 1:
