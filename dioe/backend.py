@@ -178,6 +178,19 @@ def decomposes(op) -> bool:
         op.name(), "CompositeImplicitAutograd")
 
 
+def functional_variant(op) -> torch._ops.OpOverload | None:
+    """The out-of-place twin of an in-place ATen op (add_.Tensor -> add.Tensor), or None. Exporters functionalize
+    a graph before lowering it, so a backend that runs the twin runs the in-place op too (ResNet's residual
+    `+=` is an add_ in the captured graph)."""
+    if not isinstance(op, torch._ops.OpOverload) or not op._schema.is_mutable:
+        return None
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.endswith("__"):
+        return None
+    packet = getattr(getattr(torch.ops, op.namespace), name[:-1], None)
+    return getattr(packet, op._overloadname, None) if packet is not None else None
+
+
 class Backend:
     """Base of all backends. Subclasses set the class attributes and implement `compile_fn`."""
 

@@ -173,3 +173,66 @@ def test_zoo_model_whole_graph_per_backend(name, backend, cpu, zoo_size):
     compiled = backends.get(backend).compile(whole(g, name), cpu)
     out = g.unflatten_outputs(compiled(*g.example_inputs))
     assert_matches_eager(eager(model, inputs), out, rtol=RTOL[backend], what=f"{name}/{backend}")
+
+
+class _Residual(torch.nn.Module):
+    """ResNet's residual `+=`: an in-place add_ in the captured graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y += x
+        return torch.relu(y)
+
+
+@pytest.mark.skipif("onnxruntime" not in AVAILABLE, reason="needs onnxruntime")
+def test_in_place_ops_are_legal_where_their_functional_twin_is(cpu):
+    model = _Residual().eval()
+    g = dioe.capture(model, (torch.randn(2, 8),))
+    inplace = [n for n in g.compute_nodes if str(n.target) == "aten.add_.Tensor"]
+    assert inplace, "the captured graph should keep the in-place add"
+    support = backends.get("onnxruntime").supports(cpu)
+    assert all(support.is_node_supported({}, n) for n in inplace)
+    compiled = backends.get("onnxruntime").compile(whole(g), cpu)
+    x = torch.randn(2, 8)
+    assert_matches_eager(eager(model, (x,)), g.unflatten_outputs(compiled(x)), rtol=RTOL["onnxruntime"],
+                         what="onnxruntime, in-place add")
+
+
+@pytest.mark.skipif(not {"onnxruntime", "openvino"} <= set(AVAILABLE), reason="needs onnxruntime and openvino")
+def test_openvino_converts_from_the_onnx_file_onnxruntime_exported(cpu, tmp_path, monkeypatch):
+    model, inputs = _mixed()
+    g = dioe.capture(model, inputs)
+    backends.get("onnxruntime", tmp_path).compile(whole(g), cpu)
+
+    def no_export(*a, **k):
+        raise AssertionError("OpenVINO exported the partition again instead of reading the ONNX file")
+    monkeypatch.setattr(torch.export, "export", no_export)
+    compiled = backends.get("openvino", tmp_path).compile(whole(g), cpu)
+    assert_matches_eager(eager(model, inputs), g.unflatten_outputs(compiled(*g.example_inputs)),
+                         rtol=RTOL["openvino"], what="openvino from onnx")
+
+
+@pytest.mark.skipif("onnxruntime" not in AVAILABLE, reason="needs onnxruntime")
+def test_onnx_export_with_the_cached_table_matches_torch_onnx_export():
+    from dioe.backends.onnxruntime import _onnx_export, _quiet
+
+    g = dioe.capture(*_mixed())
+    names = [n.name for n in g.gm.graph.nodes if n.op == "placeholder"]
+
+    def graph(program):
+        gp = program.model_proto.graph
+        for t in gp.initializer:
+            t.ClearField("raw_data")
+            t.ClearField("external_data")
+        for n in gp.node:
+            n.ClearField("metadata_props")  # source locations
+        return gp.SerializeToString(), [(o.domain, o.version) for o in program.model_proto.opset_import]
+    with _quiet():
+        public = torch.onnx.export(g.gm, tuple(g.example_inputs), dynamo=True, input_names=names, optimize=True,
+                                   verbose=False)
+        ours = _onnx_export(g.gm, tuple(g.example_inputs), names)
+    assert graph(ours) == graph(public)
