@@ -9,7 +9,9 @@ Engines (all fp32 unless named): torch eager (the model itself), inductor (torch
 provider), OpenVINO at f32 and at its own default precision (bf16 on CPUs that have it), and DIOE's fp32 plan
 (`dioe.optimize`, called as `opt(*inputs)`). The compiled peers run the graph DIOE captured, through DIOE's backend
 files, which call each engine's standard path (ORT: dynamo export + InferenceSession.run; OpenVINO:
-convert_model + compile_model with the LATENCY hint); that wrapper costs microseconds per call.
+convert_model from torch.export + compile_model with the LATENCY hint); that wrapper costs microseconds per call.
+Each peer builds in a cache folder of its own (the two OpenVINO peers share one), so that no peer's compile time
+is shortened by another's export.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, 
     ref = ResourcePool.discover().reference
     part = Partition("whole", captured.gm, captured.example_inputs)
     if engine == "openvino-default":
-        be = backends.get("openvino", cache / "peers")
+        be = backends.get("openvino", cache / "peers" / "openvino")
         ov_model, _ = be.convert(part)
         compiled = be.core.compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
         req = compiled.create_infer_request()
@@ -203,7 +205,7 @@ def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, 
             return tuple(torch.from_numpy(v) for v in res.values())
         return run, prec
     name = {"openvino-f32": "openvino"}.get(engine, engine)
-    c = backends.get(name, cache / "peers").compile(part, ref, "fp32")
+    c = backends.get(name, cache / "peers" / name).compile(part, ref, "fp32")
     return c, "fp32"
 
 
