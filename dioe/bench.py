@@ -95,7 +95,28 @@ def gemm_roof(sizes: tuple[int, ...] = ROOF_SIZES, runs: int = 5) -> dict:
     return out
 
 
-def gemm_probe(n: int = 1024, runs: int = 5) -> float:
+def merge_roofs(start: dict, end: dict, probes: list[tuple[str, float]]) -> dict:
+    """One roof per dtype: the best GEMM seen in the run, at its start, at its end, or in the fp32 probe before a
+    model's rounds. This machine's GEMM speed moved by a third within one run (97 to 192 GFLOP/s at n=1024), and
+    a roof taken once, at a slow moment, was beaten by 27% inside whole models."""
+    out = {}
+    for dt in dict.fromkeys([*start, *end]):
+        cands = [{**c, "when": when} for when, roof in (("start", start), ("end", end))
+                 for c in (roof.get(dt) or {}).get("candidates", [])]
+        if dt == "fp32":
+            cands += [{"op": "torch.mm", "n": PROBE_N, "gflops": g, "when": f"probe before {what}"}
+                      for what, g in probes if g]
+        if cands:
+            out[dt] = {**max(cands, key=lambda c: c["gflops"]), "candidates": cands}
+        else:
+            out[dt] = start.get(dt) or end.get(dt)
+    return out
+
+
+PROBE_N = 1024
+
+
+def gemm_probe(n: int = PROBE_N, runs: int = 5) -> float:
     """The machine's fp32 GEMM speed right now, in GFLOP/s: taken before each model's timed rounds, so that a
     comparison of two runs can tell the machine's own drift from an engine's."""
     return _gemm_gflops(_torch_gemm(n, torch.float32), n, runs)
@@ -255,7 +276,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
         probe = gemm_probe()
-        samples = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5))
+        samples, used = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5))
         for engine, s in samples.items():
             s.sort()
             med = statistics.median(s)
@@ -265,8 +286,8 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                                  "gflops_per_s": round(gflops / (med / 1e3), 1)})
         took = time.perf_counter() - started
         out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows, "seconds": round(took, 1),
-                                      "probe_gflops": probe}
-        log(f"  {name} batch {batch}: " + ", ".join(f"{e} {r['median_ms']:.2f} ms" for e, r in rows.items()
+                                      "probe_gflops": probe, "rounds": used}
+        log(f"  {name} batch {batch}: " + ", ".join(f"{e} {_ms(r['median_ms'])} ms" for e, r in rows.items()
                                                     if "median_ms" in r) + f" ({took:.0f} s)")
         del built, model, captured
         gc.collect()
@@ -277,27 +298,34 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
     return out
 
 
-def _interleaved(built: dict, *, rounds: int, budget_s: float) -> dict[str, list[float]]:
+MAX_ROUNDS, CALLS_PER_ROUND = 20, 50
+
+
+def _interleaved(built: dict, *, rounds: int, budget_s: float) -> tuple[dict[str, list[float]], int]:
     """Round-robin: every engine runs a few calls per round, in a rotated order, so that drift in the machine's
     state (clocks, caches, a neighbour's load) hits all engines alike. An engine gets `budget_s` of calls in all,
-    at least one per round: a 1 s call (vit-base at batch 8) is timed `rounds` times, a 1 ms call 50 times a round.
+    at least one per round: a 1 s call (vit-base at batch 8) is timed `rounds` times. Where even the slowest
+    engine's 50 calls a round would leave most of the budget unspent, the rounds grow instead (up to 20), so that
+    a fast model's samples are spread over seconds of the machine's drift rather than a few milliseconds of it.
     Every engine was called once already when it was built: that was its warm-up."""
     samples: dict[str, list[float]] = {e: [] for e in built}
     est = {}
     with torch.inference_mode():
         for e, (fn, args) in built.items():
             est[e] = max(_time(lambda: fn(*args)), 1e-5)
+        if est:
+            rounds = max(rounds, min(MAX_ROUNDS, int(budget_s / (CALLS_PER_ROUND * max(est.values())))))
         order = list(built)
         for r in range(rounds):
             for e in order[r % len(order):] + order[:r % len(order)]:
                 fn, args = built[e]
-                n = max(1, min(50, int(budget_s / rounds / est[e])))
+                n = max(1, min(CALLS_PER_ROUND, int(budget_s / rounds / est[e])))
                 time.sleep(SETTLE_S)  # let the previous engine's spinning workers go idle
                 for _ in range(n):
                     t0 = time.perf_counter()
                     fn(*args)
                     samples[e].append((time.perf_counter() - t0) * 1e3)
-    return samples
+    return samples, rounds
 
 
 # -- ratios, roof, outputs --------------------------------------------------------------------------------------
@@ -319,7 +347,8 @@ def derive(results: dict) -> None:
 
 
 def roof_text(roof: dict) -> str:
-    return ", ".join(f"{k} {v['gflops']} GFLOP/s ({v.get('op', 'torch.mm')}, n={v.get('n')})" if v.get("gflops")
+    return ", ".join(f"{k} {v['gflops']} GFLOP/s ({v.get('op', 'torch.mm')}, n={v.get('n')}"
+                     + (f", {v['when']})" if v.get("when") else ")") if v.get("gflops")
                      else f"{k} n/a ({v.get('error', '')[:60]})" for k, v in roof.items())
 
 
@@ -329,7 +358,8 @@ def markdown(results: dict, compare: dict | None = None) -> str:
              f"Command: `{results['command']}`  ", f"Date: {results['date']}; took {results['seconds'] / 60:.1f} min  ",
              f"Machine: {mc['cpu']}, {mc['cores']} cores, {mc['machine']}; ISA: {', '.join(mc['isa'])}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v) + "  ",
-             "Roof (best GEMM, all cores): " + roof_text(results["roof"]), "",
+             "Roof (best GEMM, all cores, at the run's start, its end, or a probe between models): " +
+             roof_text(results["roof"]), "",
              "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
              "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
              "*roof* is achieved GFLOP/s over the GEMM "
@@ -346,11 +376,11 @@ def markdown(results: dict, compare: dict | None = None) -> str:
         d, ovd = rows.get("dioe", {}), rows.get("openvino-default", {})
         best = d.get("best_peer")
         cells = [m["model"], f"{b['gflop']:.2f}", best or "-",
-                 f"{rows[best]['median_ms']:.2f}" if best else "-",
-                 f"{d['median_ms']:.2f}" if "median_ms" in d else "failed",
+                 _ms(rows[best]['median_ms']) if best else "-",
+                 _ms(d['median_ms']) if "median_ms" in d else "failed",
                  f"**{d['ratio_to_best_peer']:.2f}**" if d.get("ratio_to_best_peer") else "-",
                  f"{100 * d['roof_fraction']:.0f}%" if d.get("roof_fraction") is not None else "-",
-                 f"{ovd['median_ms']:.2f} ({ovd['precision']})" if "median_ms" in ovd else "-",
+                 f"{_ms(ovd['median_ms'])} ({ovd['precision']})" if "median_ms" in ovd else "-",
                  "; ".join(d.get("plan", [])) or d.get("error", "-")]
         lines.append("| " + " | ".join(cells) + " |")
     for batch in sorted({b for m in results["models"] for b in m["batches"]}, key=int):
@@ -368,9 +398,9 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                 elif "median_ms" not in r:
                     cells.append("failed")
                 else:
-                    extra = f"{r['per_s']:.1f}/s" if batch != "1" else f"p90 {r['p90_ms']:.2f}"
+                    extra = f"{r['per_s']:.1f}/s" if batch != "1" else f"p90 {_ms(r['p90_ms'])}"
                     ratio = f"{r['ratio_to_best_peer']:.2f}x" if r.get("ratio_to_best_peer") else "no peer"
-                    cells.append(f"{r['median_ms']:.2f} ({extra}; {ratio}; "
+                    cells.append(f"{_ms(r['median_ms'])} ({extra}; {ratio}; "
                                  f"roof {100 * (r['roof_fraction'] or 0):.0f}%)")
             lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
     lines += ["", "## Compile (or optimize) time and memory, batch 1", "",
@@ -420,7 +450,7 @@ def reproducibility(old: dict, new: dict) -> list[str]:
         own += abs(mine - 1) > 0.10
         p0, p1 = before.get((model, batch)), now.get((model, batch))
         probe = f"{100 * (p0 / p1 - 1):+.1f}%" if p0 and p1 else "-"  # slower GEMM = higher latency: p0/p1
-        out.append(f"| {model} | {batch} | {engine} | {o:.2f} | {n:.2f} | {moved(n / o)} | {100 * (sh - 1):+.1f}% | "
+        out.append(f"| {model} | {batch} | {engine} | {_ms(o)} | {_ms(n)} | {moved(n / o)} | {100 * (sh - 1):+.1f}% | "
                    f"{moved(mine)} | {probe} |")
     out += ["", f"{raw} of {len(rows)} medians moved by more than 10%; {own} of {len(rows)} did once the shift "
                 f"shared by every engine of the same model and batch is taken out."]
@@ -510,6 +540,10 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
                 name, size=args.size, batches=tuple(args.batches), engines=tuple(args.engines), rounds=rounds,
                 budget_s=budget, cache=Path(tmp) / name, rss=rss, log=lambda s: print(s, flush=True)))
     rss.close()
+    results["roof"] = merge_roofs(roof, gemm_roof((512, 1024) if args.quick else ROOF_SIZES),
+                                  [(f"{m['model']} b{b}", x.get("probe_gflops")) for m in results["models"]
+                                   for b, x in m["batches"].items()])
+    print("roof, best of the run: " + roof_text(results["roof"]), flush=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
     derive(results)
     out = Path(args.out)
@@ -523,6 +557,11 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}" + (f", {png}" if png else "") +
           f" in {results['seconds'] / 60:.1f} min")
     return 0
+
+
+def _ms(x: float) -> str:
+    """Milliseconds to three significant digits or two decimals, whichever shows more: 0.0243, 6.19, 146.25."""
+    return f"{x:.3g}" if x < 1 else f"{x:.2f}"
 
 
 def _slug(s: str) -> str:

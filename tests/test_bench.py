@@ -4,7 +4,7 @@ ratios and roof fractions are derived as documented."""
 import json
 import subprocess
 
-from dioe.bench import ENGINES, derive, markdown, reproducibility
+from dioe.bench import ENGINES, derive, markdown, merge_roofs, reproducibility
 
 from helpers import dioe_command
 
@@ -63,3 +63,22 @@ def test_reproducibility_separates_the_machine_drift_from_an_engines_own():
     # only DIOE 20% slower: the shared shift is the median, 0%, and DIOE's own move stands out
     lines = reproducibility(run(100.0, 50.0, 40.0, 200.0), run(100.0, 50.0, 48.0, 200.0))
     assert lines[-1].startswith("1 of 3 medians moved by more than 10%; 1 of 3")
+
+
+def test_roof_is_the_best_gemm_of_the_run():
+    start = {"fp32": {"gflops": 150.0, "op": "torch.mm", "n": 2048,
+                      "candidates": [{"op": "torch.mm", "n": 2048, "gflops": 150.0},
+                                     {"op": "openvino MatMul", "n": 2048, "gflops": 140.0}]},
+             "int8": {"gflops": None, "error": "no VNNI"}}
+    end = {"fp32": {"gflops": 160.0, "candidates": [{"op": "openvino MatMul", "n": 1024, "gflops": 160.0}]},
+           "int8": {"gflops": None, "error": "no VNNI"}}
+    roof = merge_roofs(start, end, [("m b1", 190.0), ("m b8", None)])
+    assert roof["fp32"]["gflops"] == 190.0 and roof["fp32"]["when"] == "probe before m b1"
+    assert len(roof["fp32"]["candidates"]) == 4
+    assert merge_roofs(start, end, [("m b1", 120.0)])["fp32"] == {
+        "op": "openvino MatMul", "n": 1024, "gflops": 160.0, "when": "end", "candidates": [
+            {"op": "torch.mm", "n": 2048, "gflops": 150.0, "when": "start"},
+            {"op": "openvino MatMul", "n": 2048, "gflops": 140.0, "when": "start"},
+            {"op": "openvino MatMul", "n": 1024, "gflops": 160.0, "when": "end"},
+            {"op": "torch.mm", "n": 1024, "gflops": 120.0, "when": "probe before m b1"}]}
+    assert roof["int8"] == {"gflops": None, "error": "no VNNI"}  # none measured: the error stays
