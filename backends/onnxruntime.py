@@ -5,6 +5,7 @@ other devices."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import shutil
@@ -57,7 +58,7 @@ class OnnxruntimeBackend(Backend):
         return wanted, spec.options.disable_cpu_ep_fallback
 
     def export(self, part: Partition) -> Path:
-        path = self.cache_dir / f"{part.digest}.onnx"
+        path = onnx_file(self.cache_dir, part)
         if path.exists():
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -131,37 +132,38 @@ def _bound_runner(sess, part: Partition, device: str):
     return run
 
 
-_REGISTRIES: dict = {}
-_CORE: list = []
+def onnx_file(cache_dir: Path, part: Partition) -> Path:
+    """Where this backend keeps `part`'s ONNX export in its cache folder: written whole, or not at all. The
+    OpenVINO backend reads it from there too, when it is there."""
+    return cache_dir / f"{part.digest}.onnx"
 
 
+@functools.cache
 def _torchlib_registry(opset: int | None = None):
     """torch's table of ONNX translations, built once per opset: building it takes a second."""
-    if opset not in _REGISTRIES:
-        from torch.onnx._internal.exporter import _registration
+    from torch.onnx._internal.exporter import _registration
 
-        with _quiet():
-            _REGISTRIES[opset] = (_registration.ONNXRegistry.from_torchlib() if opset is None
-                                  else _registration.ONNXRegistry.from_torchlib(opset_version=opset))
-    return _REGISTRIES[opset]
+    with _quiet():
+        return (_registration.ONNXRegistry.from_torchlib() if opset is None
+                else _registration.ONNXRegistry.from_torchlib(opset_version=opset))
 
 
-def _exporter_core():
-    """torch's exporter function under torch.onnx.export, when it takes a prepared registry; else None."""
-    if not _CORE:
-        core = None
-        try:
-            import inspect
+@functools.cache
+def _exporter():
+    """torch's exporter function under torch.onnx.export and the opsets that function uses (its own, and the
+    table's floor), when the function takes a prepared table; else None."""
+    try:
+        import inspect
 
-            from torch.onnx._internal.exporter import _constants, _core
+        from torch.onnx import _constants as public
+        from torch.onnx._internal.exporter import _constants, _core
 
-            wanted = {"registry", "input_names", "optimize", "opset_version", "verbose"}
-            if wanted <= set(inspect.signature(_core.export).parameters) and hasattr(_constants, "TORCHLIB_OPSET"):
-                core = _core
-        except (ImportError, AttributeError, ValueError, TypeError):
-            core = None
-        _CORE.append(core)
-    return _CORE[0]
+        wanted = {"registry", "input_names", "optimize", "opset_version", "verbose"}
+        if wanted <= set(inspect.signature(_core.export).parameters):
+            return _core.export, public.ONNX_DEFAULT_OPSET, _constants.TORCHLIB_OPSET
+    except (ImportError, AttributeError, ValueError, TypeError):
+        pass
+    return None
 
 
 def _onnx_export(gm, args: tuple, names: list[str]):
@@ -169,15 +171,12 @@ def _onnx_export(gm, args: tuple, names: list[str]):
     once per process: the public function rebuilds the table on every call, 1.15 s of a small partition's 1.8 s
     export, and a profile exports one partition per distinct segment. Where torch's exporter internals are not
     the ones this was written against, the public function runs instead."""
-    core = _exporter_core()
-    if core is None:
+    found = _exporter()
+    if found is None:
         return torch.onnx.export(gm, args, dynamo=True, input_names=names, optimize=True, verbose=False)
-    from torch.onnx import _constants as public
-    from torch.onnx._internal.exporter import _constants
-
-    opset = public.ONNX_DEFAULT_OPSET
-    return core.export(gm, args, None, registry=_torchlib_registry(max(opset, _constants.TORCHLIB_OPSET)),
-                       input_names=names, optimize=True, verbose=False, opset_version=opset)
+    export, opset, floor = found
+    return export(gm, args, None, registry=_torchlib_registry(max(opset, floor)), input_names=names, optimize=True,
+                  verbose=False, opset_version=opset)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,9 @@ class OpenvinoBackend(Backend):
         if xml.exists():
             return self.core.read_model(str(xml)), str(xml)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        onnx = self.cache_dir.parent / "onnxruntime" / f"{part.digest}.onnx"  # written whole, or not at all
+        from .onnxruntime import OnnxruntimeBackend, onnx_file
+
+        onnx = onnx_file(self.cache_dir.parent / OnnxruntimeBackend.name, part)
         model = None
         if onnx.exists():
             try:

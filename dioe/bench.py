@@ -95,6 +95,9 @@ def gemm_roof(sizes: tuple[int, ...] = ROOF_SIZES, runs: int = 5) -> dict:
     return out
 
 
+PROBE_N = 1024
+
+
 def merge_roofs(start: dict, end: dict, probes: list[tuple[str, float]]) -> dict:
     """One roof per dtype: the best GEMM seen in the run, at its start, at its end, or in the fp32 probe before a
     model's rounds. This machine's GEMM speed moved by a third within one run (97 to 192 GFLOP/s at n=1024), and
@@ -111,9 +114,6 @@ def merge_roofs(start: dict, end: dict, probes: list[tuple[str, float]]) -> dict
         else:
             out[dt] = start.get(dt) or end.get(dt)
     return out
-
-
-PROBE_N = 1024
 
 
 def gemm_probe(n: int = PROBE_N, runs: int = 5) -> float:
@@ -537,7 +537,8 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     start = time.perf_counter()
     mc = machine()
     print(f"machine: {mc['cpu']} ({mc['cores']} cores; {', '.join(mc['isa'])})", flush=True)
-    roof = gemm_roof((512, 1024) if args.quick else ROOF_SIZES)
+    roof_sizes = (512, 1024) if args.quick else ROOF_SIZES
+    roof = gemm_roof(roof_sizes)
     print("roof: " + roof_text(roof), flush=True)
     rss = _Rss()
     results = {"command": " ".join([prog, *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
@@ -550,7 +551,7 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
                 name, size=args.size, batches=tuple(args.batches), engines=tuple(args.engines), rounds=rounds,
                 budget_s=budget, cache=Path(tmp) / name, rss=rss, log=lambda s: print(s, flush=True)))
     rss.close()
-    results["roof"] = merge_roofs(roof, gemm_roof((512, 1024) if args.quick else ROOF_SIZES),
+    results["roof"] = merge_roofs(roof, gemm_roof(roof_sizes),
                                   [(f"{m['model']} b{b}", x.get("probe_gflops")) for m in results["models"]
                                    for b, x in m["batches"].items()])
     print("roof, best of the run: " + roof_text(results["roof"]), flush=True)
