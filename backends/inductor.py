@@ -21,7 +21,8 @@ class InductorBackend(Backend):
             return f"Inductor generates code only for {', '.join(_CODEGEN_DEVICES)}"
         return super().member_reason(member)
 
-    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency"):
+    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
+                   alone: bool = False):
         device = self.io_device(member)
         gm, low = placed_module(part, device, precision)
         spec = member.descriptor.backend(self.name)

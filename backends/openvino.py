@@ -82,7 +82,8 @@ class OpenvinoBackend(Backend):
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32
         return model, str(xml)
 
-    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency"):
+    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
+                   alone: bool = False):
         model, xml = self.convert(part)
         device = self.ov_device(member)
         config = {"INFERENCE_PRECISION_HINT": _HINT[precision],

@@ -18,7 +18,8 @@ class TorchBackend(Backend):
             return "torch cannot drive this device"
         return super().member_reason(member)
 
-    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency"):
+    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
+                   alone: bool = False):
         gm, low = placed_module(part, self.io_device(member), precision)
         body = cast_io(gm, low)
 

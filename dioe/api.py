@@ -250,12 +250,13 @@ def _build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, cache_dir, o
     where = {n: p.id for p in plan.partitions for n in p.nodes}
     program = split_graph(captured.gm, lambda n: where[n.name], captured.example_inputs)
     compiled: dict[str, Compiled] = {}
+    alone = len(plan.partitions) == 1
     for p in plan.partitions:
         member = pool[p.member]
         part = program.partition(p.id)
         try:
             compiled[p.id] = registry.get(p.backend, cache_dir).compile(part, member, p.precision,
-                                                                        objective=objective)
+                                                                        objective=objective, alone=alone)
         except BackendError as e:
             warnings.warn(f"dioe: {e}. Partition {p.id} runs on torch@{pool.reference.id} instead.", RuntimeWarning)
             compiled[p.id] = registry.get("torch", cache_dir).compile(part, pool.reference, "fp32")

@@ -225,8 +225,11 @@ class Backend:
 
     # -- compiling ------------------------------------------------------------------------------------------
     def compile(self, part: Partition, member: Member, precision: str = "fp32", *,
-                objective: str = "latency") -> Compiled:
-        """Compile `part` for `member` in `precision`; errors name the partition, member and backend."""
+                objective: str = "latency", alone: bool = False) -> Compiled:
+        """Compile `part` for `member` in `precision`; errors name the partition, member and backend. `alone`:
+        nothing else runs on the machine's cores between this partition's calls (it is the plan's only
+        partition, or a peer timed on its own), so its engine may keep its workers spinning between calls, as
+        engines do by default; in a plan of several partitions the next one needs those cores at once."""
         if precision not in self.precisions:
             raise BackendError(f"backend {self.name} does not run {precision} (it runs "
                                f"{', '.join(self.precisions)}); partition {part.id}, member {member.id}")
@@ -238,7 +241,7 @@ class Backend:
             raise BackendError(f"backend {self.name} cannot drive member {member.id}: {reason}")
         start = time.perf_counter()
         try:
-            fn, artifact = self.compile_fn(part, member, precision, objective=objective)
+            fn, artifact = self.compile_fn(part, member, precision, objective=objective, alone=alone)
         except BackendError:
             raise
         except Exception as e:
@@ -248,7 +251,7 @@ class Backend:
                         time.perf_counter() - start, artifact)
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *,
-                   objective: str = "latency") -> tuple[Fn, str]:
+                   objective: str = "latency", alone: bool = False) -> tuple[Fn, str]:
         """Build the callable; return it with the path of any on-disk artifact ("" if none)."""
         raise NotImplementedError
 

@@ -8,8 +8,9 @@ DIOE's plan, measured in one run, interleaved and repeated, against the machine'
 Engines (all fp32 unless named): torch eager (the model itself), inductor (torch.compile), ONNX Runtime (CPU
 provider), OpenVINO at f32 and at its own default precision (bf16 on CPUs that have it), and DIOE's fp32 plan
 (`dioe.optimize`, called as `opt(*inputs)`). The compiled peers run the graph DIOE captured, through DIOE's backend
-files, which call each engine's standard path (ORT: dynamo export + InferenceSession.run; OpenVINO:
-convert_model from torch.export + compile_model with the LATENCY hint); that wrapper costs microseconds per call.
+files, which call each engine's standard path (ORT: dynamo export + InferenceSession.run, its workers spinning
+between calls as by default; OpenVINO: convert_model from torch.export + compile_model with the LATENCY hint);
+that wrapper costs microseconds per call.
 Each peer builds in a cache folder of its own (the two OpenVINO peers share one), so that no peer's compile time
 is shortened by another's export.
 """
@@ -226,7 +227,7 @@ def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, 
             return tuple(torch.from_numpy(v) for v in res.values())
         return run, prec
     name = {"openvino-f32": "openvino"}.get(engine, engine)
-    c = backends.get(name, cache / "peers" / name).compile(part, ref, "fp32")
+    c = backends.get(name, cache / "peers" / name).compile(part, ref, "fp32", alone=True)
     return c, "fp32"
 
 

@@ -149,6 +149,17 @@ def test_onnx_export_is_cached_on_disk(cpu):
     assert again.compile_s < first.compile_s
 
 
+@pytest.mark.skipif("onnxruntime" not in AVAILABLE, reason="needs onnxruntime")
+def test_onnxruntime_workers_spin_only_when_the_partition_runs_alone(cpu):
+    g = dioe.capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    be = backends.get("onnxruntime")
+
+    def spinning(compiled):
+        return compiled.fn.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert spinning(be.compile(whole(g), cpu, alone=True)) == "1"
+    assert spinning(be.compile(whole(g), cpu)) == "0"
+
+
 @pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
 def test_openvino_precision_is_explicit(cpu):
     torch.manual_seed(0)

@@ -286,6 +286,8 @@ def test_a_one_partition_plan_keeps_structure_and_falls_back(cpu):
     pool = dioe.ResourcePool.discover()
     opt = _build(g, plan, pool, None, "latency")
     assert opt.runtime._direct is not None, "one partition over the graph's inputs takes the direct path"
+    options = opt.runtime.compiled["p0"].fn.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1", "alone, its workers spin"
     assert_matches_eager(eager(m, (x, y)), opt(x, y), rtol=1e-4)
     with pytest.raises(dioe.InputSpecError, match=r"captured shape is \[4, 8\]"):
         opt(x, y[:2])
