@@ -22,7 +22,7 @@ import hashlib
 import re
 import traceback
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -143,6 +143,46 @@ def remove_inference_noops(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _output_rebuilder(spec: pytree.TreeSpec):
+    """A faster twin of `tree_unflatten(flat, spec)` for the common output structures (one tensor, a flat tuple or
+    list, a Hugging Face ModelOutput of tensors), or None. A ModelOutput built through its constructor took 18 us a
+    call (its __post_init__ checks every field), 6% of tiny-bert's 0.3 ms; built field by field, 2 us. The twin is
+    kept only if it builds what tree_unflatten builds from the same leaves: same type, items and attributes."""
+    n = spec.num_leaves
+    kids_are_leaves = all(spec.child(i).is_leaf() for i in range(spec.num_children)) if not spec.is_leaf() else True
+    if spec.is_leaf():
+        def fast(flat):
+            return flat[0]
+    elif spec.type in (tuple, list) and kids_are_leaves:
+        fast = spec.type
+    elif kids_are_leaves and isinstance(spec.type, type) and issubclass(spec.type, OrderedDict) \
+            and hasattr(spec.type, "__dataclass_fields__") and isinstance(spec.context, (list, tuple)) \
+            and all(isinstance(k, str) for k in spec.context):
+        cls, keys = spec.type, tuple(spec.context)
+        unset = {name: None for name in cls.__dataclass_fields__}
+
+        def fast(flat):
+            out = cls.__new__(cls)
+            out.__dict__.update(unset)
+            for k, v in zip(keys, flat):
+                if v is not None:
+                    out[k] = v
+            return out
+    else:
+        return None
+    probe = [torch.zeros(1) for _ in range(n)]
+    try:
+        want, got = pytree.tree_unflatten(list(probe), spec), fast(list(probe))
+        same = type(want) is type(got) and (
+            [id(x) for x in want] == [id(x) for x in got] if isinstance(want, (tuple, list)) else
+            want is got if isinstance(want, torch.Tensor) else
+            [(k, id(v)) for k, v in want.items()] == [(k, id(v)) for k, v in got.items()]
+            and {k: id(v) for k, v in vars(want).items()} == {k: id(v) for k, v in vars(got).items()})
+    except Exception:  # a structure this twin does not know: tree_unflatten builds it
+        return None
+    return fast if same else None
+
+
 class CapturedGraph:
     """A captured model: a flat ATen GraphModule plus what is needed to call it like the original."""
 
@@ -159,6 +199,7 @@ class CapturedGraph:
                                  else None for n in self.placeholders)
         self.input_names = tuple(n.name for n in self.placeholders)
         self._positional_specs = self._static_positional_specs()
+        self._rebuild = _output_rebuilder(self.out_spec)
         self._reference = None
 
     def reference_outputs(self) -> tuple:
@@ -239,6 +280,8 @@ class CapturedGraph:
         return "(" + ", ".join(f"{n}: {s}" for n, s in zip(self.input_names, self.input_specs)) + ")"
 
     def unflatten_outputs(self, flat: Sequence) -> Any:
+        if self._rebuild is not None:
+            return self._rebuild(flat)
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
     def __call__(self, *args, **kwargs) -> Any:

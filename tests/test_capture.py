@@ -27,6 +27,24 @@ def test_dict_and_tuple_outputs_keep_their_structure():
     assert_matches_eager(eager(m, (x,), {"scale": s}), g(x, scale=s), rtol=1e-6)
 
 
+def test_model_output_is_rebuilt_like_its_constructor_builds_it():
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return outputs.BaseModelOutputWithPooling(last_hidden_state=x * 2, pooler_output=x.sum(-1))
+
+    x = torch.randn(2, 3)
+    g = dioe.capture(M(), (x,))
+    assert g._rebuild is not None, "a ModelOutput of tensors takes the fast rebuild"
+    got, want = g(x), M()(x)
+    assert type(got) is type(want) and list(got.keys()) == list(want.keys()) == ["last_hidden_state", "pooler_output"]
+    assert got.hidden_states is None and got.attentions is None and got.to_tuple()[1].shape == (2,)
+    assert_matches_eager(want, got, rtol=1e-6)
+    nested = dioe.capture(DictOut(), (torch.randn(3, 8),), {"scale": torch.tensor(2.0)})
+    assert nested._rebuild is None, "nested structures are rebuilt by tree_unflatten"
+
+
 def test_namedtuple_output():
     Out = collections.namedtuple("Out", "a b")
 
