@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..backend import Backend, Partition, decomposes, functional_variant
+from ..cache import touch
 from ..errors import BackendError
 from ..pool import Member
 
@@ -60,6 +61,7 @@ class OnnxruntimeBackend(Backend):
     def export(self, part: Partition) -> Path:
         path = onnx_file(self.cache_dir, part)
         if path.exists():
+            touch(path)
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]

@@ -13,6 +13,7 @@ import threading
 import torch
 
 from ..backend import Backend, Partition, decomposes
+from ..cache import touch
 from ..pool import Member
 
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -64,6 +65,7 @@ class OpenvinoBackend(Backend):
 
         xml = self.cache_dir / f"{part.digest}.xml"
         if xml.exists():
+            touch(xml)
             return self.core.read_model(str(xml)), str(xml)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         from .onnxruntime import OnnxruntimeBackend, onnx_file

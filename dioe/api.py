@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import backends as registry
+from . import cache as _cache
 from . import tracing as _trace
 from .backend import Compiled, Partition, cache_root
 from .capture import CapturedGraph, TensorSpec, capture
@@ -105,6 +106,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     """Optimize `model` for this machine's pool; see the module docstring."""
     if objective not in ("latency", "throughput"):
         raise DIOEError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    cap = _cache.max_bytes()  # a bad $DIOE_CACHE_MAX fails here, not after the work
     pool = hardware if isinstance(hardware, ResourcePool) else ResourcePool.discover(hardware)
     backends = _check_backends(backends)
     if _trace.active() is not None:
@@ -144,6 +146,8 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     # 8. never lose to a single backend it profiled: race the plan, eager and the best whole-graph choices
     with stage("race whole-graph rivals"):
         opt = _race(opt, profile, segments, pool, cache_dir, objective, verify, tolerance, verdict)
+    # 9. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
+    _cache.trim(cache_dir, max_bytes=cap, keep=[c.artifact for c in opt.runtime.compiled.values()])
     return opt
 
 

@@ -6,6 +6,7 @@
     dioe plan show PLAN
     dioe trace summary|report|view TRACE
     dioe bench [--quick] [--models ...]
+    dioe cache [show|trim|clear] [--max 5G]   # the disk cache of compiled artifacts and profiles
     dioe descriptor check FILE ...       # validate descriptors, with file:line:key errors
     dioe descriptor schema               # print the descriptor JSON Schema
 """
@@ -179,6 +180,30 @@ def cmd_trace(args) -> int:
     return traceview.serve(args.trace, host=args.host, port=args.port, ui=args.ui, open_browser=not args.no_browser)
 
 
+def cmd_cache(args) -> int:
+    from . import cache
+
+    if args.action == "trim":
+        cap = cache.parse_size(args.max) if args.max else cache.max_bytes()
+        gone = cache.trim(args.cache_dir, max_bytes=cap)
+        print(f"evicted {len(gone)} artifact(s), {_fmt_bytes(sum(a.bytes for a in gone))}, least recently used "
+              f"first" + (f"; the cache's artifacts now fit in {_fmt_bytes(cap)}" if cap is not None else
+                          "; no cap is set"))
+    elif args.action == "clear":
+        print(f"removed every artifact and profile: {_fmt_bytes(cache.clear(args.cache_dir))}")
+    u = cache.usage(args.cache_dir)
+    if args.json:
+        print(json.dumps(u, indent=1))
+        return 0
+    cap = "none" if u["max_bytes"] is None else _fmt_bytes(u["max_bytes"])
+    print(f"cache {u['root']}: artifacts {_fmt_bytes(u['artifact_bytes'])} of a {cap} cap "
+          f"(${cache.ENV_MAX}); {u['profiles']} profile file(s), {_fmt_bytes(u['profile_bytes'])}")
+    rows = [[b, str(r["artifacts"]), _fmt_bytes(r["bytes"])] for b, r in sorted(u["backends"].items())]
+    if rows:
+        print(table(rows, ["backend", "artifacts", "size"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dioe", description="Dynamic Inference Optimization Engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -230,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="DIOE against every peer engine on the zoo (see dioe bench --help)",
                        add_help=False)
+
+    k = sub.add_parser("cache", help="show, trim or clear the disk cache of compiled artifacts and profiles")
+    k.add_argument("action", nargs="?", choices=["show", "trim", "clear"], default="show")
+    k.add_argument("--max", metavar="SIZE", help="trim: the size to fit in, such as 5G (default: the cap, "
+                                                 "$DIOE_CACHE_MAX or 20G)")
+    k.add_argument("--cache-dir", help="the cache folder (default: $DIOE_CACHE_DIR or ~/.cache/dioe)")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(fn=cmd_cache)
 
     h = sub.add_parser("descriptor", help="validate hardware descriptors or print their JSON Schema")
     h.add_argument("action", choices=["check", "schema"])
