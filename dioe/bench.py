@@ -77,15 +77,20 @@ def gemm_roof(sizes: tuple[int, ...] = ROOF_SIZES, runs: int = 5) -> dict:
     library at one size was beaten by OpenVINO's own GEMMs inside whole models."""
     out = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
-        tried, errors = [], []
+        tried, errors, slow = [], [], set()
         for n in sizes:
             torch_op = "torch._int_mm" if dt == torch.int8 else "torch.mm"
             for op, make in ((torch_op, _torch_gemm), ("openvino MatMul", _openvino_gemm)):
+                if op in slow:
+                    continue
                 try:
                     fn = make(n, dt)
                     if fn is None:
                         continue
-                    tried.append({"op": op, "n": n, "gflops": _gemm_gflops(fn, n, runs)})
+                    seconds = _gemm_seconds(fn, runs)
+                    tried.append({"op": op, "n": n, "gflops": _gflops(n, seconds)})
+                    if seconds > SLOW_GEMM_S:
+                        slow.add(op)  # no fast kernel for this dtype here: a larger size would only take longer
                 except Exception as e:  # an unsupported dtype is a row of the result, not a crash
                     errors.append(f"{op} n={n}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
         if tried:
@@ -120,15 +125,29 @@ def merge_roofs(start: dict, end: dict, probes: list[tuple[str, float]]) -> dict
 def gemm_probe(n: int = PROBE_N, runs: int = 5) -> float:
     """The machine's fp32 GEMM speed right now, in GFLOP/s: taken before each model's timed rounds, so that a
     comparison of two runs can tell the machine's own drift from an engine's."""
-    return _gemm_gflops(_torch_gemm(n, torch.float32), n, runs)
+    return _gflops(n, _gemm_seconds(_torch_gemm(n, torch.float32), runs))
 
 
-def _gemm_gflops(fn: Callable, n: int, runs: int) -> float:
-    """GFLOP/s of an n x n x n GEMM call: its best of `runs` after two warm-up calls."""
+# A GEMM call slower than this has no fast kernel on this CPU (torch's bf16 GEMM on a CPU without AVX-512 BF16:
+# 62 s a call at n=2048, 0.3 GFLOP/s). It is timed once, and larger sizes are not tried: repeated at both ends of
+# a run, such calls had taken 18 of its 49 minutes.
+SLOW_GEMM_S = 0.5
+
+
+def _gemm_seconds(fn: Callable, runs: int) -> float:
+    """Seconds of a GEMM call: its best of `runs` after two warm-up calls, or the first call alone when that took
+    over SLOW_GEMM_S."""
     with torch.inference_mode():
-        fn(), fn()
-        best = min(_time(fn) for _ in range(runs))
-    return round(2 * n ** 3 / best / 1e9, 1)
+        first = _time(fn)
+        if first > SLOW_GEMM_S:
+            return first
+        fn()
+        return min(_time(fn) for _ in range(runs))
+
+
+def _gflops(n: int, seconds: float) -> float:
+    """GFLOP/s of an n x n x n GEMM taking `seconds`."""
+    return round(2 * n ** 3 / seconds / 1e9, 1)
 
 
 def _torch_gemm(n: int, dt: torch.dtype):
@@ -444,13 +463,17 @@ def reproducibility(old: dict, new: dict) -> list[str]:
     for model, batch in {(r[0], r[1]) for r in rows}:
         shared[(model, batch)] = statistics.median(n / o for m, b, _, o, n in rows if (m, b) == (model, batch))
     out = ["", f"## Reproducibility: medians against `{old.get('command', 'an earlier run')}` "
-               f"({old.get('date', '?')})", "",
-           "*change* is this run's median over the earlier one; *shared* is the median change of all engines of "
-           "that model and batch, which the machine's own drift between the runs moves alike; *own* is the engine's "
-           "change after the shared one is taken out, which is what the ratios between engines rest on; *probe* is "
-           "the change of a 1024³ fp32 GEMM timed just before that model's rounds in both runs.", "",
-           "| model | batch | engine | earlier ms | this run ms | change | shared | own | probe |",
-           "|---|---|---|---|---|---|---|---|---|"]
+               f"({old.get('date', '?')})", ""]
+    differs = machine_differences(old.get("machine", {}), new.get("machine", {}))
+    if differs:
+        out += ["**The two runs are not on the same machine and software**, so the changes below measure that "
+                "difference as well as reproducibility: " + "; ".join(differs) + ".", ""]
+    out += ["*change* is this run's median over the earlier one; *shared* is the median change of all engines of "
+            "that model and batch, which the machine's own drift between the runs moves alike; *own* is the "
+            "engine's change after the shared one is taken out, which is what the ratios between engines rest on; "
+            "*probe* is the change of a 1024³ fp32 GEMM timed just before that model's rounds in both runs.", "",
+            "| model | batch | engine | earlier ms | this run ms | change | shared | own | probe |",
+            "|---|---|---|---|---|---|---|---|---|"]
     def moved(ratio: float) -> str:
         return f"{100 * (ratio - 1):+.1f}%" + (" **>10%**" if abs(ratio - 1) > 0.10 else "")
     raw = own = 0
@@ -465,6 +488,22 @@ def reproducibility(old: dict, new: dict) -> list[str]:
                    f"{moved(mine)} | {probe} |")
     out += ["", f"{raw} of {len(rows)} medians moved by more than 10%; {own} of {len(rows)} did once the shift "
                 f"shared by every engine of the same model and batch is taken out."]
+    return out
+
+
+def machine_differences(old: dict, new: dict) -> list[str]:
+    """What differs between two runs' machine descriptions: CPU, cores, ISA flags, threads, library versions."""
+    out = []
+    for key in ("cpu", "cores", "torch_threads"):
+        if old.get(key) != new.get(key):
+            out.append(f"{key} {old.get(key)} then, {new.get(key)} now")
+    gone, added = sorted(set(old.get("isa", ())) - set(new.get("isa", ()))), \
+        sorted(set(new.get("isa", ())) - set(old.get("isa", ())))
+    if gone or added:
+        out.append("ISA " + ", ".join([*(f"without {f}" for f in gone), *(f"with {f}" for f in added)]) + " now")
+    ov, nv = old.get("versions", {}), new.get("versions", {})
+    out += [f"{k} {ov.get(k)} then, {nv.get(k)} now" for k in sorted(set(ov) | set(nv))
+            if ov.get(k) != nv.get(k)]
     return out
 
 

@@ -3,6 +3,7 @@ ratios and roof fractions are derived as documented."""
 
 import json
 import subprocess
+import time
 
 from dioe.bench import ENGINES, derive, markdown, merge_roofs, reproducibility
 
@@ -63,6 +64,30 @@ def test_reproducibility_separates_the_machine_drift_from_an_engines_own():
     # only DIOE 20% slower: the shared shift is the median, 0%, and DIOE's own move stands out
     lines = reproducibility(run(100.0, 50.0, 40.0, 200.0), run(100.0, 50.0, 48.0, 200.0))
     assert lines[-1].startswith("1 of 3 medians moved by more than 10%; 1 of 3")
+    assert not any("not on the same machine" in line for line in lines)
+    # runs on two different machines are said to be so, with what differs
+    old, new = run(100.0, 50.0, 40.0, 200.0), run(100.0, 50.0, 48.0, 200.0)
+    old["machine"] = {"cpu": "X", "cores": 2, "isa": ["avx2", "avx512f"], "versions": {"torch": "2.13.0"}}
+    new["machine"] = {"cpu": "X", "cores": 2, "isa": ["avx2"], "versions": {"torch": "2.14.0"}}
+    said = next(line for line in reproducibility(old, new) if "not on the same machine" in line)
+    assert "ISA without avx512f now" in said and "torch 2.13.0 then, 2.14.0 now" in said and "cores" not in said
+
+
+def test_a_gemm_with_no_fast_kernel_is_timed_once_and_not_at_larger_sizes(monkeypatch):
+    from dioe import bench
+
+    calls = []
+
+    def slow_gemm(n, dt):
+        def call():
+            calls.append((n, dt))
+            time.sleep(bench.SLOW_GEMM_S + 0.05)
+        return call
+    monkeypatch.setattr(bench, "_torch_gemm", slow_gemm)
+    monkeypatch.setattr(bench, "_openvino_gemm", lambda n, dt: None)
+    roof = bench.gemm_roof(sizes=(64, 128), runs=5)
+    assert [(c["op"], c["n"]) for c in roof["fp32"]["candidates"]] == [("torch.mm", 64)]
+    assert sorted({n for n, _ in calls}) == [64] and len(calls) == 3, "one call per dtype, none at n=128"
 
 
 def test_roof_is_the_best_gemm_of_the_run():
