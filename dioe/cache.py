@@ -72,7 +72,13 @@ def artifacts(root: Path) -> list[Artifact]:
     groups: dict[tuple[str, str], list[Path]] = {}
     for folder in _folders(root):
         for f in folder.iterdir():
-            groups.setdefault((folder.name, f.name.split(".", 1)[0]), []).append(f)
+            if f.is_dir() and "." not in f.name:
+                # an engine's own cache (OpenVINO's compiled blobs): each file is one compiled model, evicted on
+                # its own; the engine does not touch a blob it reuses, so its age is its creation
+                for blob in f.iterdir():
+                    groups.setdefault((folder.name, f"{f.name}/{blob.name.split('.', 1)[0]}"), []).append(blob)
+            else:  # <digest>.onnx, <digest>.onnx.data, <digest>.xml, <digest>.bin, or a <digest>.<tmp> scratch dir
+                groups.setdefault((folder.name, f.name.split(".", 1)[0]), []).append(f)
     out = []
     for (backend, digest), paths in groups.items():
         size, used = 0, 0.0

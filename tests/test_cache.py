@@ -32,6 +32,8 @@ def filled(tmp_path):
         "b": [_file(tmp_path / "openvino" / "b.xml", 200, 200), _file(tmp_path / "openvino" / "b.bin", 800, 200)],
         "c": [_file(tmp_path / "onnxruntime" / "c.onnx", 1000, 100)],
     }
+    _file(tmp_path / "openvino" / "blobs" / "123.blob", 30, 50)  # OpenVINO's own compiled-blob cache
+    _file(tmp_path / "openvino" / "blobs" / "456.blob", 20, 10)
     _file(tmp_path / "profiles" / "g-f.json", 50, 400)
     _file(tmp_path / "notes" / "mine.txt", 10, 500)
     return tmp_path, files
@@ -41,15 +43,17 @@ def test_artifacts_are_grouped_by_digest_oldest_first(filled):
     root, _ = filled
     found = cache.artifacts(root)
     assert [(a.backend, a.digest, a.bytes) for a in found] == [
-        ("onnxruntime", "a", 1000), ("openvino", "b", 1000), ("onnxruntime", "c", 1000)]
+        ("onnxruntime", "a", 1000), ("openvino", "b", 1000), ("onnxruntime", "c", 1000),
+        ("openvino", "blobs/123", 30), ("openvino", "blobs/456", 20)], "each engine-cache blob on its own"
     cache.touch(root / "onnxruntime" / "a.onnx")  # reused now: evicted last
-    assert [a.digest for a in cache.artifacts(root)] == ["b", "c", "a"]
+    assert [a.digest for a in cache.artifacts(root)] == ["b", "c", "blobs/123", "blobs/456", "a"]
 
 
 def test_trim_evicts_whole_artifacts_least_recently_used_first_and_keeps_those_in_use(filled):
     root, files = filled
-    gone = cache.trim(root, max_bytes=1500, keep=[files["a"][0]])
+    gone = cache.trim(root, max_bytes=1550, keep=[files["a"][0]])
     assert [a.digest for a in gone] == ["b", "c"], "a is in use, so b and c go although a is the oldest"
+    assert (root / "openvino" / "blobs" / "456.blob").exists()
     assert all(p.exists() for p in files["a"]) and not any(p.exists() for p in files["b"] + files["c"])
     assert (root / "profiles" / "g-f.json").exists() and (root / "notes" / "mine.txt").exists()
     assert cache.trim(root, max_bytes=None) == [], "no cap, nothing evicted"
@@ -57,7 +61,7 @@ def test_trim_evicts_whole_artifacts_least_recently_used_first_and_keeps_those_i
 
 def test_clear_removes_only_dioe_folders(filled):
     root, _ = filled
-    assert cache.clear(root) == 3050
+    assert cache.clear(root) == 3100
     assert cache.artifacts(root) == [] and not (root / "profiles").exists()
     assert (root / "notes" / "mine.txt").exists()
 
@@ -94,8 +98,9 @@ def test_cache_command_shows_trims_and_clears(filled, capsys):
     root, files = filled
     assert main(["cache", "--cache-dir", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "artifacts 2.9 KiB" in out and "onnxruntime  2" in out and "openvino     1" in out
-    assert main(["cache", "trim", "--max", "2K", "--cache-dir", str(root)]) == 0
+    assert "artifacts 3.0 KiB" in out
+    assert "onnxruntime  2" in out and "openvino     3" in out
+    assert main(["cache", "trim", "--max", "2100", "--cache-dir", str(root)]) == 0
     assert "evicted 1 artifact(s), 1000 B" in capsys.readouterr().out and not files["a"][0].exists()
     assert main(["cache", "trim", "--max", "a lot", "--cache-dir", str(root)]) == 2
     assert "cache size 'a lot' is not a size" in capsys.readouterr().err
