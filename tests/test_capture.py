@@ -40,6 +40,7 @@ def test_model_output_is_rebuilt_like_its_constructor_builds_it():
     got, want = g(x), M()(x)
     assert type(got) is type(want) and list(got.keys()) == list(want.keys()) == ["last_hidden_state", "pooler_output"]
     assert got.hidden_states is None and got.attentions is None and got.to_tuple()[1].shape == (2,)
+    assert got.last_hidden_state is got["last_hidden_state"] and got[1] is got.pooler_output
     assert_matches_eager(want, got, rtol=1e-6)
     nested = dioe.capture(DictOut(), (torch.randn(3, 8),), {"scale": torch.tensor(2.0)})
     assert nested._rebuild is None, "nested structures are rebuilt by tree_unflatten"
@@ -94,6 +95,8 @@ def test_wrong_inputs_get_clear_errors():
     with pytest.raises(InputSpecError, match=r"positional input 0 is a list, not what was captured; "
                                              r"expected \(input_1: float32\[3, 4\]\)"):
         g([[0.0] * 4] * 3)
+    with pytest.raises(InputSpecError, match="is on meta, captured on cpu"):
+        g(torch.empty(3, 4, device="meta"))
     x = torch.randn(4, 3).t()  # a non-contiguous view of the captured shape is a valid input
     torch.testing.assert_close(g(x), g(x.contiguous()))
 
