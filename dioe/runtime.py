@@ -39,7 +39,7 @@ class Runtime:
         self.concurrent = len(members) > 1 and self._has_parallel_steps()
         self._workers = {m: ThreadPoolExecutor(1, thread_name_prefix=f"dioe-{m}") for m in members} \
             if self.concurrent else {}
-        self._direct = self._direct_outputs()
+        self.direct = self._direct_outputs()  # the one-partition fast path, or None
 
     def _direct_outputs(self) -> list | None:
         """For a plan of one partition that reads the graph's inputs in order: where each graph output comes from
@@ -128,7 +128,7 @@ class Runtime:
     # -- the whole program -------------------------------------------------------------------------------------
     def run(self, flat_inputs: Sequence, tr: Trace | None = None, call: int = 0) -> tuple:
         """Run the program once. `tr`, when given, records every partition run and copy of this call."""
-        if self._direct is not None and tr is None:
+        if self.direct is not None and tr is None:
             pid = self.program.steps[0].partition
             c = self.compiled[pid]
             if c.io_device == "cpu" and not [x for x in flat_inputs if type(x) is torch.Tensor and not x.is_cpu]:
@@ -136,7 +136,7 @@ class Runtime:
                     outs = c(*flat_inputs)
                 except BackendError as e:
                     outs = self._fallback(pid, e, flat_inputs)
-                return tuple([outs[v] if computed else v for computed, v in self._direct])
+                return tuple([outs[v] if computed else v for computed, v in self.direct])
         env = dict(zip(self.program.graph_inputs, flat_inputs))
         # torch.profiler sees only the thread that started it: op tracing runs the partitions in this one
         if not self.concurrent or (tr is not None and tr.ops):

@@ -173,6 +173,29 @@ def test_a_rival_that_cannot_race_is_named_in_the_plan(cpu, tmp_path, monkeypatc
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one partition", "split plan"])
+def test_a_partition_that_fails_verification_runs_on_the_reference(cpu, tmp_path, monkeypatch, split):
+    """ONNX Runtime made to compute wrong numbers: every partition it would run is caught against eager, named in
+    a warning, and run by torch on the reference; the result is right."""
+    from dioe.backends import backend_class
+
+    cls = backend_class("onnxruntime")
+    real = cls.compile_fn
+
+    def off_by_half(self, *a, **k):
+        fn, artifact = real(self, *a, **k)
+        return (lambda *xs: tuple(o * 1.5 for o in fn(*xs))), artifact
+    monkeypatch.setattr(cls, "compile_fn", off_by_half)
+    if split:
+        _force_split(monkeypatch, cpu.id)
+    model, x = _five_layers()
+    with pytest.warns(RuntimeWarning, match=rf"on onnxruntime@{cpu.id} differs from eager by .* runs on torch@"):
+        opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"] if split else ["onnxruntime"],
+                            cache_dir=tmp_path)
+    assert {p.backend for p in opt.plan.partitions} == {"torch"}, opt.plan.summary()
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
 def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
     import dioe.api
 
@@ -285,7 +308,7 @@ def test_a_one_partition_plan_keeps_structure_and_falls_back(cpu):
                 (PlanPartition("p0", ("p0",), nodes, cpu.id, "onnxruntime", "fp32", len(nodes), 0.0, 1.0),), 1.0)
     pool = dioe.ResourcePool.discover()
     opt = _build(g, plan, pool, None, "latency")
-    assert opt.runtime._direct is not None, "one partition over the graph's inputs takes the direct path"
+    assert opt.runtime.direct is not None, "one partition over the graph's inputs takes the direct path"
     options = opt.runtime.compiled["p0"].fn.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1", "alone, its workers spin"
     assert_matches_eager(eager(m, (x, y)), opt(x, y), rtol=1e-4)
