@@ -116,7 +116,8 @@ def _force_split(monkeypatch, member_id):
         got = real_assign(segments, *a, **k)
         opts = {s.id: ("torch@%s/fp32" if i % 2 else "onnxruntime@%s/fp32") % member_id
                 for i, s in enumerate(segments)}
-        return dataclasses.replace(got, options=opts)
+        # predicted well ahead of any one engine, so that it is built and raced
+        return dataclasses.replace(got, options=opts, predicted_ms=got.predicted_ms / 2)
     monkeypatch.setattr(dioe.api, "assign", split)
 
 
@@ -148,6 +149,40 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
         (p,) = opt.plan.partitions
         assert p.backend == "onnxruntime" and opt.plan.measured_ms == 10.2
         assert any("was kept: the split plan was less than 3% faster" in n for n in opt.plan.notes), opt.plan.notes
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
+@pytest.mark.parametrize("gain, built", [(0.02, False), (0.10, True)])
+def test_a_split_predicted_to_gain_little_is_not_built(cpu, tmp_path, monkeypatch, gain, built):
+    """A split plan predicted within SPLIT_MARGIN of the best whole-graph option is replaced by that option
+    before anything is compiled; one predicted clearly ahead is built and raced."""
+    import dataclasses
+    import dioe.api
+
+    real_assign, real_build = dioe.api.assign, dioe.api._build
+    whole = {}
+
+    def split(segments, edges, profile, pool):
+        got = real_assign(segments, edges, profile, pool)
+        best, ms = dioe.api.whole_graph_options(segments, profile, pool)[0]
+        whole["option"] = best
+        opts = {s.id: (f"torch@{cpu.id}/fp32" if i % 2 else f"onnxruntime@{cpu.id}/fp32")
+                for i, s in enumerate(segments)}
+        return dataclasses.replace(got, options=opts, predicted_ms=ms * (1 - gain))
+    compiled = []
+    monkeypatch.setattr(dioe.api, "assign", split)
+    monkeypatch.setattr(dioe.api, "_build",
+                        lambda c, plan, *a, **k: compiled.append(plan) or real_build(c, plan, *a, **k))
+    model, x = _five_layers()
+    opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
+    first = compiled[0]
+    if built:
+        assert len(first.partitions) > 1, first.summary()
+    else:
+        assert [(p.backend, p.member) for p in first.partitions] == \
+            [tuple(whole["option"].split("/")[0].split("@"))], first.summary()
+        assert any("so it was not built" in n for n in first.notes), first.notes
+        assert all(len(p.partitions) == 1 for p in compiled), "no split plan is compiled"
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
