@@ -501,21 +501,27 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     fast = {k: _fast_half(v) for k, v in rounds.items()}
     med = {k: statistics.median(v) for k, v in rounds.items()}
     best = min(predicted, key=fast.get)
-    why = "beat the split plan"
+    plan_name = "split plan" if len(opt.plan.partitions) > 1 else f"{own} (the plan)"
+    why = f"beat the {plan_name}" if len(opt.plan.partitions) > 1 else f"beat {plan_name}"
     if best == "plan" and len(opt.plan.partitions) > 1:
         runner = min((k for k in predicted if k != "plan"), key=fast.get, default=None)
         if runner is not None and fast[runner] <= fast["plan"] * (1 + SPLIT_MARGIN):
             best, why = runner, f"was kept: the split plan was less than {SPLIT_MARGIN:.0%} faster"
 
     def name(k):
-        return {"plan": "split plan", EAGER: f"{EAGER} (= {eager_as})" if eager_as else EAGER}.get(k, k)
+        return {"plan": plan_name, EAGER: f"{EAGER} (= {eager_as})" if eager_as else EAGER}.get(k, k)
     report = ", ".join(f"{name(k)} {v:.2f} ms (median {med[k]:.2f})"
                        for k, v in sorted(fast.items(), key=lambda kv: kv[1]))
     report = f"faster half of {RACE_ROUNDS} rounds (of {RACE_ROUNDS + RACE_EXTRA} for {len(again)})" + \
         f": {report}" if len(again) > 1 else f"faster half of {RACE_ROUNDS} rounds: {report}"
     eager_ms = round(med[EAGER], 4)
     if best == "plan":
-        verdict.save(best, report)
+        # The verdict is keyed by the first plan, which a re-plan may have replaced: a plan of one partition is
+        # saved as its option, which a warm run rebuilds whole; a re-planned split is raced again next time.
+        if own is not None:
+            verdict.save(own, report)
+        elif not opt.plan.replanned:
+            verdict.save(best, report)
         for r in rivals.values():
             r.runtime.close()
         opt.plan = replace(opt.plan, measured_ms=round(med["plan"], 4), eager_ms=eager_ms,

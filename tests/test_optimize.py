@@ -92,7 +92,8 @@ def test_the_race_times_eager_beside_the_plan(cpu):
     p = opt.plan
     assert p.eager_ms is not None and p.measured_ms is not None
     race = [n for n in p.notes if "raced side by side" in n]
-    assert len(race) == 1 and "torch eager" in race[0] and "split plan" in race[0], p.notes
+    assert len(race) == 1 and "torch eager" in race[0], p.notes
+    assert "split plan" in race[0] or "(the plan)" in race[0], "the plan's own contender is named"
     # what the plan says it measured is the median from those same rounds; the ranking is by the faster half
     times = {}
     for t in race[0].split(": ", 1)[1].split("), "):
