@@ -176,7 +176,7 @@ def _exporter():
 def _onnx_export(gm, args: tuple, names: list[str]):
     """torch.onnx.export(gm, args, dynamo=True) with the same opset and translation table, built once per process
     (the public function rebuilds the table on every call, 1.15 s of a small partition's 1.8 s export, and a
-    profile exports one partition per distinct segment), then `_light_optimize`. Where torch's exporter internals
+    profile exports one partition per distinct segment), then `_light_passes`. Where torch's exporter internals
     are not the ones this was written against, the public function runs instead, with its full optimizer."""
     found = _exporter()
     if found is None:

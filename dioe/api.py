@@ -501,9 +501,10 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     fast = {k: _fast_half(v) for k, v in rounds.items()}
     med = {k: statistics.median(v) for k, v in rounds.items()}
     best = min(predicted, key=fast.get)
-    plan_name = "split plan" if len(opt.plan.partitions) > 1 else f"{own} (the plan)"
-    why = f"beat the {plan_name}" if len(opt.plan.partitions) > 1 else f"beat {plan_name}"
-    if best == "plan" and len(opt.plan.partitions) > 1:
+    split = own is None
+    plan_name = "split plan" if split else f"{own} (the plan)"
+    why = f"beat the {plan_name}" if split else f"beat {plan_name}"
+    if best == "plan" and split:
         runner = min((k for k in predicted if k != "plan"), key=fast.get, default=None)
         if runner is not None and fast[runner] <= fast["plan"] * (1 + SPLIT_MARGIN):
             best, why = runner, f"was kept: the split plan was less than {SPLIT_MARGIN:.0%} faster"
