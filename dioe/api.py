@@ -436,6 +436,9 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
                 f"plan {med['plan']:.2f} ms, torch eager {med[EAGER]:.2f} ms")
         plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round(med["plan"], 4),
                                           round(med[EAGER], 4))
+        if len(plan.partitions) == 1:
+            plan = replace(plan, partitions=(replace(plan.partitions[0], reason="won an earlier optimize's race, "
+                                                     f"kept in {verdict.path.name}"),))
         opt.plan = replace(plan, notes=plan.notes + (note,))
         return opt
     ranked = whole_graph_options(segments, profile, pool)
@@ -509,6 +512,8 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         if runner is not None and fast[runner] <= fast["plan"] * (1 + SPLIT_MARGIN):
             best, why = runner, f"was kept: the split plan was less than {SPLIT_MARGIN:.0%} faster"
 
+    labels = {"plan": own, EAGER: ref}
+
     def name(k):
         return {"plan": plan_name, EAGER: f"{EAGER} (= {eager_as})" if eager_as else EAGER}.get(k, k)
     report = ", ".join(f"{name(k)} {v:.2f} ms (median {med[k]:.2f})"
@@ -525,9 +530,10 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
             verdict.save(best, report)
         for r in rivals.values():
             r.runtime.close()
-        opt.plan = replace(opt.plan, measured_ms=round(med["plan"], 4), eager_ms=eager_ms,
-                           notes=opt.plan.notes + (f"raced side by side, {report}",))
+        opt.plan = replace(_raced_reason(opt.plan, "plan", fast, predicted, labels), measured_ms=round(
+            med["plan"], 4), eager_ms=eager_ms, notes=opt.plan.notes + (f"raced side by side, {report}",))
         return opt
+    raced = best  # its key in the race's times
     if best == EAGER:  # the captured graph as it is wins: torch on the reference, nothing to verify
         best = eager_as
         rivals[best] = _build(opt.captured, _whole_graph_plan(
@@ -541,9 +547,32 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         o.runtime.close()
     plan = winner.plan.with_measurements(_per_partition_ms(winner, cache_dir, pool, warm=True, whole_ms=med[best]),
                                          round(med[best], 4), eager_ms)
+    plan = _raced_reason(plan, raced, fast, predicted, labels)
     winner.plan = replace(plan, notes=plan.notes + tuple(absent) +
                           (f"whole graph on {best} {why}, raced side by side, {report}",))
     return winner
+
+
+def _raced_reason(plan: Plan, key: str, fast: Mapping[str, float], predicted: Mapping[str, float],
+                  labels: Mapping[str, str | None]) -> Plan:
+    """A one-partition plan chosen by the race says so: its runner-up is the next fastest single option in the
+    race and its reason quotes the times measured side by side, not the segment sums the partitioner ranked
+    (which overstate an engine compiled whole, and named a reason the race did not use). `labels` names the
+    race's own contenders ("plan", torch eager) as options; a split plan has none and is never a runner-up."""
+    mine = labels.get(key, key)
+    others = [k for k in fast if k != key and labels.get(k, k) not in (None, mine)]
+    if len(plan.partitions) != 1 or not others:
+        return plan
+    runner = min(others, key=fast.get)
+    member, backend, prec = parse_option(labels.get(runner, runner))[:3]
+    part = plan.partitions[0]
+    reason = (f"fastest raced side by side: {fast[key]:.2f} ms against {fast[runner]:.2f} ms for the runner-up "
+              f"({fast[runner] / max(fast[key], 1e-9):.2f}x)")
+    if any(fast[k] < fast[key] for k in fast if k != key):  # only a split plan that did not gain the margin
+        reason = (f"kept over the split plan ({fast['plan']:.2f} ms, less than {SPLIT_MARGIN:.0%} faster); "
+                  f"{fast[key]:.2f} ms against {fast[runner]:.2f} ms for the runner-up")
+    return replace(plan, partitions=(replace(part, runner_up=Choice(member, backend, prec, round(
+        predicted.get(runner, part.runner_up.predicted_ms if part.runner_up else 0.0), 4)), reason=reason),))
 
 
 def _fast_half(rounds: Sequence[float]) -> float:

@@ -150,6 +150,25 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
         (p,) = opt.plan.partitions
         assert p.backend == "onnxruntime" and opt.plan.measured_ms == 10.2
         assert any("was kept: the split plan was less than 3% faster" in n for n in opt.plan.notes), opt.plan.notes
+        assert p.reason.startswith("kept over the split plan (10.00 ms") and p.runner_up.backend == "torch", p
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
+def test_a_race_winner_says_why_with_the_race_times(cpu, tmp_path, monkeypatch):
+    """The partition's runner-up and reason come from the race that chose it, not from segment sums."""
+    import dioe.api
+
+    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=True):  # the first plan loses to any rival
+        return {k: [10.0 if k == "plan" else 6.0 if k == dioe.api.EAGER else 5.0] * rounds for k in runs}
+    monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
+    model, x = _five_layers()
+    opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
+    (p,) = opt.plan.partitions
+    winner = f"{p.backend}@{p.member}/{p.precision}"
+    assert p.reason.startswith("fastest raced side by side: "), opt.plan.summary()
+    assert p.runner_up is not None and p.runner_up.label() != winner, opt.plan.summary()
+    ran, against = (float(t.split(" ms")[0]) for t in p.reason.split(": ", 1)[1].split(" against "))
+    assert ran < against, p.reason
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
@@ -247,6 +266,8 @@ def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
     assert [(p.member, p.backend, p.nodes) for p in second.plan.partitions] == \
         [(p.member, p.backend, p.nodes) for p in first.plan.partitions]
     assert any("race verdict reused" in n for n in second.plan.notes), second.plan.notes
+    if len(second.plan.partitions) == 1:
+        assert second.plan.partitions[0].reason.startswith("won an earlier optimize's race"), second.plan.summary()
     assert second.plan.measured_ms and second.plan.eager_ms
     assert_matches_eager(eager(model, (x,)), second(x))
 
