@@ -168,14 +168,21 @@ def _node_specs(node: fx.Node) -> list:
     return [s for s in specs if s is not None]
 
 
+@functools.cache
 def decomposes(op) -> bool:
-    """True when export-time decomposition turns `op` into other ATen ops (linear -> addmm, ...)."""
+    """True when export-time decomposition turns `op` into other ATen ops (linear -> addmm, ...). Cached per op:
+    each lookup in torch's decomposition table rebuilt it (0.25 s), and support checks ask once per node."""
     if not isinstance(op, torch._ops.OpOverload):
         return False
+    return op in _core_decompositions() or torch._C._dispatch_has_kernel_for_dispatch_key(
+        op.name(), "CompositeImplicitAutograd")
+
+
+@functools.cache
+def _core_decompositions() -> frozenset:
     from torch._decomp import core_aten_decompositions
 
-    return op in core_aten_decompositions() or torch._C._dispatch_has_kernel_for_dispatch_key(
-        op.name(), "CompositeImplicitAutograd")
+    return frozenset(core_aten_decompositions().keys())
 
 
 def functional_variant(op) -> torch._ops.OpOverload | None:
