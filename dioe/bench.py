@@ -12,15 +12,17 @@ files, which call each engine's standard path (ORT: dynamo export + InferenceSes
 between calls as by default; OpenVINO: convert_model from torch.export + compile_model with the LATENCY hint);
 that wrapper costs microseconds per call.
 Each peer builds in a cache folder of its own (the two OpenVINO peers share one), so that no peer's compile time
-is shortened by another's export.
+is shortened by another's export; Inductor's caches too live in the run's folder, so that no run starts warm.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -246,8 +248,32 @@ def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, 
             return tuple(torch.from_numpy(v) for v in res.values())
         return run, prec
     name = {"openvino-f32": "openvino"}.get(engine, engine)
-    c = backends.get(name, cache / "peers" / name).compile(part, ref, "fp32", alone=True)
+    with _inductor_cache(cache / "peers" / "inductor") if engine == "inductor" else contextlib.nullcontext():
+        c = backends.get(name, cache / "peers" / name).compile(part, ref, "fp32", alone=True)
     return c, "fp32"
+
+
+@contextlib.contextmanager
+def _inductor_cache(folder: Path):
+    """Inductor's on-disk caches (compiled graphs and kernels) in a folder of this run's own: by default they
+    outlive the process, and a warm one cut resnet50's compile from 31.6 s to 2.8 s between two runs."""
+    try:  # torch's own switch also clears the in-memory caches
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+    except ImportError:
+        temporary_cache_dir = None
+    if temporary_cache_dir is not None:
+        with temporary_cache_dir(str(folder)):
+            yield
+        return
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
 build.last_plan = None

@@ -107,3 +107,24 @@ def test_roof_is_the_best_gemm_of_the_run():
             {"op": "openvino MatMul", "n": 1024, "gflops": 160.0, "when": "end"},
             {"op": "torch.mm", "n": 1024, "gflops": 120.0, "when": "probe before m b1"}]}
     assert roof["int8"] == {"gflops": None, "error": "no VNNI"}  # none measured: the error stays
+
+
+def test_inductor_peer_compiles_in_the_runs_own_cache(tmp_path):
+    """Inductor's on-disk caches outlive the process: the peer compiles into the run's folder, so that a second
+    run does not report a warm compile, and later compiles do not go on using that folder."""
+    import os
+
+    import torch
+
+    import dioe
+    from dioe.bench import build
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    captured = dioe.capture(model, (x,))
+    fn, prec = build("inductor", model, (x,), captured, tmp_path)
+    assert prec == "fp32" and torch.allclose(fn(x)[0], model(x), atol=1e-5)
+    assert any(p.suffix == ".py" for p in (tmp_path / "peers" / "inductor").rglob("*")), "no inductor code there"
+    after = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch itself sets its default there on first use
+    assert after == before or not after.startswith(str(tmp_path)), after
