@@ -436,9 +436,11 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
                 f"plan {med['plan']:.2f} ms, torch eager {med[EAGER]:.2f} ms")
         plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round(med["plan"], 4),
                                           round(med[EAGER], 4))
-        if len(plan.partitions) == 1:
-            plan = replace(plan, partitions=(replace(plan.partitions[0], reason="won an earlier optimize's race, "
-                                                     f"kept in {verdict.path.name}"),))
+        (part, *more), runs = plan.partitions, list(opt.runtime.compiled.values())
+        if not more and option_label(part.member, part.backend, part.precision) == verdict.winner and \
+                all((c.member, c.backend, c.precision) == (part.member, part.backend, part.precision) for c in runs):
+            plan = replace(plan, partitions=(replace(part, reason="won an earlier optimize's race, kept in "
+                                                     f"{verdict.path.name}"),))
         opt.plan = replace(plan, notes=plan.notes + (note,))
         return opt
     ranked = whole_graph_options(segments, profile, pool)
@@ -512,7 +514,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         if runner is not None and fast[runner] <= fast["plan"] * (1 + SPLIT_MARGIN):
             best, why = runner, f"was kept: the split plan was less than {SPLIT_MARGIN:.0%} faster"
 
-    labels = {"plan": own, EAGER: ref}
+    labels = {"plan": own, EAGER: eager_as}
 
     def name(k):
         return {"plan": plan_name, EAGER: f"{EAGER} (= {eager_as})" if eager_as else EAGER}.get(k, k)
@@ -555,24 +557,29 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
 
 def _raced_reason(plan: Plan, key: str, fast: Mapping[str, float], predicted: Mapping[str, float],
                   labels: Mapping[str, str | None]) -> Plan:
-    """A one-partition plan chosen by the race says so: its runner-up is the next fastest single option in the
-    race and its reason quotes the times measured side by side, not the segment sums the partitioner ranked
-    (which overstate an engine compiled whole, and named a reason the race did not use). `labels` names the
-    race's own contenders ("plan", torch eager) as options; a split plan has none and is never a runner-up."""
-    mine = labels.get(key, key)
-    others = [k for k in fast if k != key and labels.get(k, k) not in (None, mine)]
-    if len(plan.partitions) != 1 or not others:
+    """A one-partition plan chosen by the race says so: its runner-up is the next fastest of the race's other
+    single-option contenders and its reason quotes the race's times (mean of each one's faster half of rounds),
+    not the segment sums the partitioner ranked, which overstate an engine compiled whole. `predicted` holds the
+    contenders that could have been chosen; `labels` names the race's own ("plan", torch eager) as options, or
+    None where one is not a single option (a split plan; eager where torch was not a choice)."""
+    if len(plan.partitions) != 1:
         return plan
-    runner = min(others, key=fast.get)
-    member, backend, prec = parse_option(labels.get(runner, runner))[:3]
     part = plan.partitions[0]
-    reason = (f"fastest raced side by side: {fast[key]:.2f} ms against {fast[runner]:.2f} ms for the runner-up "
-              f"({fast[runner] / max(fast[key], 1e-9):.2f}x)")
-    if any(fast[k] < fast[key] for k in fast if k != key):  # only a split plan that did not gain the margin
-        reason = (f"kept over the split plan ({fast['plan']:.2f} ms, less than {SPLIT_MARGIN:.0%} faster); "
-                  f"{fast[key]:.2f} ms against {fast[runner]:.2f} ms for the runner-up")
-    return replace(plan, partitions=(replace(part, runner_up=Choice(member, backend, prec, round(
-        predicted.get(runner, part.runner_up.predicted_ms if part.runner_up else 0.0), 4)), reason=reason),))
+    others = [k for k in predicted if k != key and labels.get(k, k) is not None]
+    runner = min(others, key=fast.get) if others else None
+    ru = None
+    if runner is not None:
+        member, backend, prec = parse_option(labels.get(runner, runner))[:3]
+        ru = Choice(member, backend, prec, round(predicted[runner], 4))
+        against = f"against {fast[runner]:.2f} ms for the runner-up ({fast[runner] / max(fast[key], 1e-9):.2f}x)"
+    if key != "plan" and labels.get("plan") is None and "plan" in fast and fast["plan"] < fast[key]:
+        reason = (f"kept over the split plan ({fast['plan']:.2f} ms, less than {SPLIT_MARGIN:.0%} faster): "
+                  f"{fast[key]:.2f} ms raced side by side" + (f", {against}" if ru else ""))
+    elif ru is not None:
+        reason = f"fastest raced side by side: {fast[key]:.2f} ms (faster half of rounds) {against}"
+    else:
+        return plan
+    return replace(plan, partitions=(replace(part, runner_up=ru, reason=reason),))
 
 
 def _fast_half(rounds: Sequence[float]) -> float:

@@ -154,13 +154,22 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
+def _the_first_plan_loses(monkeypatch):
+    """Script the race: the first plan 10 ms, eager 6 ms, each whole-graph rival 4 ms, 4.5 ms, ... (distinct)."""
+    import dioe.api
+
+    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=True):
+        rivals = sorted(k for k in runs if k not in ("plan", dioe.api.EAGER))
+        ms = {"plan": 10.0, dioe.api.EAGER: 6.0, **{k: 4.0 + 0.5 * i for i, k in enumerate(rivals)}}
+        return {k: [ms[k]] * rounds for k in runs}
+    monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
+
+
 def test_a_race_winner_says_why_with_the_race_times(cpu, tmp_path, monkeypatch):
     """The partition's runner-up and reason come from the race that chose it, not from segment sums."""
     import dioe.api
 
-    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=True):  # the first plan loses to any rival
-        return {k: [10.0 if k == "plan" else 6.0 if k == dioe.api.EAGER else 5.0] * rounds for k in runs}
-    monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
+    _the_first_plan_loses(monkeypatch)
     model, x = _five_layers()
     opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
     (p,) = opt.plan.partitions
@@ -169,6 +178,9 @@ def test_a_race_winner_says_why_with_the_race_times(cpu, tmp_path, monkeypatch):
     assert p.runner_up is not None and p.runner_up.label() != winner, opt.plan.summary()
     ran, against = (float(t.split(" ms")[0]) for t in p.reason.split(": ", 1)[1].split(" against "))
     assert ran < against, p.reason
+    # the race note lists the same contenders: the runner-up is the fastest of them after the winner
+    race = next(n for n in opt.plan.notes if "raced side by side" in n).split(": ", 1)[1]
+    assert f"{against:.2f} ms" in race and (p.runner_up.label() in race or dioe.api.EAGER in race), race
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
@@ -254,6 +266,7 @@ def test_a_partition_that_fails_verification_runs_on_the_reference(cpu, tmp_path
 def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
     import dioe.api
 
+    _the_first_plan_loses(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8)).eval()
     x = torch.randn(2, 48)
     first = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
@@ -266,8 +279,8 @@ def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
     assert [(p.member, p.backend, p.nodes) for p in second.plan.partitions] == \
         [(p.member, p.backend, p.nodes) for p in first.plan.partitions]
     assert any("race verdict reused" in n for n in second.plan.notes), second.plan.notes
-    if len(second.plan.partitions) == 1:
-        assert second.plan.partitions[0].reason.startswith("won an earlier optimize's race"), second.plan.summary()
+    (p,) = second.plan.partitions  # a whole-graph rival won the scripted race
+    assert p.reason.startswith("won an earlier optimize's race"), second.plan.summary()
     assert second.plan.measured_ms and second.plan.eager_ms
     assert_matches_eager(eager(model, (x,)), second(x))
 
