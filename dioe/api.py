@@ -532,8 +532,9 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
             verdict.save(best, report)
         for r in rivals.values():
             r.runtime.close()
-        opt.plan = replace(_raced_reason(opt.plan, "plan", fast, predicted, labels), measured_ms=round(
-            med["plan"], 4), eager_ms=eager_ms, notes=opt.plan.notes + (f"raced side by side, {report}",))
+        plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round(med["plan"], 4), eager_ms)
+        opt.plan = replace(_raced_reason(plan, "plan", fast, predicted, labels),
+                           notes=plan.notes + (f"raced side by side, {report}",))
         return opt
     raced = best  # its key in the race's times
     if best == EAGER:  # the captured graph as it is wins: torch on the reference, nothing to verify

@@ -102,6 +102,8 @@ def test_the_race_times_eager_beside_the_plan(cpu):
         times[name] = (float(best), float(rest.rstrip(")")))
     (eager_key,) = [k for k in times if k.startswith("torch eager")]  # "(= torch@cpu0/fp32)": it stands for it
     assert times[eager_key][1] == pytest.approx(p.eager_ms, abs=0.01)
+    if len(p.partitions) == 1:  # one partition: its time is the plan's, from the same rounds
+        assert p.partitions[0].measured_ms == p.measured_ms, p.summary()
     assert all(best <= med for best, med in times.values()), race[0]
     assert_matches_eager(eager(model, (x,)), opt(x))
 
