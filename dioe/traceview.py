@@ -504,7 +504,9 @@ def make_server(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 
 def serve(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, ui: str = "auto",
           open_browser: bool = True, out=None) -> int:
     """Serve a trace until Ctrl-C; returns 0 after a clean shutdown."""
+    import signal
     import sys
+    import threading
     import webbrowser
 
     out = out or sys.stdout
@@ -517,6 +519,9 @@ def serve(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, ui:
     if host not in LOCAL_NAMES:
         print(f"warning: bound to {host}, not 127.0.0.1: other machines that reach this address can read the "
               "trace", file=out, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops it even when started as a background job, which inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if open_browser:
             webbrowser.open(url)
