@@ -33,8 +33,7 @@ class OnnxruntimeBackend(Backend):
     def op_support(self):
         from torch.fx.passes.operator_support import create_op_support
 
-        found = _exporter()  # the table the export will use: one build serves both
-        registry = _torchlib_registry(max(found[1], found[2]) if found else None)
+        registry = _export_registry()  # the table the export will use: one build serves both
 
         def ok(_submodules, node) -> bool:
             t = node.target
@@ -156,6 +155,13 @@ def _torchlib_registry(opset: int | None = None):
                 else _registration.ONNXRegistry.from_torchlib(opset_version=opset))
 
 
+def _export_registry():
+    """The translation table `_onnx_export` exports with: at the exporter's opset or the table's floor,
+    whichever is higher; torchlib's default where the exporter's internals are not the expected ones."""
+    found = _exporter()
+    return _torchlib_registry(max(found[1], found[2]) if found else None)
+
+
 @functools.cache
 def _exporter():
     """torch's exporter function under torch.onnx.export and the opsets that function uses (its own, and the
@@ -186,9 +192,9 @@ def _onnx_export(gm, args: tuple, names: list[str]):
     with torch.no_grad():
         if found is None:
             return torch.onnx.export(gm, args, dynamo=True, input_names=names, optimize=True, verbose=False)
-        export, opset, floor = found
-        program = export(gm, args, None, registry=_torchlib_registry(max(opset, floor)), input_names=names,
-                         optimize=False, verbose=False, opset_version=opset)
+        export, opset, _ = found
+        program = export(gm, args, None, registry=_export_registry(), input_names=names, optimize=False,
+                         verbose=False, opset_version=opset)
     passes = _light_passes()
     if passes is None:
         program.optimize()

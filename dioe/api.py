@@ -436,9 +436,9 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
                 f"plan {med['plan']:.2f} ms, torch eager {med[EAGER]:.2f} ms")
         plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round(med["plan"], 4),
                                           round(med[EAGER], 4))
-        (part, *more), runs = plan.partitions, list(opt.runtime.compiled.values())
+        (part, *more) = plan.partitions
         if not more and option_label(part.member, part.backend, part.precision) == verdict.winner and \
-                all((c.member, c.backend, c.precision) == (part.member, part.backend, part.precision) for c in runs):
+                _runs_as(opt, verdict.winner):
             plan = replace(plan, partitions=(replace(part, reason="won an earlier optimize's race, kept in "
                                                      f"{verdict.path.name}"),))
         opt.plan = replace(plan, notes=plan.notes + (note,))
@@ -473,7 +473,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         except DIOEError as e:
             absent.append(f"rival {option} could not be built or verified: {str(e)[:300]}")
             continue
-        if any((c.member, c.backend, c.precision) != parse_option(option) for c in rival.runtime.compiled.values()):
+        if not _runs_as(rival, option):
             rival.runtime.close()  # it fell back while compiling or verifying: it would race under a false name
             why = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "it fell back")
             absent.append(f"rival {option} fell back to torch while compiling or verifying: {why[:300]}")
@@ -554,6 +554,11 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     winner.plan = replace(plan, notes=plan.notes + tuple(absent) +
                           (f"whole graph on {best} {why}, raced side by side, {report}",))
     return winner
+
+
+def _runs_as(opt: Optimized, option: str) -> bool:
+    """Every partition of `opt` runs compiled for `option`: none fell back to torch while compiling or verifying."""
+    return all((c.member, c.backend, c.precision) == parse_option(option) for c in opt.runtime.compiled.values())
 
 
 def _raced_reason(plan: Plan, key: str, fast: Mapping[str, float], predicted: Mapping[str, float],
