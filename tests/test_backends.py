@@ -227,6 +227,31 @@ def test_openvino_converts_from_the_onnx_file_onnxruntime_exported(cpu, tmp_path
                          rtol=RTOL["openvino"], what="openvino from onnx")
 
 
+@pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
+@pytest.mark.parametrize("keep", [False, True])
+def test_openvino_conversions_decline_its_telemetry_unless_asked(cpu, tmp_path, monkeypatch, keep):
+    """DIOE's conversions run with OpenVINO's own telemetry stub in its converter, and put the real package back
+    after; DIOE_OPENVINO_TELEMETRY=1 leaves OpenVINO's telemetry as it is."""
+    import openvino as ov
+    import openvino.tools.ovc.convert_impl as convert_impl
+
+    if keep:
+        monkeypatch.setenv("DIOE_OPENVINO_TELEMETRY", "1")
+    before, seen, real = convert_impl.tm, [], ov.convert_model
+
+    def spy(*a, **k):
+        seen.append(convert_impl.tm.__name__)
+        return real(*a, **k)
+    monkeypatch.setattr(ov, "convert_model", spy)
+    model, inputs = _mixed()
+    g = dioe.capture(model, inputs)
+    compiled = backends.get("openvino", tmp_path).compile(whole(g), cpu)
+    assert seen == [before.__name__ if keep else "openvino.tools.ovc.telemetry_stub"], seen
+    assert convert_impl.tm is before
+    assert_matches_eager(eager(model, inputs), g.unflatten_outputs(compiled(*g.example_inputs)),
+                         rtol=RTOL["openvino"], what="openvino, telemetry declined")
+
+
 @pytest.mark.skipif("onnxruntime" not in AVAILABLE, reason="needs onnxruntime")
 def test_onnx_export_with_the_cached_table_matches_torch_onnx_export():
     """Ours is torch.onnx.export's graph, built with a translation table kept across calls, then the light
