@@ -431,7 +431,8 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     timed."""
     if verdict.winner is not None:
         med = {k: statistics.median(v) for k, v in _time_side_by_side(
-            {"plan": opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)}, opt.captured.example_inputs).items()}
+            {"plan": opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)}, opt.captured.example_inputs,
+            warm=verify).items()}
         note = (f"race verdict reused from {verdict.path.name} ({verdict.report}); timed again side by side: "
                 f"plan {med['plan']:.2f} ms, torch eager {med[EAGER]:.2f} ms")
         plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round(med["plan"], 4),
@@ -488,7 +489,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         predicted[EAGER] = dict(ranked)[eager_as]
     flat = opt.captured.example_inputs
     with _trace.stage("time side by side", contenders=list(runs)):
-        rounds = _time_side_by_side(runs, flat)
+        rounds = _time_side_by_side(runs, flat, warm=verify)
         fast = {k: _fast_half(v) for k, v in rounds.items()}
         lead = min(predicted, key=fast.get)
         # eager joins the extra rounds only when it is close: its rounds are the slowest, and it seldom wins
@@ -496,7 +497,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
                  or (k != EAGER and predicted[k] < predicted[lead])]
         if len(again) > 1:
             with _trace.stage("more rounds for the close ones", contenders=again):
-                more = _time_side_by_side({k: runs[k] for k in again}, flat, rounds=RACE_EXTRA, warm=False)
+                more = _time_side_by_side({k: runs[k] for k in again}, flat, rounds=RACE_EXTRA, warm=True)
             for k in again:
                 rounds[k] += more[k]
     for k, r in rivals.items():
@@ -595,9 +596,11 @@ def _fast_half(rounds: Sequence[float]) -> float:
 
 
 def _time_side_by_side(runs: Mapping[str, Any], flat, *, rounds: int = RACE_ROUNDS,
-                       warm: bool = True) -> dict[str, list[float]]:
+                       warm: bool = False) -> dict[str, list[float]]:
     """Each callable's median ms per round, timed in interleaved rounds so that drift in the machine's state hits
-    every contender alike. The order rotates each round, so that no contender always follows the same one."""
+    every contender alike. The order rotates each round, so that no contender always follows the same one.
+    `warm`: every callable has run already (verification ran each contender, and eager for its reference), so no
+    call is spent on warming up: at batch 8 a warm-up call of a whole transformer took 1.6-3 s per contender."""
     samples: dict[str, list[float]] = {k: [] for k in runs}
     order = list(runs)
     with torch.inference_mode():
@@ -605,7 +608,7 @@ def _time_side_by_side(runs: Mapping[str, Any], flat, *, rounds: int = RACE_ROUN
             for k in order[r % len(order):] + order[:r % len(order)]:
                 time.sleep(SETTLE_S)
                 samples[k].append(time_call(runs[k], flat, repeats=RACE_REPEATS, min_runs=1,
-                                            warmup=1 if r == 0 and warm else 0,
+                                            warmup=0 if warm or r else 1,
                                             budget_s=TIMING_BUDGET_S / RACE_ROUNDS))
     return samples
 

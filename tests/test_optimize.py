@@ -137,7 +137,7 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
     times = {"plan": plan_ms, "onnxruntime": 10.2, "torch": 10.25, dioe.api.EAGER: 20.0}
     calls = []
 
-    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=True):
+    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
         calls.append((sorted(runs), rounds))
         return {k: [times.get(k) or times[k.split("@")[0]]] * rounds for k in runs}
     monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
@@ -160,7 +160,7 @@ def _the_first_plan_loses(monkeypatch):
     """Script the race: the first plan 10 ms, eager 6 ms, each whole-graph rival 4 ms, 4.5 ms, ... (distinct)."""
     import dioe.api
 
-    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=True):
+    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
         rivals = sorted(k for k in runs if k not in ("plan", dioe.api.EAGER))
         ms = {"plan": 10.0, dioe.api.EAGER: 6.0, **{k: 4.0 + 0.5 * i for i, k in enumerate(rivals)}}
         return {k: [ms[k]] * rounds for k in runs}
@@ -184,6 +184,36 @@ def test_a_race_winner_says_why_with_the_race_times(cpu, tmp_path, monkeypatch):
     race = next(n for n in opt.plan.notes if "raced side by side" in n).split(": ", 1)[1]
     assert f"{against:.2f} ms" in race and (p.runner_up.label() in race or dioe.api.EAGER in race), race
     assert_matches_eager(eager(model, (x,)), opt(x))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_the_race_spends_no_warm_up_call_on_verified_contenders(cpu, tmp_path, monkeypatch, verify):
+    """Verification has run every contender once, so the race's first round times them at once; unverified,
+    each gets one warm-up call first. The extra rounds never warm up."""
+    import dioe.api
+
+    real, seen = dioe.api._time_side_by_side, []
+
+    def spy(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
+        seen.append(warm)
+        return real(runs, flat, rounds=rounds, warm=warm)
+    monkeypatch.setattr(dioe.api, "_time_side_by_side", spy)
+    model, x = _five_layers()
+    opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path, verify=verify)
+    assert seen and seen[0] is verify and all(seen[1:]), seen
+    assert_matches_eager(eager(model, (x,)), opt(x))
+    # the helper itself: a cold contender costs exactly one call more than a warm one
+    calls = {"cold": 0, "warm": 0}
+
+    def counter(key):
+        def run(xs):
+            calls[key] += 1
+        return run
+    monkeypatch.setattr(dioe.api, "RACE_REPEATS", 2)
+    cold = real({"cold": counter("cold")}, (x,), rounds=2)
+    warm = real({"warm": counter("warm")}, (x,), rounds=2, warm=True)
+    assert len(cold["cold"]) == len(warm["warm"]) == 2
+    assert calls["cold"] == calls["warm"] + 1, calls
 
 
 @pytest.mark.parametrize("gain, built", [(0.02, False), (0.10, True)])
