@@ -139,7 +139,8 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
 
     def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
         calls.append((sorted(runs), rounds))
-        return {k: [times.get(k) or times[k.split("@")[0]]] * rounds for k in runs}
+        # noisy rounds, with each contender's median where `times` puts it: the close ones' rounds overlap
+        return {k: [(times.get(k) or times[k.split("@")[0]]) + d for d in (0.0, 0.5, -0.3)][:rounds] for k in runs}
     monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
     model, x = _five_layers()
     opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
@@ -152,7 +153,30 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
         (p,) = opt.plan.partitions
         assert p.backend == "onnxruntime" and opt.plan.measured_ms == 10.2
         assert any("was kept: the split plan was less than 3% faster" in n for n in opt.plan.notes), opt.plan.notes
-        assert p.reason.startswith("kept over the split plan (10.00 ms") and p.runner_up.backend == "torch", p
+        assert p.reason.startswith("kept over the split plan (9.80 ms") and p.runner_up.backend == "torch", p
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
+@pytest.mark.parametrize("rival_rounds, extra", [((10.5, 10.6, 10.7), False), ((10.1, 10.6, 10.7), True)])
+def test_a_contender_slower_in_every_round_gets_no_extra_rounds(cpu, tmp_path, monkeypatch, rival_rounds, extra):
+    """Within RACE_CLOSE of the leader, a rival still gets the extra rounds only if one of its rounds was as fast
+    as one of the leader's."""
+    import dioe.api
+
+    _force_split(monkeypatch, cpu.id)  # a split plan, raced against ONNX Runtime over the whole graph
+    calls = []
+
+    def scripted(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
+        calls.append(sorted(runs))
+        return {k: ([10.0, 10.2, 10.4] if k == "plan" else list(rival_rounds) if k != dioe.api.EAGER
+                    else [30.0] * 3)[:rounds] for k in runs}
+    monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
+    model, x = _five_layers()
+    opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
+    assert any(k.startswith("onnxruntime@") for k in calls[0]) and len(calls) == (2 if extra else 1), calls
+    if extra:
+        assert "plan" in calls[1] and dioe.api.EAGER not in calls[1] and len(calls[1]) >= 2, calls
+    assert any("raced side by side" in n for n in opt.plan.notes), opt.plan.notes
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
