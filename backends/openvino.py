@@ -20,8 +20,8 @@ from ..pool import Member
 
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _CONVERTING = threading.Lock()
-# OpenVINO's converter modules that hold its telemetry package as `tm`
-_TELEMETRY_USERS = ("convert_impl", "telemetry_utils", "utils", "main")
+# the modules of OpenVINO's converter that reach its telemetry package, each through its global `tm`
+_TELEMETRY_USERS = ("convert_impl", "telemetry_utils", "utils")
 
 
 @contextlib.contextmanager
@@ -38,21 +38,17 @@ def _converting():
             return
         import importlib
 
-        try:
-            stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
-        except ImportError:  # an OpenVINO without the stub: its converter as it is
-            yield
-            return
         swapped = []
-        for name in _TELEMETRY_USERS:
-            try:
-                module = importlib.import_module(f"openvino.tools.ovc.{name}")
-            except ImportError:
-                continue
-            if hasattr(module, "tm"):
-                swapped.append((module, module.tm))
-                module.tm = stub
         try:
+            try:
+                stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
+                modules = [importlib.import_module(f"openvino.tools.ovc.{name}") for name in _TELEMETRY_USERS]
+            except ImportError:  # an OpenVINO laid out otherwise: its converter as it is
+                modules = []
+            for module in modules:
+                if hasattr(module, "tm"):
+                    swapped.append((module, module.tm))
+                    module.tm = stub
             yield
         finally:
             for module, tm in swapped:

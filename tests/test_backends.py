@@ -232,22 +232,26 @@ def test_openvino_converts_from_the_onnx_file_onnxruntime_exported(cpu, tmp_path
 def test_openvino_conversions_decline_its_telemetry_unless_asked(cpu, tmp_path, monkeypatch, keep):
     """DIOE's conversions run with OpenVINO's own telemetry stub in its converter, and put the real package back
     after; DIOE_OPENVINO_TELEMETRY=1 leaves OpenVINO's telemetry as it is."""
-    import openvino as ov
-    import openvino.tools.ovc.convert_impl as convert_impl
+    import importlib
 
+    import openvino as ov
+
+    # every module of the converter that reaches the telemetry package, as `tm`
+    users = [importlib.import_module(f"openvino.tools.ovc.{m}") for m in ("convert_impl", "telemetry_utils", "utils")]
     if keep:
         monkeypatch.setenv("DIOE_OPENVINO_TELEMETRY", "1")
-    before, seen, real = convert_impl.tm, [], ov.convert_model
+    before, seen, real = [m.tm for m in users], [], ov.convert_model
 
     def spy(*a, **k):
-        seen.append(convert_impl.tm.__name__)
+        seen.append([m.tm.__name__ for m in users])
         return real(*a, **k)
     monkeypatch.setattr(ov, "convert_model", spy)
     model, inputs = _mixed()
     g = dioe.capture(model, inputs)
     compiled = backends.get("openvino", tmp_path).compile(whole(g), cpu)
-    assert seen == [before.__name__ if keep else "openvino.tools.ovc.telemetry_stub"], seen
-    assert convert_impl.tm is before
+    want = [t.__name__ for t in before] if keep else ["openvino.tools.ovc.telemetry_stub"] * len(users)
+    assert seen == [want], seen
+    assert [m.tm for m in users] == before
     assert_matches_eager(eager(model, inputs), g.unflatten_outputs(compiled(*g.example_inputs)),
                          rtol=RTOL["openvino"], what="openvino, telemetry declined")
 
