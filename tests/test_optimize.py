@@ -157,6 +157,25 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
+def test_a_reused_verdict_warms_up_a_plan_verification_did_not_run(cpu, tmp_path, monkeypatch):
+    """A plan of one partition on torch at the reference is not run by verification: when a warm optimize reuses
+    the race's verdict for it, the race warms it up first."""
+    import dioe.api
+
+    real, seen = dioe.api._time_side_by_side, []
+
+    def spy(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
+        seen.append(warm)
+        return real(runs, flat, rounds=rounds, warm=warm)
+    monkeypatch.setattr(dioe.api, "_time_side_by_side", spy)
+    model, x = _five_layers()
+    dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path)
+    seen.clear()
+    opt = dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path)
+    assert any("race verdict reused" in n for n in opt.plan.notes), opt.plan.notes
+    assert seen == [False], seen
+
+
 @pytest.mark.parametrize("rival_rounds, extra", [((10.5, 10.6, 10.7), False), ((10.1, 10.6, 10.7), True)])
 def test_a_contender_slower_in_every_round_gets_no_extra_rounds(cpu, tmp_path, monkeypatch, rival_rounds, extra):
     """Within RACE_CLOSE of the leader, a rival still gets the extra rounds only if one of its rounds was as fast
