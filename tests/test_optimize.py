@@ -157,9 +157,8 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
-def test_a_reused_verdict_warms_up_a_plan_verification_did_not_run(cpu, tmp_path, monkeypatch):
-    """A plan of one partition on torch at the reference is not run by verification: when a warm optimize reuses
-    the race's verdict for it, the race warms it up first."""
+def _race_warm_flags(monkeypatch) -> list:
+    """The `warm` flag of every side-by-side timing the race runs, in order; the timings themselves are real."""
     import dioe.api
 
     real, seen = dioe.api._time_side_by_side, []
@@ -167,7 +166,17 @@ def test_a_reused_verdict_warms_up_a_plan_verification_did_not_run(cpu, tmp_path
     def spy(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
         seen.append(warm)
         return real(runs, flat, rounds=rounds, warm=warm)
+    spy.real = real
     monkeypatch.setattr(dioe.api, "_time_side_by_side", spy)
+    return seen
+
+
+def test_a_reused_verdict_warms_up_a_plan_verification_did_not_run(cpu, tmp_path, monkeypatch):
+    """A plan of one partition on torch at the reference is not run by verification: when a warm optimize reuses
+    the race's verdict for it, the race warms it up first."""
+    import dioe.api
+
+    seen = _race_warm_flags(monkeypatch)
     model, x = _five_layers()
     dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path)
     seen.clear()
@@ -235,17 +244,13 @@ def test_the_race_spends_no_warm_up_call_on_verified_contenders(cpu, tmp_path, m
     each gets one warm-up call first. The extra rounds never warm up."""
     import dioe.api
 
-    real, seen = dioe.api._time_side_by_side, []
-
-    def spy(runs, flat, *, rounds=dioe.api.RACE_ROUNDS, warm=False):
-        seen.append(warm)
-        return real(runs, flat, rounds=rounds, warm=warm)
-    monkeypatch.setattr(dioe.api, "_time_side_by_side", spy)
+    seen = _race_warm_flags(monkeypatch)
     model, x = _five_layers()
     opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path, verify=verify)
     assert seen and seen[0] is verify and all(seen[1:]), seen
     assert_matches_eager(eager(model, (x,)), opt(x))
     # the helper itself: a cold contender costs exactly one call more than a warm one
+    real = dioe.api._time_side_by_side.real
     calls = {"cold": 0, "warm": 0}
 
     def counter(key):
