@@ -2,7 +2,7 @@
 optimized latency against each single backend compiled whole (fp32), and the runtime's overhead: DIOE's call
 against its partitions' compiled callables called directly, one after another, in the same rounds.
 
-    python tools/bert_targets.py [MODEL] [--rounds 20] [--repeats 5]
+    python tools/bert_targets.py [MODEL] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import torch
 import dioe
 from dioe import backends
 from dioe.backend import Partition
-from dioe.runtime import time_call
+from dioe.api import _time_side_by_side
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default="bert-base")
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -51,20 +50,15 @@ def main(argv=None) -> int:
         steps = [(opt.runtime.compiled[st.partition], opt.program.partition(st.partition)) for st in opt.program.steps]
         direct = [(c, backends.get(c.backend, cache).to_io(part.example_inputs, pool[c.member])) for c, part in steps]
 
-        def partitions():
+        def partitions(_xs):
             for c, xs in direct:
                 c(*xs)
-        calls = {**{name: (lambda c=c: c(*flat)) for name, c in singles.items()},
-                 "dioe": lambda: opt(*inputs), "partitions": partitions}
-        order, results = list(calls), {k: [] for k in calls}
-        with torch.inference_mode():
-            # interleaved rounds in a rotated order, so that drift hits everyone alike and nobody always follows the
-            # same one: with 5 rounds of 15 calls, DIOE's call read 9% over its partition called directly, and
-            # 0.5% under it with 24 rounds of 5
-            for r in range(args.rounds):
-                for name in order[r % len(order):] + order[:r % len(order)]:
-                    time.sleep(0.02)  # let the previous engine's spinning workers go idle
-                    results[name].append(time_call(calls[name], repeats=args.repeats, warmup=1))
+        calls = {**{name: (lambda xs, c=c: c(*xs)) for name, c in singles.items()},
+                 "dioe": lambda _xs: opt(*inputs), "partitions": partitions}
+        # the race's own side-by-side timing: interleaved rounds in a rotated order with a pause before each
+        # contender, so that drift hits everyone alike and nobody always follows the same one. With 5 rounds of 15
+        # calls, DIOE's call read 9% over its partition called directly, and 0.5% under it with 24 rounds of 5
+        results = _time_side_by_side(calls, flat, rounds=args.rounds)
         med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
         parts = med.pop("partitions")
         best = min((v, k) for k, v in med.items() if k != "dioe")
