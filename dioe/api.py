@@ -362,11 +362,15 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
     flat = opt.captured.example_inputs
     with torch.inference_mode():
         total_ms = time_call(opt.runtime.run, flat, budget_s=TIMING_BUDGET_S, warmup=0 if verify else 2)
+    if opt.plan.replanned or abs(total_ms - opt.plan.predicted_ms) <= REPLAN_THRESHOLD * max(opt.plan.predicted_ms,
+                                                                                              1e-9):
+        # The prediction held. A split plan's partitions are timed alone after the race, and only if it wins:
+        # at batch 8 that is three calls of seconds each per partition, spent on a plan that a rival often beats.
+        opt.plan = opt.plan.with_measurements(_one_partition_ms(opt, total_ms), round(total_ms, 4))
+        return opt
     plan = opt.plan.with_measurements(_per_partition_ms(opt, cache_dir, pool, warm=True, whole_ms=total_ms),
                                       round(total_ms, 4))
     opt.plan = plan
-    if plan.replanned or abs(total_ms - plan.predicted_ms) <= REPLAN_THRESHOLD * max(plan.predicted_ms, 1e-9):
-        return opt
     # The prediction missed: let what the merged partitions measured replace the sums of their segments, in a
     # copy, so that the race below still ranks every option by what its segments measured.
     scaled = copy.deepcopy(profile)
@@ -540,7 +544,10 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
             verdict.save(best, report)
         for r in rivals.values():
             r.runtime.close()
-        plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round(med["plan"], 4), eager_ms)
+        # a split plan's partitions are timed alone now, unless re-planning timed them already
+        unmeasured = len(opt.program.steps) > 1 and any(p.measured_ms is None for p in opt.plan.partitions)
+        plan = opt.plan.with_measurements(_per_partition_ms(opt, cache_dir, pool, warm=True) if unmeasured
+                                          else _one_partition_ms(opt, med["plan"]), round(med["plan"], 4), eager_ms)
         opt.plan = replace(_raced_reason(plan, "plan", fast, predicted, labels),
                            notes=plan.notes + (f"raced side by side, {report}",))
         return opt

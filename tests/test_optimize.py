@@ -142,6 +142,15 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
         # noisy rounds, with each contender's median where `times` puts it: the close ones' rounds overlap
         return {k: [(times.get(k) or times[k.split("@")[0]]) + d for d in (0.0, 0.5, -0.3)][:rounds] for k in runs}
     monkeypatch.setattr(dioe.api, "_time_side_by_side", scripted)
+    # The prediction holds, so no re-plan times the split plan's partitions: they are timed alone only if it wins.
+    monkeypatch.setattr(dioe.api, "REPLAN_THRESHOLD", float("inf"))
+    timed_alone, real_per_partition = [], dioe.api._per_partition_ms
+
+    def per_partition(o, *a, **k):
+        if len(o.program.steps) > 1:
+            timed_alone.append(len(o.program.steps))
+        return real_per_partition(o, *a, **k)
+    monkeypatch.setattr(dioe.api, "_per_partition_ms", per_partition)
     model, x = _five_layers()
     opt = dioe.optimize(model, (x,), backends=["torch", "onnxruntime"], cache_dir=tmp_path)
     # the race, then more rounds for the contenders within 10% of the leader only (eager, 2x behind, is not)
@@ -149,7 +158,10 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
     assert calls[1][1] == dioe.api.RACE_EXTRA
     if winner == "split":
         assert len(opt.plan.partitions) > 1 and opt.plan.measured_ms == 9.5
+        assert timed_alone == [len(opt.plan.partitions)], timed_alone
+        assert all(p.measured_ms is not None for p in opt.plan.partitions), opt.plan.summary()
     else:
+        assert timed_alone == [], timed_alone
         (p,) = opt.plan.partitions
         assert p.backend == "onnxruntime" and opt.plan.measured_ms == 10.2
         assert any("was kept: the split plan was less than 3% faster" in n for n in opt.plan.notes), opt.plan.notes
