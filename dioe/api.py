@@ -32,7 +32,7 @@ from .partition import INPUT, OUTPUT, Assignment, Edges, assign, whole_graph_opt
 from .plan import Choice, Plan, PlanPartition
 from .pool import ResourcePool
 from .profile import measure, option_label, parse_option, profile_segments
-from .runtime import Runtime, time_call
+from .runtime import Runtime, settle, time_call
 from .segment import Segment, segment_graph
 from .split import Program, split_graph
 
@@ -56,10 +56,6 @@ RACE_CLOSE, RACE_EXTRA, SPLIT_MARGIN = 0.10, 3, 0.03
 # Calls per contender and round, within the round's share of TIMING_BUDGET_S: a 100 ms model gets 3, a 0.5 ms one
 # all 200 (five calls of a sub-millisecond model picked torch at 2.4x the best engine in one bench run).
 RACE_REPEATS = 200
-# Pause before each contender's calls: torch's OpenMP workers spin for milliseconds after a call, and an engine
-# called straight after torch ran up to 20% slower (OpenVINO on minilm: 21.0 ms against 17.7 ms; 18.1 ms after
-# a 10 ms pause). Without it the race ranks whoever follows torch eager too low.
-SETTLE_S = 0.02
 EAGER = "torch eager"   # the model as captured: timed in the race as the baseline, never chosen
 TIMING_BUDGET_S = 1.0   # per timed contender: heavy models at large batches get fewer runs
 
@@ -620,7 +616,9 @@ def _time_side_by_side(runs: Mapping[str, Any], flat, *, rounds: int = RACE_ROUN
     with torch.inference_mode():
         for r in range(rounds):
             for k in order[r % len(order):] + order[:r % len(order)]:
-                time.sleep(SETTLE_S)
+                # An engine called straight after torch ran up to 20% slower (OpenVINO on minilm: 21.0 ms against
+                # 17.7 ms; 18.1 ms after a 10 ms pause): without this the race ranks whoever follows eager too low.
+                settle()
                 samples[k].append(time_call(runs[k], flat, repeats=RACE_REPEATS, min_runs=1,
                                             warmup=0 if warm or r else 1,
                                             budget_s=TIMING_BUDGET_S / RACE_ROUNDS))

@@ -38,13 +38,11 @@ from typing import Callable
 import torch
 
 from . import backends
+from .runtime import settle
 
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
 PEERS = ENGINES[:-1]
 QUICK_MODEL = "minilm"
-# Pause between one engine's calls and the next engine's: torch's OpenMP workers spin for milliseconds after a
-# call, and an engine called straight after torch measured up to 20% slower; after 10 ms, not measurably.
-SETTLE_S = 0.02
 
 
 # -- the machine ------------------------------------------------------------------------------------------------
@@ -284,12 +282,14 @@ def _flat(captured, inputs) -> tuple:
 
 
 def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tuple[str, ...], rounds: int,
-                  budget_s: float, cache: Path, rss: _Rss, log=print) -> dict:
-    """All engines on one model: build each (timed, with its peak RSS), then interleaved rounds per batch size."""
+                  budget_s: float, cache: Path, rss: _Rss, canary: "Canary | None" = None, log=print) -> dict:
+    """All engines on one model: build each (timed, with its peak RSS), then interleaved rounds per batch size,
+    watched by `canary` (one for the whole run, so that its nominal speed is the run's fastest)."""
     from . import zoo
     from .capture import capture
 
     out: dict = {"model": name, "size": size, "batches": {}}
+    canary = canary or Canary()
     for batch in batches:
         started = time.perf_counter()
         model, inputs = zoo.load(name, size=size, batch=batch)
@@ -322,7 +322,9 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
         probe = gemm_probe()
-        samples, used = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5))
+        canary.nominal = max(canary.nominal, probe)
+        samples, used, seen = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5),
+                                           canary=canary)
         for engine, s in samples.items():
             s.sort()
             med = statistics.median(s)
@@ -332,9 +334,9 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                                  "gflops_per_s": round(gflops / (med / 1e3), 1)})
         took = time.perf_counter() - started
         out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows, "seconds": round(took, 1),
-                                      "probe_gflops": probe, "rounds": used}
+                                      "probe_gflops": probe, "rounds": used, "canary": seen}
         log(f"  {name} batch {batch}: " + ", ".join(f"{e} {_ms(r['median_ms'])} ms" for e, r in rows.items()
-                                                    if "median_ms" in r) + f" ({took:.0f} s)")
+                                                    if "median_ms" in r) + f" ({took:.0f} s; {_disturbance(seen)})")
         del built, model, captured
         gc.collect()
         # every engine's exports and compiled blobs for this model and batch: kept for the whole zoo they came to
@@ -345,6 +347,12 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
 
 
 MAX_ROUNDS, CALLS_PER_ROUND = 20, 50
+# The canary: a 1024^3 fp32 GEMM timed between every two blocks of calls (an engine's calls in one round). A block
+# with a canary on either side below DISTURBED of the fastest canary of the run was timed while something else
+# held the cores (this 2-core machine's GEMM speed moved by up to 56% between two runs of one day, and by 75%
+# within one model's rounds), and is timed again once the canary reads quiet, for up to RETIME_S per model and
+# batch. Blocks still disturbed then are kept, and counted in the results.
+DISTURBED, RETIME_S, QUIET_WAIT_S = 0.85, 30.0, 0.5
 
 
 def _estimate(fn: Callable, args) -> float:
@@ -357,31 +365,100 @@ def _estimate(fn: Callable, args) -> float:
     return max(min(times), 1e-5)
 
 
-def _interleaved(built: dict, *, rounds: int, budget_s: float) -> tuple[dict[str, list[float]], int]:
+def _disturbance(seen: dict) -> str:
+    """What the canary saw over one model and batch's blocks, in words."""
+    text = f"{seen['disturbed']} of {seen['blocks']} blocks disturbed"
+    if seen["disturbed"]:
+        text += f", {seen['retimed']} re-timed, {seen['left_disturbed']} left"
+    return text
+
+
+class Canary:
+    """The machine's fp32 GEMM speed between blocks of timed calls: the best of three 1024^3 calls after one more,
+    in GFLOP/s (on a quiet machine, six readings after each of three engines' calls stayed within 5% of each other).
+    `nominal` is the fastest reading so far, seeded with the run's GEMM roof at that size."""
+
+    def __init__(self, nominal: float = 0.0, n: int = PROBE_N):
+        self.n, self.nominal = n, nominal
+        self._fn = _torch_gemm(n, torch.float32)
+
+    def __call__(self) -> float:
+        g = self.read()
+        self.nominal = max(self.nominal, g)
+        return g
+
+    def read(self) -> float:
+        self._fn()  # a warm-up: without it, six readings after an engine's calls spread down to 0.68 of their best
+        return _gflops(self.n, min(_time(self._fn) for _ in range(3)))
+
+
+class _Block:
+    """One engine's calls in one round, with the canary's readings just before and just after them."""
+
+    def __init__(self, engine: str, calls: int):
+        self.engine, self.calls = engine, calls
+        self.samples: list[float] = []
+        self.before = self.after = 0.0
+
+    def quiet(self, nominal: float) -> bool:
+        return min(self.before, self.after) >= DISTURBED * nominal
+
+
+def _interleaved(built: dict, *, rounds: int, budget_s: float,
+                 canary: Canary | None = None) -> tuple[dict[str, list[float]], int, dict]:
     """Round-robin: every engine runs a few calls per round, in a rotated order, so that drift in the machine's
     state (clocks, caches, a neighbour's load) hits all engines alike. An engine gets `budget_s` of calls in all,
     at least one per round: a 1 s call (vit-base at batch 8) is timed `rounds` times. Where even the slowest
     engine's 50 calls a round would leave most of the budget unspent, the rounds grow instead (up to 20), so that
     a fast model's samples are spread over seconds of the machine's drift rather than a few milliseconds of it.
-    Every engine was called once already when it was built: that was its warm-up."""
-    samples: dict[str, list[float]] = {e: [] for e in built}
+    Every engine was called once already when it was built: that was its warm-up.
+    Between every two blocks of calls the canary (a `Canary` unless given) reads the machine's GEMM speed; a block
+    with a reading below DISTURBED of the canary's nominal speed on either side is timed again (see RETIME_S).
+    Returns each engine's samples in ms, the rounds, and what the canary saw."""
+    canary = canary or Canary()
     est = {}
+    blocks: list[_Block] = []
     with torch.inference_mode():
         for e, (fn, args) in built.items():
             est[e] = _estimate(fn, args)
         if est:
             rounds = max(rounds, min(MAX_ROUNDS, int(budget_s / (CALLS_PER_ROUND * max(est.values())))))
         order = list(built)
+        last = [canary()]
+
+        def timed(block: _Block) -> _Block:
+            fn, args = built[block.engine]
+            block.before, block.samples = last[0], []
+            settle()  # the previous engine's (or the canary's) spinning workers go idle first
+            for _ in range(block.calls):
+                t0 = time.perf_counter()
+                fn(*args)
+                block.samples.append((time.perf_counter() - t0) * 1e3)
+            settle()
+            block.after = last[0] = canary()
+            return block
+
         for r in range(rounds):
             for e in order[r % len(order):] + order[:r % len(order)]:
-                fn, args = built[e]
-                n = max(1, min(CALLS_PER_ROUND, int(budget_s / rounds / est[e])))
-                time.sleep(SETTLE_S)  # let the previous engine's spinning workers go idle
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    fn(*args)
-                    samples[e].append((time.perf_counter() - t0) * 1e3)
-    return samples, rounds
+                blocks.append(timed(_Block(e, max(1, min(CALLS_PER_ROUND, int(budget_s / rounds / est[e]))))))
+        disturbed = [b for b in blocks if not b.quiet(canary.nominal)]
+        retimed, deadline = 0, time.perf_counter() + RETIME_S
+        while time.perf_counter() < deadline:
+            again = [b for b in blocks if not b.quiet(canary.nominal)]
+            if not again:
+                break
+            if last[0] < DISTURBED * canary.nominal:  # still busy: wait for the canary to read quiet
+                time.sleep(QUIET_WAIT_S)
+                last[0] = canary()
+                continue
+            timed(again[0])
+            retimed += 1
+    samples: dict[str, list[float]] = {e: [] for e in built}
+    for b in blocks:
+        samples[b.engine] += b.samples
+    left = sum(not b.quiet(canary.nominal) for b in blocks)
+    return samples, rounds, {"nominal_gflops": canary.nominal, "blocks": len(blocks), "disturbed": len(disturbed),
+                             "retimed": retimed, "left_disturbed": left}
 
 
 # -- ratios, roof, outputs --------------------------------------------------------------------------------------
@@ -408,6 +485,21 @@ def roof_text(roof: dict) -> str:
                      else f"{k} n/a ({v.get('error', '')[:60]})" for k, v in roof.items())
 
 
+def canary_text(results: dict) -> list[str]:
+    """Markdown: how many blocks of timed calls the canary found disturbed, and where some were kept so."""
+    seen = [(f"{m['model']} b{b}", x["canary"]) for m in results["models"] for b, x in m["batches"].items()
+            if x.get("canary")]
+    if not seen:
+        return []
+    total = {k: sum(c[k] for _, c in seen) for k in ("blocks", "disturbed", "retimed", "left_disturbed")}
+    text = (f"Canary: between every two blocks of timed calls, a 1024³ fp32 GEMM read the machine's speed. "
+            f"{total['disturbed']} of {total['blocks']} blocks had a reading below {DISTURBED:.0%} of the fastest "
+            f"on one side (something else held the cores); {total['retimed']} re-timings followed, and "
+            f"{total['left_disturbed']} blocks are kept disturbed")
+    left = [f"{what} ({c['left_disturbed']})" for what, c in seen if c["left_disturbed"]]
+    return [text + (": " + ", ".join(left) if left else "") + ".", ""]
+
+
 def markdown(results: dict, compare: dict | None = None) -> str:
     mc = results["machine"]
     lines = [f"# DIOE benchmark: {mc['cpu']}", "",
@@ -420,6 +512,7 @@ def markdown(results: dict, compare: dict | None = None) -> str:
              "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
              "*roof* is achieved GFLOP/s over the GEMM "
              "roof of that precision.", ""]
+    lines += canary_text(results)
     lines += ["## DIOE against the best peer (batch 1, fp32)", "",
               "| model | GFLOP | best fp32 peer | peer ms | DIOE ms | ratio | DIOE roof "
               "| OpenVINO default (prec) ms | DIOE plan |",
@@ -607,6 +700,8 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     roof = gemm_roof(roof_sizes)
     print("roof: " + roof_text(roof), flush=True)
     rss = _Rss()
+    canary = Canary(max((c["gflops"] for c in (roof.get("fp32") or {}).get("candidates", [])
+                         if c.get("op") == "torch.mm" and c.get("n") == PROBE_N and c.get("gflops")), default=0.0))
     results = {"command": " ".join([prog, *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": mc, "roof": roof, "models": [],
                "settings": {"rounds": rounds, "budget_s": budget, "batches": args.batches, "size": args.size}}
@@ -615,7 +710,8 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
             print(f"{name}:", flush=True)
             results["models"].append(measure_model(
                 name, size=args.size, batches=tuple(args.batches), engines=tuple(args.engines), rounds=rounds,
-                budget_s=budget, cache=Path(tmp) / name, rss=rss, log=lambda s: print(s, flush=True)))
+                budget_s=budget, cache=Path(tmp) / name, rss=rss, canary=canary,
+                log=lambda s: print(s, flush=True)))
     rss.close()
     results["roof"] = merge_roofs(roof, gemm_roof(roof_sizes),
                                   [(f"{m['model']} b{b}", x.get("probe_gflops")) for m in results["models"]

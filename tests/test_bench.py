@@ -5,7 +5,7 @@ import json
 import subprocess
 import time
 
-from dioe.bench import ENGINES, derive, markdown, merge_roofs, reproducibility
+from dioe.bench import ENGINES, Canary, canary_text, derive, markdown, merge_roofs, reproducibility
 
 from helpers import dioe_command
 
@@ -128,3 +128,80 @@ def test_inductor_peer_compiles_in_the_runs_own_cache(tmp_path):
     assert any(p.suffix == ".py" for p in (tmp_path / "peers" / "inductor").rglob("*")), "no inductor code there"
     after = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch itself sets its default there on first use
     assert after == before or not after.startswith(str(tmp_path)), after
+
+
+class _ScriptedCanary(Canary):
+    """A canary reading a script instead of timing a GEMM: the last reading repeats once the script ends."""
+
+    def __init__(self, readings):
+        super().__init__()
+        self.script = list(readings)
+
+    def read(self):
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+
+def _two_engines(calls):
+    def engine(name):
+        def fn():
+            calls[name] += 1
+            time.sleep(0.001)
+        return fn, ()
+    return {"a": engine("a"), "b": engine("b")}
+
+
+def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
+    import dioe.bench as bench
+
+    monkeypatch.setattr(bench, "settle", lambda: 0.0)
+    calls = {"a": 0, "b": 0}
+    # readings between blocks: a slow one after the second block disturbs the second and the third
+    canary = _ScriptedCanary([180.0, 180.0, 100.0, 180.0])
+    samples, rounds, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
+    assert rounds == 3 and canary.nominal == 180.0
+    assert seen == {"nominal_gflops": 180.0, "blocks": 6, "disturbed": 2, "retimed": 2, "left_disturbed": 0}
+    # each engine keeps one block a round: the disturbed blocks' samples were replaced, not added to
+    per_block = len(samples["a"]) // 3
+    assert per_block >= 1 and len(samples["a"]) == len(samples["b"]) == 3 * per_block
+    assert "2 of 6 blocks disturbed, 2 re-timed, 0 left" == bench._disturbance(seen)
+
+
+def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monkeypatch):
+    import dioe.bench as bench
+
+    monkeypatch.setattr(bench, "settle", lambda: 0.0)
+    monkeypatch.setattr(bench, "RETIME_S", 0.05)
+    monkeypatch.setattr(bench, "QUIET_WAIT_S", 0.01)
+    calls = {"a": 0, "b": 0}
+    samples, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
+                                          canary=_ScriptedCanary([180.0, 180.0, 100.0]))
+    # the first block is quiet on both sides; every later one has the slow machine on one side at least
+    assert seen["disturbed"] == 5 and seen["retimed"] == 0 and seen["left_disturbed"] == 5
+    assert len(samples["a"]) == len(samples["b"]) > 0
+    results = {"models": [{"model": "m", "batches": {"1": {"canary": seen}}}]}
+    assert canary_text(results)[0].endswith("5 blocks are kept disturbed: m b1 (5).")
+
+
+def test_settle_waits_for_spinning_workers_and_no_longer():
+    import threading
+
+    from dioe.runtime import SETTLE_SLICE_S, settle
+
+    assert settle() < 10 * SETTLE_SLICE_S   # nothing spins: a slice or two
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    worker = threading.Thread(target=spin, args=(0.15,))
+    worker.start()
+    try:
+        assert settle() >= 0.1       # it waited for the worker to stop
+    finally:
+        worker.join()
+    worker = threading.Thread(target=spin, args=(1.0,))
+    worker.start()
+    try:
+        assert 0.05 <= settle(max_s=0.05) < 0.5   # a worker that never stops: at most max_s, and a slice
+    finally:
+        worker.join()
