@@ -11,6 +11,9 @@ provider), OpenVINO at f32 and at its own default precision (bf16 on CPUs that h
 files, which call each engine's standard path (ORT: dynamo export + InferenceSession.run, its workers spinning
 between calls as by default; OpenVINO: convert_model from torch.export + compile_model with the LATENCY hint);
 that wrapper costs microseconds per call.
+Before each engine's calls the bench waits until the previous engine's worker threads have stopped spinning, and a
+GEMM canary read between every two blocks of calls catches blocks timed while something else held the cores:
+those are timed again (see `Canary` and `_interleaved`), and the results count them.
 Each peer builds in a cache folder of its own (the two OpenVINO peers share one), so that no peer's compile time
 is shortened by another's export; Inductor's caches too live in the run's folder, so that no run starts warm.
 """
@@ -32,6 +35,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -105,16 +109,15 @@ PROBE_N = 1024
 
 
 def merge_roofs(start: dict, end: dict, probes: list[tuple[str, float]]) -> dict:
-    """One roof per dtype: the best GEMM seen in the run, at its start, at its end, or in the fp32 probe before a
-    model's rounds. This machine's GEMM speed moved by a third within one run (97 to 192 GFLOP/s at n=1024), and
+    """One roof per dtype: the best GEMM seen in the run, at its start, at its end, or among the fp32 GEMMs timed
+    between them (`probes`: the probe before a model's rounds, the fastest canary during them). This machine's GEMM speed moved by a third within one run (97 to 192 GFLOP/s at n=1024), and
     a roof taken once, at a slow moment, was beaten by 27% inside whole models."""
     out = {}
     for dt in dict.fromkeys([*start, *end]):
         cands = [{**c, "when": when} for when, roof in (("start", start), ("end", end))
                  for c in (roof.get(dt) or {}).get("candidates", [])]
         if dt == "fp32":
-            cands += [{"op": "torch.mm", "n": PROBE_N, "gflops": g, "when": f"probe before {what}"}
-                      for what, g in probes if g]
+            cands += [{"op": "torch.mm", "n": PROBE_N, "gflops": g, "when": when} for when, g in probes if g]
         if cands:
             out[dt] = {**max(cands, key=lambda c: c["gflops"]), "candidates": cands}
         else:
@@ -282,7 +285,7 @@ def _flat(captured, inputs) -> tuple:
 
 
 def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tuple[str, ...], rounds: int,
-                  budget_s: float, cache: Path, rss: _Rss, canary: "Canary | None" = None, log=print) -> dict:
+                  budget_s: float, cache: Path, rss: _Rss, canary: Canary | None = None, log=print) -> dict:
     """All engines on one model: build each (timed, with its peak RSS), then interleaved rounds per batch size,
     watched by `canary` (one for the whole run, so that its nominal speed is the run's fastest)."""
     from . import zoo
@@ -349,9 +352,10 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
 MAX_ROUNDS, CALLS_PER_ROUND = 20, 50
 # The canary: a 1024^3 fp32 GEMM timed between every two blocks of calls (an engine's calls in one round). A block
 # with a canary on either side below DISTURBED of the fastest canary of the run was timed while something else
-# held the cores (this 2-core machine's GEMM speed moved by up to 56% between two runs of one day, and by 75%
-# within one model's rounds), and is timed again once the canary reads quiet, for up to RETIME_S per model and
-# batch. Blocks still disturbed then are kept, and counted in the results.
+# held the cores (on this 2-core machine a run timed resnet50's batch-1 rounds at half speed: the GEMM probe before
+# them read 89 GFLOP/s against 175 in the run before, and every engine's median rose by 65-92%). Such a block is
+# timed again once the canary reads quiet, for up to RETIME_S per model and batch; blocks still disturbed then are
+# kept, and counted in the results.
 DISTURBED, RETIME_S, QUIET_WAIT_S = 0.85, 30.0, 0.5
 
 
@@ -424,7 +428,12 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
         if est:
             rounds = max(rounds, min(MAX_ROUNDS, int(budget_s / (CALLS_PER_ROUND * max(est.values())))))
         order = list(built)
-        last = [canary()]
+        readings: list[float] = []
+
+        def read() -> float:
+            readings.append(canary())
+            return readings[-1]
+        last = [read()]
 
         def timed(block: _Block) -> _Block:
             fn, args = built[block.engine]
@@ -435,7 +444,7 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
                 fn(*args)
                 block.samples.append((time.perf_counter() - t0) * 1e3)
             settle()
-            block.after = last[0] = canary()
+            block.after = last[0] = read()
             return block
 
         for r in range(rounds):
@@ -449,16 +458,19 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
                 break
             if last[0] < DISTURBED * canary.nominal:  # still busy: wait for the canary to read quiet
                 time.sleep(QUIET_WAIT_S)
-                last[0] = canary()
+                last[0] = read()
                 continue
-            timed(again[0])
+            # the engine with the most disturbed blocks first: should time run out, each engine's median still
+            # rests on as many quiet blocks as the others' can
+            timed(max(again, key=lambda b: sum(x.engine == b.engine for x in again)))
             retimed += 1
     samples: dict[str, list[float]] = {e: [] for e in built}
     for b in blocks:
         samples[b.engine] += b.samples
-    left = sum(not b.quiet(canary.nominal) for b in blocks)
+    left = Counter(b.engine for b in blocks if not b.quiet(canary.nominal))
     return samples, rounds, {"nominal_gflops": canary.nominal, "blocks": len(blocks), "disturbed": len(disturbed),
-                             "retimed": retimed, "left_disturbed": left}
+                             "retimed": retimed, "left_disturbed": sum(left.values()),
+                             "left_by_engine": dict(left), "fastest_gflops": max(readings, default=None)}
 
 
 # -- ratios, roof, outputs --------------------------------------------------------------------------------------
@@ -506,7 +518,7 @@ def markdown(results: dict, compare: dict | None = None) -> str:
              f"Command: `{results['command']}`  ", f"Date: {results['date']}; took {results['seconds'] / 60:.1f} min  ",
              f"Machine: {mc['cpu']}, {mc['cores']} cores, {mc['machine']}; ISA: {', '.join(mc['isa'])}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in mc["versions"].items() if v) + "  ",
-             "Roof (best GEMM, all cores, at the run's start, its end, or a probe between models): " +
+             "Roof (best GEMM, all cores, at the run's start, its end, or a probe or canary between them): " +
              roof_text(results["roof"]), "",
              "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
              "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
@@ -714,8 +726,10 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
                 log=lambda s: print(s, flush=True)))
     rss.close()
     results["roof"] = merge_roofs(roof, gemm_roof(roof_sizes),
-                                  [(f"{m['model']} b{b}", x.get("probe_gflops")) for m in results["models"]
-                                   for b, x in m["batches"].items()])
+                                  [(f"{what} {m['model']} b{b}", g) for m in results["models"]
+                                   for b, x in m["batches"].items()
+                                   for what, g in (("probe before", x.get("probe_gflops")),
+                                                   ("canary in", (x.get("canary") or {}).get("fastest_gflops")))])
     print("roof, best of the run: " + roof_text(results["roof"]), flush=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
     derive(results)

@@ -97,10 +97,11 @@ def test_roof_is_the_best_gemm_of_the_run():
              "int8": {"gflops": None, "error": "no VNNI"}}
     end = {"fp32": {"gflops": 160.0, "candidates": [{"op": "openvino MatMul", "n": 1024, "gflops": 160.0}]},
            "int8": {"gflops": None, "error": "no VNNI"}}
-    roof = merge_roofs(start, end, [("m b1", 190.0), ("m b8", None)])
-    assert roof["fp32"]["gflops"] == 190.0 and roof["fp32"]["when"] == "probe before m b1"
-    assert len(roof["fp32"]["candidates"]) == 4
-    assert merge_roofs(start, end, [("m b1", 120.0)])["fp32"] == {
+    roof = merge_roofs(start, end, [("probe before m b1", 180.0), ("canary in m b1", 190.0),
+                                    ("probe before m b8", None)])
+    assert roof["fp32"]["gflops"] == 190.0 and roof["fp32"]["when"] == "canary in m b1"
+    assert len(roof["fp32"]["candidates"]) == 5
+    assert merge_roofs(start, end, [("probe before m b1", 120.0)])["fp32"] == {
         "op": "openvino MatMul", "n": 1024, "gflops": 160.0, "when": "end", "candidates": [
             {"op": "torch.mm", "n": 2048, "gflops": 150.0, "when": "start"},
             {"op": "openvino MatMul", "n": 2048, "gflops": 140.0, "when": "start"},
@@ -159,7 +160,8 @@ def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
     canary = _ScriptedCanary([180.0, 180.0, 100.0, 180.0])
     samples, rounds, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
     assert rounds == 3 and canary.nominal == 180.0
-    assert seen == {"nominal_gflops": 180.0, "blocks": 6, "disturbed": 2, "retimed": 2, "left_disturbed": 0}
+    assert seen == {"nominal_gflops": 180.0, "blocks": 6, "disturbed": 2, "retimed": 2, "left_disturbed": 0,
+                    "left_by_engine": {}, "fastest_gflops": 180.0}
     # each engine keeps one block a round: the disturbed blocks' samples were replaced, not added to
     per_block = len(samples["a"]) // 3
     assert per_block >= 1 and len(samples["a"]) == len(samples["b"]) == 3 * per_block
@@ -177,6 +179,7 @@ def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monke
                                           canary=_ScriptedCanary([180.0, 180.0, 100.0]))
     # the first block is quiet on both sides; every later one has the slow machine on one side at least
     assert seen["disturbed"] == 5 and seen["retimed"] == 0 and seen["left_disturbed"] == 5
+    assert seen["left_by_engine"] == {"a": 2, "b": 3}   # blocks a, b, b, a, a, b: all but the first
     assert len(samples["a"]) == len(samples["b"]) > 0
     results = {"models": [{"model": "m", "batches": {"1": {"canary": seen}}}]}
     assert canary_text(results)[0].endswith("5 blocks are kept disturbed: m b1 (5).")
@@ -205,3 +208,19 @@ def test_settle_waits_for_spinning_workers_and_no_longer():
         assert 0.05 <= settle(max_s=0.05) < 0.5   # a worker that never stops: at most max_s, and a slice
     finally:
         worker.join()
+
+
+def test_the_engine_with_the_most_disturbed_blocks_is_timed_again_first(monkeypatch):
+    import dioe.bench as bench
+
+    monkeypatch.setattr(bench, "settle", lambda: 0.0)
+    monkeypatch.setattr(bench, "RETIME_S", 0.1)
+    monkeypatch.setattr(bench, "QUIET_WAIT_S", 0.01)
+    calls = {"a": 0, "b": 0}
+    # blocks a, b, b, a, a, b; slow readings after the first two disturb a's first block and b's first two. The
+    # first re-timing reads quiet, the second ends on a slow reading, and the machine stays busy until time runs out
+    canary = _ScriptedCanary([180.0, 100.0, 100.0, 180.0, 180.0, 180.0, 180.0, 180.0, 100.0])
+    _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
+    assert seen["disturbed"] == 3 and seen["retimed"] == 2
+    # b's block went first, then a's: one each is left. In block order, a's then b's, b would keep both of its own.
+    assert seen["left_by_engine"] == {"a": 1, "b": 1}
