@@ -224,3 +224,29 @@ def test_the_engine_with_the_most_disturbed_blocks_is_timed_again_first(monkeypa
     assert seen["disturbed"] == 3 and seen["retimed"] == 2
     # b's block went first, then a's: one each is left. In block order, a's then b's, b would keep both of its own.
     assert seen["left_by_engine"] == {"a": 1, "b": 1}
+
+
+def test_the_openvino_peer_converts_from_torch_not_from_the_onnx_runtime_peers_file(tmp_path, monkeypatch):
+    import openvino
+    import torch
+
+    import dioe
+    from dioe.bench import build
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    captured = dioe.capture(model, (x,))
+    build("onnxruntime", model, (x,), captured, tmp_path)
+    assert list(tmp_path.rglob("*.onnx")), "the ONNX Runtime peer exported nothing"
+    converted, real = [], openvino.convert_model
+
+    def spy(source, *a, **k):
+        converted.append(source)
+        return real(source, *a, **k)
+    monkeypatch.setattr(openvino, "convert_model", spy)
+    for engine in ("openvino-f32", "openvino-default"):
+        fn, _ = build(engine, model, (x,), captured, tmp_path)
+        assert torch.allclose(fn(x)[0], model(x), atol=1e-5)
+    # one conversion, shared by the two OpenVINO peers, from torch.export's program: no peer's build is
+    # shortened by another's export (DIOE's OpenVINO reads its ONNX Runtime rival's file; the peers must not)
+    assert len(converted) == 1 and isinstance(converted[0], torch.export.ExportedProgram), converted
