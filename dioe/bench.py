@@ -110,8 +110,9 @@ PROBE_N = 1024
 
 def merge_roofs(start: dict, end: dict, probes: list[tuple[str, float]]) -> dict:
     """One roof per dtype: the best GEMM seen in the run, at its start, at its end, or among the fp32 GEMMs timed
-    between them (`probes`: the probe before a model's rounds, the fastest canary during them). This machine's GEMM speed moved by a third within one run (97 to 192 GFLOP/s at n=1024), and
-    a roof taken once, at a slow moment, was beaten by 27% inside whole models."""
+    between them (`probes`: the probe before a model's rounds, the fastest canary during them). This machine's
+    GEMM speed moved by a third within one run (97 to 192 GFLOP/s at n=1024), and a roof taken once, at a slow
+    moment, was beaten by 27% inside whole models."""
     out = {}
     for dt in dict.fromkeys([*start, *end]):
         cands = [{**c, "when": when} for when, roof in (("start", start), ("end", end))
@@ -428,23 +429,19 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
         if est:
             rounds = max(rounds, min(MAX_ROUNDS, int(budget_s / (CALLS_PER_ROUND * max(est.values())))))
         order = list(built)
-        readings: list[float] = []
-
-        def read() -> float:
-            readings.append(canary())
-            return readings[-1]
-        last = [read()]
+        readings = [canary()]  # every reading, in order: the last is the machine's state right now
 
         def timed(block: _Block) -> _Block:
             fn, args = built[block.engine]
-            block.before, block.samples = last[0], []
+            block.before, block.samples = readings[-1], []
             settle()  # the previous engine's (or the canary's) spinning workers go idle first
             for _ in range(block.calls):
                 t0 = time.perf_counter()
                 fn(*args)
                 block.samples.append((time.perf_counter() - t0) * 1e3)
             settle()
-            block.after = last[0] = read()
+            readings.append(canary())
+            block.after = readings[-1]
             return block
 
         for r in range(rounds):
@@ -456,9 +453,9 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
             again = [b for b in blocks if not b.quiet(canary.nominal)]
             if not again:
                 break
-            if last[0] < DISTURBED * canary.nominal:  # still busy: wait for the canary to read quiet
+            if readings[-1] < DISTURBED * canary.nominal:  # still busy: wait for the canary to read quiet
                 time.sleep(QUIET_WAIT_S)
-                last[0] = read()
+                readings.append(canary())
                 continue
             # the engine with the most disturbed blocks first: should time run out, each engine's median still
             # rests on as many quiet blocks as the others' can
@@ -470,7 +467,7 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
     left = Counter(b.engine for b in blocks if not b.quiet(canary.nominal))
     return samples, rounds, {"nominal_gflops": canary.nominal, "blocks": len(blocks), "disturbed": len(disturbed),
                              "retimed": retimed, "left_disturbed": sum(left.values()),
-                             "left_by_engine": dict(left), "fastest_gflops": max(readings, default=None)}
+                             "left_by_engine": dict(left), "fastest_gflops": max(readings)}
 
 
 # -- ratios, roof, outputs --------------------------------------------------------------------------------------
