@@ -113,10 +113,18 @@ def _bound_runner(sess, part: Partition, device: str):
     dev = torch.device(device)
     dev_type, dev_id = dev.type, dev.index or 0
     numpy_io = all(x.dtype in _NP for x in part.example_inputs if isinstance(x, torch.Tensor))
-    if not static or (dev_type == "cpu" and numpy_io):
+    if dev_type == "cpu" and numpy_io:
         # On the CPU, numpy views of the inputs and ONNX Runtime's own output arrays are copy-free too, and cost
         # 11 us a call against IO binding's 19 us (an 8-op MLP): a binding is rebuilt and every buffer bound on
-        # each call. Outputs of unknown shape take this path on any device.
+        # each call. Inputs are on the CPU already (the contract of io_device), and so are the outputs.
+        session_run = _session_run(sess)
+        from_numpy = torch.from_numpy
+
+        def run_cpu(*inputs):
+            return tuple([from_numpy(o) for o in session_run(out_names, {name: inputs[i].contiguous().numpy()
+                                                                         for i, name in feed})])
+        return run_cpu
+    if not static:  # outputs of unknown shape, on any other device: through host memory
         def run_plain(*inputs):
             outs = sess.run(out_names, {name: inputs[i].contiguous().cpu().numpy() for i, name in feed})
             return tuple(torch.from_numpy(o).to(dev) for o in outs)
@@ -136,6 +144,21 @@ def _bound_runner(sess, part: Partition, device: str):
             binding.bind_output(name, dev_type, dev_id, _NP[o.dtype], list(o.shape), o.data_ptr())
         sess.run_with_iobinding(binding)
         return tuple(outs)
+    return run
+
+
+def _session_run(sess):
+    """`run(output_names, feed)` of the session's C++ object, below InferenceSession.run's Python checks: that
+    every graph input is fed (true here by construction), that no OrtValue in the feed belongs to another session
+    (the feed holds numpy arrays only), and a retry on the fallback providers (DIOE falls back itself, to torch).
+    Called alternately with the public method on one session, tiny-mlp's call took 24.4 us against 30.0 (the
+    median of 4000 pairs differed by 5.4 us). The public method where the inner one is missing."""
+    inner = getattr(sess, "_sess", None)
+    if inner is None or not callable(getattr(inner, "run", None)):
+        return sess.run
+
+    def run(output_names, feed):
+        return inner.run(output_names, feed, None)
     return run
 
 

@@ -240,8 +240,15 @@ def test_the_openvino_peer_converts_from_torch_not_from_the_onnx_runtime_peers_f
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
     x = torch.randn(2, 8)
     captured = dioe.capture(model, (x,))
-    build("onnxruntime", model, (x,), captured, tmp_path)
+    import onnxruntime
+
+    public, run = [], onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run",
+                        lambda self, *a, **k: public.append(a) or run(self, *a, **k))
+    fn, _ = build("onnxruntime", model, (x,), captured, tmp_path)
     assert list(tmp_path.rglob("*.onnx")), "the ONNX Runtime peer exported nothing"
+    assert torch.allclose(fn(x)[0], model(x), atol=1e-5)
+    assert public, "the ONNX Runtime peer is called through its public API, as a user calls it"
     converted, real = [], openvino.convert_model
 
     def spy(source, *a, **k):
