@@ -26,7 +26,7 @@ from . import backends as registry
 from . import cache as _cache
 from . import tracing as _trace
 from .backend import Compiled, Partition, cache_root
-from .capture import CapturedGraph, TensorSpec, capture
+from .capture import MISS, CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
 from .partition import INPUT, OUTPUT, Assignment, Edges, assign, whole_graph_options
 from .plan import Choice, Plan, PlanPartition
@@ -65,11 +65,27 @@ class Optimized:
 
     def __init__(self, captured: CapturedGraph, plan: Plan, program: Program, runtime: Runtime):
         self.captured, self.plan, self.program, self.runtime = captured, plan, program, runtime
+        self._hot = self._hot_path()
+
+    def _hot_path(self):
+        """The common call of a one-partition plan on the CPU (positional tensors of the captured shapes, no
+        trace) as one closure: the input check, the engine's call and the output structure, with none of the
+        general path's layers between them. DIOE's own Python a call, the engine's call stubbed out: tiny-mlp 4.3
+        to 3.0 us, tiny-bert 8.0 to 6.2 (medians). Next to a real call it costs more: ONNX Runtime's worker spins
+        on the other core and the caches are cold, and checking tiny-bert's two inputs then took 8.5 us.
+        None where the plan or the inputs do not allow it."""
+        runner = self.runtime.direct_runner()
+        return self.captured.hot_call(runner) if runner is not None else None
 
     def __call__(self, *args, **kwargs) -> Any:
+        hot = self._hot
+        if hot is not None and not kwargs and _trace.active() is None:
+            out = hot(args)
+            if out is not MISS:
+                return out
         flat = self.captured.flatten_inputs(args, kwargs)
         tr = _trace.active()
-        if tr is None:  # the hot path: each backend runs its partitions under inference mode itself
+        if tr is None:  # each backend runs its partitions under inference mode itself
             return self.captured.unflatten_outputs(self.runtime.run(flat))
         with torch.inference_mode():
             tr.attach(self.runtime.pool, self.plan)

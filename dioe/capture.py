@@ -24,7 +24,7 @@ import traceback
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -32,6 +32,9 @@ from torch import fx
 
 from .cost import Cost, node_cost
 from .errors import CaptureError, InputSpecError
+
+# What a hot-path call returns when it does not take the call: the caller goes the long way instead
+MISS = object()
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,27 @@ class CapturedGraph:
 
     def _expected_text(self) -> str:
         return "(" + ", ".join(f"{n}: {s}" for n, s in zip(self.input_names, self.input_specs)) + ")"
+
+    def hot_call(self, run: Callable[[tuple], Sequence]) -> Callable[[tuple], Any] | None:
+        """`flatten_inputs`, `run` and `unflatten_outputs` in one closure, for the common call: positional CPU
+        tensors of the captured static shapes. It returns MISS for any other call, which then goes the long way
+        and is told what is wrong. None where the captured inputs are not all such tensors."""
+        fast = self._positional_specs
+        if fast is None or any(device != "cpu" for _, _, device in fast):
+            return None
+        specs = tuple((shape, dtype) for shape, dtype, _ in fast)
+        count, tensor = len(specs), torch.Tensor
+        rebuild = self._rebuild or (lambda flat: pytree.tree_unflatten(list(flat), self.out_spec))
+
+        def call(args: tuple) -> Any:
+            if len(args) != count:
+                return MISS
+            for x, (shape, dtype) in zip(args, specs):
+                if type(x) is not tensor or x.shape != shape or x.dtype != dtype or not x.is_cpu:
+                    return MISS
+            flat = run(args)
+            return MISS if flat is MISS else rebuild(flat)
+        return call
 
     def unflatten_outputs(self, flat: Sequence) -> Any:
         if self._rebuild is not None:

@@ -16,6 +16,7 @@ import torch
 
 from . import backends as registry
 from .backend import Compiled
+from .capture import MISS
 from .errors import BackendError
 from .pool import ResourcePool
 from .profile import measure
@@ -59,6 +60,26 @@ class Runtime:
             else:
                 return None  # an output that is an input passed through
         return out
+
+    def direct_runner(self) -> Callable[[Sequence], Sequence] | None:
+        """For a plan of one partition fed the graph's inputs in order: a closure running it on CPU tensors and
+        returning the graph's outputs. It returns MISS where the partition's engine (as compiled now: verification
+        or a fallback may replace it) takes another device, or raises; `run` then runs the call, and falls back.
+        None for any other plan."""
+        if self.direct is None:
+            return None
+        pid, compiled, direct = self.program.steps[0].partition, self.compiled, self.direct
+
+        def runner(args: Sequence) -> Sequence:
+            c = compiled[pid]
+            if c.io_device != "cpu":
+                return MISS
+            try:
+                outs = c.fn(*args)
+            except Exception:
+                return MISS
+            return [outs[v] if computed else v for computed, v in direct]
+        return runner
 
     def _has_parallel_steps(self) -> bool:
         steps = [s.partition for s in self.program.steps]

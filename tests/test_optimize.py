@@ -486,6 +486,32 @@ def test_a_one_partition_plan_keeps_structure_and_falls_back(cpu):
     assert opt.stats["fallback_calls"] == 1 and opt.runtime.compiled["p0"].backend == "torch"
 
 
+def test_a_one_partition_plan_on_the_cpu_takes_the_hot_path(cpu, monkeypatch):
+    """The common call skips the general path (input flattening, Runtime.run, output unflattening); any other call
+    takes it, and still gets its error."""
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(4, 8)
+    g = dioe.capture(m, (x,))
+    nodes = tuple(n.name for n in g.compute_nodes)
+    plan = Plan("M", g.structure_hash(), "", "latency",
+                (PlanPartition("p0", ("p0",), nodes, cpu.id, "onnxruntime", "fp32", len(nodes), 0.0, 1.0),), 1.0)
+    opt = _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
+    assert opt._hot is not None
+    long_way = []
+    real_run = opt.runtime.run
+    monkeypatch.setattr(opt.runtime, "run", lambda *a, **k: long_way.append(a) or real_run(*a, **k))
+    assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
+    assert not long_way, "the hot path ran the call"
+    with pytest.raises(dioe.InputSpecError, match=r"dtype float64, captured dtype is float32"):
+        opt(x.double())
+    with pytest.raises(dioe.InputSpecError, match=r"expected 1 positional input"):
+        opt(x, x)
+    assert not long_way, "a bad call is refused before it runs"
+    with dioe.trace():   # a trace records the call's partitions: the long way
+        assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
+    assert len(long_way) == 1
+
+
 def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
     _, inputs, opt = tiny_bert_on_standins
     with pytest.raises(dioe.InputSpecError, match=r"captured shape is \[1, 32\]"):
