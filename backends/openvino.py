@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from ..backend import Backend, Partition, decomposes
+from ..backend import Backend, Partition, decomposes, host_view
 from ..cache import touch
 from ..pool import Member
 
@@ -143,6 +143,6 @@ class OpenvinoBackend(Backend):
             req = getattr(local, "req", None)
             if req is None:
                 req = local.req = compiled.create_infer_request()
-            res = req.infer([xs[i].contiguous().numpy() for i in order], share_inputs=True)
+            res = req.infer([host_view(xs[i]) for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
         return run, xml

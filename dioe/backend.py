@@ -272,6 +272,12 @@ class Backend:
                 else t for t in tensors]
 
 
+def host_view(x: torch.Tensor):
+    """A numpy view of a CPU tensor, for engines fed numpy: no copy where it is contiguous. One that requires grad
+    (an input computed outside no_grad) is detached first, since numpy() refuses it."""
+    return (x.detach() if x.requires_grad else x).contiguous().numpy()
+
+
 def float_precision_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 

@@ -62,24 +62,25 @@ class Runtime:
         return out
 
     def direct_runner(self) -> Callable[[Sequence], Sequence] | None:
-        """For a plan of one partition fed the graph's inputs in order: a closure running it on CPU tensors and
-        returning the graph's outputs. It returns MISS where the partition's engine (as compiled now: verification
-        or a fallback may replace it) takes another device, or raises; `run` then runs the call, and falls back.
-        None for any other plan."""
-        if self.direct is None:
+        """For a plan of one partition fed the graph's inputs in order, on the CPU: a closure running it on CPU
+        tensors and returning the graph's outputs, falling back as `run` does. It returns MISS (for `run` to take
+        the call) where the partition's engine, as compiled now (verification may replace it), takes another
+        device. None for any other plan."""
+        if self.direct is None or self.compiled[self.program.steps[0].partition].io_device != "cpu":
             return None
-        pid, compiled, direct = self.program.steps[0].partition, self.compiled, self.direct
+        pid, compiled, call = self.program.steps[0].partition, self.compiled, self._call_direct
 
         def runner(args: Sequence) -> Sequence:
             c = compiled[pid]
-            if c.io_device != "cpu":
-                return MISS
-            try:
-                outs = c.fn(*args)
-            except Exception:
-                return MISS
-            return [outs[v] if computed else v for computed, v in direct]
+            return MISS if c.io_device != "cpu" else call(pid, c, args)
         return runner
+
+    def _call_direct(self, pid: str, c: Compiled, args: Sequence) -> list:
+        try:
+            outs = c(*args)
+        except BackendError as e:
+            outs = self._fallback(pid, e, args)
+        return [outs[v] if computed else v for computed, v in self.direct]
 
     def _has_parallel_steps(self) -> bool:
         steps = [s.partition for s in self.program.steps]
@@ -153,11 +154,7 @@ class Runtime:
             pid = self.program.steps[0].partition
             c = self.compiled[pid]
             if c.io_device == "cpu" and not [x for x in flat_inputs if type(x) is torch.Tensor and not x.is_cpu]:
-                try:
-                    outs = c(*flat_inputs)
-                except BackendError as e:
-                    outs = self._fallback(pid, e, flat_inputs)
-                return tuple([outs[v] if computed else v for computed, v in self.direct])
+                return tuple(self._call_direct(pid, c, flat_inputs))
         env = dict(zip(self.program.graph_inputs, flat_inputs))
         # torch.profiler sees only the thread that started it: op tracing runs the partitions in this one
         if not self.concurrent or (tr is not None and tr.ops):

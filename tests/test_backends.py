@@ -160,6 +160,35 @@ def test_onnxruntime_workers_spin_only_when_the_partition_runs_alone(cpu):
     assert spinning(be.compile(whole(g), cpu)) == "0"
 
 
+@pytest.mark.parametrize("backend", [b for b in ("onnxruntime", "openvino") if b in AVAILABLE])
+def test_numpy_fed_engines_take_inputs_that_require_grad(backend, cpu):
+    """An input computed outside no_grad reaches the engine as it is: numpy() refuses it unless detached, and a
+    refusal would send the partition to the reference for good."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    g = dioe.capture(model, (torch.randn(2, 4),))
+    compiled = backends.get(backend).compile(whole(g), cpu)
+    x = torch.randn(2, 4, requires_grad=True)
+    (out,) = compiled(x * 2)
+    assert torch.allclose(out, model(x * 2).detach(), atol=1e-5)
+
+
+@pytest.mark.skipif("onnxruntime" not in AVAILABLE, reason="needs onnxruntime")
+def test_onnxruntime_on_the_cpu_calls_below_the_public_run(cpu, monkeypatch):
+    """DIOE's feed is right by construction: the public InferenceSession.run, which re-checks it on every call,
+    is left to sessions with other providers (for their retry on the CPU's) and to the bench's peer."""
+    import onnxruntime
+
+    public, run = [], onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run",
+                        lambda self, *a, **k: public.append(a) or run(self, *a, **k))
+    model = torch.nn.Linear(4, 4).eval()
+    g = dioe.capture(model, (torch.randn(2, 4),))
+    compiled = backends.get("onnxruntime").compile(whole(g), cpu, alone=True)
+    x = torch.randn(2, 4)
+    assert torch.allclose(compiled(x)[0], model(x).detach(), atol=1e-5)
+    assert not public
+
+
 @pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
 def test_openvino_precision_is_explicit(cpu):
     torch.manual_seed(0)

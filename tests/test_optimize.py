@@ -488,7 +488,7 @@ def test_a_one_partition_plan_keeps_structure_and_falls_back(cpu):
 
 def test_a_one_partition_plan_on_the_cpu_takes_the_hot_path(cpu, monkeypatch):
     """The common call skips the general path (input flattening, Runtime.run, output unflattening); any other call
-    takes it, and still gets its error."""
+    takes it, and still gets its error. An engine that fails is called once, and falls back."""
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     x = torch.randn(4, 8)
     g = dioe.capture(m, (x,))
@@ -497,19 +497,35 @@ def test_a_one_partition_plan_on_the_cpu_takes_the_hot_path(cpu, monkeypatch):
                 (PlanPartition("p0", ("p0",), nodes, cpu.id, "onnxruntime", "fp32", len(nodes), 0.0, 1.0),), 1.0)
     opt = _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
     assert opt._hot is not None
-    long_way = []
-    real_run = opt.runtime.run
+    long_way, engine = [], []
+    real_run, compiled = opt.runtime.run, opt.runtime.compiled["p0"]
+    real_fn = compiled.fn
     monkeypatch.setattr(opt.runtime, "run", lambda *a, **k: long_way.append(a) or real_run(*a, **k))
+    monkeypatch.setattr(compiled, "fn", lambda *a: engine.append(a) or real_fn(*a))
     assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
-    assert not long_way, "the hot path ran the call"
+    assert not long_way and len(engine) == 1, "the hot path ran the call"
+    assert_matches_eager(eager(m, (x,)), opt(x.requires_grad_()), rtol=1e-4)   # numpy() needs it detached
+    x.requires_grad_(False)
+    assert len(engine) == 2 and not opt.stats["fallback_calls"]
     with pytest.raises(dioe.InputSpecError, match=r"dtype float64, captured dtype is float32"):
         opt(x.double())
     with pytest.raises(dioe.InputSpecError, match=r"expected 1 positional input"):
         opt(x, x)
-    assert not long_way, "a bad call is refused before it runs"
+    assert len(engine) == 2, "a bad call is refused before it reaches the engine"
     with dioe.trace():   # a trace records the call's partitions: the long way
         assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
-    assert len(long_way) == 1
+    assert len(long_way) == 1 and len(engine) == 3
+
+    def broken(*a):
+        engine.append(a)
+        raise RuntimeError("session lost")
+    monkeypatch.setattr(compiled, "fn", broken)
+    with pytest.warns(RuntimeWarning, match="partition p0.*session lost.*torch@"):
+        assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
+    assert len(engine) == 4, "the failed engine is not called a second time"
+    assert opt.stats["fallback_calls"] == 1 and len(long_way) == 1
+    assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)   # the reference now, still on the hot path
+    assert len(engine) == 4 and len(long_way) == 1
 
 
 def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
