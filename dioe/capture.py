@@ -191,6 +191,23 @@ def _output_rebuilder(spec: pytree.TreeSpec):
     return fast if same else None
 
 
+def _fast_check(specs: tuple):
+    """Whether positional arguments are tensors of `specs` ((shape, dtype, device type) each): the check of every
+    call on the hot path, shared by flatten_inputs and hot_call."""
+    count, tensor = len(specs), torch.Tensor
+
+    def fits(args: tuple) -> bool:
+        if len(args) != count:
+            return False
+        for x, (shape, dtype, device) in zip(args, specs):
+            # is_cpu reads a flag; x.device.type builds a device object first (1 us of a 2 us check)
+            if type(x) is not tensor or x.shape != shape or x.dtype != dtype or \
+                    (not x.is_cpu if device == "cpu" else x.device.type != device):
+                return False
+        return True
+    return fits
+
+
 class CapturedGraph:
     """A captured model: a flat ATen GraphModule plus what is needed to call it like the original."""
 
@@ -207,6 +224,7 @@ class CapturedGraph:
                                  else None for n in self.placeholders)
         self.input_names = tuple(n.name for n in self.placeholders)
         self._positional_specs = self._static_positional_specs()
+        self._fits = _fast_check(self._positional_specs) if self._positional_specs is not None else None
         self._rebuild = _output_rebuilder(self.out_spec)
         self._reference = None
 
@@ -232,17 +250,10 @@ class CapturedGraph:
     # -- calling --------------------------------------------------------------------------------------------
     def flatten_inputs(self, args: tuple, kwargs: Mapping | None = None) -> list:
         """Check inputs against the captured spec and flatten them; a clear error names any mismatch."""
-        fast = self._positional_specs
-        if fast is not None and not kwargs and len(args) == len(fast):
+        if self._fits is not None and not kwargs and self._fits(args):
             # the hot path: positional tensors of the captured static shapes; anything else takes the long way,
             # which names what is wrong
-            for x, (shape, dtype, device) in zip(args, fast):
-                # is_cpu reads a flag; x.device.type builds a device object first (1 us of a 2 us check)
-                if type(x) is not torch.Tensor or x.shape != shape or x.dtype != dtype or \
-                        (not x.is_cpu if device == "cpu" else x.device.type != device):
-                    break
-            else:
-                return list(args)
+            return list(args)
         kwargs = dict(kwargs or {})
         expected_kw = _kwarg_names(self.in_spec)
         if set(kwargs) != set(expected_kw):
@@ -293,19 +304,14 @@ class CapturedGraph:
         """`flatten_inputs`, `run` and `unflatten_outputs` in one closure, for the common call: positional CPU
         tensors of the captured static shapes. It returns MISS for any other call, which then goes the long way
         and is told what is wrong. None where the captured inputs are not all such tensors."""
-        fast = self._positional_specs
+        fast, fits = self._positional_specs, self._fits
         if fast is None or any(device != "cpu" for _, _, device in fast):
             return None
-        specs = tuple((shape, dtype) for shape, dtype, _ in fast)
-        count, tensor = len(specs), torch.Tensor
         rebuild = self._rebuild or (lambda flat: pytree.tree_unflatten(list(flat), self.out_spec))
 
         def call(args: tuple) -> Any:
-            if len(args) != count:
+            if not fits(args):
                 return MISS
-            for x, (shape, dtype) in zip(args, specs):
-                if type(x) is not tensor or x.shape != shape or x.dtype != dtype or not x.is_cpu:
-                    return MISS
             flat = run(args)
             return MISS if flat is MISS else rebuild(flat)
         return call
