@@ -26,6 +26,10 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert set(rows) == set(ENGINES)
     d = rows["dioe"]
     assert d["median_ms"] > 0 and d["p90_ms"] >= d["median_ms"] and d["best_peer"] in ENGINES
+    # DIOE's partitions were timed bare beside it at batch 1 only: its runtime overhead
+    assert d["partitions_ms"] > 0
+    assert d["runtime_overhead"] == round((d["median_ms"] - d["partitions_ms"]) / d["median_ms"], 4)
+    assert "partitions_ms" not in model["batches"]["8"]["engines"]["dioe"]
     assert (tmp_path / "quick.md").read_text().startswith("# DIOE benchmark")
     assert (tmp_path / "quick.png").stat().st_size > 10_000
 
