@@ -64,9 +64,8 @@ class OnnxruntimeBackend(Backend):
             touch(path)
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
         with _quiet():
-            program = _onnx_export(part.gm, tuple(part.example_inputs), names)
+            program = _onnx_export(part.gm, tuple(part.example_inputs), list(part.input_names))
         # Weights go to a side file, written as raw bytes: protobuf-serialising them took 3.6 s of bert-base's
         # 8 s export, raw 1.9 s. Both files are written in a scratch folder and the model moved in last, so a
         # crash never leaves a model without its weights in the cache.
@@ -104,8 +103,7 @@ class OnnxruntimeBackend(Backend):
 
 def _bound_runner(sess, part: Partition, device: str):
     """A callable feeding torch tensors to `sess` without copies and returning its outputs as torch tensors."""
-    placeholders = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
-    feed = [(i, name) for i, name in enumerate(placeholders) if name in {x.name for x in sess.get_inputs()}]
+    feed = [(i, name) for name, i in part.input_order([x.name for x in sess.get_inputs()])]
     out_names = [o.name for o in sess.get_outputs()]
     specs = part.output_specs
     static = all(s is not None and not isinstance(s, tuple) and all(isinstance(d, int) for d in s.shape)

@@ -134,9 +134,7 @@ class OpenvinoBackend(Backend):
         if spec:
             config.update({k: v for k, v in spec.options.config.items()})
         compiled = self.core.compile_model(model, device, config)
-        names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
-        inputs = [p.get_any_name() for p in compiled.inputs]
-        order = [names.index(n) if n in names else i for i, n in enumerate(inputs)]
+        order = [i for _, i in part.input_order([p.get_any_name() for p in compiled.inputs], renamed=True)]
         local = threading.local()  # an infer request per calling thread, reused across calls
 
         def run(*xs):

@@ -44,6 +44,22 @@ class Partition:
     example_inputs: tuple
 
     @functools.cached_property
+    def input_names(self) -> tuple[str, ...]:
+        """The graph's placeholders, in the order its callables take their inputs."""
+        return tuple(n.name for n in self.gm.graph.nodes if n.op == "placeholder")
+
+    def input_order(self, engine_inputs: Sequence[str], *, renamed: bool = False) -> list[tuple[str, int]]:
+        """For each input of an engine's compiled model, its name and the position of the partition's input it
+        takes: the one of the same name. With `renamed` (a converter that may rename inputs but keeps them all,
+        in order), an unknown name takes the one at its own position; without, it is an error."""
+        names = self.input_names
+        unknown = [n for n in engine_inputs if n not in names]
+        if unknown and not renamed:
+            raise ValueError(f"partition {self.id}: the engine's inputs {unknown} are none of the partition's "
+                             f"inputs {list(names)}")
+        return [(n, names.index(n) if n in names else i) for i, n in enumerate(engine_inputs)]
+
+    @functools.cached_property
     def digest(self) -> str:
         """Hash of the code, input specs and weight bytes: the key of on-disk compiled artifacts."""
         h = hashlib.blake2b(digest_size=16)

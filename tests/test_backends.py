@@ -172,6 +172,32 @@ def test_numpy_fed_engines_take_inputs_that_require_grad(backend, cpu):
     assert torch.allclose(out, model(x * 2).detach(), atol=1e-5)
 
 
+class _TwoInputs(torch.nn.Module):
+    def forward(self, a, b):
+        return a * 2 - b
+
+
+def test_engine_inputs_map_to_the_partitions_by_name():
+    """An engine may list its inputs in another order; a converter that renames them (OpenVINO's, from torch)
+    keeps their order. An unknown name where no renaming is expected is an error that names both lists."""
+    g = dioe.capture(_TwoInputs(), (torch.randn(3), torch.randn(3)))
+    part = whole(g)
+    a, b = part.input_names
+    assert part.input_order([b, a]) == [(b, 1), (a, 0)]
+    assert part.input_order(["x0", b], renamed=True) == [("x0", 0), (b, 1)]
+    with pytest.raises(ValueError, match=r"the engine's inputs \['x0'\] are none of the partition's inputs"):
+        part.input_order(["x0", b])
+
+
+@pytest.mark.parametrize("backend", [b for b in ("onnxruntime", "openvino") if b in AVAILABLE])
+def test_engines_feed_each_input_to_its_own_name(backend, cpu):
+    """Two inputs of one shape and dtype: a feed that swapped them would still run, and be wrong."""
+    g = dioe.capture(_TwoInputs(), (torch.randn(3), torch.randn(3)))
+    compiled = backends.get(backend).compile(whole(g), cpu)
+    x, y = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
+    assert torch.allclose(compiled(x, y)[0], x * 2 - y)
+
+
 @pytest.mark.skipif("onnxruntime" not in AVAILABLE, reason="needs onnxruntime")
 def test_onnxruntime_on_the_cpu_calls_below_the_public_run(cpu, monkeypatch):
     """DIOE's feed is right by construction: the public InferenceSession.run, which re-checks it on every call,
