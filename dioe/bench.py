@@ -238,9 +238,7 @@ def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, 
         ov_model, _ = be.convert(part)
         compiled = be.core.compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
         req = compiled.create_infer_request()
-        names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
-        order = [names.index(p.get_any_name()) if p.get_any_name() in names else i
-                 for i, p in enumerate(compiled.inputs)]
+        order = [i for _, i in part.input_order([p.get_any_name() for p in compiled.inputs], renamed=True)]
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         prec = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(getattr(hint, "get_type_name", lambda: str(hint))(),
                                                                    str(hint))
@@ -262,19 +260,29 @@ PARTS = "dioe partitions"  # DIOE's partitions called bare, timed beside DIOE at
 
 def _partitions_call(opt) -> Callable:
     """One call of each of an optimized model's partitions in turn, on the engine's own callable (below DIOE's
-    error handling) and on inputs prepared beforehand: the sum of its partitions' times, which DIOE's latency
-    exceeds by its runtime overhead (input checks, handing values between partitions, the output structure)."""
-    calls = []
+    error handling) and on inputs prepared beforehand, then a wait for every accelerator used: the sum of its
+    partitions' times. DIOE's latency exceeds it by its runtime overhead (input checks, handing values between
+    partitions and members, the output structure); for a plan whose partitions run at the same time on different
+    members the sum exceeds the critical path, and the overhead can come out below zero."""
+    calls, devices = [], set()
     for step in opt.program.steps:
         c = opt.runtime.compiled[step.partition]
         dev = c.io_device.split(":")[0]
         xs = tuple(x.to(c.io_device) if isinstance(x, torch.Tensor) and x.device.type != dev else x
                    for x in opt.program.partition(step.partition).example_inputs)
         calls.append((c.fn, xs))
+        if dev != "cpu":
+            devices.add(dev)
+    # an engine on an accelerator returns before its kernels finish; DIOE's call waits for them (it hands the
+    # outputs back on the CPU), so the bare call waits too
+    syncs = [m.synchronize for m in (getattr(torch, d, None) for d in sorted(devices))
+             if callable(getattr(m, "synchronize", None))]
 
     def run():
         for fn, xs in calls:
             fn(*xs)
+        for sync in syncs:
+            sync()
     return run
 
 
@@ -282,8 +290,7 @@ def _public_onnxruntime(sess, part) -> Callable:
     """The ONNX Runtime peer's call, as its documentation writes it: `InferenceSession.run` on numpy views of the
     inputs, the outputs wrapped by torch.from_numpy. The session is the one DIOE's backend builds (same ONNX file,
     same options), but DIOE calls it below that Python method, which re-checks the feed on every call."""
-    names = [n.name for n in part.gm.graph.nodes if n.op == "placeholder"]
-    feed = [(p.name, names.index(p.name)) for p in sess.get_inputs()]
+    feed = part.input_order([p.name for p in sess.get_inputs()])
 
     def run(*xs):
         return tuple(torch.from_numpy(o) for o in sess.run(None, {name: xs[i].numpy() for name, i in feed}))
@@ -360,7 +367,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
             except Exception as e:  # a peer that cannot run a model is a result, not a crash
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
-        if batch == 1 and "dioe" in built:  # the runtime-overhead target is set at batch 1
+        if batch == 1 and "dioe" in built:  # at batch 1 only: overhead shows at small batches, and batch 8's rounds are long
             built[PARTS] = (_partitions_call(built["dioe"][0]), ())
         probe = gemm_probe()
         canary.nominal = max(canary.nominal, probe)
@@ -562,8 +569,9 @@ def markdown(results: dict, compare: dict | None = None) -> str:
              "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
              "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
              "*roof* is achieved GFLOP/s over the GEMM "
-             "roof of that precision; *runtime overhead* is DIOE's latency over the sum of its partitions' times "
-             "(each engine's own callable, called bare in the same rounds), as a share of DIOE's latency.", ""]
+             "roof of that precision; *runtime overhead* is the part of DIOE's latency beyond the sum of its "
+             "partitions' times (each engine's own callable, called bare in the same rounds), as a share of DIOE's "
+             "latency. The canary's block counts include those bare calls' blocks.", ""]
     lines += canary_text(results)
     lines += ["## DIOE against the best peer (batch 1, fp32)", "",
               "| model | GFLOP | best fp32 peer | peer ms | DIOE ms | ratio | runtime overhead | DIOE roof "
@@ -580,7 +588,7 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                  _ms(rows[best]['median_ms']) if best else "-",
                  _ms(d['median_ms']) if "median_ms" in d else "failed",
                  f"**{d['ratio_to_best_peer']:.2f}**" if d.get("ratio_to_best_peer") else "-",
-                 f"{100 * d['runtime_overhead']:+.1f}% (bare {_ms(d['partitions_ms'])})"
+                 f"{100 * d['runtime_overhead']:+.1f}% (bare {_ms(d['partitions_ms'])} ms)"
                  if "runtime_overhead" in d else "-",
                  f"{100 * d['roof_fraction']:.0f}%" if d.get("roof_fraction") is not None else "-",
                  f"{_ms(ovd['median_ms'])} ({ovd['precision']})" if "median_ms" in ovd else "-",

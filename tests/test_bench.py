@@ -26,11 +26,11 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert set(rows) == set(ENGINES)
     d = rows["dioe"]
     assert d["median_ms"] > 0 and d["p90_ms"] >= d["median_ms"] and d["best_peer"] in ENGINES
-    # DIOE's partitions were timed bare beside it at batch 1 only: its runtime overhead
-    assert d["partitions_ms"] > 0
-    assert d["runtime_overhead"] == round((d["median_ms"] - d["partitions_ms"]) / d["median_ms"], 4)
+    # DIOE's partitions were timed bare beside it at batch 1 only: its runtime overhead, a share of its latency
+    assert 0 < d["partitions_ms"] < 2 * d["median_ms"] and -1 < d["runtime_overhead"] < 1
     assert "partitions_ms" not in model["batches"]["8"]["engines"]["dioe"]
-    assert (tmp_path / "quick.md").read_text().startswith("# DIOE benchmark")
+    md = (tmp_path / "quick.md").read_text()
+    assert md.startswith("# DIOE benchmark") and "| runtime overhead |" in md
     assert (tmp_path / "quick.png").stat().st_size > 10_000
 
 
@@ -41,7 +41,7 @@ def test_ratios_compare_within_a_precision_class():
     results = {"roof": {"fp32": {"gflops": 100.0}, "bf16": {"gflops": 400.0}},
                "models": [{"model": "m", "batches": {"1": {"gflop": 10.0, "engines": {
                    "torch": row(20.0), "openvino-f32": row(10.0), "openvino-default": row(4.0, "bf16"),
-                   "dioe": row(8.0)}}}}],
+                   "dioe": {**row(8.0), "partitions_ms": 7.6, "runtime_overhead": 0.05}}}}}],
                "machine": {"cpu": "x", "cores": 2, "machine": "x86_64", "isa": [], "versions": {}},
                "command": "dioe bench", "date": "today", "seconds": 1.0}
     derive(results)
@@ -52,7 +52,7 @@ def test_ratios_compare_within_a_precision_class():
     assert rows["torch"]["speedup_over_eager"] == 1.0 and rows["dioe"]["speedup_over_eager"] == 2.5
     assert rows["openvino-default"]["roof_fraction"] == round(10.0 / 0.004 / 400.0, 3)
     md = markdown(results)
-    assert "| m | 10.00 | openvino-f32 | 10.00 | 8.00 | **0.80** |" in md
+    assert "| m | 10.00 | openvino-f32 | 10.00 | 8.00 | **0.80** | +5.0% (bare 7.60 ms) |" in md
 
 
 def test_reproducibility_separates_the_machine_drift_from_an_engines_own():

@@ -119,9 +119,10 @@ def _force_split(monkeypatch, member_id):
         got = real_assign(segments, edges, profile, pool)
         opts = {s.id: ("torch@%s/fp32" if i % 2 else "onnxruntime@%s/fp32") % member_id
                 for i, s in enumerate(segments)}
-        # predicted well ahead of any one engine over the whole graph, so that it is built and raced. Half the
-        # best whole-graph option, not half the assignment's own sum: on a busy machine the live profile once
-        # put ONNX Runtime's whole graph below that, so the split was never built and had no such rival.
+        # predicted well ahead of any one engine over the whole graph, so that it is built and raced: at most
+        # half the best whole-graph option, not just half the assignment's own sum. On a busy machine the live
+        # profile once put ONNX Runtime's whole graph below that, so the split was never built and had no such
+        # rival.
         best = min((ms for _, ms in dioe.api.whole_graph_options(segments, profile, pool)), default=got.predicted_ms)
         return dataclasses.replace(got, options=opts, predicted_ms=min(got.predicted_ms, best) / 2)
     monkeypatch.setattr(dioe.api, "assign", split)
