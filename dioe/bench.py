@@ -367,8 +367,15 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
             except Exception as e:  # a peer that cannot run a model is a result, not a crash
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
-        if batch == 1 and "dioe" in built:  # at batch 1 only: overhead shows at small batches, and batch 8's rounds are long
-            built[PARTS] = (_partitions_call(built["dioe"][0]), ())
+        # DIOE's partitions bare, at batch 1 only: overhead shows at small batches, and batch 8's rounds are long
+        if batch == 1 and "dioe" in built:
+            try:
+                bare = _partitions_call(built["dioe"][0])
+                with torch.inference_mode():
+                    bare()  # its warm-up, and a partition that fails bare is left out rather than end the run
+                built[PARTS] = (bare, ())
+            except Exception as e:
+                log(f"  {name} b{batch}: DIOE's partitions could not be timed bare: {type(e).__name__}: {e}")
         probe = gemm_probe()
         canary.nominal = max(canary.nominal, probe)
         samples, used, seen = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5),
