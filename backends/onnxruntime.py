@@ -103,7 +103,7 @@ class OnnxruntimeBackend(Backend):
 
 def _bound_runner(sess, part: Partition, device: str):
     """A callable feeding torch tensors to `sess` without copies and returning its outputs as torch tensors."""
-    feed = [(i, name) for name, i in part.input_order([x.name for x in sess.get_inputs()])]
+    feed = part.input_order([x.name for x in sess.get_inputs()])
     out_names = [o.name for o in sess.get_outputs()]
     specs = part.output_specs
     static = all(s is not None and not isinstance(s, tuple) and all(isinstance(d, int) for d in s.shape)
@@ -120,11 +120,11 @@ def _bound_runner(sess, part: Partition, device: str):
 
         def run_cpu(*inputs):
             return tuple([from_numpy(o) for o in session_run(out_names, {name: host_view(inputs[i])
-                                                                         for i, name in feed})])
+                                                                         for name, i in feed})])
         return run_cpu
     if not static:  # outputs of unknown shape, on any other device: through host memory
         def run_plain(*inputs):
-            outs = sess.run(out_names, {name: host_view(inputs[i].cpu()) for i, name in feed})
+            outs = sess.run(out_names, {name: host_view(inputs[i].cpu()) for name, i in feed})
             return tuple(torch.from_numpy(o).to(dev) for o in outs)
         return run_plain
 
@@ -133,7 +133,7 @@ def _bound_runner(sess, part: Partition, device: str):
     def run(*inputs):
         binding = sess.io_binding()
         keep = []
-        for i, name in feed:
+        for name, i in feed:
             x = inputs[i].contiguous()
             keep.append(x)
             binding.bind_input(name, dev_type, dev_id, _NP[x.dtype], list(x.shape), x.data_ptr())

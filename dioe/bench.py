@@ -267,12 +267,11 @@ def _partitions_call(opt) -> Callable:
     calls, devices = [], set()
     for step in opt.program.steps:
         c = opt.runtime.compiled[step.partition]
-        dev = c.io_device.split(":")[0]
-        xs = tuple(x.to(c.io_device) if isinstance(x, torch.Tensor) and x.device.type != dev else x
-                   for x in opt.program.partition(step.partition).example_inputs)
+        xs = backends.get(c.backend).to_io(opt.program.partition(step.partition).example_inputs,
+                                           opt.runtime.pool[c.member])
         calls.append((c.fn, xs))
-        if dev != "cpu":
-            devices.add(dev)
+        if not c.io_device.startswith("cpu"):
+            devices.add(c.io_device.split(":")[0])
     # an engine on an accelerator returns before its kernels finish; DIOE's call waits for them (it hands the
     # outputs back on the CPU), so the bare call waits too
     syncs = [m.synchronize for m in (getattr(torch, d, None) for d in sorted(devices))
