@@ -260,8 +260,10 @@ def test_the_openvino_peer_converts_from_torch_not_from_the_onnx_runtime_peers_f
         return real(source, *a, **k)
     monkeypatch.setattr(openvino, "convert_model", spy)
     for engine in ("openvino-f32", "openvino-default"):
-        fn, _ = build(engine, model, (x,), captured, tmp_path)
-        assert torch.allclose(fn(x)[0], model(x), atol=1e-5)
+        fn, precision = build(engine, model, (x,), captured, tmp_path)
+        # OpenVINO's own default is bf16 on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere
+        assert precision == "fp32" or engine == "openvino-default" and precision == "bf16"
+        assert torch.allclose(fn(x)[0], model(x), atol=1e-5 if precision == "fp32" else 3e-2), precision
     # one conversion, shared by the two OpenVINO peers, from torch.export's program: no peer's build is
     # shortened by another's export (DIOE's OpenVINO reads its ONNX Runtime rival's file; the peers must not)
     assert len(converted) == 1 and isinstance(converted[0], torch.export.ExportedProgram), converted
