@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -377,14 +377,15 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                 log(f"  {name} b{batch}: DIOE's partitions could not be timed bare: {type(e).__name__}: {e}")
         probe = gemm_probe()
         canary.nominal = max(canary.nominal, probe)
-        samples, used, seen = _interleaved(built, rounds=rounds, budget_s=budget_s * (1 if batch == 1 else 1.5),
-                                           canary=canary)
+        samples, by_round, used, seen = _interleaved(built, rounds=rounds,
+                                                     budget_s=budget_s * (1 if batch == 1 else 1.5), canary=canary)
         parts = samples.pop(PARTS, None)
         for engine, s in samples.items():
             s.sort()
             med = statistics.median(s)
             p90 = s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
             rows[engine].update({"median_ms": round(med, 3), "p90_ms": round(p90, 3),
+                                 "round_ms": [round(x, 4) for x in by_round[engine]],
                                  "runs": len(s), "per_s": round(1e3 * batch / med, 2),
                                  "gflops_per_s": round(gflops / (med / 1e3), 1)})
         if parts:
@@ -455,8 +456,8 @@ class Canary:
 class _Block:
     """One engine's calls in one round, with the canary's readings just before and just after them."""
 
-    def __init__(self, engine: str, calls: int):
-        self.engine, self.calls = engine, calls
+    def __init__(self, engine: str, calls: int, round_: int = 0):
+        self.engine, self.calls, self.round = engine, calls, round_
         self.samples: list[float] = []
         self.before = self.after = 0.0
 
@@ -474,7 +475,8 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
     Every engine was called once already when it was built: that was its warm-up.
     Between every two blocks of calls the canary (a `Canary` unless given) reads the machine's GEMM speed; a block
     with a reading below DISTURBED of the canary's nominal speed on either side is timed again (see RETIME_S).
-    Returns each engine's samples in ms, the rounds, and what the canary saw."""
+    Returns each engine's samples in ms, the median of its block in each round (the engines' blocks of one round
+    ran seconds apart, which pairs them: see `paired_ratio`), the rounds, and what the canary saw."""
     canary = canary or Canary()
     est = {}
     blocks: list[_Block] = []
@@ -501,7 +503,7 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
 
         for r in range(rounds):
             for e in order[r % len(order):] + order[:r % len(order)]:
-                blocks.append(timed(_Block(e, max(1, min(CALLS_PER_ROUND, int(budget_s / rounds / est[e]))))))
+                blocks.append(timed(_Block(e, max(1, min(CALLS_PER_ROUND, int(budget_s / rounds / est[e]))), r)))
         disturbed = [b for b in blocks if not b.quiet(canary.nominal)]
         retimed, deadline = 0, time.perf_counter() + RETIME_S
         while time.perf_counter() < deadline:
@@ -517,10 +519,12 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
             timed(max(again, key=lambda b: sum(x.engine == b.engine for x in again)))
             retimed += 1
     samples: dict[str, list[float]] = {e: [] for e in built}
+    by_round: dict[str, list[float]] = {e: [0.0] * rounds for e in built}
     for b in blocks:
         samples[b.engine] += b.samples
+        by_round[b.engine][b.round] = statistics.median(b.samples)
     left = Counter(b.engine for b in blocks if not b.quiet(canary.nominal))
-    return samples, rounds, {"nominal_gflops": canary.nominal, "blocks": len(blocks), "disturbed": len(disturbed),
+    return samples, by_round, rounds, {"nominal_gflops": canary.nominal, "blocks": len(blocks), "disturbed": len(disturbed),
                              "retimed": retimed, "left_disturbed": sum(left.values()),
                              "left_by_engine": dict(left), "fastest_gflops": max(readings)}
 
@@ -538,9 +542,24 @@ def derive(results: dict) -> None:
                 best = min(peers, key=lambda p: ok[p]["median_ms"]) if peers else None
                 r["best_peer"] = best
                 r["ratio_to_best_peer"] = round(r["median_ms"] / ok[best]["median_ms"], 3) if best else None
+                paired = paired_ratio(r.get("round_ms"), ok[best].get("round_ms")) if best else None
+                if paired:
+                    r["paired_ratio"], r["paired_ratio_range"] = paired
                 r["speedup_over_eager"] = round(ok["torch"]["median_ms"] / r["median_ms"], 3) if "torch" in ok else None
                 top = (roof.get(r["precision"]) or {}).get("gflops")
                 r["roof_fraction"] = round(r["gflops_per_s"] / top, 3) if top else None
+
+
+def paired_ratio(mine: Sequence[float] | None, peer: Sequence[float] | None) -> tuple[float, list[float]] | None:
+    """The median over rounds of an engine's block median over its peer's in the same round, and the range of
+    those per-round ratios. Blocks of one round ran seconds apart, so a neighbour's load that comes and goes over
+    minutes moves both sides of each ratio alike, where the ratio of the two overall medians can pair one engine's
+    quiet rounds with the other's busy ones. None where either side lacks rounds (a run from before they were
+    recorded) or their counts differ."""
+    if not mine or not peer or len(mine) != len(peer) or not all(peer):
+        return None
+    ratios = [a / b for a, b in zip(mine, peer)]
+    return round(statistics.median(ratios), 3), [round(min(ratios), 3), round(max(ratios), 3)]
 
 
 def roof_text(roof: dict) -> str:
@@ -573,16 +592,19 @@ def markdown(results: dict, compare: dict | None = None) -> str:
              "Roof (best GEMM, all cores, at the run's start, its end, or a probe or canary between them): " +
              roof_text(results["roof"]), "",
              "Latency is the median (and p90) of interleaved rounds, in ms; *ratio* is latency over the best peer "
-             "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); "
+             "of the same precision class (the best peer itself is 1.00; DIOE below 1.00 means it wins); *paired* is "
+             "the median over rounds of DIOE's block over the best peer's block of the same round, seconds apart, "
+             "with the range of those per-round ratios: a load that comes and goes between rounds moves both sides "
+             "of each alike; "
              "*roof* is achieved GFLOP/s over the GEMM "
              "roof of that precision; *runtime overhead* is the part of DIOE's latency beyond the sum of its "
              "partitions' times (each engine's own callable, called bare in the same rounds), as a share of DIOE's "
              "latency. The canary's block counts include those bare calls' blocks.", ""]
     lines += canary_text(results)
     lines += ["## DIOE against the best peer (batch 1, fp32)", "",
-              "| model | GFLOP | best fp32 peer | peer ms | DIOE ms | ratio | runtime overhead | DIOE roof "
-              "| OpenVINO default (prec) ms | DIOE plan |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | GFLOP | best fp32 peer | peer ms | DIOE ms | ratio | paired (range) | runtime overhead "
+              "| DIOE roof | OpenVINO default (prec) ms | DIOE plan |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         b = m["batches"].get("1")
         if not b:
@@ -594,6 +616,7 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                  _ms(rows[best]['median_ms']) if best else "-",
                  _ms(d['median_ms']) if "median_ms" in d else "failed",
                  f"**{d['ratio_to_best_peer']:.2f}**" if d.get("ratio_to_best_peer") else "-",
+                 _paired_text(d),
                  f"{100 * d['runtime_overhead']:+.1f}% (bare {_ms(d['partitions_ms'])} ms)"
                  if "runtime_overhead" in d else "-",
                  f"{100 * d['roof_fraction']:.0f}%" if d.get("roof_fraction") is not None else "-",
@@ -637,6 +660,13 @@ def markdown(results: dict, compare: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _paired_text(row: dict) -> str:
+    if "paired_ratio" not in row:
+        return "-"
+    lo, hi = row["paired_ratio_range"]
+    return f"{row['paired_ratio']:.2f} ({lo:.2f}-{hi:.2f})"
+
+
 def reproducibility(old: dict, new: dict) -> list[str]:
     """Markdown: each median against an earlier run's, beside the shift that every engine of that model and batch
     shared (the machine's speed moving between the runs) and the GEMM probe's change taken at the same moments."""
@@ -675,6 +705,26 @@ def reproducibility(old: dict, new: dict) -> list[str]:
                    f"{moved(mine)} | {probe} |")
     out += ["", f"{raw} of {len(rows)} medians moved by more than 10%; {own} of {len(rows)} did once the shift "
                 f"shared by every engine of the same model and batch is taken out."]
+    return out + ratio_changes(old, new)
+
+
+def ratio_changes(old: dict, new: dict) -> list[str]:
+    """Markdown: DIOE's ratio to the best peer of its class in both runs, per model and batch: the claim the
+    medians are measured for, which a shift the engines share leaves alone."""
+    def ratios(results):
+        return {(m["model"], b): x["engines"]["dioe"] for m in results["models"] for b, x in m["batches"].items()
+                if x["engines"].get("dioe", {}).get("ratio_to_best_peer")}
+    before, now = ratios(old), ratios(new)
+    keys = [k for k in now if k in before]
+    if not keys:
+        return []
+    out = ["", "DIOE's ratio to the best peer in both runs (*paired*, with its range, where the run recorded "
+               "rounds):", "", "| model | batch | earlier peer | earlier ratio | earlier paired | peer | ratio | "
+               "paired |", "|---|---|---|---|---|---|---|---|"]
+    for model, batch in keys:
+        o, n = before[(model, batch)], now[(model, batch)]
+        out.append(f"| {model} | {batch} | {o['best_peer']} | {o['ratio_to_best_peer']:.2f} | {_paired_text(o)} | "
+                   f"{n['best_peer']} | {n['ratio_to_best_peer']:.2f} | {_paired_text(n)} |")
     return out
 
 

@@ -5,7 +5,8 @@ import json
 import subprocess
 import time
 
-from dioe.bench import ENGINES, Canary, canary_text, derive, markdown, merge_roofs, reproducibility
+from dioe.bench import (ENGINES, Canary, canary_text, derive, markdown, merge_roofs, paired_ratio, ratio_changes,
+                        reproducibility)
 
 from helpers import dioe_command
 
@@ -52,7 +53,30 @@ def test_ratios_compare_within_a_precision_class():
     assert rows["torch"]["speedup_over_eager"] == 1.0 and rows["dioe"]["speedup_over_eager"] == 2.5
     assert rows["openvino-default"]["roof_fraction"] == round(10.0 / 0.004 / 400.0, 3)
     md = markdown(results)
-    assert "| m | 10.00 | openvino-f32 | 10.00 | 8.00 | **0.80** | +5.0% (bare 7.60 ms) |" in md
+    assert "| m | 10.00 | openvino-f32 | 10.00 | 8.00 | **0.80** | - | +5.0% (bare 7.60 ms) |" in md
+
+
+def test_the_paired_ratio_compares_blocks_of_the_same_round():
+    """Two overall medians can pair one engine's quiet rounds with the other's busy ones; the paired ratio divides
+    each round's blocks, timed seconds apart, and takes the median of those."""
+    def row(ms, rounds):
+        return {"median_ms": ms, "p90_ms": ms, "precision": "fp32", "gflops_per_s": 1.0, "per_s": 1.0,
+                "round_ms": rounds}
+    # the machine was slow in rounds 1, 2 and 4 (every engine twice as slow), and DIOE's one bad round fell in 4
+    results = {"roof": {"fp32": {"gflops": 100.0}}, "models": [{"model": "m", "batches": {"1": {"gflop": 1.0,
+               "engines": {"onnxruntime": row(20.0, [10.0, 20.0, 20.0, 10.0, 20.0]),
+                           "dioe": row(18.0, [9.0, 18.0, 18.0, 9.0, 36.0])}}}}]}
+    derive(results)
+    d = results["models"][0]["batches"]["1"]["engines"]["dioe"]
+    assert d["ratio_to_best_peer"] == 0.9 and d["paired_ratio"] == 0.9 and d["paired_ratio_range"] == [0.9, 1.8]
+    peer = results["models"][0]["batches"]["1"]["engines"]["onnxruntime"]
+    assert peer["paired_ratio"] == 1.0   # the best peer against itself
+    assert paired_ratio([1.0, 2.0], [1.0]) is None and paired_ratio(None, [1.0]) is None   # rounds must match
+    # a later run beside an earlier one that recorded no rounds: both ratios tabulated, paired where known
+    old = {"command": "dioe bench", "date": "d", "models": [{"model": "m", "batches": {"1": {"engines": {
+        "dioe": {"median_ms": 20.0, "best_peer": "openvino-f32", "ratio_to_best_peer": 1.05}}}}}]}
+    lines = ratio_changes(old, results)
+    assert "| m | 1 | openvino-f32 | 1.05 | - | onnxruntime | 0.90 | 0.90 (0.90-1.80) |" in lines
 
 
 def test_reproducibility_separates_the_machine_drift_from_an_engines_own():
@@ -170,7 +194,8 @@ def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
     calls = {"a": 0, "b": 0}
     # readings between blocks: a slow one after the second block disturbs the second and the third
     canary = _ScriptedCanary([180.0, 180.0, 100.0, 180.0])
-    samples, rounds, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
+    samples, by_round, rounds, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
+                                                         canary=canary)
     assert rounds == 3 and canary.nominal == 180.0
     assert seen == {"nominal_gflops": 180.0, "blocks": 6, "disturbed": 2, "retimed": 2, "left_disturbed": 0,
                     "left_by_engine": {}, "fastest_gflops": 180.0}
@@ -178,6 +203,10 @@ def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
     assert len(samples["a"]) == len(samples["b"]) == 9
     assert calls["a"] + calls["b"] == 18 + 2 * 3   # and the re-timed blocks ran their 3 calls each
     assert "2 of 6 blocks disturbed, 2 re-timed, 0 left" == bench._disturbance(seen)
+    # each round's entry is the median of that engine's block in the round, a re-timed block's in its own round
+    import statistics
+    for e in "ab":
+        assert by_round[e] == [statistics.median(samples[e][3 * r:3 * r + 3]) for r in range(3)]
 
 
 def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monkeypatch):
@@ -185,7 +214,7 @@ def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monke
     monkeypatch.setattr(bench, "RETIME_S", 0.05)
     monkeypatch.setattr(bench, "QUIET_WAIT_S", 0.01)
     calls = {"a": 0, "b": 0}
-    samples, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
+    samples, _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
                                           canary=_ScriptedCanary([180.0, 180.0, 100.0]))
     # the first block is quiet on both sides; every later one has the slow machine on one side at least
     assert seen["disturbed"] == 5 and seen["retimed"] == 0 and seen["left_disturbed"] == 5
@@ -228,7 +257,7 @@ def test_the_engine_with_the_most_disturbed_blocks_is_timed_again_first(monkeypa
     # blocks a, b, b, a, a, b; slow readings after the first two disturb a's first block and b's first two. The
     # first re-timing reads quiet, the second ends on a slow reading, and the machine stays busy until time runs out
     canary = _ScriptedCanary([180.0, 100.0, 100.0, 180.0, 180.0, 180.0, 180.0, 180.0, 100.0])
-    _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
+    _, _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
     assert seen["disturbed"] == 3 and seen["retimed"] == 2
     # b's block went first, then a's: one each is left. In block order, a's then b's, b would keep both of its own.
     assert seen["left_by_engine"] == {"a": 1, "b": 1}
