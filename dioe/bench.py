@@ -414,7 +414,8 @@ MAX_ROUNDS, CALLS_PER_ROUND = 20, 50
 # timed again once the canary reads quiet, for up to RETIME_S per model and batch; blocks still disturbed then are
 # kept, and counted in the results. In runs 17 and 18, with a neighbour busy for most of both, 16 and 14 of 16
 # models and batches spent the whole 30 s then allowed and still kept disturbed blocks (794 of 910, 621 of 875):
-# about 7 of each run's 31 minutes, for little. Round-by-round paired ratios now carry the drift that re-timing was for.
+# about 7 of each run's 31 minutes, for little. Round-by-round paired ratios now carry the drift that re-timing
+# was for.
 DISTURBED, RETIME_S, QUIET_WAIT_S = 0.85, 15.0, 0.5
 
 
@@ -526,9 +527,9 @@ def _interleaved(built: dict, *, rounds: int, budget_s: float,
         samples[b.engine] += b.samples
         by_round[b.engine][b.round] = statistics.median(b.samples)
     left = Counter(b.engine for b in blocks if not b.quiet(canary.nominal))
-    return samples, by_round, rounds, {"nominal_gflops": canary.nominal, "blocks": len(blocks), "disturbed": len(disturbed),
-                             "retimed": retimed, "left_disturbed": sum(left.values()),
-                             "left_by_engine": dict(left), "fastest_gflops": max(readings)}
+    seen = {"nominal_gflops": canary.nominal, "blocks": len(blocks), "disturbed": len(disturbed), "retimed": retimed,
+            "left_disturbed": sum(left.values()), "left_by_engine": dict(left), "fastest_gflops": max(readings)}
+    return samples, by_round, rounds, seen
 
 
 # -- ratios, roof, outputs --------------------------------------------------------------------------------------
