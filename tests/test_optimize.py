@@ -313,7 +313,8 @@ def test_a_split_predicted_to_gain_little_is_not_built(cpu, tmp_path, monkeypatc
         assert [(p.backend, p.member) for p in first.partitions] == \
             [tuple(whole["option"].split("/")[0].split("@"))], first.summary()
         assert any("so it was not built" in n for n in first.notes), first.notes
-        assert all(len(p.partitions) == 1 for p in compiled), "no split plan is compiled"
+        assert all(len(p.partitions) == 1 for p in compiled), \
+            "no split plan is compiled:\n" + "\n".join(p.summary() for p in compiled if len(p.partitions) > 1)
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
