@@ -29,7 +29,7 @@ from .backend import Compiled, Partition, cache_root
 from .capture import MISS, CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
 from .partition import INPUT, OUTPUT, Assignment, Edges, assign, whole_graph_options
-from .plan import Choice, Plan, PlanPartition
+from .plan import Choice, Plan, PlanPartition, round_ms
 from .pool import ResourcePool
 from .profile import measure, option_label, parse_option, profile_segments
 from .runtime import Runtime, settle, time_call
@@ -58,12 +58,6 @@ RACE_CLOSE, RACE_EXTRA, SPLIT_MARGIN = 0.10, 3, 0.03
 RACE_REPEATS = 200
 EAGER = "torch eager"   # the model as captured: timed in the race as the baseline, never chosen
 TIMING_BUDGET_S = 1.0   # per timed contender: heavy models at large batches get fewer runs
-
-
-def _ms(ms: float) -> float:
-    """A time as a plan keeps it: five significant digits. A fixed 0.1 µs step (four decimals of a ms) was a 3%
-    step on a 3 µs model, as wide as SPLIT_MARGIN, and swung the decision that rests on it."""
-    return float(f"{ms:.5g}")
 
 
 class Optimized:
@@ -250,7 +244,7 @@ def _plan(captured, segments, assignment, profile, pool, objective, *, replanned
         nodes = tuple(n for s in g for n in s.nodes)
         gflops = sum(s.cost.flops for s in g) / 1e9
         parts.append(PlanPartition(f"p{i}", tuple(s.id for s in g), nodes, member, backend, prec, len(nodes),
-                                   round(gflops, 4), _ms(pred), None, ru, reason))
+                                   round(gflops, 4), round_ms(pred), None, ru, reason))
     notes = list(notes) + [f"partitioned by {assignment.method}"]
     if profile.same_as:
         notes.append(f"timed {len(segments) - len(profile.same_as)} distinct segment structures; "
@@ -258,8 +252,8 @@ def _plan(captured, segments, assignment, profile, pool, objective, *, replanned
     notes += [f"moved for capacity: {m}" for m in assignment.moved_for_capacity]
     notes = list(dict.fromkeys(notes))  # a rival plan inherits the plan's notes: say each once
     return Plan(captured.name, captured.structure_hash(), pool.fingerprint(), objective, tuple(parts),
-                _ms(assignment.predicted_ms), inputs=tuple(s.to_dict() if s else {} for s in
-                                                                  captured.input_specs),
+                round_ms(assignment.predicted_ms),
+                inputs=tuple(s.to_dict() if s else {} for s in captured.input_specs),
                 replanned=replanned, notes=tuple(notes))
 
 
@@ -384,10 +378,10 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
                                                                                               1e-9):
         # The prediction held. A split plan's partitions are timed alone after the race, and only if it wins:
         # at batch 8 that is three calls of seconds each per partition, spent on a plan that a rival often beats.
-        opt.plan = opt.plan.with_measurements(_one_partition_ms(opt, total_ms), _ms(total_ms))
+        opt.plan = opt.plan.with_measurements(_one_partition_ms(opt, total_ms), round_ms(total_ms))
         return opt
     plan = opt.plan.with_measurements(_per_partition_ms(opt, cache_dir, pool, warm=True, whole_ms=total_ms),
-                                      _ms(total_ms))
+                                      round_ms(total_ms))
     opt.plan = plan
     # The prediction missed: let what the merged partitions measured replace the sums of their segments, in a
     # copy, so that the race below still ranks every option by what its segments measured.
@@ -417,11 +411,12 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
         new_ms = time_call(new.runtime.run, flat, budget_s=TIMING_BUDGET_S, warmup=1 if verify else 2)
     if new_ms >= total_ms:  # keep the better of the two, measured side by side
         new.runtime.close()
-        opt.plan = replace(plan, replanned=True, notes=new_plan.notes + ("the re-plan measured slower; kept the first",))
+        opt.plan = replace(plan, replanned=True,
+                           notes=new_plan.notes + ("the re-plan measured slower; kept the first",))
         return opt
     opt.runtime.close()
     new.plan = new.plan.with_measurements(_per_partition_ms(new, cache_dir, pool, warm=True, whole_ms=new_ms),
-                                          _ms(new_ms))  # as verified: a partition may have moved to torch
+                                          round_ms(new_ms))  # as verified: a partition may have moved to torch
     return new
 
 
@@ -461,8 +456,8 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
             warm=ran).items()}
         note = (f"race verdict reused from {verdict.path.name} ({verdict.report}); timed again side by side: "
                 f"plan {med['plan']:.2f} ms, torch eager {med[EAGER]:.2f} ms")
-        plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), _ms(med["plan"]),
-                                          _ms(med[EAGER]))
+        plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round_ms(med["plan"]),
+                                          round_ms(med[EAGER]))
         (part, *more) = plan.partitions
         if not more and option_label(part.member, part.backend, part.precision) == verdict.winner and \
                 _runs_as(opt, verdict.winner):
@@ -552,7 +547,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
                        for k, v in sorted(fast.items(), key=lambda kv: kv[1]))
     report = f"faster half of {RACE_ROUNDS} rounds (of {RACE_ROUNDS + RACE_EXTRA} for {len(again)})" + \
         f": {report}" if len(again) > 1 else f"faster half of {RACE_ROUNDS} rounds: {report}"
-    eager_ms = _ms(med[EAGER])
+    eager_ms = round_ms(med[EAGER])
     if best == "plan":
         # The verdict is keyed by the first plan, which a re-plan may have replaced: a plan of one partition is
         # saved as its option, which a warm run rebuilds whole; a re-planned split is raced again next time.
@@ -565,7 +560,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
         # a split plan's partitions are timed alone now, unless re-planning timed them already
         unmeasured = len(opt.program.steps) > 1 and any(p.measured_ms is None for p in opt.plan.partitions)
         plan = opt.plan.with_measurements(_per_partition_ms(opt, cache_dir, pool, warm=True) if unmeasured
-                                          else _one_partition_ms(opt, med["plan"]), _ms(med["plan"]), eager_ms)
+                                          else _one_partition_ms(opt, med["plan"]), round_ms(med["plan"]), eager_ms)
         opt.plan = replace(_raced_reason(plan, "plan", fast, predicted, labels),
                            notes=plan.notes + (f"raced side by side, {report}",))
         return opt
@@ -582,7 +577,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     for o in [opt, *rivals.values()]:
         o.runtime.close()
     plan = winner.plan.with_measurements(_per_partition_ms(winner, cache_dir, pool, warm=True, whole_ms=med[best]),
-                                         _ms(med[best]), eager_ms)
+                                         round_ms(med[best]), eager_ms)
     plan = _raced_reason(plan, raced, fast, predicted, labels)
     winner.plan = replace(plan, notes=plan.notes + tuple(absent) +
                           (f"whole graph on {best} {why}, raced side by side, {report}",))
@@ -609,7 +604,7 @@ def _raced_reason(plan: Plan, key: str, fast: Mapping[str, float], predicted: Ma
     ru = None
     if runner is not None:
         member, backend, prec = parse_option(labels.get(runner, runner))[:3]
-        ru = Choice(member, backend, prec, _ms(predicted[runner]))
+        ru = Choice(member, backend, prec, round_ms(predicted[runner]))
         against = f"against {fast[runner]:.2f} ms for the runner-up ({fast[runner] / max(fast[key], 1e-9):.2f}x)"
     if key != "plan" and labels.get("plan") is None and "plan" in fast and fast["plan"] < fast[key]:
         reason = (f"kept over the split plan ({fast['plan']:.2f} ms, less than {SPLIT_MARGIN:.0%} faster): "
@@ -650,7 +645,7 @@ def _time_side_by_side(runs: Mapping[str, Any], flat, *, rounds: int = RACE_ROUN
 def _one_partition_ms(opt: Optimized, whole_ms: float) -> dict[str, float]:
     """A plan of one partition: that partition's time is the plan's, timed already. {} for other plans."""
     steps = opt.program.steps
-    return {steps[0].partition: _ms(whole_ms)} if len(steps) == 1 else {}
+    return {steps[0].partition: round_ms(whole_ms)} if len(steps) == 1 else {}
 
 
 def _per_partition_ms(opt: Optimized, cache_dir, pool, *, warm: bool = False,
@@ -667,8 +662,8 @@ def _per_partition_ms(opt: Optimized, cache_dir, pool, *, warm: bool = False,
         part = opt.program.partition(step.partition)
         inputs = registry.get(c.backend, cache_dir).to_io(part.example_inputs, pool[c.member])
         with torch.inference_mode():
-            out[step.partition] = _ms(measure(c, inputs, warmup=0 if warm else 2, min_runs=3, max_runs=10,
-                                          budget_s=0.2).median_ms)
+            out[step.partition] = round_ms(measure(c, inputs, warmup=0 if warm else 2, min_runs=3, max_runs=10,
+                                                   budget_s=0.2).median_ms)
     return out
 
 

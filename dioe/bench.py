@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import backends
+from .plan import round_ms
 from .runtime import settle
 
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
@@ -384,13 +385,13 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
             s.sort()
             med = statistics.median(s)
             p90 = s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
-            rows[engine].update({"median_ms": _sig(med), "p90_ms": _sig(p90),
-                                 "round_ms": [_sig(x) for x in by_round[engine]],
+            rows[engine].update({"median_ms": round_ms(med), "p90_ms": round_ms(p90),
+                                 "round_ms": [round_ms(x) for x in by_round[engine]],
                                  "runs": len(s), "per_s": round(1e3 * batch / med, 2),
                                  "gflops_per_s": round(gflops / (med / 1e3), 1)})
         if parts:
             d = rows["dioe"]
-            d["partitions_ms"] = _sig(statistics.median(parts))
+            d["partitions_ms"] = round_ms(statistics.median(parts))
             d["runtime_overhead"] = round((d["median_ms"] - d["partitions_ms"]) / d["median_ms"], 4)
         took = time.perf_counter() - started
         out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows, "seconds": round(took, 1),
@@ -853,13 +854,6 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}" + (f", {png}" if png else "") +
           f" in {results['seconds'] / 60:.1f} min")
     return 0
-
-
-def _sig(ms: float) -> float:
-    """A time as the results keep it: five significant digits. Three decimals of a ms (runs 1-19) are 1 us, a 9%
-    step on an 11 us model, which moved tiny-mlp's ratio and runtime overhead by whole steps (1.09 from 0.012
-    over 0.011 ms)."""
-    return float(f"{ms:.5g}")
 
 
 def _ms(x: float) -> str:
