@@ -133,8 +133,14 @@ class Compiled:
         try:
             return self.fn(*inputs)
         except Exception as e:
-            raise BackendError(f"partition {self.partition_id} on member {self.member} with backend "
-                               f"{self.backend} ({self.precision}) failed: {type(e).__name__}: {e}") from e
+            raise self.failure(e) from e
+
+    def failure(self, error: Exception) -> BackendError:
+        """What a failed call of `fn` raises: the engine's error, naming this partition, member and backend."""
+        err = BackendError(f"partition {self.partition_id} on member {self.member} with backend {self.backend} "
+                           f"({self.precision}) failed: {type(error).__name__}: {error}")
+        err.__cause__ = error
+        return err
 
 
 def _spec(x) -> str:

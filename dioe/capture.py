@@ -300,21 +300,16 @@ class CapturedGraph:
     def _expected_text(self) -> str:
         return "(" + ", ".join(f"{n}: {s}" for n, s in zip(self.input_names, self.input_specs)) + ")"
 
-    def hot_call(self, run: Callable[[tuple], Sequence]) -> Callable[[tuple], Any] | None:
-        """`flatten_inputs`, `run` and `unflatten_outputs` in one closure, for the common call: positional CPU
-        tensors of the captured static shapes. It returns MISS for any other call, which then goes the long way
-        and is told what is wrong. None where the captured inputs are not all such tensors."""
-        fast, fits = self._positional_specs, self._fits
-        if fast is None or any(device != "cpu" for _, _, device in fast):
+    def hot_io(self) -> tuple[tuple, Callable[[Sequence], Any], bool] | None:
+        """What a hot path needs to take the common call (positional CPU tensors of the captured static shapes)
+        without `flatten_inputs` and `unflatten_outputs`: each input's (shape, dtype, device type), a function
+        building the output structure from the flat outputs, and whether the output is one tensor. None where the
+        captured inputs are not all such tensors."""
+        specs = self._positional_specs
+        if specs is None or any(device != "cpu" for _, _, device in specs):
             return None
         rebuild = self._rebuild or (lambda flat: pytree.tree_unflatten(list(flat), self.out_spec))
-
-        def call(args: tuple) -> Any:
-            if not fits(args):
-                return MISS
-            flat = run(args)
-            return MISS if flat is MISS else rebuild(flat)
-        return call
+        return specs, rebuild, self.out_spec.is_leaf()
 
     def unflatten_outputs(self, flat: Sequence) -> Any:
         if self._rebuild is not None:

@@ -10,7 +10,7 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -61,19 +61,48 @@ class Runtime:
                 return None  # an output that is an input passed through
         return out
 
-    def direct_runner(self) -> Callable[[Sequence], Sequence] | None:
-        """For a plan of one partition fed the graph's inputs in order, on the CPU: a closure running it on CPU
-        tensors and returning the graph's outputs, falling back as `run` does. It returns MISS (for `run` to take
-        the call) where the partition's engine, as compiled now (verification may replace it), takes another
-        device. None for any other plan."""
-        if self.direct is None or self.compiled[self.program.steps[0].partition].io_device != "cpu":
+    def hot_call(self, specs: Sequence[tuple], rebuild: Callable[[Sequence], Any], *,
+                 one_output: bool = False) -> Callable[[tuple], Any] | None:
+        """The common call of a one-partition plan on the CPU as one generated function: the check of each
+        positional input against `specs` ((shape, dtype, device type) each), the engine's own callable (and the
+        fallback when it fails) and the output structure, written out for this plan with no loop and no call
+        between them. Each layer of the general path is a Python call, 0.1 to 0.2 us after an engine's call has
+        left the caches cold: tiny-mlp's 8.3 us engine call took 9.6 us through five such layers and about 8.8 us
+        through this function. It returns MISS for any other call (another count, shape, dtype or device, or an
+        engine that, as compiled now, takes another device), which then goes the long way and is told what is
+        wrong. None where the plan or the inputs do not allow it."""
+        if self.direct is None or any(device != "cpu" for _, _, device in specs):
             return None
-        pid, compiled, call = self.program.steps[0].partition, self.compiled, self._call_direct
-
-        def runner(args: Sequence) -> Sequence:
-            c = compiled[pid]
-            return MISS if c.io_device != "cpu" else call(pid, c, args)
-        return runner
+        pid = self.program.steps[0].partition
+        if self.compiled[pid].io_device != "cpu":
+            return None
+        names = [f"x{i}" for i in range(len(specs))]
+        scope: dict[str, Any] = {"MISS": MISS, "Tensor": torch.Tensor, "compiled": self.compiled, "pid": pid,
+                                 "rebuild": rebuild, "fall_back": self._fallback}
+        lines = ["def hot(args):", f"    if len(args) != {len(specs)}:", "        return MISS"]
+        if names:
+            lines.append(f"    {', '.join(names)}, = args")
+        for x, (shape, dtype, _) in zip(names, specs):
+            scope[f"{x}_shape"], scope[f"{x}_dtype"] = torch.Size(shape), dtype
+            # is_cpu reads a flag; x.device.type builds a device object first
+            lines += [f"    if type({x}) is not Tensor or {x}.shape != {x}_shape or {x}.dtype is not {x}_dtype "
+                      f"or not {x}.is_cpu:", "        return MISS"]
+        outs = []
+        for i, (computed, v) in enumerate(self.direct):
+            if computed:
+                outs.append(f"outs[{v}]")
+            else:
+                scope[f"k{i}"] = v
+                outs.append(f"k{i}")
+        args = ", ".join(names)
+        lines += ["    c = compiled[pid]", "    if c.io_device != 'cpu':", "        return MISS",
+                  "    try:", f"        outs = c.fn({args})", "    except Exception as e:",
+                  f"        outs = fall_back(pid, c.failure(e), ({args}{',' if len(names) == 1 else ''}))",
+                  f"    return {outs[0]}" if one_output and len(outs) == 1 else
+                  f"    return rebuild(({', '.join(outs)}{',' if len(outs) == 1 else ''}))"]
+        code = compile("\n".join(lines) + "\n", "<dioe hot call>", "exec")
+        exec(code, scope)  # our own source, built above from the plan's specs: no user text reaches it
+        return scope["hot"]
 
     def _call_direct(self, pid: str, c: Compiled, args: Sequence) -> list:
         try:

@@ -536,6 +536,38 @@ def test_a_one_partition_plan_on_the_cpu_takes_the_hot_path(cpu, monkeypatch):
     assert len(engine) == 4 and len(long_way) == 1
 
 
+def test_the_hot_call_checks_each_input_and_keeps_constant_outputs(cpu, monkeypatch):
+    """The generated hot call of a plan with two inputs and a constant among its outputs: each input is checked
+    (a wrong second one is refused and named by the long way), the constant comes back in its place."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+
+        def forward(self, x, y):
+            return self.a(x) + y, 3
+
+    m, x, y = M().eval(), torch.randn(4, 8), torch.randn(4, 8)
+    g = dioe.capture(m, (x, y))
+    nodes = tuple(n.name for n in g.compute_nodes)
+    plan = Plan("M", g.structure_hash(), "", "latency",
+                (PlanPartition("p0", ("p0",), nodes, cpu.id, "torch", "fp32", len(nodes), 0.0, 1.0),), 1.0)
+    opt = _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
+    assert opt.runtime.direct == [(True, 0), (False, 3)] and opt._hot is not None
+    long_way, real_run = [], opt.runtime.run
+    monkeypatch.setattr(opt.runtime, "run", lambda *a, **k: long_way.append(a) or real_run(*a, **k))
+    out = opt(x, y)
+    assert type(out) is tuple and out[1] == 3 and not long_way, "the hot path ran the call"
+    assert_matches_eager(eager(m, (x, y)), out, rtol=1e-5)
+    with pytest.raises(dioe.InputSpecError, match=r"input 'y' has dtype int64, captured dtype is float32"):
+        opt(x, y.long())
+    with pytest.raises(dioe.InputSpecError, match=r"input 'y' has shape \[4, 7\], captured shape is \[4, 8\]"):
+        opt(x, y[:, :7])
+    with pytest.raises(dioe.InputSpecError, match=r"expected 2 positional input"):
+        opt(x)
+    assert not long_way, "bad calls are refused by the input check, before any partition runs"
+
+
 def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
     _, inputs, opt = tiny_bert_on_standins
     with pytest.raises(dioe.InputSpecError, match=r"captured shape is \[1, 32\]"):
