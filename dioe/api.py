@@ -29,7 +29,7 @@ from .backend import Compiled, Partition, cache_root
 from .capture import MISS, CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
 from .partition import INPUT, OUTPUT, Assignment, Edges, assign, whole_graph_options
-from .plan import Choice, Plan, PlanPartition, round_ms
+from .plan import Choice, Plan, PlanPartition, round_ms, show_ms
 from .pool import ResourcePool
 from .profile import measure, option_label, parse_option, profile_segments
 from .runtime import Runtime, settle, time_call
@@ -265,9 +265,9 @@ def _unless_split_pays(captured, segments, plan: Plan, profile, pool, objective)
     option, ms = ranked[0]
     if plan.predicted_ms < ms * (1 - SPLIT_MARGIN):
         return plan
-    note = (f"a split plan of {len(plan.partitions)} partitions was predicted at {plan.predicted_ms:.2f} ms against "
-            f"{ms:.2f} ms for {option} over the whole graph; a split must gain {SPLIT_MARGIN:.0%}, so it was not "
-            "built")
+    note = (f"a split plan of {len(plan.partitions)} partitions was predicted at {show_ms(plan.predicted_ms)} ms "
+            f"against {show_ms(ms)} ms for {option} over the whole graph; a split must gain {SPLIT_MARGIN:.0%}, so it "
+            "was not built")
     return _whole_graph_plan(captured, segments, option, ms, profile, pool, objective, replanned=plan.replanned,
                              notes=tuple(n for n in plan.notes if not n.startswith("partitioned by")) + (note,))
 
@@ -394,7 +394,7 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
                 scaled.times[sid][option] = type(t)(t.median_ms * scale, t.p25_ms * scale, t.p75_ms * scale, t.runs)
     assignment = assign(segments, edges, scaled, pool)
     new_plan = _plan(opt.captured, segments, assignment, scaled, pool, objective, replanned=True,
-                     notes=(f"first plan predicted {plan.predicted_ms:.2f} ms, measured {total_ms:.2f} ms; "
+                     notes=(f"first plan predicted {show_ms(plan.predicted_ms)} ms, measured {show_ms(total_ms)} ms; "
                             "re-planned with partition-level measurements",))
     new_plan = _unless_split_pays(opt.captured, segments, new_plan, scaled, pool, objective)
     if [(p.nodes, p.member, p.backend) for p in new_plan.partitions] == \
@@ -452,7 +452,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
             {"plan": opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)}, opt.captured.example_inputs,
             warm=ran).items()}
         note = (f"race verdict reused from {verdict.path.name} ({verdict.report}); timed again side by side: "
-                f"plan {med['plan']:.2f} ms, torch eager {med[EAGER]:.2f} ms")
+                f"plan {show_ms(med['plan'])} ms, torch eager {show_ms(med[EAGER])} ms")
         plan = opt.plan.with_measurements(_one_partition_ms(opt, med["plan"]), round_ms(med["plan"]),
                                           round_ms(med[EAGER]))
         (part, *more) = plan.partitions
@@ -540,7 +540,7 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
 
     def name(k):
         return {"plan": plan_name, EAGER: f"{EAGER} (= {eager_as})" if eager_as else EAGER}.get(k, k)
-    report = ", ".join(f"{name(k)} {v:.2f} ms (median {med[k]:.2f})"
+    report = ", ".join(f"{name(k)} {show_ms(v)} ms (median {show_ms(med[k])})"
                        for k, v in sorted(fast.items(), key=lambda kv: kv[1]))
     report = f"faster half of {RACE_ROUNDS} rounds (of {RACE_ROUNDS + RACE_EXTRA} for {len(again)})" + \
         f": {report}" if len(again) > 1 else f"faster half of {RACE_ROUNDS} rounds: {report}"
@@ -602,12 +602,12 @@ def _raced_reason(plan: Plan, key: str, fast: Mapping[str, float], predicted: Ma
     if runner is not None:
         member, backend, prec = parse_option(labels.get(runner, runner))[:3]
         ru = Choice(member, backend, prec, round_ms(predicted[runner]))
-        against = f"against {fast[runner]:.2f} ms for the runner-up ({fast[runner] / max(fast[key], 1e-9):.2f}x)"
+        against = f"against {show_ms(fast[runner])} ms for the runner-up ({fast[runner] / max(fast[key], 1e-9):.2f}x)"
     if key != "plan" and labels.get("plan") is None and "plan" in fast and fast["plan"] < fast[key]:
-        reason = (f"kept over the split plan ({fast['plan']:.2f} ms, less than {SPLIT_MARGIN:.0%} faster): "
-                  f"{fast[key]:.2f} ms raced side by side" + (f", {against}" if ru else ""))
+        reason = (f"kept over the split plan ({show_ms(fast['plan'])} ms, less than {SPLIT_MARGIN:.0%} faster): "
+                  f"{show_ms(fast[key])} ms raced side by side" + (f", {against}" if ru else ""))
     elif ru is not None:
-        reason = f"fastest raced side by side: {fast[key]:.2f} ms (faster half of rounds) {against}"
+        reason = f"fastest raced side by side: {show_ms(fast[key])} ms (faster half of rounds) {against}"
     else:
         return plan
     return replace(plan, partitions=(replace(part, runner_up=ru, reason=reason),))

@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import backends
-from .plan import round_ms
+from .plan import round_ms, show_ms
 from .runtime import settle
 
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
@@ -396,7 +396,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
         took = time.perf_counter() - started
         out["batches"][str(batch)] = {"gflop": round(gflops, 3), "engines": rows, "seconds": round(took, 1),
                                       "probe_gflops": probe, "rounds": used, "canary": seen}
-        log(f"  {name} batch {batch}: " + ", ".join(f"{e} {_ms(r['median_ms'])} ms" for e, r in rows.items()
+        log(f"  {name} batch {batch}: " + ", ".join(f"{e} {show_ms(r['median_ms'])} ms" for e, r in rows.items()
                                                     if "median_ms" in r) + f" ({took:.0f} s; {_disturbance(seen)})")
         del built, model, captured
         gc.collect()
@@ -617,14 +617,14 @@ def markdown(results: dict, compare: dict | None = None) -> str:
         d, ovd = rows.get("dioe", {}), rows.get("openvino-default", {})
         best = d.get("best_peer")
         cells = [m["model"], f"{b['gflop']:.2f}", best or "-",
-                 _ms(rows[best]['median_ms']) if best else "-",
-                 _ms(d['median_ms']) if "median_ms" in d else "failed",
+                 show_ms(rows[best]['median_ms']) if best else "-",
+                 show_ms(d['median_ms']) if "median_ms" in d else "failed",
                  f"**{d['ratio_to_best_peer']:.2f}**" if d.get("ratio_to_best_peer") else "-",
                  _paired_text(d),
-                 f"{100 * d['runtime_overhead']:+.1f}% (bare {_ms(d['partitions_ms'])} ms)"
+                 f"{100 * d['runtime_overhead']:+.1f}% (bare {show_ms(d['partitions_ms'])} ms)"
                  if "runtime_overhead" in d else "-",
                  f"{100 * d['roof_fraction']:.0f}%" if d.get("roof_fraction") is not None else "-",
-                 f"{_ms(ovd['median_ms'])} ({ovd['precision']})" if "median_ms" in ovd else "-",
+                 f"{show_ms(ovd['median_ms'])} ({ovd['precision']})" if "median_ms" in ovd else "-",
                  "; ".join(d.get("plan", [])) or d.get("error", "-")]
         lines.append("| " + " | ".join(cells) + " |")
     for batch in sorted({b for m in results["models"] for b in m["batches"]}, key=int):
@@ -642,9 +642,9 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                 elif "median_ms" not in r:
                     cells.append("failed")
                 else:
-                    extra = f"{r['per_s']:.1f}/s" if batch != "1" else f"p90 {_ms(r['p90_ms'])}"
+                    extra = f"{r['per_s']:.1f}/s" if batch != "1" else f"p90 {show_ms(r['p90_ms'])}"
                     ratio = f"{r['ratio_to_best_peer']:.2f}x" if r.get("ratio_to_best_peer") else "no peer"
-                    cells.append(f"{_ms(r['median_ms'])} ({extra}; {ratio}; "
+                    cells.append(f"{show_ms(r['median_ms'])} ({extra}; {ratio}; "
                                  f"roof {100 * (r['roof_fraction'] or 0):.0f}%)")
             lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
     lines += ["", "## Compile (or optimize) time and memory, batch 1", "",
@@ -705,8 +705,8 @@ def reproducibility(old: dict, new: dict) -> list[str]:
         own += abs(mine - 1) > 0.10
         p0, p1 = before.get((model, batch)), now.get((model, batch))
         probe = f"{100 * (p0 / p1 - 1):+.1f}%" if p0 and p1 else "-"  # slower GEMM = higher latency: p0/p1
-        out.append(f"| {model} | {batch} | {engine} | {_ms(o)} | {_ms(n)} | {moved(n / o)} | {100 * (sh - 1):+.1f}% | "
-                   f"{moved(mine)} | {probe} |")
+        out.append(f"| {model} | {batch} | {engine} | {show_ms(o)} | {show_ms(n)} | {moved(n / o)} | "
+                   f"{100 * (sh - 1):+.1f}% | {moved(mine)} | {probe} |")
     out += ["", f"{raw} of {len(rows)} medians moved by more than 10%; {own} of {len(rows)} did once the shift "
                 f"shared by every engine of the same model and batch is taken out."]
     return out + ratio_changes(old, new)
@@ -854,11 +854,6 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}" + (f", {png}" if png else "") +
           f" in {results['seconds'] / 60:.1f} min")
     return 0
-
-
-def _ms(x: float) -> str:
-    """Milliseconds to three significant digits or two decimals, whichever shows more: 0.0243, 6.19, 146.25."""
-    return f"{x:.3g}" if x < 1 else f"{x:.2f}"
 
 
 def _slug(s: str) -> str:

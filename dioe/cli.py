@@ -20,6 +20,7 @@ import time
 import warnings
 
 from .errors import DIOEError
+from .plan import show_ms
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -147,8 +148,8 @@ def cmd_optimize(args) -> int:
               f"(dioe trace summary|report|view {args.trace})")
     print(opt.plan.summary())
     p = opt.plan
-    print(f"\noptimize took {took:.1f} s. latency, batch 1, medians side by side: torch eager {p.eager_ms:.2f} ms, "
-          f"DIOE {p.measured_ms:.2f} ms ({p.eager_ms / p.measured_ms:.2f}x)")
+    print(f"\noptimize took {took:.1f} s. latency, batch 1, medians side by side: "
+          f"torch eager {show_ms(p.eager_ms)} ms, DIOE {show_ms(p.measured_ms)} ms ({p.eager_ms / p.measured_ms:.2f}x)")
     out = Path(args.out)
     path = opt.save(out)
     print(f"plan saved to {path}  (show it again: dioe plan show {path})")

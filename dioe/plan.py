@@ -9,6 +9,7 @@ what it measured, and why it won. Frozen dataclasses that round-trip through JSO
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,14 @@ def round_ms(ms: float) -> float:
     optimizer decides on, and 1 us (three decimals, benchmark runs up to 19) is 9% of an 11 us one, which moved
     tiny-mlp's ratio and runtime overhead by whole steps."""
     return float(f"{ms:.5g}")
+
+
+def show_ms(ms: float) -> str:
+    """A time in ms as a person reads it: two decimals from 1 ms up, three significant digits below it (tiny-mlp's
+    0.0111 ms, where two decimals read 0.01 for every engine), never in exponent form."""
+    if not 0 < ms < 1:
+        return f"{ms:.2f}"
+    return f"{ms:.{2 - math.floor(math.log10(ms))}f}"
 
 
 @dataclass(frozen=True)
@@ -117,19 +126,19 @@ class Plan:
         rows = []
         for p in self.partitions:
             t = p.measured_ms if p.measured_ms is not None else p.predicted_ms
-            ru = f"{p.runner_up.label()} {p.runner_up.predicted_ms:.2f} ms" if p.runner_up else "-"
-            rows.append([p.id, p.member, p.backend, p.precision, str(p.ops), f"{p.predicted_ms:.2f}",
-                         "-" if p.measured_ms is None else f"{p.measured_ms:.2f}", f"{100 * t / total:.0f}%", ru,
+            ru = f"{p.runner_up.label()} {show_ms(p.runner_up.predicted_ms)} ms" if p.runner_up else "-"
+            rows.append([p.id, p.member, p.backend, p.precision, str(p.ops), show_ms(p.predicted_ms),
+                         "-" if p.measured_ms is None else show_ms(p.measured_ms), f"{100 * t / total:.0f}%", ru,
                          p.reason])
         from .cli import table
 
         lines.append(table(rows, ["partition", "member", "backend", "prec", "ops", "pred ms", "meas ms", "share",
                                   "runner-up", "why"]))
-        tail = f"predicted {self.predicted_ms:.2f} ms"
+        tail = f"predicted {show_ms(self.predicted_ms)} ms"
         if self.measured_ms is not None:
-            tail += f", measured {self.measured_ms:.2f} ms"
+            tail += f", measured {show_ms(self.measured_ms)} ms"
         if self.eager_ms is not None and self.measured_ms:
-            tail += f"; torch eager {self.eager_ms:.2f} ms ({self.eager_ms / self.measured_ms:.2f}x)"
+            tail += f"; torch eager {show_ms(self.eager_ms)} ms ({self.eager_ms / self.measured_ms:.2f}x)"
         if self.replanned:
             tail += "; re-planned once after measuring"
         lines.append(tail)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import DIOEError
+from .plan import show_ms
 
 GAP_MS = 0.02   # idle stretches shorter than this are scheduling noise, not waiting
 # One palette for every picture DIOE draws: the report's timeline and legend, and the bench chart.
@@ -243,13 +244,13 @@ def format_summary(s: Mapping) -> str:
         lines.append(s.get("note", "no calls"))
     else:
         lat = s["latency_ms"]
-        lines.append(f"{s['calls']} call(s) of {', '.join(s['models'])}: median {lat['median']:.2f} ms "
-                     f"(min {lat['min']:.2f}, max {lat['max']:.2f}); {s['wall_ms']:.1f} ms inside calls")
+        lines.append(f"{s['calls']} call(s) of {', '.join(s['models'])}: median {show_ms(lat['median'])} ms "
+                     f"(min {show_ms(lat['min'])}, max {show_ms(lat['max'])}); {s['wall_ms']:.1f} ms inside calls")
         if s.get("sequential_calls"):
             lines.append(f"note: op tracing ran the partitions of {s['sequential_calls']} call(s) one after another "
                          "(torch.profiler sees one thread); their idle times are not the concurrent plan's")
         lines.append("")
-        rows = [[m, f"{100 * i['busy_share']:.1f}%", f"{i['busy_ms']:.2f}", f"{i['idle_ms']:.2f}", str(i["runs"])]
+        rows = [[m, f"{100 * i['busy_share']:.1f}%", show_ms(i['busy_ms']), show_ms(i['idle_ms']), str(i["runs"])]
                 for m, i in s["members"].items()]
         lines.append(table(rows, ["member", "busy", "busy ms", "idle ms", "partition runs"]))
         waits = [[m, why, f"{w['per_call_ms']:.3f}", str(w["count"])] for m, i in s["members"].items()
@@ -258,13 +259,13 @@ def format_summary(s: Mapping) -> str:
             lines.append("\nidle gaps, and what each member waited for:")
             lines.append(table(waits, ["member", "waiting for", "ms per call", "gaps"]))
         t = s["transfers"]
-        lines.append(f"\ntransfers: {t['count']} copies, {t['total_ms']:.2f} ms, {100 * t['share']:.1f}% of the "
+        lines.append(f"\ntransfers: {t['count']} copies, {show_ms(t['total_ms'])} ms, {100 * t['share']:.1f}% of the "
                      f"time inside calls, {t['bytes']} bytes")
         cp = s["critical_path"]
-        chain = " → ".join(f"{x['partition']} {x['backend']}@{x['member']} {x['ms']:.2f} ms"
+        chain = " → ".join(f"{x['partition']} {x['backend']}@{x['member']} {show_ms(x['ms'])} ms"
                            if x["kind"] == "partition" else f"{x['name']} {x['ms']:.3f} ms" for x in cp["steps"])
-        lines.append(f"\ncritical path of the median call (#{cp['call']}, {cp['call_ms']:.2f} ms; "
-                     f"{cp['path_busy_ms']:.2f} ms busy on the path):\n  {chain}")
+        lines.append(f"\ncritical path of the median call (#{cp['call']}, {show_ms(cp['call_ms'])} ms; "
+                     f"{show_ms(cp['path_busy_ms'])} ms busy on the path):\n  {chain}")
         rows = [[h["partition"], h["member"], h["backend"], str(h["ops"]), str(h["runs"]), f"{h['median_ms']:.3f}",
                  f"{100 * h['share_of_busy']:.1f}%"] for h in s["heaviest"]]
         lines.append("\nheaviest partitions:")
@@ -358,7 +359,7 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
     if s.get("calls"):
         lat = s["latency_ms"]
         parts.append(f"<p class=lead>{s['calls']} call(s) of {e(', '.join(s['models']))}; median latency "
-                     f"<b>{lat['median']:.2f} ms</b> (min {lat['min']:.2f}, max {lat['max']:.2f}). "
+                     f"<b>{show_ms(lat['median'])} ms</b> (min {show_ms(lat['min'])}, max {show_ms(lat['max'])}). "
                      "Each coloured bar is "
                      "one partition of the model running on one member of the pool; bars outlined in red form the "
                      "critical path, the chain of work that decided when the call finished. Arrows show data "
@@ -372,7 +373,7 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
                  "critical path</span></div>"
                  "<svg id=timeline xmlns='http://www.w3.org/2000/svg' width=900 height=60></svg></section>")
     if s.get("calls"):
-        rows = [[e(m), f"{100 * i['busy_share']:.1f}%", f"{i['busy_ms']:.2f}", f"{i['idle_ms']:.2f}", i["runs"]]
+        rows = [[e(m), f"{100 * i['busy_share']:.1f}%", show_ms(i['busy_ms']), show_ms(i['idle_ms']), i["runs"]]
                 for m, i in s["members"].items()]
         parts.append("<h2>Members: busy and idle</h2>" +
                      _table(rows, ["member", "busy", "busy ms", "idle ms", "partition runs"], numeric=(1, 2, 3, 4)))
@@ -382,12 +383,13 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
             parts.append("<h2>What each member waited for</h2>" +
                          _table(waits, ["member", "idle while waiting for", "ms per call", "gaps"], numeric=(2, 3)))
         t = s["transfers"]
-        parts.append(f"<p>Transfers: {t['count']} copies, {t['total_ms']:.2f} ms, {100 * t['share']:.1f}% of the time "
-                     f"inside calls ({t['bytes']} bytes).</p>")
+        parts.append(f"<p>Transfers: {t['count']} copies, {show_ms(t['total_ms'])} ms, {100 * t['share']:.1f}% of "
+                     f"the time inside calls ({t['bytes']} bytes).</p>")
         cp = s["critical_path"]
         rows = [[i + 1, e(x.get("partition") or x["name"]), e(x["member"]), e(x.get("backend", "copy")),
                  f"{x['ms']:.3f}"] for i, x in enumerate(cp["steps"])]
-        parts.append(f"<h2 class=crit>Critical path of the median call (#{cp['call']}, {cp['call_ms']:.2f} ms)</h2>" +
+        parts.append(f"<h2 class=crit>Critical path of the median call (#{cp['call']}, "
+                     f"{show_ms(cp['call_ms'])} ms)</h2>" +
                      _table(rows, ["step", "partition", "member", "backend", "ms"], numeric=(4,)))
         rows = [[e(h["partition"]), e(h["member"]), e(h["backend"]), h["ops"], h["runs"], f"{h['median_ms']:.3f}",
                  f"{100 * h['share_of_busy']:.1f}%"] for h in s["heaviest"]]
@@ -395,10 +397,11 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
                      _table(rows, ["partition", "member", "backend", "ops", "runs", "median ms", "share of busy"],
                             numeric=(3, 4, 5, 6)))
     for plan in rd_plans(data):
-        rows = [[e(p["id"]), e(p["member"]), e(p["backend"]), e(p["precision"]), p["ops"], f"{p['predicted_ms']:.2f}",
-                 "-" if p.get("measured_ms") is None else f"{p['measured_ms']:.2f}",
-                 e(f"{p['runner_up']['backend']}@{p['runner_up']['member']} {p['runner_up']['predicted_ms']:.2f} ms")
-                 if p.get("runner_up") else "-", e(p.get("reason", ""))] for p in plan["partitions"]]
+        rows = [[e(p["id"]), e(p["member"]), e(p["backend"]), e(p["precision"]), p["ops"], show_ms(p["predicted_ms"]),
+                 "-" if p.get("measured_ms") is None else show_ms(p["measured_ms"]),
+                 e(f"{p['runner_up']['backend']}@{p['runner_up']['member']} "
+                   f"{show_ms(p['runner_up']['predicted_ms'])} ms") if p.get("runner_up") else "-",
+                 e(p.get("reason", ""))] for p in plan["partitions"]]
         notes = "".join(f"<li>{e(n)}</li>" for n in plan.get("notes", ()))
         parts.append(f"<h2>Plan for {e(plan['model'])} (objective {e(plan['objective'])})</h2>" +
                      _table(rows, ["partition", "member", "backend", "precision", "ops", "predicted ms", "measured ms",

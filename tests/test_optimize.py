@@ -8,7 +8,7 @@ import torch
 import dioe
 from dioe.api import _build
 from dioe.partition import INPUT, OUTPUT, Edges, assign, member_load
-from dioe.plan import Plan, PlanPartition
+from dioe.plan import Choice, Plan, PlanPartition, show_ms
 from dioe.profile import Profile, Timing
 from dioe.segment import Segment, segment_graph
 from dioe.cost import Cost
@@ -409,6 +409,19 @@ def test_optimized_matches_eager_with_structure(tiny_bert_on_standins):
     assert opt.plan.measured_ms is not None and opt.plan.eager_ms is not None
     for p in opt.plan.partitions:
         assert p.measured_ms is not None and p.reason
+
+
+def test_a_plan_summary_shows_a_microsecond_model_in_significant_digits():
+    """Two decimals of a ms read 0.01 for every engine of an 11 us model: below 1 ms a summary keeps three
+    significant digits, and never an exponent."""
+    plan = Plan("tiny", "h", "", "latency",
+                (PlanPartition("p0", ("s0",), ("n0",), "cpu0", "onnxruntime", "fp32", 8, 0.0, 0.010673, 0.011126,
+                               Choice("cpu0", "torch", "fp32", 0.0577), "fastest"),), 0.010673, 0.011126, 0.0577)
+    text = plan.summary()
+    assert "0.0107" in text and "0.0111" in text and "torch@cpu0/fp32 0.0577 ms" in text, text
+    assert "predicted 0.0107 ms, measured 0.0111 ms; torch eager 0.0577 ms (5.19x)" in text, text
+    assert [show_ms(x) for x in (146.254, 6.19, 0.5, 0.0243, 1e-5, 0.0)] == \
+        ["146.25", "6.19", "0.500", "0.0243", "0.0000100", "0.00"]
 
 
 def test_plan_round_trips_and_reloads_without_profiling(tiny_bert_on_standins, tmp_path, standin_pool, monkeypatch):
