@@ -28,7 +28,8 @@ from . import tracing as _trace
 from .backend import Compiled, Partition, cache_root
 from .capture import MISS, CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
-from .partition import INPUT, OUTPUT, Assignment, Edges, assign, whole_graph_options
+from .partition import (INPUT, OUTPUT, Assignment, Edges, assign, partition_groups, run_as_one_ms,
+                        whole_graph_options)
 from .plan import Choice, Plan, PlanPartition, round_ms, show_ms
 from .pool import ResourcePool
 from .profile import measure, option_label, parse_option, profile_segments
@@ -216,20 +217,15 @@ def _edges(program: Program, segments: Sequence[Segment], captured: CapturedGrap
 
 
 def _plan(captured, segments, assignment, profile, pool, objective, *, replanned=False, notes=()) -> Plan:
-    groups: list[list[Segment]] = []
-    for s in segments:  # merge neighbours with the same choice: fewer calls, fewer copies
-        if groups and assignment.options[groups[-1][-1].id] == assignment.options[s.id]:
-            groups[-1].append(s)
-        else:
-            groups.append([s])
+    groups = partition_groups(segments, assignment.options, assignment.edges)  # fewer calls, fewer copies
     parts = []
     for i, g in enumerate(groups):
         opt = assignment.options[g[0].id]
         member, backend, prec = parse_option(opt)
-        pred = sum(profile.times[s.id][opt].median_ms for s in g)
+        pred = run_as_one_ms([profile.times[s.id][opt].median_ms for s in g], opt)  # one call of its segments
         alts: dict[str, float] = {}
         for o in set.intersection(*(set(profile.times[s.id]) for s in g)) - {opt}:
-            alts[o] = sum(profile.times[s.id][o].median_ms for s in g)
+            alts[o] = run_as_one_ms([profile.times[s.id][o].median_ms for s in g], o)
         runner = min(alts, key=alts.get) if alts else None
         ru = Choice(*parse_option(runner)[:3], predicted_ms=alts[runner]) if runner else None
         if ru is None:
@@ -387,7 +383,10 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
         if p.measured_ms is None:
             continue
         option = option_label(p.member, p.backend, p.precision)
-        scale = p.measured_ms / max(p.predicted_ms, 1e-9)
+        # scaled so that the partition, predicted again as one call of its segments, comes to what it measured:
+        # the per-call overheads its segments no longer pay are constants, not scaled
+        alone = sum(t.median_ms for t in (scaled.times[sid].get(option) for sid in p.segments) if t is not None)
+        scale = max(p.measured_ms + alone - p.predicted_ms, p.measured_ms) / max(alone, 1e-9)
         for sid in p.segments:
             t = scaled.times[sid].get(option)
             if t is not None:

@@ -43,6 +43,59 @@ class Assignment:
     predicted_ms: float
     method: str                         # "dp" | "heft"
     moved_for_capacity: tuple[str, ...] = ()
+    edges: Edges | None = None          # what the partitions are grouped by (partition_groups)
+
+
+def partition_groups(segments: Sequence[Segment], chosen: Mapping[str, str],
+                     edges: Edges | None = None) -> list[list[Segment]]:
+    """The plan's partitions: runs of neighbouring segments (in order) with the same option, each run one call.
+    A segment stays out of the run before it where joining would hold back a consumer of the run's outputs on
+    another member that does not depend on the segment: a branch that could have started while it ran. On a
+    chain, or on one member, nothing is held back. Without `edges`, by option alone."""
+    after = _descendants(segments, edges) if edges is not None else None
+    groups: list[list[Segment]] = []
+    for s in segments:
+        run = groups[-1] if groups else None
+        if run and chosen[run[-1].id] == chosen[s.id] and \
+                (after is None or not _holds_back(run, s, chosen, edges, after)):
+            run.append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _descendants(segments: Sequence[Segment], edges: Edges) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for s in reversed(segments):  # segments are in topological order
+        out[s.id] = set().union(*({y} | out.get(y, set()) for y in edges.succs(s.id)))
+    return out
+
+
+def _holds_back(run: Sequence[Segment], s: Segment, chosen: Mapping[str, str], edges: Edges,
+                after: Mapping[str, set[str]]) -> bool:
+    inside = {x.id for x in run} | {s.id}
+    member = _member(chosen[s.id])
+    return any(y not in inside and _member(chosen[y]) != member and y not in after[s.id]
+               for x in run for y in edges.succs(x.id))
+
+
+def call_overhead_ms(option: str) -> float:
+    """The fixed cost of one call of the option's backend, which every segment timed alone has paid once."""
+    from . import backends as registry
+
+    return registry.backend_class(parse_option(option)[1]).call_overhead_us / 1e3
+
+
+def continued_ms(ms: float, option: str) -> float:
+    """A segment's time when it runs in the same call as the segment before it (the same option, next in order:
+    one partition): its time alone less the per-call overhead it no longer pays, never below half of it (the
+    overheads are constants per backend; a fast machine pays less)."""
+    return max(ms - call_overhead_ms(option), ms / 2)
+
+
+def run_as_one_ms(times: Sequence[float], option: str) -> float:
+    """Predicted time of consecutive segments run as one call of `option`, from their times alone."""
+    return times[0] + sum(continued_ms(t, option) for t in times[1:]) if times else 0.0
 
 
 def is_chain(segments: Sequence[Segment], edges: Edges) -> bool:
@@ -70,7 +123,7 @@ def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: Re
         over = _over_capacity(segments, chosen, pool)
         if not over:
             return Assignment(chosen, simulate(segments, edges, chosen, options, profile, reference),
-                              "dp" if chain else "heft", tuple(moved))
+                              "dp" if chain else "heft", tuple(moved), edges)
         member, segs = over
         # move the segment whose best alternative elsewhere costs least
         def penalty(s: Segment) -> float:
@@ -107,9 +160,10 @@ def _dp(segments, edges: Edges, options, profile: Profile, reference: str) -> di
             for po, (pc, _) in best[-1].items():
                 pm = _member(po)
                 copies = sum(_copy_ms(profile, pm, m, n) for src, n in incoming.items() if src != INPUT)
-                cands.append((pc + copies, po))
+                # the same option as the segment before: one partition, one call
+                cands.append((pc + copies + (continued_ms(t, o) if po == o else t), po))
             pc, po = min(cands)
-            row[o] = (pc + t + cost_in, po)
+            row[o] = (pc + cost_in, po)
         if i == len(segments) - 1:  # results go back to the caller on the reference member
             out = sum(n for (a, b), n in edges.bytes.items() if b == OUTPUT)
             row = {o: (c + _copy_ms(profile, _member(o), reference, out), p) for o, (c, p) in row.items()}
@@ -154,16 +208,20 @@ def _heft(segments, edges: Edges, options, profile: Profile, reference: str) -> 
 
 def simulate(segments, edges: Edges, chosen: Mapping[str, str], options, profile: Profile,
              reference: str) -> float:
-    """Predicted makespan of an assignment: segments in order, each member one at a time, copies on edges."""
+    """Predicted makespan of an assignment: segments in order, each member one at a time, copies on edges; a
+    segment that joins the partition of the one before it (partition_groups) runs in the same call, without a
+    call's overhead of its own."""
     finish: dict[str, float] = {}
     free: dict[str, float] = {}
+    continued = {s.id for run in partition_groups(segments, chosen, edges) for s in run[1:]}
     for seg in segments:
         o = chosen[seg.id]
         m = _member(o)
         incoming = edges.into(seg.id)
         ready = max([finish[p] + _copy_ms(profile, _member(chosen[p]), m, incoming[p]) for p in incoming
                      if p != INPUT] + [_copy_ms(profile, reference, m, incoming.get(INPUT, 0))])
-        finish[seg.id] = max(ready, free.get(m, 0.0)) + options[seg.id][o]
+        t = options[seg.id][o]
+        finish[seg.id] = max(ready, free.get(m, 0.0)) + (continued_ms(t, o) if seg.id in continued else t)
         free[m] = finish[seg.id]
     outs = [(a, n) for (a, b), n in edges.bytes.items() if b == OUTPUT]
     return max([finish[a] + _copy_ms(profile, _member(chosen[a]), reference, n) for a, n in outs]
@@ -185,17 +243,12 @@ def _over_capacity(segments, chosen: Mapping[str, str], pool: ResourcePool):
 def whole_graph_options(segments, profile: Profile, pool: ResourcePool) -> list[tuple[str, float]]:
     """Options that can run every segment within capacity, with the predicted time of running the whole graph in
     one call, best first: the single-backend plans a split plan has to beat."""
-    from . import backends as registry
-
     ids = [s.id for s in segments]
     common = set.intersection(*(set(profile.times.get(i, {})) for i in ids)) if ids else set()
     out = []
     for o in common:
         if _over_capacity(segments, {i: o for i in ids}, pool) is None:
-            # one call instead of one per segment: take back the per-call overhead the segment sums paid
-            overhead_ms = registry.backend_class(parse_option(o)[1]).call_overhead_us / 1e3
-            total = sum(profile.times[i][o].median_ms for i in ids)
-            out.append((o, max(total - (len(ids) - 1) * overhead_ms, total / len(ids))))
+            out.append((o, run_as_one_ms([profile.times[i][o].median_ms for i in ids], o)))
     return sorted(out, key=lambda kv: (kv[1], kv[0]))
 
 

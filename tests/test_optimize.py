@@ -55,6 +55,42 @@ def test_dp_pays_for_copies_on_a_chain(standin_pool):
     assert a.options["s1"] == "torch@cpu/fp32", "two 1 MiB copies at 16 GB/s cost more than 0.05 ms saved"
 
 
+@pytest.mark.parametrize("elsewhere, split", [(0.996, False), (0.98, True)])
+def test_dp_charges_a_call_per_partition(standin_pool, elsewhere, split):
+    """Segments timed alone each paid a call; run as one partition they pay one. A middle segment a little faster
+    on another backend of the same member is split off only when it gains more than the call it adds."""
+    from dioe.partition import call_overhead_ms
+
+    segs = [_seg("s0"), _seg("s1"), _seg("s2")]
+    edges = Edges({(INPUT, "s0"): 0, ("s0", "s1"): 0, ("s1", "s2"): 0, ("s2", OUTPUT): 0})
+    prof = Profile("g", "f")
+    prof.times = {"s0": {"torch@cpu/fp32": _timing(1.0)},
+                  "s1": {"torch@cpu/fp32": _timing(1.0), "onnxruntime@cpu/fp32": _timing(elsewhere)},
+                  "s2": {"torch@cpu/fp32": _timing(1.0)}}
+    prof.links = dioe.profile.profile_links(standin_pool)
+    a = assign(segs, edges, prof, standin_pool)
+    one_call = 3.0 - 2 * call_overhead_ms("torch@cpu/fp32")   # 2.9868
+    assert (a.options["s1"] == "onnxruntime@cpu/fp32") == split, a
+    assert a.predicted_ms == pytest.approx(2.0 + elsewhere if split else one_call), a
+
+
+def test_a_partition_never_holds_back_a_branch_on_another_member():
+    """Neighbours with the same option share a partition unless that makes a consumer on another member wait for
+    a segment it does not need: left joining a's partition would hold right (on cpu-b) back until left ends."""
+    from dioe.partition import partition_groups
+
+    segs = [_seg("a"), _seg("left"), _seg("right"), _seg("join")]
+    edges = Edges({(INPUT, "a"): 4, ("a", "left"): 4, ("a", "right"): 4, ("left", "join"): 4, ("right", "join"): 4,
+                   ("join", OUTPUT): 4})
+    two = {"a": "torch@cpu/fp32", "left": "torch@cpu/fp32", "right": "torch@cpu-b/fp32", "join": "torch@cpu/fp32"}
+    assert [[s.id for s in g] for g in partition_groups(segs, two, edges)] == [["a"], ["left"], ["right"], ["join"]]
+    one = dict.fromkeys(two, "torch@cpu/fp32")  # one member runs them in turn anyway: one call
+    assert [[s.id for s in g] for g in partition_groups(segs, one, edges)] == [["a", "left", "right", "join"]]
+    chain = Edges({(INPUT, "a"): 4, ("a", "left"): 4, ("left", "right"): 4, ("a", "join"): 4, ("right", "join"): 4,
+                   ("join", OUTPUT): 4})  # join needs right, which needs left: holding join back costs nothing
+    assert [[s.id for s in g] for g in partition_groups(segs, two, chain)] == [["a", "left"], ["right"], ["join"]]
+
+
 def test_capacity_is_never_exceeded(standin_pool):
     npu = standin_pool["npu"]
     segs = [_seg(f"s{i}", weights=npu.memory_bytes // 3, acts=1024) for i in range(6)]
@@ -102,8 +138,9 @@ def test_the_race_times_eager_beside_the_plan(cpu):
         times[name] = (float(best), float(rest.rstrip(")")))
     (eager_key,) = [k for k in times if k.startswith("torch eager")]  # "(= torch@cpu0/fp32)": it stands for it
     assert times[eager_key][1] == pytest.approx(p.eager_ms, abs=0.01)
-    if len(p.partitions) == 1:  # one partition: its time is the plan's, from the same rounds
+    if len(p.partitions) == 1:  # one partition: its time is the plan's, from the same rounds, and so is its forecast
         assert p.partitions[0].measured_ms == p.measured_ms, p.summary()
+        assert p.partitions[0].predicted_ms == pytest.approx(p.predicted_ms, rel=1e-3), p.summary()
     assert all(best <= med for best, med in times.values()), race[0]
     assert_matches_eager(eager(model, (x,)), opt(x))
 
