@@ -383,10 +383,9 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
         if p.measured_ms is None:
             continue
         option = option_label(p.member, p.backend, p.precision)
-        # scaled so that the partition, predicted again as one call of its segments, comes to what it measured:
-        # the per-call overheads its segments no longer pay are constants, not scaled
-        alone = sum(t.median_ms for t in (scaled.times[sid].get(option) for sid in p.segments) if t is not None)
-        scale = max(p.measured_ms + alone - p.predicted_ms, p.measured_ms) / max(alone, 1e-9)
+        # scaled so that the partition, forecast again as one call of its segments, comes to what it measured
+        times = [t.median_ms for t in (scaled.times[sid].get(option) for sid in p.segments) if t is not None]
+        scale = _scale_to(p.measured_ms, times, option)
         for sid in p.segments:
             t = scaled.times[sid].get(option)
             if t is not None:
@@ -435,6 +434,19 @@ class _Verdict:
     def save(self, winner: str, report: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"plan": self.plan_key, "winner": winner, "report": report}))
+
+
+def _scale_to(measured_ms: float, times: Sequence[float], option: str) -> float:
+    """The factor k for which segments of `times`, each k times slower, forecast as one call come to
+    `measured_ms`. The per-call overheads they no longer pay are constants, except where a segment is so short
+    that its floor of half its time applies, so k is found by bisection: the forecast grows with k."""
+    if not times or sum(times) <= 0:
+        return 1.0
+    lo, hi = 0.0, measured_ms / (times[0] + sum(times[1:]) / 2)   # the forecast at hi is at least measured_ms
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if run_as_one_ms([mid * t for t in times], option) < measured_ms else (lo, mid)
+    return hi
 
 
 def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance,

@@ -49,9 +49,9 @@ class Assignment:
 def partition_groups(segments: Sequence[Segment], chosen: Mapping[str, str],
                      edges: Edges | None = None) -> list[list[Segment]]:
     """The plan's partitions: runs of neighbouring segments (in order) with the same option, each run one call.
-    A segment stays out of the run before it where joining would hold back a consumer of the run's outputs on
-    another member that does not depend on the segment: a branch that could have started while it ran. On a
-    chain, or on one member, nothing is held back. Without `edges`, by option alone."""
+    A segment stays out of the run before it where joining would make work wait (`_holds_back`): a branch on
+    another member that could have started while it ran, or the run itself waiting for another member's result
+    that only this segment needs. On a chain, or on one member, nothing waits. Without `edges`, by option alone."""
     after = _descendants(segments, edges) if edges is not None else None
     groups: list[list[Segment]] = []
     for s in segments:
@@ -73,10 +73,16 @@ def _descendants(segments: Sequence[Segment], edges: Edges) -> dict[str, set[str
 
 def _holds_back(run: Sequence[Segment], s: Segment, chosen: Mapping[str, str], edges: Edges,
                 after: Mapping[str, set[str]]) -> bool:
+    """Whether `s` joining `run` delays work: a consumer of the run on another member that does not need `s`
+    would wait for it, or `s` needs a segment of another member that the run's first segment does not, and the
+    whole partition (which starts when all its inputs are ready) would wait for that one."""
     inside = {x.id for x in run} | {s.id}
     member = _member(chosen[s.id])
-    return any(y not in inside and _member(chosen[y]) != member and y not in after[s.id]
-               for x in run for y in edges.succs(x.id))
+    if any(y not in inside and _member(chosen[y]) != member and y not in after[s.id]
+           for x in run for y in edges.succs(x.id)):
+        return True
+    return any(p not in inside and _member(chosen[p]) != member and run[0].id not in after[p]
+               for p in edges.preds(s.id))
 
 
 def call_overhead_ms(option: str) -> float:

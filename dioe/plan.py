@@ -28,9 +28,10 @@ def round_ms(ms: float) -> float:
 def show_ms(ms: float) -> str:
     """A time in ms as a person reads it: two decimals from 1 ms up, three significant digits below it (tiny-mlp's
     0.0111 ms, where two decimals read 0.01 for every engine), never in exponent form."""
-    if not 0 < ms < 1:
+    r = float(f"{ms:.3g}") if ms == ms else ms  # rounded first, so that 0.9996 reads 1.00, not 1.000
+    if not 0 < r < 1:
         return f"{ms:.2f}"
-    return f"{ms:.{2 - math.floor(math.log10(ms))}f}"
+    return f"{r:.{2 - math.floor(math.log10(r))}f}"
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,22 @@ def test_a_partition_never_holds_back_a_branch_on_another_member():
     chain = Edges({(INPUT, "a"): 4, ("a", "left"): 4, ("left", "right"): 4, ("a", "join"): 4, ("right", "join"): 4,
                    ("join", OUTPUT): 4})  # join needs right, which needs left: holding join back costs nothing
     assert [[s.id for s in g] for g in partition_groups(segs, two, chain)] == [["a", "left"], ["right"], ["join"]]
+    # s needs w, on cpu-b; x does not: were s to join x's partition, x would wait for w as well
+    segs = [_seg("w"), _seg("x"), _seg("s")]
+    late = Edges({(INPUT, "w"): 4, (INPUT, "x"): 4, ("w", "s"): 4, ("x", "s"): 4, ("s", OUTPUT): 4})
+    where = {"w": "torch@cpu-b/fp32", "x": "torch@cpu/fp32", "s": "torch@cpu/fp32"}
+    assert [[s.id for s in g] for g in partition_groups(segs, where, late)] == [["w"], ["x"], ["s"]]
+
+
+def test_replanning_scales_segments_to_what_their_partition_measured():
+    """Segment times scaled by one factor, forecast again as one call, come to the partition's measured time,
+    also where segments are short enough that the floor of half their time applies."""
+    from dioe.api import _scale_to
+    from dioe.partition import run_as_one_ms
+
+    for times, measured in [([0.005] * 3, 0.03), ([1.0] * 3, 2.5), ([10.0, 10.0], 25.0)]:
+        k = _scale_to(measured, times, "onnxruntime@cpu/fp32")
+        assert run_as_one_ms([k * t for t in times], "onnxruntime@cpu/fp32") == pytest.approx(measured), (times, k)
 
 
 def test_capacity_is_never_exceeded(standin_pool):
@@ -290,7 +306,7 @@ def test_a_race_winner_says_why_with_the_race_times(cpu, tmp_path, monkeypatch):
     assert ran < against, p.reason
     # the race note lists the same contenders: the runner-up is the fastest of them after the winner
     race = next(n for n in opt.plan.notes if "raced side by side" in n).split(": ", 1)[1]
-    assert f"{against:.2f} ms" in race and (p.runner_up.label() in race or dioe.api.EAGER in race), race
+    assert f"{show_ms(against)} ms" in race and (p.runner_up.label() in race or dioe.api.EAGER in race), race
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
@@ -457,8 +473,8 @@ def test_a_plan_summary_shows_a_microsecond_model_in_significant_digits():
     text = plan.summary()
     assert "0.0107" in text and "0.0111" in text and "torch@cpu0/fp32 0.0577 ms" in text, text
     assert "predicted 0.0107 ms, measured 0.0111 ms; torch eager 0.0577 ms (5.19x)" in text, text
-    assert [show_ms(x) for x in (146.254, 6.19, 0.5, 0.0243, 1e-5, 0.0)] == \
-        ["146.25", "6.19", "0.500", "0.0243", "0.0000100", "0.00"]
+    assert [show_ms(x) for x in (146.254, 6.19, 0.5, 0.0243, 1e-5, 0.0, 0.9996, 0.09996)] == \
+        ["146.25", "6.19", "0.500", "0.0243", "0.0000100", "0.00", "1.00", "0.100"]
 
 
 def test_plan_round_trips_and_reloads_without_profiling(tiny_bert_on_standins, tmp_path, standin_pool, monkeypatch):
