@@ -5,9 +5,11 @@ replaced, loudly, by torch on the reference member and no call is lost.
 
 from __future__ import annotations
 
+import linecache
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
@@ -100,8 +102,11 @@ class Runtime:
                   f"        outs = fall_back(pid, c.failure(e), ({args}{',' if len(names) == 1 else ''}))",
                   f"    return {outs[0]}" if one_output and len(outs) == 1 else
                   f"    return rebuild(({', '.join(outs)}{',' if len(outs) == 1 else ''}))"]
-        code = compile("\n".join(lines) + "\n", "<dioe hot call>", "exec")
-        exec(code, scope)  # our own source, built above from the plan's specs: no user text reaches it
+        source, name = "\n".join(lines) + "\n", f"<dioe hot call {id(self):x}>"
+        # in linecache, so that a traceback through the call shows its lines, as torch.fx does for its code
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        weakref.finalize(self, linecache.cache.pop, name, None)
+        exec(compile(source, name, "exec"), scope)  # our own source, built from the plan's specs: no user text
         return scope["hot"]
 
     def _call_direct(self, pid: str, c: Compiled, args: Sequence) -> list:
