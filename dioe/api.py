@@ -29,7 +29,7 @@ from .backend import Compiled, Partition, cache_root
 from .capture import MISS, CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
 from .partition import (INPUT, OUTPUT, Assignment, Edges, assign, partition_groups, run_as_one_ms,
-                        whole_graph_options)
+                        scale_to_measured, whole_graph_options)
 from .plan import Choice, Plan, PlanPartition, round_ms, show_ms
 from .pool import ResourcePool
 from .profile import measure, option_label, parse_option, profile_segments
@@ -383,13 +383,11 @@ def _measure(opt: Optimized, profile, segments, edges, pool, cache_dir, objectiv
         if p.measured_ms is None:
             continue
         option = option_label(p.member, p.backend, p.precision)
+        timed = {sid: t for sid in p.segments if (t := scaled.times[sid].get(option)) is not None}
         # scaled so that the partition, forecast again as one call of its segments, comes to what it measured
-        times = [t.median_ms for t in (scaled.times[sid].get(option) for sid in p.segments) if t is not None]
-        scale = _scale_to(p.measured_ms, times, option)
-        for sid in p.segments:
-            t = scaled.times[sid].get(option)
-            if t is not None:
-                scaled.times[sid][option] = type(t)(t.median_ms * scale, t.p25_ms * scale, t.p75_ms * scale, t.runs)
+        scale = scale_to_measured(p.measured_ms, [t.median_ms for t in timed.values()], option)
+        for sid, t in timed.items():
+            scaled.times[sid][option] = type(t)(t.median_ms * scale, t.p25_ms * scale, t.p75_ms * scale, t.runs)
     assignment = assign(segments, edges, scaled, pool)
     new_plan = _plan(opt.captured, segments, assignment, scaled, pool, objective, replanned=True,
                      notes=(f"first plan predicted {show_ms(plan.predicted_ms)} ms, measured {show_ms(total_ms)} ms; "
@@ -434,19 +432,6 @@ class _Verdict:
     def save(self, winner: str, report: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"plan": self.plan_key, "winner": winner, "report": report}))
-
-
-def _scale_to(measured_ms: float, times: Sequence[float], option: str) -> float:
-    """The factor k for which segments of `times`, each k times slower, forecast as one call come to
-    `measured_ms`. The per-call overheads they no longer pay are constants, except where a segment is so short
-    that its floor of half its time applies, so k is found by bisection: the forecast grows with k."""
-    if not times or sum(times) <= 0:
-        return 1.0
-    lo, hi = 0.0, measured_ms / (times[0] + sum(times[1:]) / 2)   # the forecast at hi is at least measured_ms
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if run_as_one_ms([mid * t for t in times], option) < measured_ms else (lo, mid)
-    return hi
 
 
 def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify, tolerance,

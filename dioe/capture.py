@@ -301,12 +301,12 @@ class CapturedGraph:
         return "(" + ", ".join(f"{n}: {s}" for n, s in zip(self.input_names, self.input_specs)) + ")"
 
     def hot_io(self) -> tuple[tuple, Callable[[Sequence], Any], bool] | None:
-        """What a hot path needs to take the common call (positional CPU tensors of the captured static shapes)
+        """What a hot path needs to take the common call (positional tensors of the captured static shapes)
         without `flatten_inputs` and `unflatten_outputs`: each input's (shape, dtype, device type), a function
         building the output structure from the flat outputs, and whether the output is one tensor. None where the
         captured inputs are not all such tensors."""
         specs = self._positional_specs
-        if specs is None or any(device != "cpu" for _, _, device in specs):
+        if specs is None:
             return None
         rebuild = self._rebuild or (lambda flat: pytree.tree_unflatten(list(flat), self.out_spec))
         return specs, rebuild, self.out_spec.is_leaf()

@@ -104,6 +104,19 @@ def run_as_one_ms(times: Sequence[float], option: str) -> float:
     return times[0] + sum(continued_ms(t, option) for t in times[1:]) if times else 0.0
 
 
+def scale_to_measured(measured_ms: float, times: Sequence[float], option: str) -> float:
+    """The factor k for which segments of `times`, each k times slower, forecast as one call (`run_as_one_ms`)
+    come to `measured_ms`. The per-call overheads they no longer pay are constants, except where a segment is so
+    short that its floor of half its time applies, so k is found by bisection: the forecast grows with k."""
+    if not times or sum(times) <= 0:
+        return 1.0
+    lo, hi = 0.0, measured_ms / (times[0] + sum(times[1:]) / 2)   # the forecast at hi is at least measured_ms
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if run_as_one_ms([mid * t for t in times], option) < measured_ms else (lo, mid)
+    return hi
+
+
 def is_chain(segments: Sequence[Segment], edges: Edges) -> bool:
     """True when every segment (after the first) depends on its predecessor: nothing can run concurrently."""
     ids = [s.id for s in segments]

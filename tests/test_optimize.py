@@ -99,11 +99,10 @@ def test_a_partition_never_holds_back_a_branch_on_another_member():
 def test_replanning_scales_segments_to_what_their_partition_measured():
     """Segment times scaled by one factor, forecast again as one call, come to the partition's measured time,
     also where segments are short enough that the floor of half their time applies."""
-    from dioe.api import _scale_to
-    from dioe.partition import run_as_one_ms
+    from dioe.partition import run_as_one_ms, scale_to_measured
 
     for times, measured in [([0.005] * 3, 0.03), ([1.0] * 3, 2.5), ([10.0, 10.0], 25.0)]:
-        k = _scale_to(measured, times, "onnxruntime@cpu/fp32")
+        k = scale_to_measured(measured, times, "onnxruntime@cpu/fp32")
         assert run_as_one_ms([k * t for t in times], "onnxruntime@cpu/fp32") == pytest.approx(measured), (times, k)
 
 
