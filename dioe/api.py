@@ -26,7 +26,7 @@ from . import backends as registry
 from . import cache as _cache
 from . import tracing as _trace
 from .backend import Compiled, Partition, cache_root
-from .capture import MISS, CapturedGraph, TensorSpec, capture
+from .capture import CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
 from .partition import (INPUT, OUTPUT, Assignment, Edges, assign, partition_groups, run_as_one_ms,
                         scale_to_measured, whole_graph_options)
@@ -66,21 +66,31 @@ class Optimized:
 
     def __init__(self, captured: CapturedGraph, plan: Plan, program: Program, runtime: Runtime):
         self.captured, self.plan, self.program, self.runtime = captured, plan, program, runtime
-        self._hot = self._hot_path()
+        self._hot = None
+        runtime.on_replace.append(self._bind_hot_call)
+        self._bind_hot_call()
 
-    def _hot_path(self):
+    def _bind_hot_call(self) -> None:
         """The common call of a one-partition plan on the CPU (positional tensors of the captured shapes, no
-        trace) as one generated function, with none of the general path's layers between the input check, the
-        engine and the output structure (Runtime.hot_call). None where the plan or the inputs do not allow it."""
+        trace) is this model's `__call__` itself, generated for its plan (Runtime.hot_call): none of the general
+        path's layers between the input check, the engine and the output structure. Python looks `__call__` up on
+        the type, so this instance gets a class of its own. Bound again whenever the runtime replaces the engine."""
         io = self.captured.hot_io()
-        return self.runtime.hot_call(io[0], io[1], one_output=io[2]) if io is not None else None
+        self._hot = self.runtime.hot_call(io[0], io[1], Optimized._call, one_output=io[2]) \
+            if io is not None else None
+        if self._hot is None:
+            self.__class__ = Optimized
+        elif type(self) is Optimized:
+            self.__class__ = type("Optimized", (Optimized,), {"__call__": self._hot, "__module__": __name__,
+                                                             "__doc__": Optimized.__doc__})
+        else:
+            type(self).__call__ = self._hot
 
     def __call__(self, *args, **kwargs) -> Any:
-        hot = self._hot
-        if hot is not None and not kwargs and _trace._ACTIVE is None:  # read, not called: 0.1 us of 9 on tiny-mlp
-            out = hot(args)
-            if out is not MISS:
-                return out
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        """The general path: any plan, any call; a trace records the call's partitions and copies."""
         flat = self.captured.flatten_inputs(args, kwargs)
         tr = _trace.active()
         if tr is None:  # each backend runs its partitions under inference mode itself
@@ -312,7 +322,8 @@ def _verify(opt: Optimized, pool, tolerance, cache_dir, objective) -> Optimized:
         if err > tol:
             warnings.warn(f"dioe: partition {step.partition} on {c.backend}@{c.member} differs from eager by "
                           f"{err:.2e} (> {tol:.0e}); it runs on torch@{reference.id} instead.", RuntimeWarning)
-            opt.runtime.compiled[step.partition] = registry.get("torch", cache_dir).compile(part, reference, "fp32")
+            opt.runtime.replace(step.partition,
+                                registry.get("torch", cache_dir).compile(part, reference, "fp32"))
             changed = True
     if changed:
         now = opt.runtime.compiled

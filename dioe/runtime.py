@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import backends as registry
+from . import tracing
 from .backend import Compiled
 from .capture import MISS
 from .errors import BackendError
@@ -43,6 +44,8 @@ class Runtime:
         self._workers = {m: ThreadPoolExecutor(1, thread_name_prefix=f"dioe-{m}") for m in members} \
             if self.concurrent else {}
         self.direct = self._direct_outputs()  # the one-partition fast path, or None
+        self.on_replace: list[Callable[[], None]] = []  # called after a partition's engine is replaced
+        self._generated = 0
 
     def _direct_outputs(self) -> list | None:
         """For a plan of one partition that reads the graph's inputs in order: where each graph output comes from
@@ -63,32 +66,32 @@ class Runtime:
                 return None  # an output that is an input passed through
         return out
 
-    def hot_call(self, specs: Sequence[tuple], rebuild: Callable[[Sequence], Any], *,
-                 one_output: bool = False) -> Callable[[tuple], Any] | None:
-        """The common call of a one-partition plan on the CPU as one generated function: the check of each
-        positional input against `specs` ((shape, dtype, device type) each), the engine's own callable (and the
-        fallback when it fails) and the output structure, written out for this plan with no loop and no call
-        between them. Each layer of the general path is a Python call, 0.1 to 0.2 us after an engine's call has
-        left the caches cold: tiny-mlp's 8.3 us engine call took 9.6 us through five such layers and about 8.8 us
-        through this function. It returns MISS for any other call (another count, shape, dtype or device, or an
-        engine that, as compiled now, takes another device), which then goes the long way and is told what is
-        wrong. None where the plan or the inputs do not allow it."""
+    def hot_call(self, specs: Sequence[tuple], rebuild: Callable[[Sequence], Any], long_way: Callable, *,
+                 one_output: bool = False) -> Callable | None:
+        """The `__call__` of a one-partition plan on the CPU as one generated method: the check of each positional
+        input against `specs` ((shape, dtype, device type) each), the engine's own callable (and the fallback when
+        it fails) and the output structure, written out for this plan with no loop and no call between them. Each
+        layer of the general path is a Python call, 0.1 to 0.2 us after an engine's call has left the caches cold:
+        tiny-mlp's 8.1 us engine call took 9.6 us through five such layers, 8.8 us through one generated function
+        called by the model's own __call__, and 8.6 us as that __call__. Inputs are positional-only parameters,
+        so that no tuple is built for them. Any other call (another count, shape, dtype or device, keywords, a
+        trace) goes `long_way(self, args, kwargs)`, which is told what is wrong. The engine is bound as compiled
+        now: call it again after `replace`. None where the plan or the inputs do not allow it."""
         if self.direct is None or any(device != "cpu" for _, _, device in specs):
             return None
         pid = self.program.steps[0].partition
-        if self.compiled[pid].io_device != "cpu":
+        c = self.compiled[pid]
+        if c.io_device != "cpu":
             return None
         names = [f"x{i}" for i in range(len(specs))]
-        scope: dict[str, Any] = {"MISS": MISS, "Tensor": torch.Tensor, "compiled": self.compiled, "pid": pid,
-                                 "rebuild": rebuild, "fall_back": self._fallback}
-        lines = ["def hot(args):", f"    if len(args) != {len(specs)}:", "        return MISS"]
-        if names:
-            lines.append(f"    {', '.join(names)}, = args")
+        scope: dict[str, Any] = {"MISS": MISS, "Tensor": torch.Tensor, "c": c, "pid": pid, "tracing": tracing,
+                                 "rebuild": rebuild, "fall_back": self._fallback, "long_way": long_way}
+        checks = ["more", "kwargs", "tracing._ACTIVE is not None"]
         for x, (shape, dtype, _) in zip(names, specs):
             scope[f"{x}_shape"], scope[f"{x}_dtype"] = torch.Size(shape), dtype
-            # is_cpu reads a flag; x.device.type builds a device object first
-            lines += [f"    if type({x}) is not Tensor or {x}.shape != {x}_shape or {x}.dtype is not {x}_dtype "
-                      f"or not {x}.is_cpu:", "        return MISS"]
+            # is_cpu reads a flag; x.device.type builds a device object first. A missing input is MISS: no Tensor
+            checks.append(f"type({x}) is not Tensor or {x}.shape != {x}_shape or {x}.dtype is not {x}_dtype "
+                          f"or not {x}.is_cpu")
         outs = []
         for i, (computed, v) in enumerate(self.direct):
             if computed:
@@ -97,17 +100,27 @@ class Runtime:
                 scope[f"k{i}"] = v
                 outs.append(f"k{i}")
         args = ", ".join(names)
-        lines += ["    c = compiled[pid]", "    if c.io_device != 'cpu':", "        return MISS",
-                  "    try:", f"        outs = c.fn({args})", "    except Exception as e:",
-                  f"        outs = fall_back(pid, c.failure(e), ({args}{',' if len(names) == 1 else ''}))",
-                  f"    return {outs[0]}" if one_output and len(outs) == 1 else
-                  f"    return rebuild(({', '.join(outs)}{',' if len(outs) == 1 else ''}))"]
-        source, name = "\n".join(lines) + "\n", f"<dioe hot call {id(self):x}>"
+        packed = f"({args}{',' if len(names) == 1 else ''})"
+        lines = [f"def __call__(self, {''.join(x + '=MISS, ' for x in names)}/, *more, **kwargs):",
+                 "    if (" + "\n            or ".join(checks) + "):",
+                 f"        return long_way(self, tuple([x for x in {packed} if x is not MISS]) + more, kwargs)",
+                 "    try:", f"        outs = c.fn({args})", "    except Exception as e:",
+                 f"        outs = fall_back(pid, c.failure(e), {packed})",
+                 f"    return {outs[0]}" if one_output and len(outs) == 1 else
+                 f"    return rebuild(({', '.join(outs)}{',' if len(outs) == 1 else ''}))"]
+        self._generated += 1
+        source, name = "\n".join(lines) + "\n", f"<dioe hot call {id(self):x}.{self._generated}>"
         # in linecache, so that a traceback through the call shows its lines, as torch.fx does for its code
         linecache.cache[name] = (len(source), None, source.splitlines(True), name)
         weakref.finalize(self, linecache.cache.pop, name, None)
         exec(compile(source, name, "exec"), scope)  # our own source, built from the plan's specs: no user text
-        return scope["hot"]
+        return scope["__call__"]
+
+    def replace(self, pid: str, compiled: Compiled) -> None:
+        """Run partition `pid` on `compiled` from now on, and tell whoever bound the one before (`on_replace`)."""
+        self.compiled[pid] = compiled
+        for tell in self.on_replace:
+            tell()
 
     def _call_direct(self, pid: str, c: Compiled, args: Sequence) -> list:
         try:
@@ -169,7 +182,7 @@ class Runtime:
         ref = self.pool.reference
         part = self.program.partition(pid)
         compiled = registry.get("torch").compile(part, ref, "fp32")
-        self.compiled[pid] = compiled
+        self.replace(pid, compiled)
         self.fallbacks[pid] = str(error)
         self.stats["fallbacks"] += 1
         self.stats[f"fallback:{pid}"] += 1

@@ -1,5 +1,6 @@
 """The optimizer and runtime: plans, placement rules, concurrency, fallback, verification, reload."""
 
+import copy
 import warnings
 
 import pytest
@@ -631,6 +632,39 @@ def test_the_hot_call_checks_each_input_and_keeps_constant_outputs(cpu, monkeypa
     with pytest.raises(dioe.InputSpecError, match=r"expected 2 positional input"):
         opt(x)
     assert not long_way, "bad calls are refused by the input check, before any partition runs"
+
+
+def test_each_model_has_its_own_hot_call(cpu):
+    """The hot call is the instance's own __call__: two models optimized in one process keep theirs, a call by
+    keyword goes the general path (even one named as the hot call's parameters), and an engine replaced after the
+    call was generated is the one the hot call runs."""
+    def built(m, x, backend="torch"):
+        g = dioe.capture(m, (x,))
+        nodes = tuple(n.name for n in g.compute_nodes)
+        plan = Plan("M", g.structure_hash(), "", "latency",
+                    (PlanPartition("p0", ("p0",), nodes, cpu.id, backend, "fp32", len(nodes), 0.0, 1.0),), 1.0)
+        return _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
+
+    class Named(torch.nn.Module):
+        def forward(self, features):
+            return features.relu() * 2
+
+    a, b = torch.nn.Linear(8, 3).eval(), Named().eval()
+    x, y = torch.randn(2, 8), torch.randn(5)
+    opt_a, opt_b = built(a, x), built(b, y)
+    assert type(opt_a) is not type(opt_b) and isinstance(opt_a, dioe.Optimized), "one class per instance"
+    assert_matches_eager(eager(a, (x,)), opt_a(x), rtol=1e-5)
+    assert_matches_eager(eager(b, (y,)), opt_b(y), rtol=1e-5)
+    with pytest.raises(dioe.InputSpecError, match=r"expected keyword inputs \[\], got \['features'\]"):
+        opt_b(features=y)   # captured positionally: the general path says so, the hot call does not bind it
+    with pytest.raises(dioe.InputSpecError, match=r"got \['x0'\]"):
+        opt_b(y, x0=y)
+
+    engine = []
+    replacement = copy.copy(opt_a.runtime.compiled["p0"])
+    replacement.fn = lambda *args: engine.append(args) or (torch.zeros(2, 3),)
+    opt_a.runtime.replace("p0", replacement)
+    assert torch.equal(opt_a(x), torch.zeros(2, 3)) and len(engine) == 1, "the hot call runs the new engine"
 
 
 def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
