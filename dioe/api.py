@@ -25,7 +25,7 @@ import torch
 from . import backends as registry
 from . import cache as _cache
 from . import tracing as _trace
-from .backend import Compiled, Partition, cache_root
+from .backend import Compiled, cache_root
 from .capture import CapturedGraph, TensorSpec, capture
 from .errors import BackendError, DIOEError
 from .partition import (INPUT, OUTPUT, Assignment, Edges, assign, partition_groups, run_as_one_ms,

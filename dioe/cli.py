@@ -254,8 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-browser", action="store_true", help="view: do not open a browser")
     t.set_defaults(fn=cmd_trace)
 
-    b = sub.add_parser("bench", help="DIOE against every peer engine on the zoo (see dioe bench --help)",
-                       add_help=False)
+    sub.add_parser("bench", help="DIOE against every peer engine on the zoo (see dioe bench --help)", add_help=False)
 
     k = sub.add_parser("cache", help="show, trim or clear the disk cache of compiled artifacts and profiles")
     k.add_argument("action", nargs="?", choices=["show", "trim", "clear"], default="show")

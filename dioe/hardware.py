@@ -172,7 +172,8 @@ class Descriptor:
         seen = set()
         for i, b in enumerate(self.backends):
             if b.name in seen:
-                raise where.error(path + ("backends", i, "name"), f"expected each backend once; {b.name!r} is listed twice")
+                raise where.error(path + ("backends", i, "name"),
+                                  f"expected each backend once; {b.name!r} is listed twice")
             seen.add(b.name)
         for p in self.peak_tflops:
             if p not in self.precisions:

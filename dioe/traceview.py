@@ -10,7 +10,7 @@ import html
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from .errors import DIOEError
 from .plan import show_ms

@@ -3,8 +3,6 @@
 import json
 import subprocess
 
-import pytest
-
 from helpers import dioe_command
 
 

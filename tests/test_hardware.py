@@ -60,9 +60,10 @@ BROKEN = [
     ("duplicate backend", "  - name: torch", "  - name: inductor", "backends[3].name"),
     ("option of another backend", "    options: {device: CPU}", "    options: {device: CPU, mode: max-autotune}",
      "backends[0].options.mode"),
-    ("onnxruntime without providers", "      providers: [{name: CPUExecutionProvider}]", "      disable_cpu_ep_fallback: true",
-     "backends[1].options"),
-    ("provider without name", "[{name: CPUExecutionProvider}]", "[{options: {}}]", "backends[1].options.providers[0].name"),
+    ("onnxruntime without providers", "      providers: [{name: CPUExecutionProvider}]",
+     "      disable_cpu_ep_fallback: true", "backends[1].options"),
+    ("provider without name", "[{name: CPUExecutionProvider}]", "[{options: {}}]",
+     "backends[1].options.providers[0].name"),
     ("missing required field", "vendor: generic\n", "", "vendor"),
     ("bad tiling enum", "tiling_strategy: cache_blocked", "tiling_strategy: diagonal", "optimizer.tiling_strategy"),
     ("kernel_fusion not bool", "kernel_fusion: true", "kernel_fusion: maybe", "optimizer.kernel_fusion"),
@@ -73,8 +74,9 @@ BROKEN = [
     ("wrong schema version", "schema_version: 1", "schema_version: 2", "schema_version"),
     ("duplicate key", "kind: cpu", "kind: cpu\nkind: gpu", "kind"),
     ("negative threads", "  kernel_fusion: true", "  kernel_fusion: true\n  threads: -2", "optimizer.threads"),
-    ("backends empty", "backends:\n  - name: openvino\n    options: {device: CPU}\n  - name: onnxruntime\n    options:\n"
-     "      providers: [{name: CPUExecutionProvider}]\n  - name: inductor\n  - name: torch\n", "backends: []\n", "backends"),
+    ("backends empty", "backends:\n  - name: openvino\n    options: {device: CPU}\n  - name: onnxruntime\n"
+     "    options:\n      providers: [{name: CPUExecutionProvider}]\n  - name: inductor\n  - name: torch\n",
+     "backends: []\n", "backends"),
 ]
 
 

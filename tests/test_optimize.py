@@ -14,7 +14,6 @@ from dioe.profile import Profile, Timing
 from dioe.segment import Segment, segment_graph
 from dioe.cost import Cost
 
-from conftest import POOLS
 from helpers import assert_matches_eager, branches_on_two_members, eager
 
 FAST = ["torch", "onnxruntime"]
@@ -34,8 +33,9 @@ def test_heft_puts_parallel_branches_on_different_members(standin_pool):
                    ("join", OUTPUT): 4})
     prof = Profile("g", "f")
     for s, ms in [("a", 1), ("left", 10), ("right", 10), ("join", 1)]:
-        prof.times[s] = {f"torch@cpu/fp32": _timing(ms), f"torch@cpu-b/fp32": _timing(ms * 1.1)}
-    prof.links = {"cpu->cpu-b": dioe.profile.LinkCost(0, float("inf")), "cpu-b->cpu": dioe.profile.LinkCost(0, float("inf"))}
+        prof.times[s] = {"torch@cpu/fp32": _timing(ms), "torch@cpu-b/fp32": _timing(ms * 1.1)}
+    free = dioe.profile.LinkCost(0, float("inf"))
+    prof.links = {"cpu->cpu-b": free, "cpu-b->cpu": free}
     a = assign(segs, edges, prof, standin_pool)
     assert a.method == "heft"
     assert {a.options["left"].split("@")[1], a.options["right"].split("@")[1]} == {"cpu/fp32", "cpu-b/fp32"}

@@ -13,8 +13,6 @@ import tempfile
 import time
 import warnings
 
-import torch
-
 import dioe
 from dioe import backends
 from dioe.backend import Partition
