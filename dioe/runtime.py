@@ -5,21 +5,17 @@ replaced, loudly, by torch on the reference member and no call is lost.
 
 from __future__ import annotations
 
-import linecache
 import threading
 import time
 import warnings
-import weakref
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from . import backends as registry
-from . import tracing
 from .backend import Compiled
-from .capture import MISS
 from .errors import BackendError
 from .pool import ResourcePool
 from .profile import measure
@@ -44,8 +40,9 @@ class Runtime:
         self._workers = {m: ThreadPoolExecutor(1, thread_name_prefix=f"dioe-{m}") for m in members} \
             if self.concurrent else {}
         self.direct = self._direct_outputs()  # the one-partition fast path, or None
-        self.on_replace: list[Callable[[], None]] = []  # called after a partition's engine is replaced
-        self._generated = 0
+        # weak references to what to call after a partition's engine is replaced: a model bound to its engine
+        self.on_replace: list[Callable[[], Callable[[], None] | None]] = []
+        self._lock = threading.RLock()
 
     def _direct_outputs(self) -> list | None:
         """For a plan of one partition that reads the graph's inputs in order: where each graph output comes from
@@ -66,67 +63,20 @@ class Runtime:
                 return None  # an output that is an input passed through
         return out
 
-    def hot_call(self, specs: Sequence[tuple], rebuild: Callable[[Sequence], Any], long_way: Callable, *,
-                 one_output: bool = False) -> Callable | None:
-        """The `__call__` of a one-partition plan on the CPU as one generated method: the check of each positional
-        input against `specs` ((shape, dtype, device type) each), the engine's own callable (and the fallback when
-        it fails) and the output structure, written out for this plan with no loop and no call between them. Each
-        layer of the general path is a Python call, 0.1 to 0.2 us after an engine's call has left the caches cold:
-        tiny-mlp's 8.1 us engine call took 9.6 us through five such layers, 8.8 us through one generated function
-        called by the model's own __call__, and 8.6 us as that __call__. Inputs are positional-only parameters,
-        so that no tuple is built for them. Any other call (another count, shape, dtype or device, keywords, a
-        trace) goes `long_way(self, args, kwargs)`, which is told what is wrong. The engine is bound as compiled
-        now: call it again after `replace`. None where the plan or the inputs do not allow it."""
-        if self.direct is None or any(device != "cpu" for _, _, device in specs):
-            return None
-        pid = self.program.steps[0].partition
-        c = self.compiled[pid]
-        if c.io_device != "cpu":
-            return None
-        names = [f"x{i}" for i in range(len(specs))]
-        scope: dict[str, Any] = {"MISS": MISS, "Tensor": torch.Tensor, "c": c, "pid": pid, "tracing": tracing,
-                                 "rebuild": rebuild, "fall_back": self._fallback, "long_way": long_way}
-        checks = ["more", "kwargs", "tracing._ACTIVE is not None"]
-        for x, (shape, dtype, _) in zip(names, specs):
-            scope[f"{x}_shape"], scope[f"{x}_dtype"] = torch.Size(shape), dtype
-            # is_cpu reads a flag; x.device.type builds a device object first. A missing input is MISS: no Tensor
-            checks.append(f"type({x}) is not Tensor or {x}.shape != {x}_shape or {x}.dtype is not {x}_dtype "
-                          f"or not {x}.is_cpu")
-        outs = []
-        for i, (computed, v) in enumerate(self.direct):
-            if computed:
-                outs.append(f"outs[{v}]")
-            else:
-                scope[f"k{i}"] = v
-                outs.append(f"k{i}")
-        args = ", ".join(names)
-        packed = f"({args}{',' if len(names) == 1 else ''})"
-        lines = [f"def __call__(self, {''.join(x + '=MISS, ' for x in names)}/, *more, **kwargs):",
-                 "    if (" + "\n            or ".join(checks) + "):",
-                 f"        return long_way(self, tuple([x for x in {packed} if x is not MISS]) + more, kwargs)",
-                 "    try:", f"        outs = c.fn({args})", "    except Exception as e:",
-                 f"        outs = fall_back(pid, c.failure(e), {packed})",
-                 f"    return {outs[0]}" if one_output and len(outs) == 1 else
-                 f"    return rebuild(({', '.join(outs)}{',' if len(outs) == 1 else ''}))"]
-        self._generated += 1
-        source, name = "\n".join(lines) + "\n", f"<dioe hot call {id(self):x}.{self._generated}>"
-        # in linecache, so that a traceback through the call shows its lines, as torch.fx does for its code
-        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
-        weakref.finalize(self, linecache.cache.pop, name, None)
-        exec(compile(source, name, "exec"), scope)  # our own source, built from the plan's specs: no user text
-        return scope["__call__"]
-
     def replace(self, pid: str, compiled: Compiled) -> None:
         """Run partition `pid` on `compiled` from now on, and tell whoever bound the one before (`on_replace`)."""
-        self.compiled[pid] = compiled
-        for tell in self.on_replace:
-            tell()
+        with self._lock:
+            self.compiled[pid] = compiled
+            for ref in self.on_replace:
+                tell = ref()
+                if tell is not None:
+                    tell()
 
     def _call_direct(self, pid: str, c: Compiled, args: Sequence) -> list:
         try:
             outs = c(*args)
         except BackendError as e:
-            outs = self._fallback(pid, e, args)
+            outs = self._fallback(pid, c, e, args)
         return [outs[v] if computed else v for computed, v in self.direct]
 
     def _has_parallel_steps(self) -> bool:
@@ -160,7 +110,7 @@ class Runtime:
             else:
                 outs = c(*args)
         except BackendError as e:
-            outs = self._fallback(step.partition, e, args)
+            outs = self._fallback(step.partition, c, e, args)
             c = self.compiled[step.partition]
             fell_back = True
         if tr is not None:
@@ -176,21 +126,22 @@ class Runtime:
             return self.compiled[p].member
         return next((m.id for m in self.pool.members if m.device == str(device)), str(device))
 
-    def _fallback(self, pid: str, error: BackendError, args: Sequence) -> tuple:
-        """Re-run on torch at the reference member; later calls go there directly."""
-        failed = self.compiled[pid]
-        ref = self.pool.reference
-        part = self.program.partition(pid)
-        compiled = registry.get("torch").compile(part, ref, "fp32")
-        self.replace(pid, compiled)
-        self.fallbacks[pid] = str(error)
-        self.stats["fallbacks"] += 1
-        self.stats[f"fallback:{pid}"] += 1
-        if pid not in self._warned:
-            self._warned.add(pid)
-            warnings.warn(f"dioe: {error}. Re-running partition {pid} on torch@{ref.id} (the reference) for this "
-                          f"and later calls instead of {failed.backend}@{failed.member}; expect it to be slower.",
-                          RuntimeWarning, stacklevel=3)
+    def _fallback(self, pid: str, failed: Compiled, error: BackendError, args: Sequence) -> tuple:
+        """Re-run on torch at the reference member; later calls go there directly. Calls that fail together on one
+        engine (from several threads) replace it once."""
+        with self._lock:
+            self.stats["fallbacks"] += 1
+            self.stats[f"fallback:{pid}"] += 1
+            if self.compiled[pid] is failed:
+                ref = self.pool.reference
+                self.fallbacks[pid] = str(error)
+                self.replace(pid, registry.get("torch").compile(self.program.partition(pid), ref, "fp32"))
+                if pid not in self._warned:
+                    self._warned.add(pid)
+                    warnings.warn(f"dioe: {error}. Re-running partition {pid} on torch@{ref.id} (the reference) for "
+                                  f"this and later calls instead of {failed.backend}@{failed.member}; expect it to "
+                                  f"be slower.", RuntimeWarning, stacklevel=3)
+            compiled = self.compiled[pid]
         moved = [a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args]
         return compiled(*moved)
 

@@ -1,7 +1,11 @@
 """The optimizer and runtime: plans, placement rules, concurrency, fallback, verification, reload."""
 
 import copy
+import gc
+import threading
 import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -634,10 +638,10 @@ def test_the_hot_call_checks_each_input_and_keeps_constant_outputs(cpu, monkeypa
     assert not long_way, "bad calls are refused by the input check, before any partition runs"
 
 
-def test_each_model_has_its_own_hot_call(cpu):
+def test_each_model_has_its_own_hot_call(cpu, monkeypatch):
     """The hot call is the instance's own __call__: two models optimized in one process keep theirs, a call by
     keyword goes the general path (even one named as the hot call's parameters), and an engine replaced after the
-    call was generated is the one the hot call runs."""
+    call was generated is the one the hot call runs, once however many calls fail on the one before."""
     def built(m, x, backend="torch"):
         g = dioe.capture(m, (x,))
         nodes = tuple(n.name for n in g.compute_nodes)
@@ -665,6 +669,30 @@ def test_each_model_has_its_own_hot_call(cpu):
     replacement.fn = lambda *args: engine.append(args) or (torch.zeros(2, 3),)
     opt_a.runtime.replace("p0", replacement)
     assert torch.equal(opt_a(x), torch.zeros(2, 3)) and len(engine) == 1, "the hot call runs the new engine"
+
+    # calls that fail together on one engine, from two threads, replace it once and both get the right result
+    both_in = threading.Barrier(2)
+
+    def lost(*args):
+        both_in.wait(timeout=30)
+        raise RuntimeError("engine lost")
+    replacement.fn = lost
+    replaced, real_replace = [], opt_a.runtime.replace
+    monkeypatch.setattr(opt_a.runtime, "replace", lambda *a: replaced.append(a) or real_replace(*a))
+    with pytest.warns(RuntimeWarning, match="engine lost"), ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: opt_a(x), range(2)))
+    for out in outs:
+        assert_matches_eager(eager(a, (x,)), out, rtol=1e-5)
+    assert len(replaced) == 1 and opt_a.stats["fallback_calls"] == 2, (replaced, opt_a.stats)
+
+    # nothing but the model holds its runtime (and engines): a model let go is freed at once
+    gc.disable()
+    try:
+        gone = weakref.ref(opt_b.runtime)
+        del opt_b
+        assert gone() is None, "the runtime outlived its model"
+    finally:
+        gc.enable()
 
 
 def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
