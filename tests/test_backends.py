@@ -282,6 +282,39 @@ def test_openvino_converts_from_the_onnx_file_onnxruntime_exported(cpu, tmp_path
                          rtol=RTOL["openvino"], what="openvino from onnx")
 
 
+class _Attention(torch.nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.qkv, self.out, self.heads = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), heads
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.skipif(not {"onnxruntime", "openvino"} <= set(AVAILABLE), reason="needs onnxruntime and openvino")
+def test_openvino_keeps_attention_fused_even_where_an_onnx_file_exists(cpu, tmp_path):
+    """The ONNX export writes attention out op by op, which OpenVINO does not fuse back: a partition with aten's
+    attention goes through OpenVINO's PyTorch frontend, which keeps it one op."""
+    from dioe.backends.openvino import has_attention
+
+    model = _Attention().eval()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    inputs = (torch.randn(2, 5, 16), mask)
+    g = dioe.capture(model, inputs)
+    assert has_attention(whole(g)) and not has_attention(whole(dioe.capture(*_mixed())))
+    backends.get("onnxruntime", tmp_path).compile(whole(g), cpu)   # the ONNX file OpenVINO would read
+    ov_model, _ = backends.get("openvino", tmp_path).convert(whole(g))
+    ops = {op.get_type_name() for op in ov_model.get_ops()}
+    assert "ScaledDotProductAttention" in ops and "Softmax" not in ops, sorted(ops)
+    compiled = backends.get("openvino", tmp_path).compile(whole(g), cpu)
+    assert_matches_eager(eager(model, inputs), g.unflatten_outputs(compiled(*g.example_inputs)),
+                         rtol=RTOL["openvino"], what="openvino, attention")
+
+
 @pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
 @pytest.mark.parametrize("keep", [False, True])
 def test_openvino_conversions_decline_its_telemetry_unless_asked(cpu, tmp_path, monkeypatch, keep):
