@@ -116,18 +116,26 @@ class OpenvinoBackend(Backend):
         from .onnxruntime import OnnxruntimeBackend, onnx_file
 
         onnx = onnx_file(self.cache_dir.parent / OnnxruntimeBackend.name, part)
-        model = None
-        if onnx.exists() and not attention:
-            try:
-                with _converting():
-                    model = ov.convert_model(str(onnx))
-            except Exception:  # an op OpenVINO's ONNX frontend lacks: its PyTorch frontend may have it
-                model = None
-        if model is None:
+
+        def from_onnx():
+            with _converting():
+                return ov.convert_model(str(onnx))
+
+        def from_torch():
             with torch.no_grad():
                 ep = torch.export.export(part.gm, tuple(part.example_inputs), strict=False)
             with _converting():
-                model = ov.convert_model(ep)
+                return ov.convert_model(ep)
+        # the preferred frontend first; an op one frontend lacks, the other may have
+        routes = [from_torch, from_onnx] if attention else [from_onnx, from_torch]
+        routes = [r for r in routes if r is not from_onnx or onnx.exists()]
+        for i, route in enumerate(routes):
+            try:
+                model = route()
+                break
+            except Exception:
+                if i == len(routes) - 1:
+                    raise
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32
         return model, str(xml)
 
