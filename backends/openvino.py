@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
 import torch
 
@@ -107,12 +108,6 @@ class OpenvinoBackend(Backend):
         import openvino as ov
 
         attention = has_attention(part)
-        # named apart: a conversion of the same partition from its ONNX file is never read back for it
-        xml = self.cache_dir / f"{part.digest}{'.attention' if attention else ''}.xml"
-        if xml.exists():
-            touch(xml)
-            return self.core.read_model(str(xml)), str(xml)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         from .onnxruntime import OnnxruntimeBackend, onnx_file
 
         onnx = onnx_file(self.cache_dir.parent / OnnxruntimeBackend.name, part)
@@ -126,16 +121,33 @@ class OpenvinoBackend(Backend):
                 ep = torch.export.export(part.gm, tuple(part.example_inputs), strict=False)
             with _converting():
                 return ov.convert_model(ep)
-        # the preferred frontend first; an op one frontend lacks, the other may have
-        routes = [from_torch, from_onnx] if attention else [from_onnx, from_torch]
-        routes = [r for r in routes if r is not from_onnx or onnx.exists()]
-        for i, route in enumerate(routes):
+        # the preferred frontend first; an op one frontend lacks, the other may have. Each one's conversion is
+        # cached under its own name, read back in the same order.
+        routes = [("torch", from_torch), ("onnx", from_onnx)]
+        if not attention and onnx.exists():
+            routes.reverse()
+        for frontend, _ in routes:
+            xml = self.cache_dir / f"{part.digest}.{frontend}.xml"
+            if xml.exists():
+                touch(xml)
+                return self.core.read_model(str(xml)), str(xml)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        failed: list[Exception] = []
+        for frontend, route in routes:
+            if route is from_onnx and not onnx.exists():
+                continue
             try:
                 model = route()
                 break
-            except Exception:
-                if i == len(routes) - 1:
-                    raise
+            except Exception as e:
+                failed.append(e)
+        else:
+            raise failed[-1] from (failed[0] if len(failed) > 1 else None)
+        if failed and attention:
+            warnings.warn(f"dioe: OpenVINO's PyTorch frontend could not convert partition {part.id} "
+                          f"({type(failed[0]).__name__}: {str(failed[0])[:200]}); converted from its ONNX file, "
+                          f"where attention runs op by op", RuntimeWarning)
+        xml = self.cache_dir / f"{part.digest}.{frontend}.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32
         return model, str(xml)
 

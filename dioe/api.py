@@ -94,9 +94,11 @@ class Optimized:
         if self._hot_class is None:
             return
         c = self.runtime.compiled[self.program.steps[0].partition]
-        on_cpu = c.io_device == "cpu"
-        self._engine = c if on_cpu else None
-        self.__class__ = self._hot_class if on_cpu else self._base
+        if c.io_device == "cpu":
+            self._engine = c
+            self.__class__ = self._hot_class
+        else:  # the class first: a hot call under way in another thread still finds the engine it started with
+            self.__class__ = self._base
 
     def __call__(self, *args, **kwargs) -> Any:
         return self._call(args, kwargs)
@@ -546,7 +548,8 @@ def _race(opt: Optimized, profile, segments, pool, cache_dir, objective, verify,
     picks.update([(o, ms) for o, ms in others if ms <= limit and o not in picks][:RIVALS])
     rivals: dict[str, Optimized] = {}
     absent: list[str] = []  # notes on the rivals that could not race, and why: never silently dropped
-    # ONNX Runtime's rivals first: OpenVINO converts from the ONNX file they export instead of from torch
+    # ONNX Runtime's rivals first: OpenVINO converts from the ONNX file they export, except where the graph has
+    # attention (its PyTorch frontend keeps that fused; the file is then the way in only if that frontend fails)
     for option, predicted in sorted(picks.items(), key=lambda kv: (parse_option(kv[0])[1] != "onnxruntime", kv[1])):
         plan = _whole_graph_plan(opt.captured, segments, option, predicted, profile, pool, objective,
                                  replanned=opt.plan.replanned,

@@ -192,8 +192,8 @@ def _output_rebuilder(spec: pytree.TreeSpec):
 
 
 def _fast_check(specs: tuple):
-    """Whether positional arguments are tensors of `specs` ((shape, dtype, device type) each): the check of every
-    call on the hot path, shared by flatten_inputs and hot_call."""
+    """Whether positional arguments are tensors of `specs` ((shape, dtype, device type) each): flatten_inputs'
+    check of the common call (the generated hot call writes the same checks out inline)."""
     count, tensor = len(specs), torch.Tensor
 
     def fits(args: tuple) -> bool:
