@@ -85,7 +85,7 @@ class Optimized:
 
     @property
     def _hot(self) -> Callable | None:
-        """The generated __call__, where this call takes it."""
+        """The generated __call__ while this model is bound to it (its engine on the CPU), else None."""
         return self._hot_class.__call__ if type(self) is self._hot_class else None
 
     def _bind_engine(self) -> None:
