@@ -308,8 +308,7 @@ class CapturedGraph:
         specs = self._positional_specs
         if specs is None:
             return None
-        rebuild = self._rebuild or (lambda flat: pytree.tree_unflatten(list(flat), self.out_spec))
-        return specs, rebuild, self.out_spec.is_leaf()
+        return specs, self._rebuild or self.unflatten_outputs, self.out_spec.is_leaf()
 
     def unflatten_outputs(self, flat: Sequence) -> Any:
         if self._rebuild is not None:

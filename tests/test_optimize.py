@@ -165,6 +165,15 @@ def test_the_race_times_eager_beside_the_plan(cpu):
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
+def _one_partition(model, inputs, member, backend):
+    """`model` built under a plan of one partition on `member` and `backend`, with no profiling or race."""
+    g = dioe.capture(model, inputs)
+    nodes = tuple(n.name for n in g.compute_nodes)
+    plan = Plan("M", g.structure_hash(), "", "latency",
+                (PlanPartition("p0", ("p0",), nodes, member.id, backend, "fp32", len(nodes), 0.0, 1.0),), 1.0)
+    return _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
+
+
 def _force_split(monkeypatch, member_id):
     """Make optimize() plan segments alternately on onnxruntime and torch: a plan of several partitions."""
     import dataclasses
@@ -542,12 +551,7 @@ def test_a_one_partition_plan_keeps_structure_and_falls_back(cpu):
             return {"logits": self.b(h), "extra": (h.mean(), [h * 2])}
 
     m, x, y = M().eval(), torch.randn(4, 8), torch.randn(4, 8)
-    g = dioe.capture(m, (x, y))
-    nodes = tuple(n.name for n in g.compute_nodes)
-    plan = Plan("M", g.structure_hash(), "", "latency",
-                (PlanPartition("p0", ("p0",), nodes, cpu.id, "onnxruntime", "fp32", len(nodes), 0.0, 1.0),), 1.0)
-    pool = dioe.ResourcePool.discover()
-    opt = _build(g, plan, pool, None, "latency")
+    opt = _one_partition(m, (x, y), cpu, "onnxruntime")
     assert opt.runtime.direct is not None, "one partition over the graph's inputs takes the direct path"
     options = opt.runtime.compiled["p0"].fn.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1", "alone, its workers spin"
@@ -569,11 +573,7 @@ def test_a_one_partition_plan_on_the_cpu_takes_the_hot_path(cpu, monkeypatch):
     takes it, and still gets its error. An engine that fails is called once, and falls back."""
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     x = torch.randn(4, 8)
-    g = dioe.capture(m, (x,))
-    nodes = tuple(n.name for n in g.compute_nodes)
-    plan = Plan("M", g.structure_hash(), "", "latency",
-                (PlanPartition("p0", ("p0",), nodes, cpu.id, "onnxruntime", "fp32", len(nodes), 0.0, 1.0),), 1.0)
-    opt = _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
+    opt = _one_partition(m, (x,), cpu, "onnxruntime")
     assert opt._hot is not None
     long_way, engine = [], []
     real_run, compiled = opt.runtime.run, opt.runtime.compiled["p0"]
@@ -618,11 +618,7 @@ def test_the_hot_call_checks_each_input_and_keeps_constant_outputs(cpu, monkeypa
             return self.a(x) + y, 3
 
     m, x, y = M().eval(), torch.randn(4, 8), torch.randn(4, 8)
-    g = dioe.capture(m, (x, y))
-    nodes = tuple(n.name for n in g.compute_nodes)
-    plan = Plan("M", g.structure_hash(), "", "latency",
-                (PlanPartition("p0", ("p0",), nodes, cpu.id, "torch", "fp32", len(nodes), 0.0, 1.0),), 1.0)
-    opt = _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
+    opt = _one_partition(m, (x, y), cpu, "torch")
     assert opt.runtime.direct == [(True, 0), (False, 3)] and opt._hot is not None
     long_way, real_run = [], opt.runtime.run
     monkeypatch.setattr(opt.runtime, "run", lambda *a, **k: long_way.append(a) or real_run(*a, **k))
@@ -642,20 +638,13 @@ def test_each_model_has_its_own_hot_call(cpu, monkeypatch):
     """The hot call is the instance's own __call__: two models optimized in one process keep theirs, a call by
     keyword goes the general path (even one named as the hot call's parameters), and an engine replaced after the
     call was generated is the one the hot call runs, once however many calls fail on the one before."""
-    def built(m, x, backend="torch"):
-        g = dioe.capture(m, (x,))
-        nodes = tuple(n.name for n in g.compute_nodes)
-        plan = Plan("M", g.structure_hash(), "", "latency",
-                    (PlanPartition("p0", ("p0",), nodes, cpu.id, backend, "fp32", len(nodes), 0.0, 1.0),), 1.0)
-        return _build(g, plan, dioe.ResourcePool.discover(), None, "latency")
-
     class Named(torch.nn.Module):
         def forward(self, features):
             return features.relu() * 2
 
     a, b = torch.nn.Linear(8, 3).eval(), Named().eval()
     x, y = torch.randn(2, 8), torch.randn(5)
-    opt_a, opt_b = built(a, x), built(b, y)
+    opt_a, opt_b = _one_partition(a, (x,), cpu, "torch"), _one_partition(b, (y,), cpu, "torch")
     assert type(opt_a) is not type(opt_b) and isinstance(opt_a, dioe.Optimized), "one class per instance"
     assert_matches_eager(eager(a, (x,)), opt_a(x), rtol=1e-5)
     assert_matches_eager(eager(b, (y,)), opt_b(y), rtol=1e-5)
