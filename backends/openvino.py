@@ -16,7 +16,6 @@ Converting bert-base that way took 4.9 s against 2.4."""
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 
@@ -25,6 +24,7 @@ import torch
 from ..backend import Backend, Partition, decomposes, host_view
 from ..cache import touch
 from ..pool import Member
+from ..settings import openvino_telemetry
 
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _CONVERTING = threading.Lock()
@@ -41,7 +41,7 @@ def _converting():
     For the calls it makes, DIOE swaps in the stub that OpenVINO itself uses when its telemetry package is absent;
     DIOE_OPENVINO_TELEMETRY=1 leaves OpenVINO's telemetry as it is."""
     with _CONVERTING:
-        if os.environ.get("DIOE_OPENVINO_TELEMETRY") == "1":
+        if openvino_telemetry():
             yield
             return
         import importlib

@@ -10,17 +10,19 @@ if _util.find_spec(f"{__name__}.backends") is None:
                       "pip install -e .) and run from outside the source tree, or use the `dioe` command.")
 
 from . import hardware, zoo
-from .api import Optimized, load, optimize
+from .optimized import Optimized
+from .pipeline import load, optimize
 from .capture import CapturedGraph, TensorSpec, capture
 from .cost import Cost
 from .errors import (BackendError, BackendUnavailable, CaptureError, DescriptorError, DIOEError,
                      InputSpecError, PoolError)
 from .plan import Plan
 from .pool import Member, ResourcePool
+from .settings import Settings
 from .tracing import Trace, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "BackendUnavailable", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
-           "DIOEError", "InputSpecError", "Member", "Optimized", "Plan", "PoolError", "ResourcePool", "TensorSpec",
+           "DIOEError", "InputSpecError", "Member", "Optimized", "Plan", "PoolError", "ResourcePool", "Settings", "TensorSpec",
            "Trace", "capture", "hardware", "load", "optimize", "trace", "zoo"]

@@ -31,6 +31,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase, chain
 from .capture import fetch_attr
 from .errors import BackendError
 from .pool import Member
+from .settings import env_cache_dir
 
 Fn = Callable[..., tuple]
 
@@ -151,10 +152,7 @@ def _spec(x) -> str:
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where compiled artifacts and profiles live: cache_dir, else $DIOE_CACHE_DIR, else ~/.cache/dioe."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("DIOE_CACHE_DIR") or Path(
-            os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dioe"
-    path = Path(cache_dir)
+    path = Path(cache_dir) if cache_dir is not None else env_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

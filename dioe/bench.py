@@ -42,8 +42,8 @@ from typing import Callable, Sequence
 import torch
 
 from . import backends
-from .plan import round_ms, show_ms
-from .runtime import settle
+from .text import round_ms, show_ms
+from .timing import settle
 
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
 PEERS = ENGINES[:-1]
@@ -227,7 +227,7 @@ def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, 
     if engine == "torch":
         return (lambda *xs: model(*xs)), "fp32"
     if engine == "dioe":
-        from .api import optimize
+        from .pipeline import optimize
 
         opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name)
         build.last_plan = opt.plan

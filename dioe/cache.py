@@ -18,7 +18,6 @@ clear` shrink it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,34 +25,11 @@ from pathlib import Path
 from typing import Iterable
 
 from .backend import cache_root
-from .errors import DIOEError
+from .settings import ENV_CACHE_MAX as ENV_MAX
+from .settings import env_cache_max as max_bytes
+from .text import parse_size
 
-ENV_MAX = "DIOE_CACHE_MAX"
-DEFAULT_MAX_BYTES = 20 * 2 ** 30
 PROFILES = "profiles"
-_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as "20G", "1.5GiB", "500M" or "4096" (powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise DIOEError(f"cache size {text!r} is not a size; expected a number with an optional unit K, M, G or T "
-                        "(powers of 1024), such as 20G or 500M")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def max_bytes() -> int | None:
-    """The cap from $DIOE_CACHE_MAX; None when it says "none" (no cap)."""
-    raw = os.environ.get(ENV_MAX)
-    if raw is None or not raw.strip():
-        return DEFAULT_MAX_BYTES
-    if raw.strip().lower() in ("none", "off", "unlimited"):
-        return None
-    try:
-        return parse_size(raw)
-    except DIOEError as e:
-        raise DIOEError(f"${ENV_MAX}: {e}, or none for no cap") from None
 
 
 @dataclass(frozen=True)
@@ -156,3 +132,7 @@ def usage(cache_dir=None) -> dict:
             "artifact_bytes": sum(r["bytes"] for r in per.values()),
             "profiles": len(profiles), "profile_bytes": sum(f.stat().st_size for f in profiles),
             "oldest_use": oldest if per else None}
+
+
+__all__ = ["ENV_MAX", "PROFILES", "Artifact", "artifacts", "clear", "max_bytes", "parse_size", "touch", "trim",
+           "usage"]

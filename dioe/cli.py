@@ -20,24 +20,7 @@ import time
 import warnings
 
 from .errors import DIOEError
-from .plan import show_ms
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    """Plain aligned text table: readable in a terminal and in CI logs."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+from .text import fmt_bytes, show_ms, table
 
 
 def _hardware_arg(values: list[str] | None):
@@ -60,8 +43,8 @@ def cmd_devices(args) -> int:
         t = m["telemetry"] or {}
         util = "-" if t.get("utilization_pct") is None else f"{t['utilization_pct']:.0f}%"
         used = t.get("memory_used_bytes")
-        mem = f"{_fmt_bytes(used)} / {_fmt_bytes(m['memory_bytes'])}" if used is not None \
-            else _fmt_bytes(m["memory_bytes"])
+        mem = f"{fmt_bytes(used)} / {fmt_bytes(m['memory_bytes'])}" if used is not None \
+            else fmt_bytes(m["memory_bytes"])
         label = m["name"] + (" [stand-in]" if m["stand_in"] else "")
         rows.append([m["id"], label, m["descriptor"], ", ".join(m["backends"]) or "-", mem, util,
                      str(m["threads"] or "-")])
@@ -86,7 +69,7 @@ def cmd_capture(args) -> int:
         print(json.dumps(s, indent=2))
         return 0
     print(f"{s['model']}: {s['nodes']} ATen nodes, {s['gflops']:.2f} GFLOP, {s['gbytes_moved']:.2f} GB moved, "
-          f"{_fmt_bytes(s['parameters_bytes'])} of weights")
+          f"{fmt_bytes(s['parameters_bytes'])} of weights")
     print("inputs: " + ", ".join(f"{k} {v}" for k, v in s["inputs"].items()))
     print()
     rows = [[o["op"], str(o["count"]), f"{100 * o['flops_share']:.1f}%"] for o in s["ops"]]
@@ -122,7 +105,7 @@ def cmd_optimize(args) -> int:
     from pathlib import Path
 
     from . import zoo
-    from .api import optimize
+    from .pipeline import optimize
 
     name = args.model
     if name is None:
@@ -187,19 +170,19 @@ def cmd_cache(args) -> int:
     if args.action == "trim":
         cap = cache.parse_size(args.max) if args.max else cache.max_bytes()
         gone = cache.trim(args.cache_dir, max_bytes=cap)
-        print(f"evicted {len(gone)} artifact(s), {_fmt_bytes(sum(a.bytes for a in gone))}, least recently used "
-              f"first" + (f"; the cache's artifacts now fit in {_fmt_bytes(cap)}" if cap is not None else
+        print(f"evicted {len(gone)} artifact(s), {fmt_bytes(sum(a.bytes for a in gone))}, least recently used "
+              f"first" + (f"; the cache's artifacts now fit in {fmt_bytes(cap)}" if cap is not None else
                           "; no cap is set"))
     elif args.action == "clear":
-        print(f"removed every artifact and profile: {_fmt_bytes(cache.clear(args.cache_dir))}")
+        print(f"removed every artifact and profile: {fmt_bytes(cache.clear(args.cache_dir))}")
     u = cache.usage(args.cache_dir)
     if args.json:
         print(json.dumps(u, indent=1))
         return 0
-    cap = "none" if u["max_bytes"] is None else _fmt_bytes(u["max_bytes"])
-    print(f"cache {u['root']}: artifacts {_fmt_bytes(u['artifact_bytes'])} of a {cap} cap "
-          f"(${cache.ENV_MAX}); {u['profiles']} profile file(s), {_fmt_bytes(u['profile_bytes'])}")
-    rows = [[b, str(r["artifacts"]), _fmt_bytes(r["bytes"])] for b, r in sorted(u["backends"].items())]
+    cap = "none" if u["max_bytes"] is None else fmt_bytes(u["max_bytes"])
+    print(f"cache {u['root']}: artifacts {fmt_bytes(u['artifact_bytes'])} of a {cap} cap "
+          f"(${cache.ENV_MAX}); {u['profiles']} profile file(s), {fmt_bytes(u['profile_bytes'])}")
+    rows = [[b, str(r["artifacts"]), fmt_bytes(r["bytes"])] for b, r in sorted(u["backends"].items())]
     if rows:
         print(table(rows, ["backend", "artifacts", "size"]))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import optimize
+from .pipeline import optimize
 
 
 def dioe_backend(gm: torch.fx.GraphModule, example_inputs, **options):

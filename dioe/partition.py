@@ -15,7 +15,8 @@ from typing import Mapping, Sequence
 
 from .errors import PoolError
 from .pool import ResourcePool
-from .profile import Profile, parse_option
+from .plan import Choice
+from .profile import Profile
 from .segment import Segment
 
 INPUT, OUTPUT = "<input>", "<output>"
@@ -39,14 +40,14 @@ class Edges:
 
 @dataclass(frozen=True)
 class Assignment:
-    options: Mapping[str, str]          # segment id -> option label "backend@member/precision"
+    options: Mapping[str, Choice]       # segment id -> where and how it runs
     predicted_ms: float
     method: str                         # "dp" | "heft"
     moved_for_capacity: tuple[str, ...] = ()
     edges: Edges | None = None          # what the partitions are grouped by (partition_groups)
 
 
-def partition_groups(segments: Sequence[Segment], chosen: Mapping[str, str],
+def partition_groups(segments: Sequence[Segment], chosen: Mapping[str, Choice],
                      edges: Edges | None = None) -> list[list[Segment]]:
     """The plan's partitions: runs of neighbouring segments (in order) with the same option, each run one call.
     A segment stays out of the run before it where joining would make work wait (`_holds_back`): a branch on
@@ -71,7 +72,7 @@ def _descendants(segments: Sequence[Segment], edges: Edges) -> dict[str, set[str
     return out
 
 
-def _holds_back(run: Sequence[Segment], s: Segment, chosen: Mapping[str, str], edges: Edges,
+def _holds_back(run: Sequence[Segment], s: Segment, chosen: Mapping[str, Choice], edges: Edges,
                 after: Mapping[str, set[str]]) -> bool:
     """Whether `s` joining `run` delays work: a consumer of the run on another member that does not need `s`
     would wait for it, or `s` needs a segment of another member that the run's first segment does not, and the
@@ -85,26 +86,26 @@ def _holds_back(run: Sequence[Segment], s: Segment, chosen: Mapping[str, str], e
                for p in edges.preds(s.id))
 
 
-def call_overhead_ms(option: str) -> float:
+def call_overhead_ms(option: Choice) -> float:
     """The fixed cost of one call of the option's backend, which every segment timed alone has paid once."""
     from . import backends as registry
 
-    return registry.backend_class(parse_option(option)[1]).call_overhead_us / 1e3
+    return registry.backend_class(option.backend).call_overhead_us / 1e3
 
 
-def continued_ms(ms: float, option: str) -> float:
+def continued_ms(ms: float, option: Choice) -> float:
     """A segment's time when it runs in the same call as the segment before it (the same option, next in order:
     one partition): its time alone less the per-call overhead it no longer pays, never below half of it (the
     overheads are constants per backend; a fast machine pays less)."""
     return max(ms - call_overhead_ms(option), ms / 2)
 
 
-def run_as_one_ms(times: Sequence[float], option: str) -> float:
+def run_as_one_ms(times: Sequence[float], option: Choice) -> float:
     """Predicted time of consecutive segments run as one call of `option`, from their times alone."""
     return times[0] + sum(continued_ms(t, option) for t in times[1:]) if times else 0.0
 
 
-def scale_to_measured(measured_ms: float, times: Sequence[float], option: str) -> float:
+def scale_to_measured(measured_ms: float, times: Sequence[float], option: Choice) -> float:
     """The factor k for which segments of `times`, each k times slower, forecast as one call (`run_as_one_ms`)
     come to `measured_ms`. The per-call overheads they no longer pay are constants, except where a segment is so
     short that its floor of half its time applies, so k is found by bisection: the forecast grows with k."""
@@ -130,7 +131,7 @@ def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: Re
     chain = is_chain(segments, edges) or len({m.id for m in pool.members}) == 1
     for _ in range(len(segments) * max(len(pool.members), 1) + 1):
         options = {s.id: {o: t.median_ms for o, t in profile.times.get(s.id, {}).items()
-                          if (s.id, parse_option(o)[0]) not in forbidden} for s in segments}
+                          if (s.id, o.member) not in forbidden} for s in segments}
         empty = [s for s, o in options.items() if not o]
         if empty:
             raise PoolError(f"no member can run segment {empty[0]} within its memory capacity and capabilities; "
@@ -146,7 +147,7 @@ def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: Re
         member, segs = over
         # move the segment whose best alternative elsewhere costs least
         def penalty(s: Segment) -> float:
-            alts = [t for o, t in options[s.id].items() if parse_option(o)[0] != member]
+            alts = [t for o, t in options[s.id].items() if o.member != member]
             return (min(alts) if alts else float("inf")) - options[s.id][chosen[s.id]]
         victim = min(segs, key=penalty)
         forbidden.add((victim.id, member))
@@ -154,15 +155,15 @@ def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: Re
     raise PoolError("could not fit the model into the pool's memory")
 
 
-def _member(option: str) -> str:
-    return parse_option(option)[0]
+def _member(option: Choice) -> str:
+    return option.member
 
 
 def _copy_ms(profile: Profile, a: str, b: str, nbytes: int) -> float:
     return profile.link(a, b).ms(nbytes) if nbytes else 0.0
 
 
-def _dp(segments, edges: Edges, options, profile: Profile, reference: str) -> dict[str, str]:
+def _dp(segments, edges: Edges, options, profile: Profile, reference: str) -> dict[str, Choice]:
     """Exact over a chain: state = option of the current segment; inputs from older segments are charged
     as if they sat where the previous segment ran (exact for pure chains)."""
     best: list[dict[str, tuple[float, str | None]]] = []
@@ -187,7 +188,7 @@ def _dp(segments, edges: Edges, options, profile: Profile, reference: str) -> di
             out = sum(n for (a, b), n in edges.bytes.items() if b == OUTPUT)
             row = {o: (c + _copy_ms(profile, _member(o), reference, out), p) for o, (c, p) in row.items()}
         best.append(row)
-    chosen: dict[str, str] = {}
+    chosen: dict[str, Choice] = {}
     o = min(best[-1], key=lambda k: best[-1][k][0])
     for i in range(len(segments) - 1, -1, -1):
         chosen[segments[i].id] = o
@@ -203,13 +204,13 @@ def _upward_rank(segments, edges: Edges, options) -> dict[str, float]:
     return rank
 
 
-def _heft(segments, edges: Edges, options, profile: Profile, reference: str) -> dict[str, str]:
+def _heft(segments, edges: Edges, options, profile: Profile, reference: str) -> dict[str, Choice]:
     rank = _upward_rank(segments, edges, options)
     order = sorted(segments, key=lambda s: -rank[s.id])
     finish: dict[str, float] = {}
-    where: dict[str, str] = {}
+    where: dict[str, str] = {}   # segment -> member
     free: dict[str, float] = {}
-    chosen: dict[str, str] = {}
+    chosen: dict[str, Choice] = {}
     for seg in order:
         incoming = edges.into(seg.id)
         best = None
@@ -225,7 +226,7 @@ def _heft(segments, edges: Edges, options, profile: Profile, reference: str) -> 
     return chosen
 
 
-def simulate(segments, edges: Edges, chosen: Mapping[str, str], options, profile: Profile,
+def simulate(segments, edges: Edges, chosen: Mapping[str, Choice], options, profile: Profile,
              reference: str) -> float:
     """Predicted makespan of an assignment: segments in order, each member one at a time, copies on edges; a
     segment that joins the partition of the one before it (partition_groups) runs in the same call, without a
@@ -247,7 +248,7 @@ def simulate(segments, edges: Edges, chosen: Mapping[str, str], options, profile
                + list(finish.values()) + [0.0])
 
 
-def _over_capacity(segments, chosen: Mapping[str, str], pool: ResourcePool):
+def _over_capacity(segments, chosen: Mapping[str, Choice], pool: ResourcePool):
     """(member, its segments) for the first member whose weights + peak activation exceed its capacity."""
     for member in pool.members:
         mine = [s for s in segments if _member(chosen[s.id]) == member.id]
@@ -259,7 +260,7 @@ def _over_capacity(segments, chosen: Mapping[str, str], pool: ResourcePool):
     return None
 
 
-def whole_graph_options(segments, profile: Profile, pool: ResourcePool) -> list[tuple[str, float]]:
+def whole_graph_options(segments, profile: Profile, pool: ResourcePool) -> list[tuple[Choice, float]]:
     """Options that can run every segment within capacity, with the predicted time of running the whole graph in
     one call, best first: the single-backend plans a split plan has to beat."""
     ids = [s.id for s in segments]
@@ -268,10 +269,10 @@ def whole_graph_options(segments, profile: Profile, pool: ResourcePool) -> list[
     for o in common:
         if _over_capacity(segments, {i: o for i in ids}, pool) is None:
             out.append((o, run_as_one_ms([profile.times[i][o].median_ms for i in ids], o)))
-    return sorted(out, key=lambda kv: (kv[1], kv[0]))
+    return sorted(out, key=lambda kv: (kv[1], kv[0].label()))
 
 
-def member_load(segments, chosen: Mapping[str, str]) -> dict[str, int]:
+def member_load(segments, chosen: Mapping[str, Choice]) -> dict[str, int]:
     """Bytes of weights plus peak activation placed on each member."""
     out: dict[str, int] = {}
     for m in {_member(o) for o in chosen.values()}:

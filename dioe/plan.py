@@ -9,42 +9,51 @@ what it measured, and why it won. Frozen dataclasses that round-trip through JSO
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .text import round_ms, show_ms, table
+
 PLAN_VERSION = 1
 
 
-def round_ms(ms: float) -> float:
-    """A time as plans and benchmark results keep it: five significant digits. A fixed step was too coarse for
-    the smallest models: 0.1 us (four decimals of a ms) is 3% of a 3 us model, as wide as the split margin the
-    optimizer decides on, and 1 us (three decimals, benchmark runs up to 19) is 9% of an 11 us one, which moved
-    tiny-mlp's ratio and runtime overhead by whole steps."""
-    return float(f"{ms:.5g}")
-
-
-def show_ms(ms: float) -> str:
-    """A time in ms as a person reads it: two decimals from 1 ms up, three significant digits below it (tiny-mlp's
-    0.0111 ms, where two decimals read 0.01 for every engine), never in exponent form."""
-    r = float(f"{ms:.3g}") if ms == ms else ms  # rounded first, so that 0.9996 reads 1.00, not 1.000
-    if not 0 < r < 1:
-        return f"{ms:.2f}"
-    return f"{r:.{2 - math.floor(math.log10(r))}f}"
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Choice:
-    """A (member, backend, precision) and its predicted time for one partition."""
+    """A (member, backend, precision): where and how one part of the graph runs. The key of profile tables,
+    assignments and race verdicts; a label such as "openvino@cpu0/fp32" only at the edges (JSON, the CLI).
+
+    `predicted_ms` (a runner-up's forecast in a plan) takes no part in equality, hashing or order: two choices
+    are the same option whatever time they carry.
+
+        >>> Choice.parse("openvino@cpu0/fp32") == Choice("cpu0", "openvino", "fp32", predicted_ms=3.0)
+        True
+    """
 
     member: str
     backend: str
     precision: str = "fp32"
-    predicted_ms: float = 0.0
+    predicted_ms: float = field(default=0.0, compare=False)
 
     def label(self) -> str:
         return f"{self.backend}@{self.member}/{self.precision}"
+
+    def __str__(self) -> str:
+        return self.label()
+
+    def option(self) -> "Choice":
+        """The same choice without a time."""
+        return Choice(self.member, self.backend, self.precision)
+
+    @classmethod
+    def parse(cls, label: str) -> "Choice":
+        """The choice a label "backend@member/precision" names."""
+        backend, at, rest = str(label).partition("@")
+        member, slash, precision = rest.rpartition("/")
+        if not (backend and at and member and slash and precision):
+            raise ValueError(f"{label!r} is not an option label; expected backend@member/precision, such as "
+                             "openvino@cpu0/fp32")
+        return cls(member, backend, precision)
 
 
 @dataclass(frozen=True)
@@ -131,8 +140,6 @@ class Plan:
             rows.append([p.id, p.member, p.backend, p.precision, str(p.ops), show_ms(p.predicted_ms),
                          "-" if p.measured_ms is None else show_ms(p.measured_ms), f"{100 * t / total:.0f}%", ru,
                          p.reason])
-        from .cli import table
-
         lines.append(table(rows, ["partition", "member", "backend", "prec", "ops", "pred ms", "meas ms", "share",
                                   "runner-up", "why"]))
         tail = f"predicted {show_ms(self.predicted_ms)} ms"
@@ -147,8 +154,4 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_field_names() -> list[str]:
-    return [f.name for f in Plan.__dataclass_fields__.values()]
-
-
-__all__ = ["Choice", "Plan", "PlanPartition", "field"]
+__all__ = ["Choice", "Plan", "PlanPartition", "round_ms", "show_ms"]

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -21,17 +20,11 @@ from . import tracing as _trace
 from .backend import Partition, cache_root
 from .errors import BackendError
 from .pool import Member, ResourcePool
+from .plan import Choice
 from .segment import Segment
+from .timing import Timing, measure
 
 PROFILE_VERSION = 2
-
-
-@dataclass(frozen=True)
-class Timing:
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    runs: int
 
 
 @dataclass(frozen=True)
@@ -52,8 +45,8 @@ class LinkCost:
 class Profile:
     graph_hash: str
     fingerprint: str
-    times: dict[str, dict[str, Timing]] = field(default_factory=dict)      # segment id -> option -> timing
-    failures: dict[str, dict[str, str]] = field(default_factory=dict)      # segment id -> option -> why
+    times: dict[str, dict[Choice, Timing]] = field(default_factory=dict)   # segment id -> option -> timing
+    failures: dict[str, dict[Choice, str]] = field(default_factory=dict)   # segment id -> option -> why
     links: dict[str, LinkCost] = field(default_factory=dict)               # "a->b" (member ids) -> cost
     seconds: float = 0.0
     version: int = PROFILE_VERSION
@@ -61,13 +54,18 @@ class Profile:
     same_as: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: options as their labels."""
+        return {"graph_hash": self.graph_hash, "fingerprint": self.fingerprint,
+                "times": {s: {o.label(): asdict(t) for o, t in opts.items()} for s, opts in self.times.items()},
+                "failures": {s: {o.label(): why for o, why in f.items()} for s, f in self.failures.items()},
+                "links": {k: asdict(v) for k, v in self.links.items()}, "seconds": self.seconds,
+                "version": self.version, "same_as": dict(self.same_as)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Profile":
         return cls(d["graph_hash"], d["fingerprint"],
-                   {s: {o: Timing(**t) for o, t in opts.items()} for s, opts in d["times"].items()},
-                   {s: dict(f) for s, f in d.get("failures", {}).items()},
+                   {s: {Choice.parse(o): Timing(**t) for o, t in opts.items()} for s, opts in d["times"].items()},
+                   {s: {Choice.parse(o): why for o, why in f.items()} for s, f in d.get("failures", {}).items()},
                    {k: LinkCost(**v) for k, v in d["links"].items()}, d.get("seconds", 0.0), d["version"],
                    dict(d.get("same_as", {})))
 
@@ -75,43 +73,8 @@ class Profile:
         return LinkCost(0.0, float("inf"), "same member") if a == b else self.links[f"{a}->{b}"]
 
 
-def option_label(member: str, backend: str, precision: str) -> str:
-    return f"{backend}@{member}/{precision}"
-
-
-def parse_option(label: str) -> tuple[str, str, str]:
-    backend, rest = label.split("@", 1)
-    member, precision = rest.rsplit("/", 1)
-    return member, backend, precision
-
-
-HEAVY_S = 0.05   # a call this long is stable after one warm-up, and three runs give its median
-
-
-def measure(fn: Callable, inputs: Sequence, *, warmup: int = 2, min_runs: int = 5, max_runs: int = 25,
-            budget_s: float = 0.4) -> Timing:
-    """Median and quartiles of `fn(*inputs)` wall time after warm-up; stops at max_runs or the time budget.
-    A heavy call (over HEAVY_S) gets one warm-up and at least three runs instead of `warmup` and `min_runs`;
-    with no warm-up asked for (a callable already warm), every call is a sample."""
-    if warmup:
-        t0 = time.perf_counter()
-        fn(*inputs)
-        if time.perf_counter() - t0 > HEAVY_S:
-            warmup, min_runs = 1, min(min_runs, 3)
-        for _ in range(warmup - 1):
-            fn(*inputs)
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < min_runs or (len(samples) < max_runs and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn(*inputs)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return Timing(statistics.median(samples), q[0], q[2], len(samples))
-
-
 def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str],
-                  precisions: Sequence[str] = ("fp32",)) -> tuple[list[tuple[Member, str, str]], dict[str, str]]:
+                  precisions: Sequence[str] = ("fp32",)) -> tuple[list[tuple[Member, str, str]], dict[Choice, str]]:
     """(member, backend, precision) that may run every node of `part`, and why the others may not."""
     ok, why = [], {}
     for m in pool.members:
@@ -120,7 +83,7 @@ def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str],
                 continue
             be = registry.get(b)
             for prec in precisions:
-                label = option_label(m.id, b, prec)
+                label = Choice(m.id, b, prec)
                 reason = be.member_reason(m)
                 if reason is None and prec not in m.descriptor.precisions:
                     reason = f"{m.id} does not list {prec}"
@@ -169,7 +132,7 @@ def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], po
         jobs.extend((part, seg, m, b, p) for m, b, p in options)
     bar = _progress(len(jobs), progress)
     for part, seg, member, backend, prec in jobs:
-        label = option_label(member.id, backend, prec)
+        label = Choice(member.id, backend, prec)
         bar.set_postfix_str(f"{seg.id[:28]} {backend}@{member.id}", refresh=False)
         tr = _trace.active()
         t0 = time.perf_counter()

@@ -18,7 +18,6 @@ from . import backends as registry
 from .backend import Compiled
 from .errors import BackendError
 from .pool import ResourcePool
-from .profile import measure
 from .split import Program
 from .tracing import PARTITION_MARK, Trace, nbytes
 
@@ -188,30 +187,3 @@ class Runtime:
     def close(self) -> None:
         for w in self._workers.values():
             w.shutdown(wait=True)
-
-
-# Engines leave worker threads spinning after a call, waiting for the next one: torch's OpenMP workers for about
-# 10 ms, ONNX Runtime's for 40-60 ms (a core's worth of this process's CPU time while it slept; minilm, 2 cores).
-# Whatever is timed inside that window shares the cores with them: a 1024^3 GEMM read 116-149 GFLOP/s 20 ms after
-# an ONNX Runtime call, against 170-177 once its workers were idle.
-SETTLE_SLICE_S, SETTLE_MAX_S = 0.005, 0.25
-
-
-def settle(max_s: float = SETTLE_MAX_S) -> float:
-    """Sleep until this process's threads have gone idle (under a fifth of a core over a 5 ms slice), for at most
-    `max_s`: before timing one engine after another. Returns the seconds waited."""
-    t0 = time.perf_counter()
-    while True:
-        c0 = time.process_time()
-        time.sleep(SETTLE_SLICE_S)
-        waited = time.perf_counter() - t0
-        if time.process_time() - c0 < 0.2 * SETTLE_SLICE_S or waited >= max_s:
-            return waited
-
-
-def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2, budget_s: float | None = None,
-              min_runs: int = 3) -> float:
-    """Median wall time of fn(*args) in ms: `repeats` runs, or fewer (at least `min_runs`) once `budget_s` is
-    spent, so that a heavy model at a large batch is not timed for tens of seconds."""
-    return measure(fn, args, warmup=warmup, min_runs=min(min_runs, repeats), max_runs=repeats,
-                   budget_s=float("inf") if budget_s is None else budget_s).median_ms

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from torch import fx
 
 from .cost import Cost
+from .settings import Settings
 
-TARGET_SEGMENTS = 14      # about a transformer's layers: fine enough to mix backends, coarse enough to profile
-MAX_SEGMENTS = 32         # more would make per-call overheads and compile time dominate
-MIN_SHARE = 0.01          # a run under 1% of the work is folded into a neighbour
 
 
 @dataclass(frozen=True)
@@ -60,9 +58,11 @@ def _is_getitem(n: fx.Node) -> bool:
     return getattr(n.target, "__name__", "") == "getitem"
 
 
-def segment_graph(gm: fx.GraphModule, *, target: int = TARGET_SEGMENTS, max_segments: int = MAX_SEGMENTS,
-                  min_share: float = MIN_SHARE) -> list[Segment]:
-    """Cut `gm` (annotated by capture) into segments; see the module docstring."""
+def segment_graph(gm: fx.GraphModule, *, target: int = Settings.segment_target,
+                  max_segments: int = Settings.segment_max,
+                  min_share: float = Settings.segment_min_share) -> list[Segment]:
+    """Cut `gm` (annotated by capture) into segments; see the module docstring. The sizes are `Settings`'s
+    segment knobs."""
     nodes = _compute_nodes(gm)
     if not nodes:
         return []

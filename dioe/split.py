@@ -51,10 +51,6 @@ class Program:
         return {s.partition: {producer[v] for v in s.inputs if v in producer} for s in self.steps}
 
 
-def _producer_label(node: fx.Node, labels: Mapping[fx.Node, str]) -> str | None:
-    return labels.get(node)
-
-
 def split_graph(gm: fx.GraphModule, label: Callable[[fx.Node], str] | Mapping[str, str],
                 example_inputs: Sequence | None = None) -> Program:
     """Cut `gm` into one partition per distinct label of its call_function nodes.
@@ -85,17 +81,22 @@ def split_graph(gm: fx.GraphModule, label: Callable[[fx.Node], str] | Mapping[st
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     graph_outputs = list(out_node.args[0])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = _example_values(gm, example_inputs) if example_inputs is not None else None
-
-    partitions, steps = [], []
+    cuts = {}
     for pid in _topo_partitions(order, members, labels):
-        nodes = members[pid]
-        inside = set(nodes)
+        inside = set(members[pid])
         inputs: list[fx.Node] = []
-        for n in nodes:
+        for n in members[pid]:
             for a in n.all_input_nodes:
                 if a not in inside and a.op != "get_attr" and a not in inputs:
                     inputs.append(a)
+        cuts[pid] = inputs
+    values = _example_values(gm, example_inputs, {a for ins in cuts.values() for a in ins}) \
+        if example_inputs is not None else None
+
+    partitions, steps = [], []
+    for pid, inputs in cuts.items():
+        nodes = members[pid]
+        inside = set(nodes)
         outputs = [n for n in nodes if any(u not in inside for u in n.users)]
         sub = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
@@ -154,14 +155,19 @@ def _topo_partitions(order: list[str], members: Mapping[str, list[fx.Node]],
     return done
 
 
-def _example_values(gm: fx.GraphModule, example_inputs: Sequence) -> dict[fx.Node, object]:
-    """Run the graph once with real inputs and keep every node's value (to give partitions real examples)."""
-    values: dict[fx.Node, object] = {}
+def _example_values(gm: fx.GraphModule, example_inputs: Sequence, wanted: set) -> dict[fx.Node, object]:
+    """The values of the `wanted` nodes for real inputs: the graph's own inputs where those are all it needs (a
+    plan of one partition, the usual case), else one run of the graph keeping only those values."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values: dict[fx.Node, object] = dict(zip(placeholders, example_inputs))
+    if wanted <= set(values):
+        return values
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            values[n] = out
+            if n in wanted:
+                values[n] = out
             return out
 
     with torch.inference_mode():

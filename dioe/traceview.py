@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import DIOEError
-from .plan import show_ms
+from .text import show_ms, table
 
 GAP_MS = 0.02   # idle stretches shorter than this are scheduling noise, not waiting
 # One palette for every picture DIOE draws: the report's timeline and legend, and the bench chart.
@@ -237,8 +237,6 @@ def _profiling(ev: _Events) -> dict:
 
 
 def format_summary(s: Mapping) -> str:
-    from .cli import table
-
     lines = []
     if not s.get("calls"):
         lines.append(s.get("note", "no calls"))

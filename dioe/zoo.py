@@ -120,7 +120,6 @@ def _tiny_bert(size: Size, batch: int):
 _ZOO: dict[str, Callable] = {"bert-base": _bert, "resnet50": _resnet50, "gpt2": _gpt2, "vit-base": _vit,
                              "mobilenetv2": _mobilenetv2, "minilm": _minilm, "tiny-mlp": _tiny_mlp,
                              "tiny-bert": _tiny_bert}
-BATCHABLE = set(_ZOO)  # every zoo model takes a leading batch dimension
 
 
 def names() -> tuple[str, ...]:
@@ -131,8 +130,9 @@ def load(name: str, *, size: Size = "full", batch: int = 1, seed: int = 0):
     """Build zoo model `name` in eval mode with seeded weights; returns `(model, example_inputs)`."""
     if name not in _ZOO:
         raise DIOEError(f"unknown zoo model {name!r}; known: {', '.join(_ZOO)}")
-    torch.manual_seed(seed)
-    model, inputs = _ZOO[name](size, batch)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random stream left as it was
+        torch.manual_seed(seed)
+        model, inputs = _ZOO[name](size, batch)
     return model.eval(), inputs
 
 

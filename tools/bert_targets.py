@@ -16,7 +16,7 @@ import warnings
 import dioe
 from dioe import backends
 from dioe.backend import Partition
-from dioe.api import _time_side_by_side
+from dioe import timing
 
 
 def main(argv=None) -> int:
@@ -56,7 +56,9 @@ def main(argv=None) -> int:
         # the race's own side-by-side timing: interleaved rounds in a rotated order with a pause before each
         # contender, so that drift hits everyone alike and nobody always follows the same one. With 5 rounds of 15
         # calls, DIOE's call read 9% over its partition called directly, and 0.5% under it with 24 rounds of 5
-        results = _time_side_by_side(calls, flat, rounds=args.rounds)
+        s = dioe.Settings()
+        results = timing.side_by_side(calls, flat, rounds=args.rounds, repeats=s.race_repeats,
+                                      budget_s=s.timing_budget_s / s.race_rounds)
         med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
         parts = med.pop("partitions")
         best = min((v, k) for k, v in med.items() if k != "dioe")

@@ -1,0 +1,147 @@
+"""`dioe.optimize`: capture, segment, profile, partition, compile, verify, measure, race. One readable list.
+
+    >>> import dioe
+    >>> model, inputs = dioe.zoo.load("minilm")                  # doctest: +SKIP
+    >>> opt = dioe.optimize(model, inputs)                       # doctest: +SKIP
+    >>> out = opt(*inputs)                                       # same structure as model(*inputs)
+    >>> print(opt.plan.summary())                                # where each part runs, and why
+    >>> opt.save("minilm.plan.json"); opt2 = dioe.load("minilm.plan.json", model)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import backends as registry
+from . import build as building
+from . import cache as _cache
+from . import partition
+from . import race as racing
+from . import tracing as _trace
+from .capture import CapturedGraph, TensorSpec, capture
+from .errors import DIOEError
+from .optimized import Optimized
+from .plan import Plan
+from .planner import Job, edges_of, make_plan, unless_split_pays, whole_graph_plan
+from .pool import ResourcePool
+from .profile import profile_segments
+from .segment import segment_graph
+from .settings import Settings
+from .split import split_graph
+
+
+def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Mapping | None = None,
+             hardware: Any = "auto", backends: Sequence[str] | None = None, objective: str = "latency",
+             cache_dir: str | Path | None = None, verify: bool = True, tolerance: float | None = None,
+             progress: bool = False, name: str | None = None, settings: Settings | None = None) -> Optimized:
+    """Optimize `model` for this machine's pool; see the module docstring. `settings` holds every knob (the
+    environment's cache folder and cap by default); `cache_dir` and `tolerance`, when given, override its own."""
+    if objective not in ("latency", "throughput"):
+        raise DIOEError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    settings = _settings(settings, cache_dir=cache_dir, tolerance=tolerance)  # a bad $DIOE_CACHE_MAX fails here
+    pool = _pool(hardware)
+    backends = check_backends(backends, settings)
+    if _trace.active() is not None:
+        _trace.active().attach(pool)
+    stage = _trace.stage
+    # 1. capture: flat ATen graph with shapes, costs and module paths on every node
+    with stage("capture"):
+        captured = capture(model, example_inputs, example_kwargs, name=name or type(model).__name__)
+    # 2. segments: placement units coarse enough that per-call overheads stay small
+    with stage("segment"):
+        segments = segment_graph(captured.gm, target=settings.segment_target, max_segments=settings.segment_max,
+                                 min_share=settings.segment_min_share)
+        where = {n: s.id for s in segments for n in s.nodes}
+        program = split_graph(captured.gm, lambda node: where[node.name], captured.example_inputs)
+    # 3. live profiling of every segment on every legal (member, backend), cached on disk
+    with stage("profile", segments=len(segments), backends=list(backends)):
+        profile = profile_segments(program.partitions, segments, pool, backends,
+                                   graph_hash=captured.structure_hash(), cache_dir=settings.cache_dir,
+                                   progress=progress)
+    job = Job(captured, tuple(segments), edges_of(program, captured), profile, pool, objective, verify, settings)
+    # 4. partition: DP on chains, HEFT on DAGs, within capabilities and memory; no split that would not pay
+    with stage("partition"):
+        plan = make_plan(job, partition.assign(job.segments, job.edges, profile, pool))
+        plan = unless_split_pays(job, plan)
+    # a warm run reuses the race's verdict for this very plan: it compiles the winner and skips the rivals
+    verdict = racing.Verdict(settings.cache_dir, profile, plan)
+    if verdict.winner not in (None, racing.PLAN):
+        plan = whole_graph_plan(job, verdict.winner, plan.predicted_ms)
+    # 5. compile the merged partitions
+    with stage("compile", partitions=len(plan.partitions)):
+        opt = building.build(captured, plan, pool, settings=settings, objective=objective)
+    # 6. verify against eager; a failing partition goes to the reference backend
+    if verify:
+        with stage("verify"):
+            opt = building.verify(opt, settings=settings)
+    # 7. measure; re-plan once if the prediction was off (not when the verdict chose the plan)
+    with stage("measure"):
+        opt = racing.measure_plan(opt, job, replan=verdict.winner is None)
+    # 8. never lose to a single backend it profiled: race the plan, eager and the best whole-graph choices
+    with stage("race whole-graph rivals"):
+        opt = racing.race(opt, job, verdict)
+    # 9. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
+    _cache.trim(settings.cache_dir, max_bytes=settings.cache_max_bytes,
+                keep=[c.artifact for c in opt.runtime.compiled.values()])
+    return opt
+
+
+def load(path: str | Path, model: torch.nn.Module, example_inputs: Any = None, *,
+         hardware: Any = "auto", cache_dir: str | Path | None = None, settings: Settings | None = None) -> Optimized:
+    """Rebuild an optimized model from a saved plan, without profiling."""
+    plan = Plan.load(path)
+    if example_inputs is None:
+        example_inputs = tuple(_synthetic(TensorSpec.from_dict(s)) for s in plan.inputs)
+    captured: CapturedGraph = capture(model, example_inputs, name=plan.model)
+    if captured.structure_hash() != plan.graph_hash:
+        raise DIOEError(f"{path}: this plan was made for a different graph ({plan.graph_hash}); the model captured "
+                        f"now hashes to {captured.structure_hash()}. Optimize it again.")
+    pool = _pool(hardware)
+    missing = [m for m in plan.members() if m not in {x.id for x in pool.members}]
+    if missing:
+        raise DIOEError(f"{path}: plan uses member(s) {missing} that this pool lacks "
+                        f"(pool: {[m.id for m in pool.members]})")
+    if plan.pool_fingerprint != pool.fingerprint():
+        warnings.warn(f"dioe: {path} was made for another pool ({plan.pool_fingerprint}, this one is "
+                      f"{pool.fingerprint()}): it runs as planned, but its timings and choices were measured there; "
+                      "optimize again for the best plan here.", RuntimeWarning, stacklevel=2)
+    return building.build(captured, plan, pool, settings=_settings(settings, cache_dir=cache_dir),
+                          objective=plan.objective)
+
+
+def check_backends(backends: Sequence[str] | None, settings: Settings) -> tuple[str, ...]:
+    """The backends to profile: those named, each known and installed, or the settings' default ones that are
+    installed."""
+    if backends is None:
+        return tuple(b for b in settings.backends if registry.unavailable_reason(b) is None)
+    unknown = [b for b in backends if b not in registry.names()]
+    if unknown:
+        raise DIOEError(f"unknown backend(s) {unknown}; known: {', '.join(registry.names())}")
+    missing = {b: registry.unavailable_reason(b) for b in backends if registry.unavailable_reason(b)}
+    if missing:
+        raise DIOEError("requested backend(s) unavailable: " + "; ".join(f"{b}: {r}" for b, r in missing.items()))
+    return tuple(backends)
+
+
+def _settings(settings: Settings | None, *, cache_dir=None, tolerance: float | None = None) -> Settings:
+    settings = settings or Settings()
+    if cache_dir is not None:
+        settings = replace(settings, cache_dir=Path(cache_dir))
+    if tolerance is not None:
+        settings = replace(settings, tolerance=tolerance)
+    return settings
+
+
+def _pool(hardware: Any) -> ResourcePool:
+    return hardware if isinstance(hardware, ResourcePool) else ResourcePool.discover(hardware)
+
+
+def _synthetic(spec: TensorSpec) -> torch.Tensor:
+    shape = [s if isinstance(s, int) else 2 for s in spec.shape]
+    dt = spec.torch_dtype
+    return torch.ones(shape, dtype=dt) if not dt.is_floating_point else torch.zeros(shape, dtype=dt)
