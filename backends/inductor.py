@@ -14,6 +14,10 @@ class InductorBackend(Backend):
     name = "inductor"
     precisions = ("fp32", "bf16", "fp16")
     call_overhead_us = 32.0
+    color = "#d9822b"
+    options = frozenset({"device", "mode"})
+    needs_torch_device = True
+    thread_budget = False   # its generated kernels run on torch's one intra-op pool per process
 
     def member_reason(self, member: Member) -> str | None:
         dev = self.io_device(member) if (member.device or member.stand_in) else None

@@ -29,6 +29,8 @@ class OnnxruntimeBackend(Backend):
     requires = ("onnxruntime", "onnx", "onnxscript")
     extra = "onnx"
     call_overhead_us = 10.5
+    color = "#8a5cc7"
+    options = frozenset({"providers", "disable_cpu_ep_fallback"})
 
     def op_support(self):
         from torch.fx.passes.operator_support import create_op_support

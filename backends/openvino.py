@@ -69,6 +69,8 @@ class OpenvinoBackend(Backend):
     extra = "openvino"
     precisions = ("fp32", "bf16", "fp16")
     call_overhead_us = 75.0
+    color = "#2e9d6b"
+    options = frozenset({"device", "config"})
 
     def __init__(self, cache_dir=None):
         super().__init__(cache_dir)

@@ -12,6 +12,10 @@ class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32", "bf16", "fp16")
     call_overhead_us = 6.6
+    color = "#4f7fd9"
+    options = frozenset({"device"})
+    needs_torch_device = True
+    thread_budget = False   # torch's intra-op pool is one per process (torch.set_num_threads)
 
     def member_reason(self, member: Member) -> str | None:
         if member.device is None and not member.stand_in:

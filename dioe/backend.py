@@ -226,6 +226,13 @@ class Backend:
     extra: ClassVar[str | None] = None              # pip extra that installs them
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     call_overhead_us: ClassVar[float] = 5.0         # prior for the cost model; profiling replaces it
+    # What the rest of DIOE reads from the backend, so that a new backend is this one file:
+    color: ClassVar[str] = "#888888"                # its colour in traces, reports and bench charts
+    options: ClassVar[frozenset[str]] = frozenset()  # keys of a descriptor's `backends: - options:` it reads
+    needs_torch_device: ClassVar[bool] = False      # it runs through a torch device: none, none to drive
+    # Whether it keeps to a member's thread budget (`Member.threads`). One that does not runs on a process-wide
+    # pool (torch's intra-op threads), and plans say so for the members that set a budget.
+    thread_budget: ClassVar[bool] = True
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.cache_dir = cache_root(cache_dir) / self.name

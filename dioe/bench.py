@@ -770,10 +770,10 @@ def chart(results: dict, path: Path) -> Path | None:
     models = [m for m in results["models"] if "1" in m["batches"]]
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(models) + 3), 4.6), dpi=120)
     width = 0.8 / len(ENGINES)
-    from .traceview import BACKEND_COLORS, CRITICAL_COLOR
+    from .traceview import CRITICAL_COLOR, backend_colors
 
-    colors = {**{e: BACKEND_COLORS[e] for e in ("torch", "inductor", "onnxruntime")},
-              "openvino-f32": BACKEND_COLORS["openvino"], "openvino-default": "#9ccc65", "dioe": CRITICAL_COLOR}
+    colors = {**{e: backend_colors()[e] for e in ("torch", "inductor", "onnxruntime")},
+              "openvino-f32": backend_colors()["openvino"], "openvino-default": "#9ccc65", "dioe": CRITICAL_COLOR}
     for i, e in enumerate(ENGINES):
         ys = [(m["batches"]["1"]["engines"].get(e) or {}).get("speedup_over_eager") or 0 for m in models]
         label = e if e != "openvino-default" else "openvino-default (bf16 here)"

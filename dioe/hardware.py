@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from .backends import names as backend_names
 from .errors import DescriptorError
 from .schema import LineMap, build, json_schema, spec
 
@@ -30,7 +31,7 @@ SCHEMA_VERSION = 1
 Kind = Literal["cpu", "gpu", "npu"]
 Precision = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4"]
 TorchDevice = Literal["cpu", "cuda", "mlu", "npu", "xpu", "mps", "hpu"]
-BackendName = Literal["torch", "inductor", "onnxruntime", "openvino"]
+BackendName = Literal[backend_names()]   # one per file in backends/
 TilingStrategy = Literal["auto", "none", "cache_blocked", "tensor_core"]
 
 
@@ -75,14 +76,6 @@ class BackendOptions:
         doc="openvino: extra compile properties"))
 
 
-_BACKEND_KEYS = {
-    "torch": {"device"},
-    "inductor": {"device", "mode"},
-    "onnxruntime": {"providers", "disable_cpu_ep_fallback"},
-    "openvino": {"device", "config"},
-}
-
-
 @dataclass(frozen=True)
 class BackendSpec:
     """A backend this device can be driven by, with its options."""
@@ -91,11 +84,13 @@ class BackendSpec:
     options: BackendOptions = field(default_factory=BackendOptions)
 
     def _validate(self, where: LineMap, path: tuple) -> None:
-        default = BackendOptions()
+        from .backends import backend_class  # the backend's own file says which options it reads
+
+        default, known = BackendOptions(), backend_class(self.name).options
         for key in BackendOptions.__dataclass_fields__:
-            if getattr(self.options, key) != getattr(default, key) and key not in _BACKEND_KEYS[self.name]:
+            if getattr(self.options, key) != getattr(default, key) and key not in known:
                 raise where.error(path + ("options", key), f"not an option of backend {self.name!r}; "
-                                  f"expected one of: {', '.join(sorted(_BACKEND_KEYS[self.name]))}")
+                                  f"expected one of: {', '.join(sorted(known)) or 'none'}")
         if self.name == "onnxruntime" and not self.options.providers:
             raise where.error(path + ("options",), "expected a 'providers' list for onnxruntime, "
                               "e.g. [{name: CPUExecutionProvider}]")

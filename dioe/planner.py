@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 from .capture import CapturedGraph, TensorSpec
 from .partition import INPUT, OUTPUT, Assignment, Edges, partition_groups, run_as_one_ms, whole_graph_options
 from .plan import Choice, Plan, PlanPartition
@@ -84,12 +86,39 @@ def make_plan(job: Job, assignment: Assignment, *, profile: Profile | None = Non
         notes.append(f"timed {len(job.segments) - len(profile.same_as)} distinct segment structures; "
                      f"{len(profile.same_as)} of {len(job.segments)} segments repeat one and share its timings")
     notes += [f"moved for capacity: {m}" for m in assignment.moved_for_capacity]
+    notes += _thread_notes(job.pool, parts)
     notes = list(dict.fromkeys(notes))  # a rival plan inherits the plan's notes: say each once
     captured = job.captured
     return Plan(captured.name, captured.structure_hash(), job.pool.fingerprint(), job.objective, tuple(parts),
                 round_ms(assignment.predicted_ms),
                 inputs=tuple(s.to_dict() if s else {} for s in captured.input_specs),
                 replanned=replanned, notes=tuple(notes))
+
+
+THREADS_NOTE = "thread budget: "
+
+
+def thread_budget_gaps(pool: ResourcePool, parts: Sequence[PlanPartition]) -> dict[str, tuple[tuple[str, ...], int]]:
+    """Members of `parts` whose thread budget some of their backends do not keep to: member -> (those backends,
+    the budget). torch's intra-op pool is one per process, so torch and Inductor partitions run on it
+    (torch.get_num_threads() threads) whatever the member's budget."""
+    from . import backends as registry
+
+    shared = torch.get_num_threads()
+    out = {}
+    for m in dict.fromkeys(p.member for p in parts):
+        budget = pool[m].threads
+        ignoring = tuple(sorted({p.backend for p in parts if p.member == m and
+                                 not registry.backend_class(p.backend).thread_budget}))
+        if ignoring and budget is not None and budget != shared:
+            out[m] = (ignoring, budget)
+    return out
+
+
+def _thread_notes(pool: ResourcePool, parts: Sequence[PlanPartition]) -> list[str]:
+    shared = torch.get_num_threads()
+    return [f"{THREADS_NOTE}on {m}, {' and '.join(b)} run on torch's process-wide pool of {shared} thread(s), not "
+            f"the member's {budget}" for m, (b, budget) in thread_budget_gaps(pool, parts).items()]
 
 
 def whole_graph_plan(job: Job, option: Choice, predicted_ms: float, *, profile: Profile | None = None,
@@ -100,8 +129,9 @@ def whole_graph_plan(job: Job, option: Choice, predicted_ms: float, *, profile: 
 
 
 def inherited_notes(plan: Plan) -> tuple[str, ...]:
-    """The notes a whole-graph plan made in place of `plan` keeps: all but how `plan` was partitioned."""
-    return tuple(n for n in plan.notes if not n.startswith("partitioned by"))
+    """The notes a plan made in place of `plan` keeps: all but how `plan` was partitioned and what its members'
+    thread budgets were, which the new plan says for itself."""
+    return tuple(n for n in plan.notes if not n.startswith(("partitioned by", THREADS_NOTE)))
 
 
 def unless_split_pays(job: Job, plan: Plan, *, profile: Profile | None = None) -> Plan:

@@ -87,7 +87,9 @@ class Member:
     present: bool = True
     reason: str = ""               # why absent, or why matched
     stand_in: bool = False         # obeys `descriptor` but executes on the CPU
-    threads: int | None = None     # CPU thread budget for the work placed here
+    # CPU thread budget for the work placed here: ONNX Runtime and OpenVINO keep to it; torch and Inductor run on
+    # torch's one intra-op pool per process, and a plan that puts them here says so (Backend.thread_budget)
+    threads: int | None = None
     memory_bytes: int | None = None  # capacity DIOE may fill
     backends: tuple[str, ...] = ()   # usable here, in the descriptor's preference order
     unavailable: dict = field(default_factory=dict, compare=False)  # backend -> why it cannot be used
@@ -134,12 +136,12 @@ class PoolFile:
 
 
 def _backend_reasons(d: Descriptor, device: str | None) -> tuple[tuple[str, ...], dict]:
-    from .backends import unavailable_reason  # registry; imports no backend library
+    from .backends import backend_class, unavailable_reason  # registry; imports no backend library
 
     usable, why = [], {}
     for spec_ in d.backends:
         reason = unavailable_reason(spec_.name)
-        if reason is None and spec_.name in ("torch", "inductor") and device is None:
+        if reason is None and device is None and backend_class(spec_.name).needs_torch_device:
             reason = "torch cannot drive this device"
         if reason:
             why[spec_.name] = reason

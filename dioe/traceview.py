@@ -17,8 +17,16 @@ from .text import show_ms, table
 
 GAP_MS = 0.02   # idle stretches shorter than this are scheduling noise, not waiting
 # One palette for every picture DIOE draws: the report's timeline and legend, and the bench chart.
-BACKEND_COLORS = {"torch": "#4f7fd9", "onnxruntime": "#8a5cc7", "openvino": "#2e9d6b", "inductor": "#d9822b",
-                  "copy": "#9aa3b2"}
+COPY_COLOR = "#9aa3b2"       # transfers between members
+
+
+def backend_colors() -> dict[str, str]:
+    """Each backend's colour, as its own file declares it, and the copies'."""
+    from . import backends
+
+    return {**{b: backends.backend_class(b).color for b in backends.names()}, "copy": COPY_COLOR}
+
+
 CRITICAL_COLOR = "#c0262d"  # the critical path's outline, and DIOE itself in the bench chart
 
 
@@ -364,7 +372,7 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
                      "passed between members. Hover a bar for its details.</p>")
     else:
         parts.append(f"<p class=lead>{e(s.get('note', ''))}</p>")
-    legend = "".join(f"<span><i style='background:{c}'></i>{b}</span>" for b, c in BACKEND_COLORS.items())
+    legend = "".join(f"<span><i style='background:{c}'></i>{b}</span>" for b, c in backend_colors().items())
     parts.append("<section id=timeline-section><h2>Timeline of one call</h2>"
                  "<div id=controls><label>call: <select id=call></select></label> <span id=call-ms></span></div>"
                  f"<div class=legend>{legend}<span><i style='background:#fff;border:2px solid {CRITICAL_COLOR}'></i>"
@@ -407,7 +415,7 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
     if s.get("stages"):
         rows = [[e(x["stage"]), f"{x['ms'] / 1e3:.2f}"] for x in s["stages"]]
         parts.append("<h2>Optimize stages</h2>" + _table(rows, ["stage", "seconds"], numeric=(1,)))
-    data_json = json.dumps({**rd, "colors": BACKEND_COLORS, "critical": CRITICAL_COLOR}).replace("</", "<\\/")
+    data_json = json.dumps({**rd, "colors": backend_colors(), "critical": CRITICAL_COLOR}).replace("</", "<\\/")
     parts.append(f"<script type='application/json' id=dioe-data>{data_json}</script>"
                  f"<script>{_asset('report.js')}</script>")
     parts.append("<p style='color:#8a93a3;margin-top:30px'>Written by <code>dioe trace report</code>. "
