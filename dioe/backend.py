@@ -235,7 +235,8 @@ class Backend:
     thread_budget: ClassVar[bool] = True
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
-        self.cache_dir = cache_root(cache_dir) / self.name
+        # its own folder of the cache, made when it first writes there: a backend that caches nothing makes none
+        self.cache_dir = (Path(cache_dir) if cache_dir is not None else env_cache_dir()) / self.name
 
     # -- capability -----------------------------------------------------------------------------------------
     def member_reason(self, member: Member) -> str | None:

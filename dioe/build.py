@@ -41,7 +41,7 @@ def build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: 
         except BackendError as e:
             warnings.warn(f"dioe: {e}. Partition {p.id} runs on torch@{pool.reference.id} instead.", RuntimeWarning)
             compiled[p.id] = registry.get("torch", settings.cache_dir).compile(part, pool.reference, "fp32")
-    return Optimized(captured, plan, program, Runtime(program, compiled, pool))
+    return Optimized(captured, plan, program, Runtime(program, compiled, pool, cache_dir=settings.cache_dir))
 
 
 def verify(opt: Optimized, *, settings: Settings | None = None) -> Optimized:

@@ -19,7 +19,7 @@ from . import backends as registry
 from . import tracing as _trace
 from .backend import Partition, cache_root
 from .errors import BackendError
-from .pool import Member, ResourcePool
+from .pool import ResourcePool
 from .plan import Choice
 from .segment import Segment
 from .timing import Timing, measure
@@ -73,17 +73,18 @@ class Profile:
         return LinkCost(0.0, float("inf"), "same member") if a == b else self.links[f"{a}->{b}"]
 
 
-def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str],
-                  precisions: Sequence[str] = ("fp32",)) -> tuple[list[tuple[Member, str, str]], dict[Choice, str]]:
-    """(member, backend, precision) that may run every node of `part`, and why the others may not."""
+def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str], *, cache_dir=None,
+                  precisions: Sequence[str] = ("fp32",)) -> tuple[list[Choice], dict[Choice, str]]:
+    """The choices of (member, backend, precision) that may run every node of `part`, and why the others may
+    not."""
     ok, why = [], {}
     for m in pool.members:
         for b in backends:
             if registry.unavailable_reason(b) is not None:
                 continue
-            be = registry.get(b)
+            be = registry.get(b, cache_dir)
             for prec in precisions:
-                label = Choice(m.id, b, prec)
+                option = Choice(m.id, b, prec)
                 reason = be.member_reason(m)
                 if reason is None and prec not in m.descriptor.precisions:
                     reason = f"{m.id} does not list {prec}"
@@ -96,9 +97,9 @@ def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str],
                     if bad:
                         reason = f"{len(bad)} node(s) not supported, first {bad[0].target}"
                 if reason:
-                    why[label] = reason
+                    why[option] = reason
                 else:
-                    ok.append((m, b, prec))
+                    ok.append(option)
     return ok, why
 
 
@@ -127,12 +128,12 @@ def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], po
         if rep is not seg:
             prof.same_as[seg.id] = rep.id
             continue
-        options, why = legal_options(part, pool, backends)
+        options, why = legal_options(part, pool, backends, cache_dir=cache_dir)
         prof.failures[seg.id] = dict(why)
-        jobs.extend((part, seg, m, b, p) for m, b, p in options)
+        jobs.extend((part, seg, o) for o in options)
     bar = _progress(len(jobs), progress)
-    for part, seg, member, backend, prec in jobs:
-        label = Choice(member.id, backend, prec)
+    for part, seg, option in jobs:
+        member, backend, prec = pool[option.member], option.backend, option.precision
         bar.set_postfix_str(f"{seg.id[:28]} {backend}@{member.id}", refresh=False)
         tr = _trace.active()
         t0 = time.perf_counter()
@@ -146,9 +147,9 @@ def profile_segments(parts: Sequence[Partition], segments: Sequence[Segment], po
                 tr.add("profile", phase="compile", segment=seg.id, member=member.id, backend=backend,
                        precision=prec, start=t0, end=time.perf_counter())
             phase, t0 = "measure", time.perf_counter()
-            timing = prof.times.setdefault(seg.id, {})[label] = measure(compiled, inputs)
+            timing = prof.times.setdefault(seg.id, {})[option] = measure(compiled, inputs)
         except BackendError as e:
-            error = prof.failures[seg.id][label] = str(e)[:500]
+            error = prof.failures[seg.id][option] = str(e)[:500]
         if tr is not None:
             tr.add("profile", phase=phase, segment=seg.id, member=member.id, backend=backend, precision=prec,
                    start=t0, end=time.perf_counter(), median_ms=timing.median_ms if timing else None, error=error)

@@ -23,8 +23,9 @@ from .tracing import PARTITION_MARK, Trace, nbytes
 
 
 class Runtime:
-    def __init__(self, program: Program, compiled: Mapping[str, Compiled], pool: ResourcePool):
+    def __init__(self, program: Program, compiled: Mapping[str, Compiled], pool: ResourcePool, *, cache_dir=None):
         self.program = program
+        self.cache_dir = cache_dir  # the fallback's backend instance is the one of the plan's cache
         self.compiled = dict(compiled)
         self.pool = pool
         self.stats: Counter = Counter()
@@ -134,7 +135,7 @@ class Runtime:
             if self.compiled[pid] is failed:
                 ref = self.pool.reference
                 self.fallbacks[pid] = str(error)
-                self.replace(pid, registry.get("torch").compile(self.program.partition(pid), ref, "fp32"))
+                self.replace(pid, registry.get("torch", self.cache_dir).compile(self.program.partition(pid), ref, "fp32"))
                 if pid not in self._warned:
                     self._warned.add(pid)
                     warnings.warn(f"dioe: {error}. Re-running partition {pid} on torch@{ref.id} (the reference) for "
