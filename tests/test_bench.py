@@ -227,7 +227,7 @@ def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monke
 def test_settle_waits_for_spinning_workers_and_no_longer():
     import threading
 
-    from dioe.runtime import SETTLE_SLICE_S, settle
+    from dioe.timing import SETTLE_SLICE_S, settle
 
     assert settle() < 10 * SETTLE_SLICE_S   # nothing spins: a slice or two
 
