@@ -41,9 +41,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import backends
-from .text import round_ms, show_ms
-from .timing import settle
+from .. import backends
+from ..text import round_ms, show_ms
+from ..timing import settle
 
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
 PEERS = ENGINES[:-1]
@@ -54,7 +54,7 @@ QUICK_MODEL = "minilm"
 def machine() -> dict:
     import importlib.metadata as md
 
-    from .pool import CpuInfo
+    from ..pool import CpuInfo
 
     cpu = CpuInfo.read()
     isa = sorted(f for f in cpu.flags if f in {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
@@ -65,7 +65,7 @@ def machine() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    from . import __version__
+    from .. import __version__
 
     versions["dioe"] = __version__
     versions["python"] = platform.python_version()
@@ -221,13 +221,13 @@ class _Rss:
 # -- engines ------------------------------------------------------------------------------------------------------
 def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, str]:
     """A callable taking the model's positional inputs, and the precision it computes in."""
-    from .backend import Partition
-    from .pool import ResourcePool
+    from ..backend import Partition
+    from ..pool import ResourcePool
 
     if engine == "torch":
         return (lambda *xs: model(*xs)), "fp32"
     if engine == "dioe":
-        from .pipeline import optimize
+        from ..pipeline import optimize
 
         opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name)
         build.last_plan = opt.plan
@@ -331,8 +331,8 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                   budget_s: float, cache: Path, rss: _Rss, canary: Canary | None = None, log=print) -> dict:
     """All engines on one model: build each (timed, with its peak RSS), then interleaved rounds per batch size,
     watched by `canary` (one for the whole run, so that its nominal speed is the run's fastest)."""
-    from . import zoo
-    from .capture import capture
+    from .. import zoo
+    from ..capture import capture
 
     out: dict = {"model": name, "size": size, "batches": {}}
     canary = canary or Canary()
@@ -770,7 +770,7 @@ def chart(results: dict, path: Path) -> Path | None:
     models = [m for m in results["models"] if "1" in m["batches"]]
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(models) + 3), 4.6), dpi=120)
     width = 0.8 / len(ENGINES)
-    from .traceview import BACKEND_COLORS, CRITICAL_COLOR
+    from ..traceview import BACKEND_COLORS, CRITICAL_COLOR
 
     colors = {**{e: BACKEND_COLORS[e] for e in ("torch", "inductor", "onnxruntime")},
               "openvino-f32": BACKEND_COLORS["openvino"], "openvino-default": "#9ccc65", "dioe": CRITICAL_COLOR}
@@ -791,7 +791,7 @@ def chart(results: dict, path: Path) -> Path | None:
 
 
 def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
-    from . import zoo
+    from .. import zoo
 
     ap = argparse.ArgumentParser(prog=prog, description="DIOE against every peer engine, side by side")
     ap.add_argument("--models", nargs="+", help=f"zoo models (default: all; --quick: {QUICK_MODEL})")
