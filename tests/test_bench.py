@@ -27,6 +27,7 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert set(rows) == set(ENGINES)
     d = rows["dioe"]
     assert d["median_ms"] > 0 and d["p90_ms"] >= d["median_ms"] and d["best_peer"] in ENGINES
+    assert d["plan"] and all("@" in p for p in d["plan"]), "the DIOE row records the plan it ran"
     # DIOE's partitions were timed bare beside it at batch 1 only: its runtime overhead, a share of its latency
     assert 0 < d["partitions_ms"] < 2 * d["median_ms"] and -1 < d["runtime_overhead"] < 1
     assert "partitions_ms" not in model["batches"]["8"]["engines"]["dioe"]
@@ -152,8 +153,8 @@ def test_inductor_peer_compiles_in_the_runs_own_cache(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
     x = torch.randn(2, 8)
     captured = dioe.capture(model, (x,))
-    fn, prec = build("inductor", model, (x,), captured, tmp_path)
-    assert prec == "fp32" and torch.allclose(fn(x)[0], model(x), atol=1e-5)
+    built = build("inductor", model, (x,), captured, tmp_path)
+    assert built.precision == "fp32" and torch.allclose(built.fn(x)[0], model(x), atol=1e-5)
     assert any(p.suffix == ".py" for p in (tmp_path / "peers" / "inductor").rglob("*")), "no inductor code there"
     after = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch itself sets its default there on first use
     assert after == before or not after.startswith(str(tmp_path)), after
@@ -278,7 +279,7 @@ def test_the_openvino_peer_converts_from_torch_not_from_the_onnx_runtime_peers_f
     public, run = [], onnxruntime.InferenceSession.run
     monkeypatch.setattr(onnxruntime.InferenceSession, "run",
                         lambda self, *a, **k: public.append(a) or run(self, *a, **k))
-    fn, _ = build("onnxruntime", model, (x,), captured, tmp_path)
+    fn = build("onnxruntime", model, (x,), captured, tmp_path).fn
     assert list(tmp_path.rglob("*.onnx")), "the ONNX Runtime peer exported nothing"
     assert torch.allclose(fn(x)[0], model(x), atol=1e-5)
     assert public, "the ONNX Runtime peer is called through its public API, as a user calls it"
@@ -289,7 +290,8 @@ def test_the_openvino_peer_converts_from_torch_not_from_the_onnx_runtime_peers_f
         return real(source, *a, **k)
     monkeypatch.setattr(openvino, "convert_model", spy)
     for engine in ("openvino-f32", "openvino-default"):
-        fn, precision = build(engine, model, (x,), captured, tmp_path)
+        built = build(engine, model, (x,), captured, tmp_path)
+        fn, precision = built.fn, built.precision
         # OpenVINO's own default is bf16 on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere
         assert precision == "fp32" or engine == "openvino-default" and precision == "bf16"
         assert torch.allclose(fn(x)[0], model(x), atol=1e-5 if precision == "fp32" else 3e-2), precision

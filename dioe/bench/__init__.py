@@ -36,14 +36,18 @@ import threading
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .. import backends
 from ..text import round_ms, show_ms
 from ..timing import settle
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
 PEERS = ENGINES[:-1]
@@ -219,19 +223,28 @@ class _Rss:
 
 
 # -- engines ------------------------------------------------------------------------------------------------------
-def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, str]:
-    """A callable taking the model's positional inputs, and the precision it computes in."""
+@dataclass(frozen=True)
+class Built:
+    """One engine, built: the callable to time, the precision it computes in, and for DIOE the plan it runs."""
+
+    fn: Callable
+    precision: str
+    plan: Plan | None = None
+
+
+def build(engine: str, model, inputs, captured, cache: Path) -> Built:
+    """`engine` built for the model: its callable takes the model's positional inputs (torch, DIOE) or the captured
+    graph's flat inputs (the compiled peers)."""
     from ..backend import Partition
     from ..pool import ResourcePool
 
     if engine == "torch":
-        return (lambda *xs: model(*xs)), "fp32"
+        return Built(lambda *xs: model(*xs), "fp32")
     if engine == "dioe":
         from ..pipeline import optimize
 
         opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name)
-        build.last_plan = opt.plan
-        return opt, "fp32"
+        return Built(opt, "fp32", opt.plan)
     ref = ResourcePool.discover().reference
     part = Partition("whole", captured.gm, captured.example_inputs)
     if engine == "openvino-default":
@@ -247,13 +260,13 @@ def build(engine: str, model, inputs, captured, cache: Path) -> tuple[Callable, 
         def run(*xs):
             res = req.infer([xs[i].contiguous().numpy() for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
-        return run, prec
+        return Built(run, prec)
     name = {"openvino-f32": "openvino"}.get(engine, engine)
     with _inductor_cache(cache / "peers" / "inductor") if engine == "inductor" else contextlib.nullcontext():
         c = backends.get(name, cache / "peers" / name).compile(part, ref, "fp32", alone=True)
     if engine == "onnxruntime":
-        return _public_onnxruntime(c.fn.session, part), "fp32"
-    return c, "fp32"
+        return Built(_public_onnxruntime(c.fn.session, part), "fp32")
+    return Built(c, "fp32")
 
 
 PARTS = "dioe partitions"  # DIOE's partitions called bare, timed beside DIOE at batch 1: its runtime overhead
@@ -320,9 +333,6 @@ def _inductor_cache(folder: Path):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
-build.last_plan = None
-
-
 def _flat(captured, inputs) -> tuple:
     return tuple(captured.flatten_inputs(inputs, {}))
 
@@ -350,20 +360,19 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    fn, prec = build(engine, model, inputs, captured, cache / f"b{batch}")
+                    made = build(engine, model, inputs, captured, cache / f"b{batch}")
                     args = inputs if engine in ("torch", "dioe") else flat
                     with torch.inference_mode():
-                        fn(*args)  # inductor compiles at its first call
-                built[engine] = (fn, args)
-                rows[engine] = {"precision": prec, "compile_s": round(time.perf_counter() - t0, 2),
+                        made.fn(*args)  # inductor compiles at its first call
+                built[engine] = (made.fn, args)
+                rows[engine] = {"precision": made.precision, "compile_s": round(time.perf_counter() - t0, 2),
                                 "peak_rss_mb": round(rss.peak / 2 ** 20, 1),
                                 "added_rss_mb": round((rss.peak - base) / 2 ** 20, 1)}
                 log(f"    built {engine} in {rows[engine]['compile_s']:.1f} s")
-                if engine == "dioe":
-                    plan = build.last_plan
+                if made.plan is not None:
                     rows[engine]["plan"] = [f"{p.id}: {p.backend}@{p.member}/{p.precision} ({p.ops} ops)"
-                                            for p in plan.partitions]
-                    rows[engine]["plan_notes"] = list(plan.notes)  # why it chose that: the race, re-plans
+                                            for p in made.plan.partitions]
+                    rows[engine]["plan_notes"] = list(made.plan.notes)  # why it chose that: the race, re-plans
             except Exception as e:  # a peer that cannot run a model is a result, not a crash
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
