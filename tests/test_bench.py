@@ -103,18 +103,18 @@ def test_reproducibility_separates_the_machine_drift_from_an_engines_own():
 
 
 def test_a_gemm_with_no_fast_kernel_is_timed_once_and_not_at_larger_sizes(monkeypatch):
-    from dioe import bench
+    from dioe.bench import machine
 
     calls = []
 
     def slow_gemm(n, dt):
         def call():
             calls.append((n, dt))
-            time.sleep(bench.SLOW_GEMM_S + 0.05)
+            time.sleep(machine.SLOW_GEMM_S + 0.05)
         return call
-    monkeypatch.setattr(bench, "_torch_gemm", slow_gemm)
-    monkeypatch.setattr(bench, "_openvino_gemm", lambda n, dt: None)
-    roof = bench.gemm_roof(sizes=(64, 128), runs=5)
+    monkeypatch.setattr(machine, "torch_gemm", slow_gemm)
+    monkeypatch.setattr(machine, "openvino_gemm", lambda n, dt: None)
+    roof = machine.gemm_roof(sizes=(64, 128), runs=5)
     assert [(c["op"], c["n"]) for c in roof["fp32"]["candidates"]] == [("torch.mm", 64)]
     assert sorted({n for n, _ in calls}) == [64] and len(calls) == 3, "one call per dtype, none at n=128"
 
@@ -181,21 +181,21 @@ def _two_engines(calls):
 
 
 def _steady(monkeypatch):
-    """The bench with no idle wait and every engine's pace taken as 1 ms a call: the calls per block (3 at a 10 ms
-    budget over 3 rounds) no longer hang on how long a sleep took on a loaded machine."""
-    import dioe.bench as bench
+    """The bench's rounds with no idle wait and every engine's pace taken as 1 ms a call: the calls per block (3 at a
+    10 ms budget over 3 rounds) no longer hang on how long a sleep took on a loaded machine."""
+    from dioe.bench import rounds
 
-    monkeypatch.setattr(bench, "settle", lambda: 0.0)
-    monkeypatch.setattr(bench, "_estimate", lambda fn, args: 0.001)
-    return bench
+    monkeypatch.setattr(rounds, "settle", lambda: 0.0)
+    monkeypatch.setattr(rounds, "estimate", lambda fn, args: 0.001)
+    return rounds
 
 
 def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
-    bench = _steady(monkeypatch)
+    method = _steady(monkeypatch)
     calls = {"a": 0, "b": 0}
     # readings between blocks: a slow one after the second block disturbs the second and the third
     canary = _ScriptedCanary([180.0, 180.0, 100.0, 180.0])
-    samples, by_round, rounds, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
+    samples, by_round, rounds, seen = method.interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
                                                          canary=canary)
     assert rounds == 3 and canary.nominal == 180.0
     assert seen == {"nominal_gflops": 180.0, "blocks": 6, "disturbed": 2, "retimed": 2, "left_disturbed": 0,
@@ -203,7 +203,7 @@ def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
     # each engine keeps one block of 3 calls a round: the disturbed blocks' samples were replaced, not added to
     assert len(samples["a"]) == len(samples["b"]) == 9
     assert calls["a"] + calls["b"] == 18 + 2 * 3   # and the re-timed blocks ran their 3 calls each
-    assert "2 of 6 blocks disturbed, 2 re-timed, 0 left" == bench._disturbance(seen)
+    assert "2 of 6 blocks disturbed, 2 re-timed, 0 left" == method.disturbance_text(seen)
     # each round's entry is the median of that engine's block in the round, a re-timed block's in its own round
     import statistics
     for e in "ab":
@@ -211,11 +211,11 @@ def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
 
 
 def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monkeypatch):
-    bench = _steady(monkeypatch)
-    monkeypatch.setattr(bench, "RETIME_S", 0.05)
-    monkeypatch.setattr(bench, "QUIET_WAIT_S", 0.01)
+    method = _steady(monkeypatch)
+    monkeypatch.setattr(method, "RETIME_S", 0.05)
+    monkeypatch.setattr(method, "QUIET_WAIT_S", 0.01)
     calls = {"a": 0, "b": 0}
-    samples, _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
+    samples, _, _, seen = method.interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
                                           canary=_ScriptedCanary([180.0, 180.0, 100.0]))
     # the first block is quiet on both sides; every later one has the slow machine on one side at least
     assert seen["disturbed"] == 5 and seen["retimed"] == 0 and seen["left_disturbed"] == 5
@@ -251,14 +251,14 @@ def test_settle_waits_for_spinning_workers_and_no_longer():
 
 
 def test_the_engine_with_the_most_disturbed_blocks_is_timed_again_first(monkeypatch):
-    bench = _steady(monkeypatch)
-    monkeypatch.setattr(bench, "RETIME_S", 0.5)   # two re-timings of 3 ms each fit, even on a loaded machine
-    monkeypatch.setattr(bench, "QUIET_WAIT_S", 0.01)
+    method = _steady(monkeypatch)
+    monkeypatch.setattr(method, "RETIME_S", 0.5)   # two re-timings of 3 ms each fit, even on a loaded machine
+    monkeypatch.setattr(method, "QUIET_WAIT_S", 0.01)
     calls = {"a": 0, "b": 0}
     # blocks a, b, b, a, a, b; slow readings after the first two disturb a's first block and b's first two. The
     # first re-timing reads quiet, the second ends on a slow reading, and the machine stays busy until time runs out
     canary = _ScriptedCanary([180.0, 100.0, 100.0, 180.0, 180.0, 180.0, 180.0, 180.0, 100.0])
-    _, _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
+    _, _, _, seen = method.interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
     assert seen["disturbed"] == 3 and seen["retimed"] == 2
     # b's block went first, then a's: one each is left. In block order, a's then b's, b would keep both of its own.
     assert seen["left_by_engine"] == {"a": 1, "b": 1}
