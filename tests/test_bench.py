@@ -27,6 +27,7 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert set(rows) == set(ENGINES)
     d = rows["dioe"]
     assert d["median_ms"] > 0 and d["p90_ms"] >= d["median_ms"] and d["best_peer"] in ENGINES
+    assert d["plan"] and all("@" in p for p in d["plan"]), "the DIOE row records the plan it ran"
     # DIOE's partitions were timed bare beside it at batch 1 only: its runtime overhead, a share of its latency
     assert 0 < d["partitions_ms"] < 2 * d["median_ms"] and -1 < d["runtime_overhead"] < 1
     assert "partitions_ms" not in model["batches"]["8"]["engines"]["dioe"]
@@ -102,18 +103,18 @@ def test_reproducibility_separates_the_machine_drift_from_an_engines_own():
 
 
 def test_a_gemm_with_no_fast_kernel_is_timed_once_and_not_at_larger_sizes(monkeypatch):
-    from dioe import bench
+    from dioe.bench import machine
 
     calls = []
 
     def slow_gemm(n, dt):
         def call():
             calls.append((n, dt))
-            time.sleep(bench.SLOW_GEMM_S + 0.05)
+            time.sleep(machine.SLOW_GEMM_S + 0.05)
         return call
-    monkeypatch.setattr(bench, "_torch_gemm", slow_gemm)
-    monkeypatch.setattr(bench, "_openvino_gemm", lambda n, dt: None)
-    roof = bench.gemm_roof(sizes=(64, 128), runs=5)
+    monkeypatch.setattr(machine, "torch_gemm", slow_gemm)
+    monkeypatch.setattr(machine, "openvino_gemm", lambda n, dt: None)
+    roof = machine.gemm_roof(sizes=(64, 128), runs=5)
     assert [(c["op"], c["n"]) for c in roof["fp32"]["candidates"]] == [("torch.mm", 64)]
     assert sorted({n for n, _ in calls}) == [64] and len(calls) == 3, "one call per dtype, none at n=128"
 
@@ -152,8 +153,8 @@ def test_inductor_peer_compiles_in_the_runs_own_cache(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
     x = torch.randn(2, 8)
     captured = dioe.capture(model, (x,))
-    fn, prec = build("inductor", model, (x,), captured, tmp_path)
-    assert prec == "fp32" and torch.allclose(fn(x)[0], model(x), atol=1e-5)
+    built = build("inductor", model, (x,), captured, tmp_path)
+    assert built.precision == "fp32" and torch.allclose(built.fn(x)[0], model(x), atol=1e-5)
     assert any(p.suffix == ".py" for p in (tmp_path / "peers" / "inductor").rglob("*")), "no inductor code there"
     after = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch itself sets its default there on first use
     assert after == before or not after.startswith(str(tmp_path)), after
@@ -180,21 +181,21 @@ def _two_engines(calls):
 
 
 def _steady(monkeypatch):
-    """The bench with no idle wait and every engine's pace taken as 1 ms a call: the calls per block (3 at a 10 ms
-    budget over 3 rounds) no longer hang on how long a sleep took on a loaded machine."""
-    import dioe.bench as bench
+    """The bench's rounds with no idle wait and every engine's pace taken as 1 ms a call: the calls per block (3 at a
+    10 ms budget over 3 rounds) no longer hang on how long a sleep took on a loaded machine."""
+    from dioe.bench import rounds
 
-    monkeypatch.setattr(bench, "settle", lambda: 0.0)
-    monkeypatch.setattr(bench, "_estimate", lambda fn, args: 0.001)
-    return bench
+    monkeypatch.setattr(rounds, "settle", lambda: 0.0)
+    monkeypatch.setattr(rounds, "estimate", lambda fn, args: 0.001)
+    return rounds
 
 
 def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
-    bench = _steady(monkeypatch)
+    method = _steady(monkeypatch)
     calls = {"a": 0, "b": 0}
     # readings between blocks: a slow one after the second block disturbs the second and the third
     canary = _ScriptedCanary([180.0, 180.0, 100.0, 180.0])
-    samples, by_round, rounds, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
+    samples, by_round, rounds, seen = method.interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
                                                          canary=canary)
     assert rounds == 3 and canary.nominal == 180.0
     assert seen == {"nominal_gflops": 180.0, "blocks": 6, "disturbed": 2, "retimed": 2, "left_disturbed": 0,
@@ -202,7 +203,7 @@ def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
     # each engine keeps one block of 3 calls a round: the disturbed blocks' samples were replaced, not added to
     assert len(samples["a"]) == len(samples["b"]) == 9
     assert calls["a"] + calls["b"] == 18 + 2 * 3   # and the re-timed blocks ran their 3 calls each
-    assert "2 of 6 blocks disturbed, 2 re-timed, 0 left" == bench._disturbance(seen)
+    assert "2 of 6 blocks disturbed, 2 re-timed, 0 left" == method.disturbance_text(seen)
     # each round's entry is the median of that engine's block in the round, a re-timed block's in its own round
     import statistics
     for e in "ab":
@@ -210,11 +211,11 @@ def test_blocks_timed_while_the_canary_reads_slow_are_timed_again(monkeypatch):
 
 
 def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monkeypatch):
-    bench = _steady(monkeypatch)
-    monkeypatch.setattr(bench, "RETIME_S", 0.05)
-    monkeypatch.setattr(bench, "QUIET_WAIT_S", 0.01)
+    method = _steady(monkeypatch)
+    monkeypatch.setattr(method, "RETIME_S", 0.05)
+    monkeypatch.setattr(method, "QUIET_WAIT_S", 0.01)
     calls = {"a": 0, "b": 0}
-    samples, _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
+    samples, _, _, seen = method.interleaved(_two_engines(calls), rounds=3, budget_s=0.01,
                                           canary=_ScriptedCanary([180.0, 180.0, 100.0]))
     # the first block is quiet on both sides; every later one has the slow machine on one side at least
     assert seen["disturbed"] == 5 and seen["retimed"] == 0 and seen["left_disturbed"] == 5
@@ -227,7 +228,7 @@ def test_a_disturbance_that_outlasts_the_retime_budget_is_kept_and_counted(monke
 def test_settle_waits_for_spinning_workers_and_no_longer():
     import threading
 
-    from dioe.runtime import SETTLE_SLICE_S, settle
+    from dioe.timing import SETTLE_SLICE_S, settle
 
     assert settle() < 10 * SETTLE_SLICE_S   # nothing spins: a slice or two
 
@@ -250,14 +251,14 @@ def test_settle_waits_for_spinning_workers_and_no_longer():
 
 
 def test_the_engine_with_the_most_disturbed_blocks_is_timed_again_first(monkeypatch):
-    bench = _steady(monkeypatch)
-    monkeypatch.setattr(bench, "RETIME_S", 0.5)   # two re-timings of 3 ms each fit, even on a loaded machine
-    monkeypatch.setattr(bench, "QUIET_WAIT_S", 0.01)
+    method = _steady(monkeypatch)
+    monkeypatch.setattr(method, "RETIME_S", 0.5)   # two re-timings of 3 ms each fit, even on a loaded machine
+    monkeypatch.setattr(method, "QUIET_WAIT_S", 0.01)
     calls = {"a": 0, "b": 0}
     # blocks a, b, b, a, a, b; slow readings after the first two disturb a's first block and b's first two. The
     # first re-timing reads quiet, the second ends on a slow reading, and the machine stays busy until time runs out
     canary = _ScriptedCanary([180.0, 100.0, 100.0, 180.0, 180.0, 180.0, 180.0, 180.0, 100.0])
-    _, _, _, seen = bench._interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
+    _, _, _, seen = method.interleaved(_two_engines(calls), rounds=3, budget_s=0.01, canary=canary)
     assert seen["disturbed"] == 3 and seen["retimed"] == 2
     # b's block went first, then a's: one each is left. In block order, a's then b's, b would keep both of its own.
     assert seen["left_by_engine"] == {"a": 1, "b": 1}
@@ -278,7 +279,7 @@ def test_the_openvino_peer_converts_from_torch_not_from_the_onnx_runtime_peers_f
     public, run = [], onnxruntime.InferenceSession.run
     monkeypatch.setattr(onnxruntime.InferenceSession, "run",
                         lambda self, *a, **k: public.append(a) or run(self, *a, **k))
-    fn, _ = build("onnxruntime", model, (x,), captured, tmp_path)
+    fn = build("onnxruntime", model, (x,), captured, tmp_path).fn
     assert list(tmp_path.rglob("*.onnx")), "the ONNX Runtime peer exported nothing"
     assert torch.allclose(fn(x)[0], model(x), atol=1e-5)
     assert public, "the ONNX Runtime peer is called through its public API, as a user calls it"
@@ -289,7 +290,8 @@ def test_the_openvino_peer_converts_from_torch_not_from_the_onnx_runtime_peers_f
         return real(source, *a, **k)
     monkeypatch.setattr(openvino, "convert_model", spy)
     for engine in ("openvino-f32", "openvino-default"):
-        fn, precision = build(engine, model, (x,), captured, tmp_path)
+        built = build(engine, model, (x,), captured, tmp_path)
+        fn, precision = built.fn, built.precision
         # OpenVINO's own default is bf16 on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere
         assert precision == "fp32" or engine == "openvino-default" and precision == "bf16"
         assert torch.allclose(fn(x)[0], model(x), atol=1e-5 if precision == "fp32" else 3e-2), precision

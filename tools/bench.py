@@ -1,5 +1,5 @@
 """DIOE against every peer engine on every zoo model, side by side, with the machine's GEMM roof.
-The same as `dioe bench`; see dioe/bench.py for what is measured and how.
+The same as `dioe bench`; see the package dioe/bench/ for what is measured and how.
 
     python tools/bench.py [--quick] [--models ...] [--compare OLD.json] [--out bench/results]
 """
