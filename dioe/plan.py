@@ -90,6 +90,9 @@ class Plan:
     replanned: bool = False
     notes: tuple[str, ...] = ()
     version: int = PLAN_VERSION
+    # AccuracyReport dict of the plan against fp32 eager on held-out samples; None where nothing was judged (fp32)
+    accuracy: Mapping[str, Any] | None = None
+    calibration: str | None = None   # fingerprint of the data its int8 partitions were calibrated on
 
     # -- JSON -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -150,6 +153,10 @@ class Plan:
         if self.replanned:
             tail += "; re-planned once after measuring"
         lines.append(tail)
+        if self.accuracy is not None:
+            from .accuracy import AccuracyReport   # reading a plan needs no accuracy code until it has a report
+
+            lines.append(f"accuracy against fp32 eager: {AccuracyReport.from_dict(self.accuracy).summary()}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

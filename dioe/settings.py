@@ -66,7 +66,8 @@ class Settings:
     segment_min_share: float = 0.01  # a run under this share of the work is folded into a neighbour
 
     # -- measuring and re-planning ----------------------------------------------------------------------------
-    # A plan measured this far (as a share) from its prediction is re-planned once from partition-level times.
+    # A plan measured this far (as a share) from its prediction is re-planned once from partition-level times;
+    # float("inf"): never re-plan.
     replan_threshold: float = 0.20
     # Time per timed contender (a plan, a rival): heavy models at large batches get fewer calls.
     timing_budget_s: float = 1.0
@@ -90,6 +91,11 @@ class Settings:
     # all of them (five calls of a sub-millisecond model once picked torch at 2.4x the best engine).
     race_repeats: int = 200
 
+    # -- precision ------------------------------------------------------------------------------------------------
+    # Inputs an int8 engine is calibrated on, apart from the held-out ones it is judged on (Budget.samples): the
+    # min-max ranges of small models settle within a few dozen; NNCF's own default is 300.
+    calibration_samples: int = 32
+
     # -- the disk cache -------------------------------------------------------------------------------------------
     cache_dir: Path = field(default_factory=env_cache_dir)
     # Artifacts beyond this many bytes are evicted, least recently used first; None: no cap.
@@ -99,14 +105,16 @@ class Settings:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "backends", tuple(self.backends))
         positive = ("tolerance", "segment_target", "segment_max", "timing_budget_s", "rival_window", "race_rounds",
-                    "race_repeats")
-        share = ("segment_min_share", "replan_threshold", "split_margin", "race_close")
+                    "race_repeats", "calibration_samples")
+        share = ("segment_min_share", "split_margin", "race_close")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in positive and not (isinstance(v, (int, float)) and v > 0):
                 raise DIOEError(f"Settings.{f.name} must be a number > 0, got {v!r}")
             if f.name in share and not (isinstance(v, (int, float)) and 0 <= v < 1):
                 raise DIOEError(f"Settings.{f.name} must be a share in [0, 1), got {v!r}")
+            if f.name == "replan_threshold" and not (isinstance(v, (int, float)) and v >= 0):
+                raise DIOEError(f"Settings.{f.name} must be a share >= 0 (float('inf'): never), got {v!r}")
             if f.name in ("rivals", "race_extra") and not (isinstance(v, int) and v >= 0):
                 raise DIOEError(f"Settings.{f.name} must be an integer >= 0, got {v!r}")
         if self.cache_max_bytes is not None and self.cache_max_bytes < 0:
