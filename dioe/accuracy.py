@@ -332,10 +332,11 @@ class MetricResult:
 
 
 def _show(x: float, digits: int) -> str:
-    """`x` to `digits` significant digits, or as many decimals as it takes not to print 1 for 0.999996."""
+    """`x` to `digits` significant digits, or as many decimals as it takes not to print 1 for 0.999996; 1 within
+    1e-9 is rounding in the comparison itself and prints as 1."""
     text = f"{x:.{digits}g}"
-    if x < 1 and float(text) == 1:
-        text = f"{x:.{min(12, 1 - math.floor(math.log10(1 - x)))}f}"
+    if 1e-9 < 1 - x and float(text) == 1:
+        text = f"{x:.{1 - math.floor(math.log10(1 - x))}f}"
     return text
 
 

@@ -217,4 +217,6 @@ def test_summary_is_one_readable_line():
     assert re.fullmatch(r"cosine 0\.9999\d \(>= 0\.9999\d at 95%, n=128, worst 0\.999\d+\) vs 0\.999: met", line)
     near_one = evaluate(Budget(cosine=0.999), ref, [(y + 1e-4 * torch.randn(y.shape, generator=g),) for (y,) in ref])
     assert "worst 1)" not in near_one.summary() and "worst 0.99999" in near_one.summary()  # 1 only when it is 1
+    same = evaluate(Budget(cosine=0.999), ref, [(y * 1.001,) for (y,) in ref])    # 1 up to float64 rounding
+    assert same.summary() == "cosine 1 (>= 1 at 95%, n=128, worst 1) vs 0.999: met"
     assert "\n" not in evaluate(Budget.default_for(ref[0]), ref, got).summary()
