@@ -10,6 +10,7 @@ if _util.find_spec(f"{__name__}.backends") is None:
                       "pip install -e .) and run from outside the source tree, or use the `dioe` command.")
 
 from . import hardware, zoo
+from .accuracy import Budget
 from .optimized import Optimized
 from .pipeline import load, optimize
 from .capture import CapturedGraph, TensorSpec, capture
@@ -23,6 +24,6 @@ from .tracing import Trace, trace
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "BackendUnavailable", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
+__all__ = ["BackendError", "BackendUnavailable", "Budget", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
            "DIOEError", "InputSpecError", "Member", "Optimized", "Plan", "PoolError", "ResourcePool", "Settings", "TensorSpec",
            "Trace", "capture", "hardware", "load", "optimize", "trace", "zoo"]
