@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import Backend, Partition, cast_io, placed_module
+from ..backend import Backend, Built, Partition, cast_io, placed_module
 from ..pool import Member
+from ..quantization import Calibration
 
 _CODEGEN_DEVICES = ("cpu", "cuda", "xpu")  # device types Inductor generates code for
 
@@ -26,7 +27,7 @@ class InductorBackend(Backend):
         return super().member_reason(member)
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
-                   alone: bool = False):
+                   alone: bool = False, calibration: Calibration | None = None):
         device = self.io_device(member)
         gm, low = placed_module(part, device, precision)
         spec = member.descriptor.backend(self.name)
@@ -40,4 +41,5 @@ class InductorBackend(Backend):
 
         # compile now, so that compile time is not charged to the first request
         run(*[x.to(device) if isinstance(x, torch.Tensor) else x for x in part.example_inputs])
-        return run, ""
+        # Inductor compiles the graph with its weights and float inputs cast to `low`: every float op runs in it
+        return Built(run, "", {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low])

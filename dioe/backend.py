@@ -6,7 +6,8 @@ A backend lives in one file under `dioe/backends/` and subclasses `Backend`:
         name = "mine"
         requires = ("mylib",)          # imported inside the file only; missing -> reported, not raised
         extra = "mine"                 # pip install 'dioe[mine]' brings it
-        def compile_fn(self, part, member, precision): ...   # -> callable(*tensors) -> tuple of tensors
+        def compile_fn(self, part, member, precision, *, calibration=None, **_):
+            ...                        # -> Built(callable(*tensors) -> tuple of tensors, artifact, applied)
 
     >>> from dioe.backends import get
     >>> get("torch").name
@@ -15,10 +16,15 @@ A backend lives in one file under `dioe/backends/` and subclasses `Backend`:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
+import io
+import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +37,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase, chain
 from .capture import fetch_attr
 from .errors import BackendError
 from .pool import Member
+from .quantization import Calibration, check_calibration
 from .settings import env_cache_dir
 
 Fn = Callable[..., tuple]
@@ -115,6 +122,11 @@ class Partition:
     def op_count(self) -> int:
         return sum(1 for n in self.gm.graph.nodes if n.op == "call_function")
 
+    def calls(self, *fragments: str) -> bool:
+        """Whether it calls an op whose name contains one of `fragments` ("convolution", "softmax", ...)."""
+        return any(n.op == "call_function" and any(f in str(n.target) for f in fragments)
+                   for n in self.gm.graph.nodes)
+
 
 @dataclass(eq=False)
 class Compiled:
@@ -128,7 +140,11 @@ class Compiled:
     io_device: str
     compile_s: float
     artifact: str = ""  # where the backend cached what it built, if on disk
-    notes: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # what the engine reported building: counts of quantized ops, ...
+    # The precision the engine reports running, read back from it: "int8", "bf16", "fp32", or a mix such as
+    # "int8+fp32" (quantized matmuls, float attention). "" where a backend cannot say (one written before
+    # backends reported it).
+    applied: str = ""
 
     def __call__(self, *inputs):
         try:
@@ -142,6 +158,16 @@ class Compiled:
                            f"({self.precision}) failed: {type(error).__name__}: {error}")
         err.__cause__ = error
         return err
+
+
+@dataclass(frozen=True)
+class Built:
+    """What `Backend.compile_fn` returns: the callable, and what the engine says it built."""
+
+    fn: Fn
+    artifact: str = ""   # the on-disk artifact it runs, "" if none
+    applied: str = ""    # the precision the engine reports running (see `Compiled.applied`)
+    notes: dict = field(default_factory=dict)
 
 
 def _spec(x) -> str:
@@ -260,11 +286,21 @@ class Backend:
 
     # -- compiling ------------------------------------------------------------------------------------------
     def compile(self, part: Partition, member: Member, precision: str = "fp32", *,
-                objective: str = "latency", alone: bool = False) -> Compiled:
+                objective: str = "latency", alone: bool = False,
+                calibration: Calibration | None = None) -> Compiled:
         """Compile `part` for `member` in `precision`; errors name the partition, member and backend. `alone`:
         nothing else runs on the machine's cores between this partition's calls (it is the plan's only
         partition, or a peer timed on its own), so its engine may keep its workers spinning between calls, as
-        engines do by default; in a plan of several partitions the next one needs those cores at once."""
+        engines do by default; in a plan of several partitions the next one needs those cores at once.
+        `calibration`: input tuples for `part`, shaped like its example inputs, for the precisions that
+        calibrate (static int8); a backend that needs them and gets none says so. `Compiled.applied` is the
+        precision the engine reports running.
+
+            >>> c = backends.get("onnxruntime").compile(part, member, "int8", calibration=[(x,) for x in xs])
+            ... # doctest: +SKIP
+            >>> c.applied, c.notes["quantized_ops"]                 # doctest: +SKIP
+            ('int8+fp32', 12)
+        """
         if precision not in self.precisions:
             raise BackendError(f"backend {self.name} does not run {precision} (it runs "
                                f"{', '.join(self.precisions)}); partition {part.id}, member {member.id}")
@@ -274,20 +310,25 @@ class Backend:
         reason = self.member_reason(member)
         if reason:
             raise BackendError(f"backend {self.name} cannot drive member {member.id}: {reason}")
+        # passed on only when given, so that a backend written before calibration existed compiles as it did
+        extra = {} if calibration is None else {"calibration": check_calibration(part, calibration)}
         start = time.perf_counter()
         try:
-            fn, artifact = self.compile_fn(part, member, precision, objective=objective, alone=alone)
+            built = self.compile_fn(part, member, precision, objective=objective, alone=alone, **extra)
         except BackendError:
             raise
         except Exception as e:
             raise BackendError(f"partition {part.id}: backend {self.name} failed to compile it for member "
                                f"{member.id} ({precision}): {type(e).__name__}: {str(e)[:2000]}") from e
-        return Compiled(fn, part.id, self.name, member.id, precision, self.io_device(member),
-                        time.perf_counter() - start, artifact)
+        if not isinstance(built, Built):  # (fn, artifact), from a backend that does not read precision back
+            built = Built(*built)
+        return Compiled(built.fn, part.id, self.name, member.id, precision, self.io_device(member),
+                        time.perf_counter() - start, built.artifact, dict(built.notes), built.applied)
 
-    def compile_fn(self, part: Partition, member: Member, precision: str, *,
-                   objective: str = "latency", alone: bool = False) -> tuple[Fn, str]:
-        """Build the callable; return it with the path of any on-disk artifact ("" if none)."""
+    def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
+                   alone: bool = False, calibration: Calibration | None = None) -> Built | tuple[Fn, str]:
+        """Build the callable; return a `Built`: it, the path of any on-disk artifact ("" if none) and the
+        precision the engine reports running. `calibration` comes checked (`check_calibration`), or None."""
         raise NotImplementedError
 
     def threads(self, member: Member) -> int:
@@ -298,6 +339,42 @@ class Backend:
         dev = self.io_device(member)
         return [t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) and t.device.type != dev.split(":")[0]
                 else t for t in tensors]
+
+
+def write_atomically(folder: Path, name: str, save: Callable[[Path], None]) -> Path:
+    """Write artifact `name` into `folder` whole or not at all, and return its path. `save(path)` writes it into
+    a scratch folder beside, with any side files named after it (`x.onnx.data`, `x.bin` for `x.xml`) and any
+    scratch files of its own named otherwise; the side files are moved in first and `name` last, so a crash
+    never leaves a model without its weights in the cache. The scratch folder is named after the digest that
+    starts `name`, so the cache counts it to that partition until it is gone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(name).stem
+    scratch = Path(tempfile.mkdtemp(prefix=f"{name.split('.', 1)[0]}.", dir=folder))
+    try:
+        save(scratch / name)
+        ours = [f for f in scratch.iterdir() if f.is_file() and f.name.startswith(stem)]
+        for f in sorted(ours, key=lambda f: f.name == name):
+            f.replace(folder / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder / name
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    """Silence a library's progress output and chatter for a call: the named loggers (the root logger for "")
+    and stdout/stderr. Exporters and quantizers print progress bars and warn per tensor; DIOE reports what
+    matters itself."""
+    found = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in found]
+    for lg in found:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, lvl in zip(found, levels):
+            lg.setLevel(lvl)
 
 
 def host_view(x: torch.Tensor):
