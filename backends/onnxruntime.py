@@ -1,24 +1,29 @@
 """ONNX Runtime: the partition exported with torch's dynamo ONNX exporter, run by an InferenceSession with the
 member descriptor's execution providers, fed torch memory without copies: numpy views on the CPU, IO binding on
-other devices."""
+other devices.
+
+int8 is ONNX Runtime's own post-training quantization of that export, following its guidance: dynamic (int8
+weights, activations quantized per call) for a partition without convolutions, static QDQ (u8 activations, s8
+weights per channel, MinMax ranges from calibration data) for one with them. What runs in int8 is read back from
+the session's own graph after its fusions, where a QDQ pair it could not fuse leaves a float op."""
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import functools
-import io
-import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..backend import Backend, Partition, decomposes, functional_variant, host_view
+from ..backend import Backend, Built, Partition, decomposes, functional_variant, host_view, quiet, write_atomically
 from ..cache import touch
 from ..errors import BackendError
 from ..pool import Member
+from ..quantization import Calibration, applied, artifact_key, u8s8_saturates
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
        torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
@@ -28,6 +33,8 @@ class OnnxruntimeBackend(Backend):
     name = "onnxruntime"
     requires = ("onnxruntime", "onnx", "onnxscript")
     extra = "onnx"
+    # The CPU provider has no bf16 kernels (microsoft/onnxruntime issue 19937); int8 is quantized here.
+    precisions = ("fp32", "int8")
     call_overhead_us = 10.5
     color = "#8a5cc7"
     options = frozenset({"providers", "disable_cpu_ep_fallback"})
@@ -65,26 +72,61 @@ class OnnxruntimeBackend(Backend):
         if path.exists():
             touch(path)
             return path
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         with _quiet():
             program = _onnx_export(part.gm, tuple(part.example_inputs), list(part.input_names))
         # Weights go to a side file, written as raw bytes: protobuf-serialising them took 3.6 s of bert-base's
-        # 8 s export, raw 1.9 s. Both files are written in a scratch folder and the model moved in last, so a
-        # crash never leaves a model without its weights in the cache.
-        scratch = Path(tempfile.mkdtemp(prefix=f"{part.digest}.", dir=self.cache_dir))
-        try:
-            program.save(str(scratch / path.name), external_data=True)
-            for f in sorted(scratch.iterdir(), key=lambda f: f.name == path.name):
-                f.replace(self.cache_dir / f.name)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return path
+        # 8 s export, raw 1.9 s.
+        return write_atomically(self.cache_dir, path.name, lambda p: program.save(str(p), external_data=True))
+
+    def quantize(self, part: Partition, src: Path, calibration: Calibration | None) -> tuple[Path, dict]:
+        """`part`'s int8 model, quantized from its export `src` or read from the cache, and how it was built.
+        Keyed by the recipe and, for static quantization, the calibration data."""
+        import onnxruntime as ort
+
+        static = _convolves(part)
+        if static and calibration is None:
+            raise BackendError(f"partition {part.id}: int8 with ONNX Runtime quantizes a partition with "
+                               "convolutions statically (QDQ), which needs calibration data: pass "
+                               "calibration=[input tuples shaped like its example inputs]")
+        # u8 x s8 products saturate on an x86 CPU without VNNI: 7-bit weights there (ONNX Runtime's advice)
+        reduce_range = u8s8_saturates()
+        recipe = (f"onnxruntime {ort.__version__} "
+                  + ("static QDQ u8 activations s8 weights per-channel MinMax" if static
+                     else "dynamic s8 weights per-channel") + f" reduce_range={reduce_range}")
+        notes = {"recipe": recipe, "calibration_samples": len(calibration) if static else 0}
+        path = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration if static else None)}.onnx"
+        if path.exists():
+            touch(path)
+            return path, notes
+
+        def save(out: Path):
+            from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                                  quantize_static)
+
+            model = _preprocessed(part, src, out.parent / "pre.onnx")
+            with quiet("", *_LOGGERS):  # the quantizer warns per tensor it skips, on the root logger
+                if static:
+                    quantize_static(str(model), str(out), _feeds(part, model, calibration),
+                                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
+                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+                else:
+                    import onnx
+
+                    proto = onnx.load(str(model))
+                    _gemm_as_matmul(proto)
+                    quantize_dynamic(proto, str(out), weight_type=QuantType.QInt8, per_channel=True,
+                                     reduce_range=reduce_range, use_external_data_format=True)
+        return write_atomically(self.cache_dir, path.name, save), notes
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
-                   alone: bool = False):
+                   alone: bool = False, calibration: Calibration | None = None):
         import onnxruntime as ort
 
         path = self.export(part)
+        notes: dict = {}
+        if precision == "int8":
+            path, notes = self.quantize(part, path, calibration)
         providers, no_fallback = self.providers(member)
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads(member)
@@ -97,10 +139,132 @@ class OnnxruntimeBackend(Backend):
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if alone else "0")
         if no_fallback:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        sess = ort.InferenceSession(str(path), so, providers=providers)
+        if precision != "int8":
+            sess = ort.InferenceSession(str(path), so, providers=providers)
+            # ONNX Runtime lowers no float op by itself on the CPU; other providers may (TF32, TensorRT's fp16)
+            # and do not say so
+            ran = "fp32" if sess.get_providers() == ["CPUExecutionProvider"] else ""
+        else:
+            sess, ran, counts = _session_read_back(path, so, providers)
+            notes.update(counts)
+            if ran == "fp32":
+                raise BackendError(f"partition {part.id}: ONNX Runtime quantized nothing ({notes['recipe']}): its "
+                                   f"session runs {counts['float_ops']} float matmul/conv ops and no int8 one")
         run = _bound_runner(sess, part, self.io_device(member))
         run.session = sess  # for whoever needs to see what was built: its providers, its options
-        return run, str(path)
+        return Built(run, str(path), ran, notes)
+
+
+# Heavy ops in a session's graph after its fusions: quantized, and left in float.
+_INT8_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "MatMulIntegerToFloat",
+                       "DynamicQuantizeMatMul", "ConvInteger", "QAttention", "QLinearConvTranspose",
+                       "DynamicQuantizeLSTM"})
+_FLOAT_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm",
+                        "NhwcFusedConv", "Attention", "MultiHeadAttention", "LSTM", "GRU", "RNN"})
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def _session_read_back(path: Path, so, providers) -> tuple:
+    """A session for the int8 model at `path`, with what it runs: its graph after its own fusions, saved once as
+    it is built (graph only; weights to a side file) and counted. Returns (session, applied, counts)."""
+    import onnx
+    import onnxruntime as ort
+
+    scratch = Path(tempfile.mkdtemp(prefix="dioe-ort-"))
+    try:
+        so.optimized_model_filepath = str(scratch / "session.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+        ops = collections.Counter(n.op_type for n in onnx.load(str(scratch / "session.onnx"),
+                                                                   load_external_data=False).graph.node)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    int8 = {k: v for k, v in ops.items() if k in _INT8_OPS}
+    counts = {"quantized_ops": sum(int8.values()), "float_ops": sum(v for k, v in ops.items() if k in _FLOAT_OPS),
+              "qdq_ops": sum(v for k, v in ops.items() if k in _QDQ_OPS), "quantized_op_types": int8}
+    return sess, applied("int8", "fp32", lowered=counts["quantized_ops"], kept=counts["float_ops"]), counts
+
+
+def _convolves(part: Partition) -> bool:
+    return part.calls("convolution", "conv1d", "conv2d", "conv3d", "conv_transpose")
+
+
+def _preprocessed(part: Partition, src: Path, out: Path) -> Path:
+    """`src` after ONNX Runtime's quantization pre-processing (shape inference, then its basic graph
+    optimizations), which its quantizer asks for; `src` itself, loudly, where that fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with quiet("", *_LOGGERS):
+            quant_pre_process(str(src), str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                              external_data_location=f"{out.name}.data")
+        return out
+    except Exception as e:
+        warnings.warn(f"dioe: ONNX Runtime's quantization pre-processing failed on partition {part.id} "
+                      f"({type(e).__name__}: {str(e)[:200]}); quantizing its export as it is, where some ops may "
+                      "stay float", RuntimeWarning)
+        return src
+
+
+def _feeds(part: Partition, model: Path, calibration: Calibration):
+    """ONNX Runtime's calibration reader over `calibration`, fed by input name."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    order = part.input_order([i.name for i in graph.input if i.name not in weights])
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(calibration)
+
+        def get_next(self):
+            sample = next(self.samples, None)
+            return None if sample is None else {name: host_view(sample[i]) for name, i in order}
+
+        def __len__(self):
+            return len(calibration)
+    return Feeds()
+
+
+def _gemm_as_matmul(model) -> int:
+    """Rewrite each Gemm with constant weights (a linear layer on 2-D input) as MatMul then Add, in place, and
+    return how many. ONNX Runtime's dynamic quantizer has no entry for Gemm (its IntegerOps cover MatMul, Conv,
+    Attention, Gather, ...): tiny-mlp's five linear layers, all Gemm, stayed fp32. Done after pre-processing,
+    whose basic optimizations fuse MatMul + Add on 2-D input back into Gemm."""
+    from onnx import helper, numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in weights or a.get("transA", 0)
+                or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        b = node.input[1]
+        if a.get("transB", 0):
+            t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weights[b]).T), f"{b}.T")
+            if t.name not in weights:
+                model.graph.initializer.append(t)
+                weights[t.name] = t
+            b = t.name
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}.matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], b], [product], name=f"{node.name}.matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}.bias"))
+        rewritten += 1
+    if rewritten:
+        used = {i for n in nodes for i in n.input}
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        kept = [w for w in model.graph.initializer if w.name in used or w.name in {o.name for o in model.graph.output}]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return rewritten
 
 
 def _bound_runner(sess, part: Partition, device: str):
@@ -258,17 +422,10 @@ def _light_passes():
         return None
 
 
-@contextlib.contextmanager
+_LOGGERS = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir",
+            "onnxscript.optimizer")
+
+
 def _quiet():
     """The exporter prints progress and warns about torchvision ops; DIOE reports what matters itself."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                              "onnxscript", "onnx_ir", "onnxscript.optimizer")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
+    return quiet(*_LOGGERS)
