@@ -181,8 +181,10 @@ def _session_read_back(path: Path, so, providers) -> tuple:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     int8 = {k: v for k, v in ops.items() if k in _INT8_OPS}
-    counts = {"quantized_ops": sum(int8.values()), "float_ops": sum(v for k, v in ops.items() if k in _FLOAT_OPS),
-              "qdq_ops": sum(v for k, v in ops.items() if k in _QDQ_OPS), "quantized_op_types": int8}
+    kept = {k: v for k, v in ops.items() if k in _FLOAT_OPS}
+    counts = {"quantized_ops": sum(int8.values()), "float_ops": sum(kept.values()),
+              "qdq_ops": sum(v for k, v in ops.items() if k in _QDQ_OPS), "quantized_op_types": int8,
+              "float_op_types": kept}
     return sess, applied("int8", "fp32", lowered=counts["quantized_ops"], kept=counts["float_ops"]), counts
 
 
