@@ -11,22 +11,34 @@ OpenVINO's own ScaledDotProductAttention, one fused kernel, where the ONNX expor
 Softmax, a NaN guard for fully masked rows, Select), which OpenVINO does not fuse back. Side by side on the
 whole graph: tiny-bert at batch 8 0.433 against 0.480 ms, minilm 63.9 against 67.3 ms at batch 8 and 9.67
 against 9.85 ms at batch 1; bert-base and vit-base at batch 1 tied (69.0 against 68.8 ms, 99.6 against 99.7).
-Converting bert-base that way took 4.9 s against 2.4."""
+Converting bert-base that way took 4.9 s against 2.4.
+
+bf16 and fp16 are OpenVINO's inference-precision hint; a hint, so the precision is read back from the compiled
+model, and a CPU without bf16 (an AVX2 one: OpenVINO neither refuses nor emulates there, it runs f32 and reports
+f32) is an error, not a silent fp32 run. int8 is NNCF post-training quantization of the converted model,
+calibrated on the caller's inputs; what runs in int8 is read back from the compiled model's runtime graph."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import warnings
 
 import torch
 
-from ..backend import Backend, Partition, decomposes, host_view
+from ..backend import Backend, Built, Partition, decomposes, host_view, quiet, write_atomically
 from ..cache import touch
+from ..errors import BackendError
 from ..pool import Member
+from ..quantization import Calibration, applied, artifact_key, u8s8_saturates
 from ..settings import openvino_telemetry
 
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_PRECISION = {v: k for k, v in _HINT.items()}
+# Runtime layers that do the heavy work, by the CPU plugin's names: their runtime precision is what "int8" means.
+_HEAVY = frozenset({"FullyConnected", "Convolution", "GroupConvolution", "Deconvolution", "MatMul",
+                    "ScaledDotProductAttention", "ScaledDotProductAttentionWithKVCache", "RNNSeq", "RNNCell"})
 _CONVERTING = threading.Lock()
 # the modules of OpenVINO's converter that reach its telemetry package, each through its global `tm`
 _TELEMETRY_USERS = ("convert_impl", "telemetry_utils", "utils")
@@ -67,7 +79,7 @@ class OpenvinoBackend(Backend):
     name = "openvino"
     requires = ("openvino",)
     extra = "openvino"
-    precisions = ("fp32", "bf16", "fp16")
+    precisions = ("fp32", "bf16", "fp16", "int8")
     call_overhead_us = 75.0
     color = "#2e9d6b"
     options = frozenset({"device", "config"})
@@ -149,15 +161,66 @@ class OpenvinoBackend(Backend):
             warnings.warn(f"dioe: OpenVINO's PyTorch frontend could not convert partition {part.id} "
                           f"({type(failed[0]).__name__}: {str(failed[0])[:200]}); converted from its ONNX file, "
                           f"where attention runs op by op", RuntimeWarning)
-        xml = self.cache_dir / f"{part.digest}.{frontend}.xml"
-        ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32
+        xml = write_atomically(self.cache_dir, f"{part.digest}.{frontend}.xml",
+                               lambda p: ov.save_model(model, str(p), compress_to_fp16=False))  # fp32 stays fp32
         return model, str(xml)
 
+    def quantize(self, part: Partition, member: Member, calibration: Calibration | None):
+        """`part`'s converted model quantized to int8 by NNCF, or read from the cache, with its IR's path and
+        how it was built. Keyed by the recipe and the calibration data."""
+        if calibration is None:
+            raise BackendError(f"partition {part.id}: int8 with OpenVINO is NNCF post-training quantization, "
+                               "which needs calibration data: pass calibration=[input tuples shaped like its "
+                               "example inputs]")
+        import nncf
+        import openvino as ov
+        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                           AdvancedSmoothQuantParameters, OverflowFix)
+
+        device = self.ov_device(member).split(".")[0]
+        target = getattr(nncf.TargetDevice, device, nncf.TargetDevice.ANY)
+        # SmoothQuant and symmetric activation x activation matmuls: NNCF's settings for transformers
+        transformer = has_attention(part) or (part.calls("softmax") and part.calls("matmul", "bmm"))
+        model_type = nncf.ModelType.TRANSFORMER if transformer else None
+        advanced = {}
+        if device == "CPU" and u8s8_saturates():
+            # NNCF's default fixes saturation on the first layer only; a CPU without VNNI needs it on every
+            # one. It quantizes weights to 7 bits, and SmoothQuant (which moves activation outliers into the
+            # weights) then costs more than it saves: without it, tiny-bert's worst pooler cosine over 16
+            # inputs rose from 0.976 to 0.999, minilm's on padded sentences from 0.62 to 0.85 (and moved
+            # 0.981 -> 0.977 on unpadded random tokens).
+            advanced["overflow_fix"] = OverflowFix.ENABLE
+            if transformer:
+                advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=-1)
+        recipe = (f"nncf {nncf.__version__} model_type={model_type.value if model_type else 'default'} "
+                  f"target={target.value} overflow_fix={'enable' if advanced else 'default'} "
+                  f"smooth_quant={'off' if 'smooth_quant_alphas' in advanced else 'default'}")
+        notes = {"recipe": recipe, "calibration_samples": len(calibration)}
+        xml = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.xml"
+        if xml.exists():
+            touch(xml)
+            return self.core.read_model(str(xml)), str(xml), notes
+        model, _ = self.convert(part)
+        order = [i for _, i in part.input_order([p.get_any_name() for p in model.inputs], renamed=True)]
+        dataset = nncf.Dataset(calibration, lambda sample: [host_view(sample[i]) for i in order])
+        with quiet("nncf"):  # progress bars and per-step log lines
+            quantized = nncf.quantize(model, dataset, model_type=model_type, target_device=target,
+                                      subset_size=len(calibration),
+                                      advanced_parameters=AdvancedQuantizationParameters(**advanced))
+        write_atomically(self.cache_dir, xml.name,
+                         lambda p: ov.save_model(quantized, str(p), compress_to_fp16=False))
+        return quantized, str(xml), notes
+
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
-                   alone: bool = False):
-        model, xml = self.convert(part)
+                   alone: bool = False, calibration: Calibration | None = None):
+        notes: dict = {}
+        if precision == "int8":
+            model, xml, notes = self.quantize(part, member, calibration)
+        else:
+            model, xml = self.convert(part)
         device = self.ov_device(member)
-        config = {"INFERENCE_PRECISION_HINT": _HINT[precision],
+        # int8: the ops NNCF left in float (softmax, normalization, attention) run in f32, the accurate choice
+        config = {"INFERENCE_PRECISION_HINT": _HINT["fp32" if precision == "int8" else precision],
                   "PERFORMANCE_HINT": "THROUGHPUT" if objective == "throughput" else "LATENCY"}
         if device.startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = self.threads(member)
@@ -165,6 +228,19 @@ class OpenvinoBackend(Backend):
         if spec:
             config.update({k: v for k, v in spec.options.config.items()})
         compiled = self.core.compile_model(model, device, config)
+        ran = _float_precision(compiled)
+        if precision in ("bf16", "fp16") and ran != precision:
+            caps = self.core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+            raise BackendError(f"partition {part.id}: OpenVINO on {device} was asked for {precision} and runs "
+                               f"{ran} (its inference precision read back; {device} lists "
+                               f"{', '.join(map(str, caps))}): this device has no {precision} support")
+        if precision == "int8":
+            notes.update(_int8_counts(compiled, model))
+            ran = applied("int8", ran, lowered=notes["quantized_ops"], kept=notes["float_ops"])
+            if not notes["quantized_ops"]:
+                raise BackendError(f"partition {part.id}: NNCF quantized nothing that OpenVINO runs in int8 on "
+                                   f"{device} ({notes['recipe']}; {notes['fake_quantize']} FakeQuantize ops in "
+                                   f"the model, {notes['float_ops']} float matmul/conv layers run)")
         order = [i for _, i in part.input_order([p.get_any_name() for p in compiled.inputs], renamed=True)]
         local = threading.local()  # an infer request per calling thread, reused across calls
 
@@ -174,10 +250,38 @@ class OpenvinoBackend(Backend):
                 req = local.req = compiled.create_infer_request()
             res = req.infer([host_view(xs[i]) for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
-        return run, xml
+        return Built(run, xml, ran, notes)
+
+
+def _float_precision(compiled) -> str:
+    """The precision a compiled model runs its float ops in, as the plugin reports it ("fp32", "bf16", "fp16")."""
+    got = compiled.get_property("INFERENCE_PRECISION_HINT")
+    name = got.to_string() if hasattr(got, "to_string") else str(got)
+    return _PRECISION.get(name, name)
+
+
+def _int8_counts(compiled, model) -> dict:
+    """How many heavy layers the compiled model runs in int8 and how many in float, from its runtime graph (each
+    layer's runtime precision), with the types of the int8 ones and the FakeQuantize ops NNCF put in `model`.
+    Where a device's runtime graph does not say, the FakeQuantize ops stand for what is quantized."""
+    int8, kept, said = collections.Counter(), collections.Counter(), False
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "layerType" not in info or "runtimePrecision" not in info:
+            continue
+        said = True
+        layer = info["layerType"].astype(str)
+        if layer in _HEAVY:
+            (int8 if info["runtimePrecision"].astype(str) in ("i8", "u8") else kept)[layer] += 1
+    fq = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    counts = {"quantized_ops": sum(int8.values()), "float_ops": sum(kept.values()), "quantized_op_types": dict(int8),
+              "float_op_types": dict(kept), "fake_quantize": fq}
+    if not said:
+        counts.update(quantized_ops=fq, read_from="the model's FakeQuantize ops: the runtime graph has no precisions")
+    return counts
 
 
 def has_attention(part: Partition) -> bool:
     """Whether the partition calls one of aten's scaled-dot-product attention ops (the math one, or a fused
     kernel's op, as torch.export leaves them): the PyTorch frontend converts it to one fused op."""
-    return any(n.op == "call_function" and "scaled_dot_product" in str(n.target) for n in part.gm.graph.nodes)
+    return part.calls("scaled_dot_product")
