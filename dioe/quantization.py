@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .errors import BackendError
+from .calibration import _check, fingerprint
+from .errors import BackendError, InputSpecError
 from .pool import CpuInfo
 
 if TYPE_CHECKING:
@@ -28,49 +29,34 @@ Calibration = Sequence[tuple]
 
 
 def check_calibration(part: Partition, calibration: Calibration) -> tuple[tuple, ...]:
-    """`calibration` as a tuple of input tuples, each checked against the partition's example inputs: an
-    engine's calibration fails far from the cause (a shape error inside an observer) on a sample that does not
-    fit, and the static-shape artifacts it builds fit only these shapes."""
-    samples = tuple(tuple(s) for s in calibration)
+    """`calibration` as a tuple of input tuples, each checked against the partition's example inputs as
+    `dioe.calibration` checks a model's (count, shapes, dtypes, constants), and on the CPU: an engine's
+    calibration fails far from the cause (a shape error inside an observer) on a sample that does not fit, and
+    the static-shape artifacts it builds fit only these shapes."""
+    samples = []
+    for i, item in enumerate(calibration):
+        try:
+            item = _check(i, item, tuple(part.example_inputs))
+        except InputSpecError as e:
+            raise BackendError(f"partition {part.id}: {e}") from None
+        off = [j for j, x in enumerate(item) if isinstance(x, torch.Tensor) and x.device.type != "cpu"]
+        if off:
+            raise BackendError(f"partition {part.id}: calibration item {i}, input {off[0]} is on "
+                               f"{item[off[0]].device}; calibration data lives on the CPU")
+        samples.append(item)
     if not samples:
         raise BackendError(f"partition {part.id}: calibration is empty; pass at least one input tuple")
-    want = part.example_inputs
-    for k, sample in enumerate(samples):
-        if len(sample) != len(want):
-            raise BackendError(f"partition {part.id}: calibration sample {k} has {len(sample)} inputs, the "
-                               f"partition takes {len(want)}")
-        for i, (x, e) in enumerate(zip(sample, want)):
-            if not isinstance(e, torch.Tensor):
-                ok = not isinstance(x, torch.Tensor) and x == e
-            else:
-                ok = (isinstance(x, torch.Tensor) and x.shape == e.shape and x.dtype == e.dtype
-                      and x.device.type == "cpu")
-            if not ok:
-                raise BackendError(f"partition {part.id}: calibration sample {k}, input {i} is {_describe(x)}; "
-                                   f"expected {_describe(e)} on the CPU, like the partition's example input")
-    return samples
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype}{list(x.shape)} on {x.device.type}"
-    return repr(x)
+    return tuple(samples)
 
 
 def artifact_key(precision: str, recipe: str, calibration: Calibration | None = None) -> str:
     """The part of an artifact's file name after the partition digest: the precision, then a hash of how it was
-    built (`recipe`: the library, its settings) and of the calibration data, so that an int8 model is never
-    reused for another calibration set or recipe (one built without the saturation fix must not be read on a
-    CPU that needs it), nor confused with the fp32 export of the same digest."""
+    built (`recipe`: the library, its settings) and of the calibration data (`dioe.calibration.fingerprint`), so
+    that an int8 model is never reused for another calibration set or recipe (one built without the saturation
+    fix must not be read on a CPU that needs it), nor confused with the fp32 export of the same digest."""
     h = hashlib.blake2b(recipe.encode(), digest_size=8)
-    for sample in calibration or ():
-        for x in sample:
-            if isinstance(x, torch.Tensor):
-                h.update(f"{tuple(x.shape)}:{x.dtype};".encode())
-                h.update(x.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel()
-                         else b"")
-            else:
-                h.update(f"{x!r};".encode())
+    if calibration is not None:
+        h.update(fingerprint(list(calibration)).encode())
     return f"{precision}.{h.hexdigest()}"
 
 

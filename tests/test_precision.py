@@ -138,7 +138,8 @@ def test_int8_that_needs_calibration_says_so(member):
         mlp = _partition("tiny-mlp")[2]
         assert backends.get("onnxruntime").compile(mlp, member, "int8").applied == "int8"
     x = conv.example_inputs[0]
-    with pytest.raises(BackendError, match=r"calibration sample 1, input 0 is torch.float32\[1, 3, 32, 32\]"):
+    with pytest.raises(BackendError, match=r"partition conv: calibration item 1: input 0 is float32\[1, 3, 32, 32\]; "
+                                           r"expected float32\[2, 3, 32, 32\]"):
         backends.get(AVAILABLE[0]).compile(conv, member, "int8", calibration=[(x,), (x[:1],)])
 
 
