@@ -23,7 +23,7 @@ from ..backend import Backend, Built, Partition, decomposes, functional_variant,
 from ..cache import touch
 from ..errors import BackendError
 from ..pool import Member
-from ..quantization import Calibration, applied, artifact_key, u8s8_saturates
+from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
        torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
@@ -93,11 +93,14 @@ class OnnxruntimeBackend(Backend):
         recipe = (f"onnxruntime {ort.__version__} "
                   + ("static QDQ u8 activations s8 weights per-channel MinMax" if static
                      else "dynamic s8 weights per-channel") + f" reduce_range={reduce_range}")
-        notes = {"recipe": recipe, "calibration_samples": len(calibration) if static else 0}
+        keyed = isinstance(calibration, CalibrationKey)
+        notes = {"recipe": recipe, "calibration_samples": len(calibration) if static and not keyed else 0}
         path = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration if static else None)}.onnx"
         if path.exists():
             touch(path)
             return path, notes
+        if static and keyed:
+            raise missing(part, calibration, "ONNX Runtime")
 
         def save(out: Path):
             from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,

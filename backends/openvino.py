@@ -31,7 +31,7 @@ from ..backend import Backend, Built, Partition, decomposes, host_view, quiet, w
 from ..cache import touch
 from ..errors import BackendError
 from ..pool import Member
-from ..quantization import Calibration, applied, artifact_key, u8s8_saturates
+from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
 from ..settings import openvino_telemetry
 
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -195,11 +195,14 @@ class OpenvinoBackend(Backend):
         recipe = (f"nncf {nncf.__version__} model_type={model_type.value if model_type else 'default'} "
                   f"target={target.value} overflow_fix={'enable' if advanced else 'default'} "
                   f"smooth_quant={'off' if 'smooth_quant_alphas' in advanced else 'default'}")
-        notes = {"recipe": recipe, "calibration_samples": len(calibration)}
+        keyed = isinstance(calibration, CalibrationKey)
+        notes = {"recipe": recipe, "calibration_samples": 0 if keyed else len(calibration)}
         xml = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.xml"
         if xml.exists():
             touch(xml)
             return self.core.read_model(str(xml)), str(xml), notes
+        if keyed:
+            raise missing(part, calibration, "OpenVINO")
         model, _ = self.convert(part)
         order = [i for _, i in part.input_order([p.get_any_name() for p in model.inputs], renamed=True)]
         dataset = nncf.Dataset(calibration, lambda sample: [host_view(sample[i]) for i in order])

@@ -9,39 +9,71 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
+from typing import Sequence
 
 import torch
 
 from . import backends as registry
 from .backend import Compiled
+from .calibration import fingerprint
 from .capture import CapturedGraph
 from .errors import BackendError, DIOEError
 from .optimized import Optimized
 from .plan import Plan
+from .quantization import CalibrationKey
 from .pool import ResourcePool
 from .runtime import Runtime
 from .settings import Settings
-from .split import split_graph
+from .split import example_values, split_graph
 
 
 def build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: Settings | None = None,
-          objective: str | None = None) -> Optimized:
+          objective: str | None = None, calibration: Sequence[Sequence] | None = None) -> Optimized:
     """Compile every partition of `plan` with its backend for its member. A partition whose backend fails to
-    compile it runs on torch at the reference member, with a warning."""
+    compile it runs on torch at the reference member, with a warning.
+
+    `calibration`: the graph's flat inputs to calibrate lower-precision partitions on; each such partition is
+    calibrated on its own inputs as the fp32 graph computes them, and the plan keeps their fingerprint. Without
+    it, a partition the plan says was calibrated reuses the artifact that fingerprint keys (a saved plan loads
+    without calibrating again)."""
     settings = settings or Settings()
     where = {n: p.id for p in plan.partitions for n in p.nodes}
     program = split_graph(captured.gm, lambda n: where[n.name], captured.example_inputs)
     compiled: dict[str, Compiled] = {}
     alone = len(plan.partitions) == 1
+    low = [p for p in plan.partitions if p.precision != "fp32"]
+    data = _partition_inputs(captured, program, [p.id for p in low], calibration) if calibration and low else {}
+    keys: dict[str, str] = {}
     for p in plan.partitions:
         part = program.partition(p.id)
+        calib = data.get(p.id) or (CalibrationKey(p.calibration) if p.calibration else None)
         try:
             compiled[p.id] = registry.get(p.backend, settings.cache_dir).compile(
-                part, pool[p.member], p.precision, objective=objective or plan.objective, alone=alone)
+                part, pool[p.member], p.precision, objective=objective or plan.objective, alone=alone,
+                calibration=calib)
+            if p.id in data:
+                keys[p.id] = fingerprint(data[p.id])
         except BackendError as e:
             warnings.warn(f"dioe: {e}. Partition {p.id} runs on torch@{pool.reference.id} instead.", RuntimeWarning)
             compiled[p.id] = registry.get("torch", settings.cache_dir).compile(part, pool.reference, "fp32")
+    if keys:
+        plan = replace(plan, partitions=tuple(replace(p, calibration=keys.get(p.id, p.calibration))
+                                              for p in plan.partitions))
     return Optimized(captured, plan, program, Runtime(program, compiled, pool, cache_dir=settings.cache_dir))
+
+
+def _partition_inputs(captured: CapturedGraph, program, pids: Sequence[str],
+                      calibration: Sequence[Sequence]) -> dict[str, list[tuple]]:
+    """For each partition in `pids`, its inputs for every calibration item, as the fp32 graph computes them."""
+    steps = {st.partition: st for st in program.steps if st.partition in pids}
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    wanted = {nodes[v] for st in steps.values() for v in st.inputs}
+    out: dict[str, list[tuple]] = {pid: [] for pid in steps}
+    for item in calibration:
+        values = example_values(captured.gm, list(item), wanted)
+        for pid, st in steps.items():
+            out[pid].append(tuple(values[nodes[v]] for v in st.inputs))
+    return out
 
 
 def verify(opt: Optimized, *, settings: Settings | None = None) -> Optimized:

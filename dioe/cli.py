@@ -106,6 +106,7 @@ def cmd_optimize(args) -> int:
 
     from . import zoo
     from .pipeline import optimize
+    from .settings import Settings
 
     name = args.model
     if name is None:
@@ -117,10 +118,20 @@ def cmd_optimize(args) -> int:
 
     from .tracing import trace
 
+    from .accuracy import Budget
+
+    budget = Budget.parse(args.accuracy) if args.accuracy else None
+    # a zoo model brings realistic calibration inputs where it has them; anything else is calibrated on generated
+    # inputs, which optimize says in a warning
+    calibration = None
+    if args.precision != "fp32" and name in zoo.names():
+        n = Settings().calibration_samples + (budget or Budget(cosine=0.999)).holdout_inputs(1)
+        calibration = zoo.calibration(name, n=n, size="small" if args.small else "full")
     with trace(args.trace) if args.trace else nullcontext() as tr:
         start = time.perf_counter()
         opt = optimize(model, inputs, hardware=pool_arg, backends=args.backends, objective=args.objective,
-                       progress=not args.quiet, name=name)
+                       progress=not args.quiet, name=name, precision=args.precision, accuracy=budget,
+                       calibration=calibration)
         took = time.perf_counter() - start
         if args.trace:
             with tr.record_ops() if args.trace_ops else nullcontext():
@@ -131,8 +142,13 @@ def cmd_optimize(args) -> int:
               f"(dioe trace summary|report|view {args.trace})")
     print(opt.plan.summary())
     p = opt.plan
-    print(f"\noptimize took {took:.1f} s. latency, batch 1, medians side by side: "
-          f"torch eager {show_ms(p.eager_ms)} ms, DIOE {show_ms(p.measured_ms)} ms ({p.eager_ms / p.measured_ms:.2f}x)")
+    precisions = "/".join(dict.fromkeys(part.precision for part in p.partitions))
+    print(f"\noptimize took {took:.1f} s. latency, batch 1, medians side by side: torch eager fp32 "
+          f"{show_ms(p.eager_ms)} ms, DIOE {precisions} {show_ms(p.measured_ms)} ms ({p.eager_ms / p.measured_ms:.2f}x)")
+    if p.accuracy is not None:
+        from .accuracy import AccuracyReport
+
+        print(f"accuracy against fp32 eager on held-out inputs: {AccuracyReport.from_dict(p.accuracy).summary()}")
     out = Path(args.out)
     path = opt.save(out)
     print(f"plan saved to {path}  (show it again: dioe plan show {path})")
@@ -209,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--hardware", nargs="+", help="'auto' (default), descriptor names/paths, or a pool file")
     o.add_argument("--backends", nargs="+", help="restrict the backends (default: torch onnxruntime openvino)")
     o.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    o.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
+                   help="auto (default): the fastest precision that meets the accuracy budget; fp32: fp32 only; "
+                        "bf16, fp16, int8: search down to that precision")
+    o.add_argument("--accuracy", metavar="BUDGET",
+                   help="accuracy budget, e.g. 'cosine>=0.999' or 'top1>=0.95,cosine>=0.999' (default: chosen "
+                        "from the model's output)")
     o.add_argument("--out", default="dioe-out", help="folder (or .json file) for the plan")
     o.add_argument("--small", action="store_true", help="the zoo model's small variant")
     o.add_argument("--quiet", action="store_true", help="no progress bar")

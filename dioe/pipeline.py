@@ -21,8 +21,10 @@ from . import backends as registry
 from . import build as building
 from . import cache as _cache
 from . import partition
+from . import precision as precisions
 from . import race as racing
 from . import tracing as _trace
+from .accuracy import Budget
 from .capture import CapturedGraph, TensorSpec, capture
 from .errors import DIOEError
 from .optimized import Optimized
@@ -38,11 +40,20 @@ from .split import split_graph
 def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Mapping | None = None,
              hardware: Any = "auto", backends: Sequence[str] | None = None, objective: str = "latency",
              cache_dir: str | Path | None = None, verify: bool = True, tolerance: float | None = None,
-             progress: bool = False, name: str | None = None, settings: Settings | None = None) -> Optimized:
-    """Optimize `model` for this machine's pool; see the module docstring. `settings` holds every knob (the
-    environment's cache folder and cap by default); `cache_dir` and `tolerance`, when given, override its own."""
+             progress: bool = False, name: str | None = None, precision: str = "auto",
+             accuracy: Budget | None = None, calibration: Any = None, settings: Settings | None = None) -> Optimized:
+    """Optimize `model` for this machine's pool; see the module docstring.
+
+    `precision`: "auto" tries every precision the member and engine run below fp32, under the `accuracy` budget
+    (a `dioe.Budget`; by default one picked from the model's output and documented on `Budget.default_for`);
+    "fp32" keeps every partition fp32; "bf16", "fp16" or "int8" cap the search there. `calibration`: input tuples
+    (or a callable returning them) to calibrate int8 on and to judge accuracy with, held apart; without it, DIOE
+    generates inputs like the example's and says so. `settings` holds every knob (the environment's cache folder
+    and cap by default); `cache_dir` and `tolerance`, when given, override its own."""
     if objective not in ("latency", "throughput"):
         raise DIOEError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    precisions.check_precision(precision)
+    precisions.check_budget(accuracy)
     settings = _settings(settings, cache_dir=cache_dir, tolerance=tolerance)  # a bad $DIOE_CACHE_MAX fails here
     pool = _pool(hardware)
     backends = check_backends(backends, settings)
@@ -85,7 +96,11 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     # 8. never lose to a single backend it profiled: race the plan, eager and the best whole-graph choices
     with stage("race whole-graph rivals"):
         opt = racing.race(opt, job, verdict)
-    # 9. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
+    # 9. below fp32: each engine's lower precisions that meet the accuracy budget, raced against the winner so far
+    if precision != "fp32":
+        with stage("precision", precision=precision):
+            opt = precisions.choose(opt, job, precision=precision, budget=accuracy, calibration=calibration)
+    # 10. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
     _cache.trim(settings.cache_dir, max_bytes=settings.cache_max_bytes,
                 keep=[c.artifact for c in opt.runtime.compiled.values()])
     return opt

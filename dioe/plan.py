@@ -70,6 +70,8 @@ class PlanPartition:
     measured_ms: float | None = None
     runner_up: Choice | None = None
     reason: str = ""
+    # fingerprint of the inputs its engine was calibrated on (int8): a reload finds the artifact by it
+    calibration: str | None = None
 
     @property
     def choice(self) -> Choice:
@@ -92,7 +94,6 @@ class Plan:
     version: int = PLAN_VERSION
     # AccuracyReport dict of the plan against fp32 eager on held-out samples; None where nothing was judged (fp32)
     accuracy: Mapping[str, Any] | None = None
-    calibration: str | None = None   # fingerprint of the data its int8 partitions were calibrated on
 
     # -- JSON -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -28,11 +28,13 @@ if TYPE_CHECKING:
 Calibration = Sequence[tuple]
 
 
-def check_calibration(part: Partition, calibration: Calibration) -> tuple[tuple, ...]:
+def check_calibration(part: Partition, calibration: Calibration | CalibrationKey) -> tuple[tuple, ...] | CalibrationKey:
     """`calibration` as a tuple of input tuples, each checked against the partition's example inputs as
     `dioe.calibration` checks a model's (count, shapes, dtypes, constants), and on the CPU: an engine's
     calibration fails far from the cause (a shape error inside an observer) on a sample that does not fit, and
     the static-shape artifacts it builds fit only these shapes."""
+    if isinstance(calibration, CalibrationKey):
+        return calibration
     samples = []
     for i, item in enumerate(calibration):
         try:
@@ -49,15 +51,27 @@ def check_calibration(part: Partition, calibration: Calibration) -> tuple[tuple,
     return tuple(samples)
 
 
-def artifact_key(precision: str, recipe: str, calibration: Calibration | None = None) -> str:
+def artifact_key(precision: str, recipe: str, calibration: Calibration | CalibrationKey | None = None) -> str:
     """The part of an artifact's file name after the partition digest: the precision, then a hash of how it was
-    built (`recipe`: the library, its settings) and of the calibration data (`dioe.calibration.fingerprint`), so
-    that an int8 model is never reused for another calibration set or recipe (one built without the saturation
-    fix must not be read on a CPU that needs it), nor confused with the fp32 export of the same digest."""
+    built (`recipe`: the library, its settings) and of the calibration data (`dioe.calibration.fingerprint`, or
+    that fingerprint itself as a `CalibrationKey`), so that an int8 model is never reused for another calibration
+    set or recipe (one built without the saturation fix must not be read on a CPU that needs it), nor confused
+    with the fp32 export of the same digest."""
     h = hashlib.blake2b(recipe.encode(), digest_size=8)
     if calibration is not None:
-        h.update(fingerprint(list(calibration)).encode())
+        h.update((calibration if isinstance(calibration, CalibrationKey) else fingerprint(list(calibration))).encode())
     return f"{precision}.{h.hexdigest()}"
+
+
+class CalibrationKey(str):
+    """The fingerprint of calibration data a plan was built on, standing in for the data when a saved plan is
+    loaded: an engine reuses the artifact it keys and, finding none, says so rather than calibrating anew."""
+
+
+def missing(part: Partition, key: CalibrationKey, engine: str) -> BackendError:
+    """The error for a plan's int8 artifact that is no longer in the cache."""
+    return BackendError(f"partition {part.id}: the {engine} int8 model this plan was calibrated for "
+                        f"(calibration {key}) is not in the cache; optimize again, or load with calibration data")
 
 
 @functools.cache

@@ -90,7 +90,7 @@ def split_graph(gm: fx.GraphModule, label: Callable[[fx.Node], str] | Mapping[st
                 if a not in inside and a.op != "get_attr" and a not in inputs:
                     inputs.append(a)
         cuts[pid] = inputs
-    values = _example_values(gm, example_inputs, {a for ins in cuts.values() for a in ins}) \
+    values = example_values(gm, example_inputs, {a for ins in cuts.values() for a in ins}) \
         if example_inputs is not None else None
 
     partitions, steps = [], []
@@ -155,7 +155,7 @@ def _topo_partitions(order: list[str], members: Mapping[str, list[fx.Node]],
     return done
 
 
-def _example_values(gm: fx.GraphModule, example_inputs: Sequence, wanted: set) -> dict[fx.Node, object]:
+def example_values(gm: fx.GraphModule, example_inputs: Sequence, wanted: set) -> dict[fx.Node, object]:
     """The values of the `wanted` nodes for real inputs: the graph's own inputs where those are all it needs (a
     plan of one partition, the usual case), else one run of the graph keeping only those values."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -1,0 +1,181 @@
+"""Precision policies: after the fp32 race, try the whole graph at the lower precisions each engine really runs on
+its member (int8 through NNCF or ONNX Runtime's quantizer, bf16 through an engine's own hint or torch's autocast),
+keep those that meet the accuracy budget on held-out samples, and race them against the fp32 winner.
+
+    >>> opt = dioe.optimize(model, inputs, precision="auto", accuracy=dioe.Budget(cosine=0.999))  # doctest: +SKIP
+    >>> opt.plan.partitions[0].precision, opt.plan.accuracy["met"]                               # doctest: +SKIP
+    ('int8', True)
+
+Every candidate is judged against fp32 eager on samples held apart from those it was calibrated on; the plan keeps
+the report (each metric's estimate, its confidence bound and the worst sample), and says why a lower precision was
+not kept where it was not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+
+from . import backends as registry
+from . import build as building
+from . import partition
+from . import timing
+from . import tracing as _trace
+from .accuracy import AccuracyReport, Budget, evaluate
+from .calibration import Samples, split
+from .errors import DIOEError
+from .optimized import Optimized
+from .plan import Choice
+from .planner import Job, whole_graph_plan
+from .text import round_ms, show_ms
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# What each `precision=` lets the search try below fp32: "auto" anything the member and engine run; a precision
+# caps the search there (int8 still allows the 16-bit floats, which lose less).
+_BELOW_FP32 = {"auto": ("int8", "bf16", "fp16"), "int8": ("int8", "bf16", "fp16"), "bf16": ("bf16",),
+               "fp16": ("fp16",), "fp32": ()}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise DIOEError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def check_budget(accuracy: Any) -> Budget | None:
+    if accuracy is None or isinstance(accuracy, Budget):
+        return accuracy
+    raise DIOEError(f"accuracy must be a dioe.Budget (e.g. dioe.Budget(cosine=0.999)) or None; got "
+                    f"{type(accuracy).__name__}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One lower-precision contender: what it is, and how it fared on the held-out samples."""
+
+    option: Choice
+    report: AccuracyReport | None      # None: it could not be built
+    why: str = ""                      # why it is out, if it is
+
+
+def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, calibration: Any) -> Optimized:
+    """The faster of `opt` (the fp32 winner) and every whole-graph lower-precision choice that meets the budget,
+    raced side by side; `opt` unchanged when `precision` is "fp32" or nothing below fp32 is legal."""
+    options = _candidates(job, precision)
+    if not options:
+        return opt
+    s, captured = job.settings, job.captured
+    budget = budget or Budget.default_for(captured.unflatten_outputs(captured.reference_outputs()))
+    batch = next((x.shape[0] for x in captured.example_inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
+    with _trace.stage("precision: samples"):
+        samples = split(calibration, captured.example_inputs, n_calibrate=s.calibration_samples,
+                        n_holdout=budget.holdout_inputs(batch))
+        holdout = [list(x) for x in samples.holdout]
+        with torch.inference_mode():
+            reference = [tuple(captured.gm(*x)) for x in holdout]
+    notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
+             f"({samples.source} inputs) against fp32 eager; calibrated on {len(samples.calibrate)} others"]
+    fp32_report = evaluate(budget, reference, _outputs(opt, holdout))
+    built: dict[str, Optimized] = {}
+    tried: list[Candidate] = []
+    for option in options:
+        cand, why = _build(job, option, samples), ""
+        if isinstance(cand, str):
+            tried.append(Candidate(option, None, cand))
+            continue
+        report = evaluate(budget, reference, _outputs(cand, holdout))
+        if not report.met:
+            why = f"misses the budget: {report.summary()}"
+            cand.runtime.close()
+        else:
+            built[option.label()] = cand
+        tried.append(Candidate(option, report, why))
+    notes += [f"{c.option}: {c.why}" for c in tried if c.why]
+    if not built:
+        notes.append("no lower precision met the budget on this machine; the plan stays fp32")
+        opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
+        return opt
+    FP32 = "fp32 plan"
+    runs = {FP32: opt.runtime.run, **{k: c.runtime.run for k, c in built.items()}}
+    with _trace.stage("precision: time side by side", contenders=list(runs)):
+        rounds = timing.side_by_side(runs, job.captured.example_inputs, rounds=s.race_rounds + s.race_extra,
+                                     repeats=s.race_repeats, budget_s=s.timing_budget_s / s.race_rounds)
+    fast = {k: timing.fast_half(v) for k, v in rounds.items()}
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    best = min(fast, key=fast.get)
+    report = ", ".join(f"{k} {show_ms(v)} ms" for k, v in sorted(fast.items(), key=lambda kv: kv[1]))
+    # a lower precision must gain what a split must: within the margin, fp32 loses nothing to keep
+    if best != FP32 and fast[best] > fast[FP32] * (1 - s.split_margin):
+        notes.append(f"lower precisions raced within {s.split_margin:.0%} of fp32 ({report}); kept fp32")
+        best = FP32
+    for k, c in built.items():
+        if k != best:
+            c.runtime.close()
+    if best == FP32:
+        notes.append(f"raced against fp32 (faster half of rounds): {report}")
+        opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
+        return opt
+    winner = built[best]
+    opt.runtime.close()
+    won = next(c for c in tried if c.option.label() == best)
+    (part,) = winner.plan.partitions
+    fp32_parts = opt.plan.partitions
+    runner = replace(fp32_parts[0].choice, predicted_ms=round_ms(med[FP32])) if len(fp32_parts) == 1 else None
+    part = replace(part, measured_ms=round_ms(med[best]), runner_up=runner,
+                   reason=f"{won.option.precision} met the budget ({won.report.summary()}) and raced "
+                          f"{fast[FP32] / fast[best]:.2f}x faster than the fp32 plan")
+    notes.append(f"raced against fp32 (faster half of rounds): {report}")
+    winner.plan = replace(winner.plan, partitions=(part,), predicted_ms=round_ms(med[best]),
+                          measured_ms=round_ms(med[best]), eager_ms=opt.plan.eager_ms,
+                          accuracy=won.report.to_dict(),
+                          notes=opt.plan.notes + tuple(notes))
+    winner.race = opt.race
+    return winner
+
+
+def _candidates(job: Job, precision: str) -> list[Choice]:
+    """Each backend's best whole-graph member, at every lower precision both it and the member run."""
+    below = _BELOW_FP32[check_precision(precision)]
+    if not below:
+        return []
+    out = []
+    seen = set()
+    for option, _ in partition.whole_graph_options(job.segments, job.profile, job.pool):
+        if option.backend in seen:
+            continue
+        seen.add(option.backend)
+        member = job.pool[option.member]
+        engine = registry.backend_class(option.backend)
+        out += [Choice(member.id, option.backend, p) for p in below
+                if p in engine.precisions and p in member.descriptor.precisions]
+    return out
+
+
+def _build(job: Job, option: Choice, samples: Samples) -> Optimized | str:
+    """The whole graph compiled at `option`'s precision, calibrated on the calibration samples; or why not."""
+    # the fp32 plan of the same engine and member, at the lower precision: the profile timed fp32 only, so the
+    # forecast is fp32's until the race below measures it
+    fp32 = whole_graph_plan(job, replace(option, precision="fp32"), 0.0)
+    plan = replace(fp32, partitions=tuple(replace(p, precision=option.precision) for p in fp32.partitions))
+    calib = [list(x) for x in samples.calibrate]
+    try:
+        with warnings.catch_warnings(record=True) as caught, _trace.stage("precision: build", option=str(option)):
+            warnings.simplefilter("always")
+            cand = building.build(job.captured, plan, job.pool, settings=job.settings, objective=job.objective,
+                                  calibration=calib)
+    except DIOEError as e:
+        return f"could not be built: {str(e)[:300]}"
+    if not building.runs_as(cand, option):
+        cand.runtime.close()
+        why = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "it fell back")
+        return f"could not be built: {why[:300]}"
+    return cand
+
+
+def _outputs(opt: Optimized, holdout: Sequence[Sequence]) -> list[tuple]:
+    with torch.inference_mode():
+        return [tuple(opt.runtime.run(x)) for x in holdout]
