@@ -73,7 +73,7 @@ def branches_on_two_members(standin_pool):
     """Branches compiled under a hand-written plan: left on cpu (ONNX Runtime), right on the stand-in cpu-b
     (ONNX Runtime), head on cpu (torch). Returns (model, input, optimized)."""
     import dioe
-    from dioe.api import _build
+    from dioe.build import build
     from dioe.plan import Plan, PlanPartition
 
     torch.manual_seed(0)
@@ -89,4 +89,4 @@ def branches_on_two_members(standin_pool):
         nodes = tuple(n for n, p in where.items() if p == pid)
         parts.append(PlanPartition(pid, (pid,), nodes, member, backend, "fp32", len(nodes), 0.0, 1.0))
     plan = Plan("Branches", g.structure_hash(), "", "latency", tuple(parts), 1.0)
-    return m, x, _build(g, plan, standin_pool, None, "latency")
+    return m, x, build(g, plan, standin_pool, objective="latency")
