@@ -23,124 +23,6 @@ from helpers import assert_matches_eager, branches_on_two_members, eager
 FAST = ["torch", "onnxruntime"]
 
 
-def _timing(ms):
-    return Timing(ms, ms, ms, 5)
-
-
-def _seg(sid, weights=0, acts=0):
-    return Segment(sid, (sid,), sid, Cost(), weights, acts)
-
-
-def test_heft_puts_parallel_branches_on_different_members(standin_pool):
-    segs = [_seg("a"), _seg("left"), _seg("right"), _seg("join")]
-    edges = Edges({(INPUT, "a"): 4, ("a", "left"): 4, ("a", "right"): 4, ("left", "join"): 4, ("right", "join"): 4,
-                   ("join", OUTPUT): 4})
-    prof = Profile("g", "f")
-    for s, ms in [("a", 1), ("left", 10), ("right", 10), ("join", 1)]:
-        prof.times[s] = {"torch@cpu/fp32": _timing(ms), "torch@cpu-b/fp32": _timing(ms * 1.1)}
-    free = dioe.profile.LinkCost(0, float("inf"))
-    prof.links = {"cpu->cpu-b": free, "cpu-b->cpu": free}
-    a = assign(segs, edges, prof, standin_pool)
-    assert a.method == "heft"
-    assert {a.options["left"].split("@")[1], a.options["right"].split("@")[1]} == {"cpu/fp32", "cpu-b/fp32"}
-    assert a.predicted_ms == pytest.approx(1 + 11 + 1)
-
-
-def test_dp_pays_for_copies_on_a_chain(standin_pool):
-    # the npu is a bit faster per segment, but its 10 us link makes hopping there and back a loss
-    segs = [_seg("s0"), _seg("s1"), _seg("s2")]
-    edges = Edges({(INPUT, "s0"): 1 << 20, ("s0", "s1"): 1 << 20, ("s1", "s2"): 1 << 20, ("s2", OUTPUT): 1 << 20})
-    prof = Profile("g", "f")
-    prof.times = {"s0": {"torch@cpu/fp32": _timing(1.0)},
-                  "s1": {"torch@cpu/fp32": _timing(1.0), "onnxruntime@npu/fp32": _timing(0.95)},
-                  "s2": {"torch@cpu/fp32": _timing(1.0)}}
-    prof.links = dioe.profile.profile_links(standin_pool)
-    a = assign(segs, edges, prof, standin_pool)
-    assert a.method == "dp"
-    assert a.options["s1"] == "torch@cpu/fp32", "two 1 MiB copies at 16 GB/s cost more than 0.05 ms saved"
-
-
-@pytest.mark.parametrize("elsewhere, split", [(0.996, False), (0.98, True)])
-def test_dp_charges_a_call_per_partition(standin_pool, elsewhere, split):
-    """Segments timed alone each paid a call; run as one partition they pay one. A middle segment a little faster
-    on another backend of the same member is split off only when it gains more than the call it adds."""
-    from dioe.partition import call_overhead_ms
-
-    segs = [_seg("s0"), _seg("s1"), _seg("s2")]
-    edges = Edges({(INPUT, "s0"): 0, ("s0", "s1"): 0, ("s1", "s2"): 0, ("s2", OUTPUT): 0})
-    prof = Profile("g", "f")
-    prof.times = {"s0": {"torch@cpu/fp32": _timing(1.0)},
-                  "s1": {"torch@cpu/fp32": _timing(1.0), "onnxruntime@cpu/fp32": _timing(elsewhere)},
-                  "s2": {"torch@cpu/fp32": _timing(1.0)}}
-    prof.links = dioe.profile.profile_links(standin_pool)
-    a = assign(segs, edges, prof, standin_pool)
-    one_call = 3.0 - 2 * call_overhead_ms("torch@cpu/fp32")   # 2.9868
-    assert (a.options["s1"] == "onnxruntime@cpu/fp32") == split, a
-    assert a.predicted_ms == pytest.approx(2.0 + elsewhere if split else one_call), a
-
-
-def test_a_partition_never_holds_back_a_branch_on_another_member():
-    """Neighbours with the same option share a partition unless that makes a consumer on another member wait for
-    a segment it does not need: left joining a's partition would hold right (on cpu-b) back until left ends."""
-    from dioe.partition import partition_groups
-
-    segs = [_seg("a"), _seg("left"), _seg("right"), _seg("join")]
-    edges = Edges({(INPUT, "a"): 4, ("a", "left"): 4, ("a", "right"): 4, ("left", "join"): 4, ("right", "join"): 4,
-                   ("join", OUTPUT): 4})
-    two = {"a": "torch@cpu/fp32", "left": "torch@cpu/fp32", "right": "torch@cpu-b/fp32", "join": "torch@cpu/fp32"}
-    assert [[s.id for s in g] for g in partition_groups(segs, two, edges)] == [["a"], ["left"], ["right"], ["join"]]
-    one = dict.fromkeys(two, "torch@cpu/fp32")  # one member runs them in turn anyway: one call
-    assert [[s.id for s in g] for g in partition_groups(segs, one, edges)] == [["a", "left", "right", "join"]]
-    chain = Edges({(INPUT, "a"): 4, ("a", "left"): 4, ("left", "right"): 4, ("a", "join"): 4, ("right", "join"): 4,
-                   ("join", OUTPUT): 4})  # join needs right, which needs left: holding join back costs nothing
-    assert [[s.id for s in g] for g in partition_groups(segs, two, chain)] == [["a", "left"], ["right"], ["join"]]
-    # s needs w, on cpu-b; x does not: were s to join x's partition, x would wait for w as well
-    segs = [_seg("w"), _seg("x"), _seg("s")]
-    late = Edges({(INPUT, "w"): 4, (INPUT, "x"): 4, ("w", "s"): 4, ("x", "s"): 4, ("s", OUTPUT): 4})
-    where = {"w": "torch@cpu-b/fp32", "x": "torch@cpu/fp32", "s": "torch@cpu/fp32"}
-    assert [[s.id for s in g] for g in partition_groups(segs, where, late)] == [["w"], ["x"], ["s"]]
-
-
-def test_replanning_scales_segments_to_what_their_partition_measured():
-    """Segment times scaled by one factor, forecast again as one call, come to the partition's measured time,
-    also where segments are short enough that the floor of half their time applies."""
-    from dioe.partition import run_as_one_ms, scale_to_measured
-
-    for times, measured in [([0.005] * 3, 0.03), ([1.0] * 3, 2.5), ([10.0, 10.0], 25.0)]:
-        k = scale_to_measured(measured, times, "onnxruntime@cpu/fp32")
-        assert run_as_one_ms([k * t for t in times], "onnxruntime@cpu/fp32") == pytest.approx(measured), (times, k)
-
-
-def test_capacity_is_never_exceeded(standin_pool):
-    npu = standin_pool["npu"]
-    segs = [_seg(f"s{i}", weights=npu.memory_bytes // 3, acts=1024) for i in range(6)]
-    edges = Edges({**{(f"s{i}", f"s{i+1}"): 0 for i in range(5)}, (INPUT, "s0"): 0, ("s5", OUTPUT): 0})
-    prof = Profile("g", "f")
-    prof.times = {s.id: {"onnxruntime@npu/fp32": _timing(0.1), "torch@cpu/fp32": _timing(1.0)} for s in segs}
-    prof.links = dioe.profile.profile_links(standin_pool)
-    a = assign(segs, edges, prof, standin_pool)
-    load = member_load(segs, a.options)
-    assert load["npu"] <= npu.memory_bytes
-    assert sum(1 for o in a.options.values() if "@npu" in o) == 2  # as much as fits, no more
-    assert a.moved_for_capacity
-
-
-def test_whole_graph_rivals_are_one_call_and_fit_their_member(standin_pool):
-    from dioe.backends import backend_class
-    from dioe.partition import whole_graph_options
-
-    npu = standin_pool["npu"]
-    segs = [_seg(f"s{i}", weights=npu.memory_bytes // 3, acts=1024) for i in range(4)]
-    prof = Profile("g", "f")
-    prof.times = {s.id: {"onnxruntime@npu/fp32": _timing(0.1), "torch@cpu/fp32": _timing(2.0),
-                         "onnxruntime@cpu/fp32": _timing(1.0)} for s in segs}
-    ranked = whole_graph_options(segs, prof, standin_pool)
-    assert [o for o, _ in ranked] == ["onnxruntime@cpu/fp32", "torch@cpu/fp32"], "4/3 of the npu's memory"
-    # one call instead of four: three per-call overheads fewer than the sum of the segments
-    overhead = backend_class("onnxruntime").call_overhead_us / 1e3
-    assert dict(ranked)["onnxruntime@cpu/fp32"] == pytest.approx(4 * 1.0 - 3 * overhead)
-
-
 def test_the_race_times_eager_beside_the_plan(cpu):
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
     x = torch.randn(4, 32)
@@ -477,19 +359,6 @@ def test_optimized_matches_eager_with_structure(tiny_bert_on_standins):
         assert p.measured_ms is not None and p.reason
 
 
-def test_a_plan_summary_shows_a_microsecond_model_in_significant_digits():
-    """Two decimals of a ms read 0.01 for every engine of an 11 us model: below 1 ms a summary keeps three
-    significant digits, and never an exponent."""
-    plan = Plan("tiny", "h", "", "latency",
-                (PlanPartition("p0", ("s0",), ("n0",), "cpu0", "onnxruntime", "fp32", 8, 0.0, 0.010673, 0.011126,
-                               Choice("cpu0", "torch", "fp32", 0.0577), "fastest"),), 0.010673, 0.011126, 0.0577)
-    text = plan.summary()
-    assert "0.0107" in text and "0.0111" in text and "torch@cpu0/fp32 0.0577 ms" in text, text
-    assert "predicted 0.0107 ms, measured 0.0111 ms; torch eager 0.0577 ms (5.19x)" in text, text
-    assert [show_ms(x) for x in (146.254, 6.19, 0.5, 0.0243, 1e-5, 0.0, 0.9996, 0.09996)] == \
-        ["146.25", "6.19", "0.500", "0.0243", "0.0000100", "0.00", "1.00", "0.100"]
-
-
 def test_plan_round_trips_and_reloads_without_profiling(tiny_bert_on_standins, tmp_path, standin_pool, monkeypatch):
     model, inputs, opt = tiny_bert_on_standins
     p = opt.plan
@@ -714,42 +583,6 @@ def test_torch_compile_backend(cpu):
     with torch.inference_mode():
         out = compiled(x)
     assert_matches_eager(eager(m, (x,)), out, rtol=1e-4)
-
-
-def test_segments_are_coarse(cpu):
-    model, inputs = dioe.zoo.load("bert-base", size="small")
-    g = dioe.capture(model, inputs)
-    segs = segment_graph(g.gm)
-    assert 2 <= len(segs) <= 32
-    assert sum(len(s.nodes) for s in segs) == len(g.compute_nodes)
-
-
-def test_layers_of_one_structure_are_timed_once(pool, tmp_path, monkeypatch):
-    import dioe.profile
-    from dioe.api import _labeller
-    from dioe.split import split_graph
-
-    model, inputs = dioe.zoo.load("bert-base", size="small")
-    g = dioe.capture(model, inputs)
-    segs = segment_graph(g.gm)
-    parts = split_graph(g.gm, _labeller(segs), g.example_inputs).partitions
-    groups: dict[str, list] = {}
-    for p in parts:
-        groups.setdefault(p.structure, []).append(p)
-    twins = max(groups.values(), key=len)
-    assert len(twins) >= 2 and all(".layer." in p.id for p in twins), [p.id for p in parts]
-    assert len({p.digest for p in twins}) == len(twins), "their weights still tell their artifacts apart"
-    timed = []
-    real = dioe.profile.measure
-    monkeypatch.setattr(dioe.profile, "measure", lambda fn, xs, **k: timed.append(fn) or real(fn, xs, **k))
-    prof = dioe.profile.profile_segments(parts, segs, pool, ["torch"], graph_hash=g.structure_hash(),
-                                         cache_dir=tmp_path, progress=False)
-    assert len(timed) == len(groups) < len(parts)
-    sid = {p.id: s.id for s, p in zip(segs, parts)}
-    for p in twins[1:]:
-        assert prof.same_as[sid[p.id]] == sid[twins[0].id]
-        assert prof.times[sid[p.id]] == prof.times[sid[twins[0].id]]
-    assert Profile.from_dict(prof.to_dict()).same_as == prof.same_as
 
 
 def test_unknown_backend_and_objective():
