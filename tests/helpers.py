@@ -139,3 +139,12 @@ def force_split(monkeypatch, member_id: str) -> dict:
         return dataclasses.replace(got, options=opts, predicted_ms=forced["predicted_ms"])
     monkeypatch.setattr(dioe.partition, "assign", split)
     return forced
+
+
+def prediction_holds(monkeypatch, forced: dict) -> None:
+    """Script the measure step's timing of a plan (`dioe.timing.time_call`) to come out at the forced split's
+    forecast, so that optimize() does not re-plan it: what the race then does is the test's, not the machine's."""
+    import dioe.timing
+    from dioe.text import round_ms
+
+    monkeypatch.setattr(dioe.timing, "time_call", lambda fn, *a, **k: round_ms(forced["predicted_ms"]))
