@@ -56,6 +56,18 @@ def eager(model, inputs, kwargs=None):
         return model(*inputs, **(kwargs or {}))
 
 
+class DictAndTuple(torch.nn.Module):
+    """Two inputs; a dict output holding a tuple that holds a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x, y):
+        h = torch.relu(self.a(x)) + y
+        return {"logits": self.b(h), "extra": (h.mean(), [h * 2])}
+
+
 class Branches(torch.nn.Module):
     """Two heavy independent branches: enough work per branch (~tens of ms) for overlap to be visible."""
 
