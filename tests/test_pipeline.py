@@ -1,7 +1,8 @@
-"""`dioe.optimize` and `dioe.load` end to end: outputs match eager in structure and value, plans save and load,
-bad arguments get clear errors, and the torch.compile backend."""
+"""`dioe.optimize` and `dioe.load` end to end: outputs match eager in structure and value, plans save and load
+(also plans saved by the previous version), bad arguments get clear errors, and the torch.compile backend."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import dioe
 import dioe.pipeline
 from dioe.plan import Plan
 
-from helpers import DictAndTuple, assert_matches_eager, eager
+from helpers import DictAndTuple, assert_matches_eager, eager, one_partition_plan
+
+DATA = Path(__file__).parent / "data"
 
 
 def test_optimized_matches_eager_with_structure(tiny_bert_on_standins):
@@ -36,6 +39,40 @@ def test_plan_round_trips_and_reloads_without_profiling(tiny_bert_on_standins, t
         again = dioe.load(path, model, hardware=standin_pool)
     assert_matches_eager(eager(model, inputs), again(*inputs), rtol=1e-4)
     assert again.plan == p and "p0" in p.summary()
+
+
+def test_load_warns_for_a_plan_made_for_another_pool(cpu, tmp_path):
+    """A plan runs where it was not made, as planned, with a warning that names both pools."""
+    m, x, y = DictAndTuple().eval(), torch.randn(4, 8), torch.randn(4, 8)
+    g = dioe.capture(m, (x, y), name="DictAndTuple")
+    pool = dioe.ResourcePool.discover()
+    here, elsewhere = tmp_path / "here.plan.json", tmp_path / "elsewhere.plan.json"
+    one_partition_plan(g, cpu.id, "torch", fingerprint=pool.fingerprint()).save(here)
+    one_partition_plan(g, cpu.id, "torch", fingerprint="another machine|x86_64|64").save(elsewhere)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_matches_eager(eager(m, (x, y)), dioe.load(here, m, hardware=pool)(x, y))
+    with pytest.warns(RuntimeWarning, match=r"made for another pool \(another machine\|x86_64\|64, this one is "):
+        opt = dioe.load(elsewhere, m, hardware=pool)
+    assert_matches_eager(eager(m, (x, y)), opt(x, y))
+
+
+def test_a_plan_saved_by_the_previous_version_loads_and_runs():
+    """tests/data holds a plan that DIOE saved before options became Choice values (c9bc04c): tiny-mlp on
+    onnxruntime, on the machine that saved it. It loads, with the warning for another pool where this pool differs,
+    and runs as eager does."""
+    path = DATA / "tiny-mlp.c9bc04c.plan.json"
+    plan = Plan.load(path)
+    assert plan.partitions[0].runner_up.label() == "torch@cpu0/fp32", "it keeps its runner-up as a Choice"
+    model, inputs = dioe.zoo.load("tiny-mlp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        opt = dioe.load(path, model)
+    for w in caught:
+        assert not issubclass(w.category, RuntimeWarning) or "made for another pool" in str(w.message), w.message
+    assert opt.plan == plan
+    assert [(c.member, c.backend) for c in opt.runtime.compiled.values()] == [("cpu0", "onnxruntime")]
+    assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
 
 
 def test_dict_and_tuple_outputs(cpu):
