@@ -97,3 +97,17 @@ def test_torch_compile_backend(cpu):
     with torch.inference_mode():
         out = compiled(x)
     assert_matches_eager(eager(m, (x,)), out, rtol=1e-4)
+
+
+def test_zoo_load_leaves_the_callers_random_stream_alone():
+    """zoo.load seeds its own weights (the same every time) without reseeding the caller's generator."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    first, _ = dioe.zoo.load("tiny-mlp")
+    assert torch.equal(torch.rand(3), expected), "zoo.load moved or reseeded the caller's random stream"
+    state = torch.get_rng_state()
+    second, _ = dioe.zoo.load("tiny-mlp")
+    assert torch.equal(torch.get_rng_state(), state)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b), "seeded weights are the same every time"
