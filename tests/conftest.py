@@ -49,3 +49,16 @@ def standin_pool():
     import dioe
 
     return dioe.ResourcePool.discover(POOLS / "standin.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_on_standins(standin_pool):
+    """tiny-bert optimized for the stand-in pool: (model, inputs, optimized). One optimize shared by the tests of
+    the pipeline and of the runtime; a test that breaks one of its engines puts that engine back."""
+    import dioe
+
+    model, inputs = dioe.zoo.load("tiny-bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(model, inputs, hardware=standin_pool, backends=["torch", "onnxruntime"])
+    return model, inputs, opt

@@ -56,6 +56,18 @@ def eager(model, inputs, kwargs=None):
         return model(*inputs, **(kwargs or {}))
 
 
+class DictAndTuple(torch.nn.Module):
+    """Two inputs; a dict output holding a tuple that holds a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x, y):
+        h = torch.relu(self.a(x)) + y
+        return {"logits": self.b(h), "extra": (h.mean(), [h * 2])}
+
+
 class Branches(torch.nn.Module):
     """Two heavy independent branches: enough work per branch (~tens of ms) for overlap to be visible."""
 
@@ -73,7 +85,7 @@ def branches_on_two_members(standin_pool):
     """Branches compiled under a hand-written plan: left on cpu (ONNX Runtime), right on the stand-in cpu-b
     (ONNX Runtime), head on cpu (torch). Returns (model, input, optimized)."""
     import dioe
-    from dioe.api import _build
+    from dioe.build import build
     from dioe.plan import Plan, PlanPartition
 
     torch.manual_seed(0)
@@ -89,4 +101,62 @@ def branches_on_two_members(standin_pool):
         nodes = tuple(n for n, p in where.items() if p == pid)
         parts.append(PlanPartition(pid, (pid,), nodes, member, backend, "fp32", len(nodes), 0.0, 1.0))
     plan = Plan("Branches", g.structure_hash(), "", "latency", tuple(parts), 1.0)
-    return m, x, _build(g, plan, standin_pool, None, "latency")
+    return m, x, build(g, plan, standin_pool, objective="latency")
+
+
+def one_partition_plan(captured, member_id: str, backend: str, precision: str = "fp32", *, fingerprint: str = ""):
+    """A plan that runs every node of `captured` as one partition on `member_id` with `backend`."""
+    from dioe.plan import Plan, PlanPartition
+
+    nodes = tuple(n.name for n in captured.compute_nodes)
+    return Plan(captured.name, captured.structure_hash(), fingerprint, "latency",
+                (PlanPartition("p0", ("p0",), nodes, member_id, backend, precision, len(nodes), 0.0, 1.0),), 1.0,
+                inputs=tuple(s.to_dict() if s else {} for s in captured.input_specs))
+
+
+def one_partition(model, inputs, member, backend):
+    """`model` built under a plan of one partition on `member` and `backend`, with no profiling or race."""
+    import dioe
+    from dioe.build import build
+
+    g = dioe.capture(model, inputs, name="M")
+    return build(g, one_partition_plan(g, member.id, backend), dioe.ResourcePool.discover(), objective="latency")
+
+
+def five_layers():
+    """A small chain (Linear, GELU, Linear, GELU, Linear) and its input: several segments, quick to optimize."""
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                               torch.nn.GELU(), torch.nn.Linear(64, 8)).eval(), torch.randn(4, 32)
+
+
+def force_split(monkeypatch, member_id: str) -> dict:
+    """Make optimize() plan segments alternately on onnxruntime and torch at `member_id`: a plan of several
+    partitions, predicted well ahead of any one engine over the whole graph, so that it is built and raced: at
+    most half the best whole-graph option, not just half the assignment's own sum. On a busy machine the live
+    profile once put ONNX Runtime's whole graph below that, so the split was never built and had no such rival.
+    Returns {"predicted_ms": ...}, the last split's forecast, for a test that scripts its measurement."""
+    import dataclasses
+
+    import dioe.partition
+    from dioe.plan import Choice
+
+    real_assign, forced = dioe.partition.assign, {}
+
+    def split(segments, edges, profile, pool):
+        got = real_assign(segments, edges, profile, pool)
+        opts = {s.id: Choice(member_id, "torch" if i % 2 else "onnxruntime") for i, s in enumerate(segments)}
+        best = min((ms for _, ms in dioe.partition.whole_graph_options(segments, profile, pool)),
+                   default=got.predicted_ms)
+        forced["predicted_ms"] = min(got.predicted_ms, best) / 2
+        return dataclasses.replace(got, options=opts, predicted_ms=forced["predicted_ms"])
+    monkeypatch.setattr(dioe.partition, "assign", split)
+    return forced
+
+
+def prediction_holds(monkeypatch, forced: dict) -> None:
+    """Script the measure step's timing of a plan (`dioe.timing.time_call`) to come out at the forced split's
+    forecast, so that optimize() does not re-plan it: what the race then does is the test's, not the machine's."""
+    import dioe.timing
+    from dioe.text import round_ms
+
+    monkeypatch.setattr(dioe.timing, "time_call", lambda fn, *a, **k: round_ms(forced["predicted_ms"]))

@@ -1,0 +1,113 @@
+"""`dioe.optimize` and `dioe.load` end to end: outputs match eager in structure and value, plans save and load
+(also plans saved by the previous version), bad arguments get clear errors, and the torch.compile backend."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import dioe
+import dioe.pipeline
+from dioe.plan import Plan
+
+from helpers import DictAndTuple, assert_matches_eager, eager, one_partition_plan
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_optimized_matches_eager_with_structure(tiny_bert_on_standins):
+    model, inputs, opt = tiny_bert_on_standins
+    assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
+    assert opt.plan.measured_ms is not None and opt.plan.eager_ms is not None
+    for p in opt.plan.partitions:
+        assert p.measured_ms is not None and p.reason
+
+
+def test_plan_round_trips_and_reloads_without_profiling(tiny_bert_on_standins, tmp_path, standin_pool, monkeypatch):
+    model, inputs, opt = tiny_bert_on_standins
+    p = opt.plan
+    assert Plan.from_dict(p.to_dict()) == p
+    path = opt.save(tmp_path)
+    assert path == tmp_path / f"{p.model}.plan.json" and Plan.load(path) == p
+
+    def no_profiling(*a, **k):
+        raise AssertionError("load() must not profile")
+    monkeypatch.setattr(dioe.pipeline, "profile_segments", no_profiling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # the plan was made for this very pool: no warning
+        again = dioe.load(path, model, hardware=standin_pool)
+    assert_matches_eager(eager(model, inputs), again(*inputs), rtol=1e-4)
+    assert again.plan == p and "p0" in p.summary()
+
+
+def test_load_warns_for_a_plan_made_for_another_pool(cpu, tmp_path):
+    """A plan runs where it was not made, as planned, with a warning that names both pools."""
+    m, x, y = DictAndTuple().eval(), torch.randn(4, 8), torch.randn(4, 8)
+    g = dioe.capture(m, (x, y), name="DictAndTuple")
+    pool = dioe.ResourcePool.discover()
+    here, elsewhere = tmp_path / "here.plan.json", tmp_path / "elsewhere.plan.json"
+    one_partition_plan(g, cpu.id, "torch", fingerprint=pool.fingerprint()).save(here)
+    one_partition_plan(g, cpu.id, "torch", fingerprint="another machine|x86_64|64").save(elsewhere)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_matches_eager(eager(m, (x, y)), dioe.load(here, m, hardware=pool)(x, y))
+    with pytest.warns(RuntimeWarning, match=r"made for another pool \(another machine\|x86_64\|64, this one is "):
+        opt = dioe.load(elsewhere, m, hardware=pool)
+    assert_matches_eager(eager(m, (x, y)), opt(x, y))
+
+
+def test_a_plan_saved_by_the_previous_version_loads_and_runs():
+    """tests/data holds a plan that DIOE saved before options became Choice values (c9bc04c): tiny-mlp on
+    onnxruntime, on the machine that saved it. It loads, with the warning for another pool where this pool differs,
+    and runs as eager does."""
+    path = DATA / "tiny-mlp.c9bc04c.plan.json"
+    plan = Plan.load(path)
+    assert plan.partitions[0].runner_up.label() == "torch@cpu0/fp32", "it keeps its runner-up as a Choice"
+    model, inputs = dioe.zoo.load("tiny-mlp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        opt = dioe.load(path, model)
+    for w in caught:
+        assert not issubclass(w.category, RuntimeWarning) or "made for another pool" in str(w.message), w.message
+    assert opt.plan == plan
+    assert [(c.member, c.backend) for c in opt.runtime.compiled.values()] == [("cpu0", "onnxruntime")]
+    assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
+
+
+def test_dict_and_tuple_outputs(cpu):
+    m, x, y = DictAndTuple().eval(), torch.randn(4, 8), torch.randn(4, 8)
+    opt = dioe.optimize(m, (x, y), backends=["torch", "onnxruntime"])
+    assert_matches_eager(eager(m, (x, y)), opt(x, y), rtol=1e-4)
+
+
+def test_unknown_backend_and_objective():
+    m, x = torch.nn.Linear(2, 2), torch.randn(1, 2)
+    with pytest.raises(dioe.DIOEError, match=r"unknown backend\(s\) \['tvm'\]; known: .*onnxruntime"):
+        dioe.optimize(m, (x,), backends=["tvm"])
+    with pytest.raises(dioe.DIOEError, match="objective must be 'latency' or 'throughput', got 'fastest'"):
+        dioe.optimize(m, (x,), objective="fastest")
+
+
+def test_torch_compile_backend(cpu):
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="dioe", dynamic=False)
+    with torch.inference_mode():
+        out = compiled(x)
+    assert_matches_eager(eager(m, (x,)), out, rtol=1e-4)
+
+
+def test_zoo_load_leaves_the_callers_random_stream_alone():
+    """zoo.load seeds its own weights (the same every time) without reseeding the caller's generator."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    first, _ = dioe.zoo.load("tiny-mlp")
+    assert torch.equal(torch.rand(3), expected), "zoo.load moved or reseeded the caller's random stream"
+    state = torch.get_rng_state()
+    second, _ = dioe.zoo.load("tiny-mlp")
+    assert torch.equal(torch.get_rng_state(), state)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b), "seeded weights are the same every time"
