@@ -143,6 +143,22 @@ def test_int8_that_needs_calibration_says_so(member):
         backends.get(AVAILABLE[0]).compile(conv, member, "int8", calibration=[(x,), (x[:1],)])
 
 
+class Pointwise(torch.nn.Module):
+    """No matmul, no convolution: nothing an int8 engine quantizes."""
+
+    def forward(self, x):
+        return torch.relu(x) + 1
+
+
+@needs_int8_engine
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_int8_that_quantizes_nothing_is_an_error(backend, member):
+    x = torch.randn(4, 8)
+    g = dioe.capture(Pointwise(), (x,))
+    with pytest.raises(BackendError, match="quantized nothing"):
+        backends.get(backend).compile(Partition("pw", g.gm, (x,)), member, "int8", calibration=[(x,), (x + 1,)])
+
+
 @needs_int8_engine
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_int8_artifact_is_reused_for_the_same_calibration_only(backend, member, tmp_path, monkeypatch):
@@ -174,10 +190,6 @@ def test_torch_bf16_runs_under_autocast_and_reads_back_what_ran(member):
     assert compiled.applied == "bf16" and compiled.notes["lowered_ops"] > 0, compiled.notes
     _check_against_eager("tiny-bert", model, compiled, g, _samples(g.example_inputs, 4, 2), "bf16")
     assert all(p.dtype == torch.float32 for p in g.gm.parameters()), "the caller's weights must stay fp32"
-
-    class Pointwise(torch.nn.Module):
-        def forward(self, x):
-            return torch.relu(x) + 1
 
     x = torch.randn(4, 8)
     g = dioe.capture(Pointwise(), (x,))
