@@ -23,6 +23,7 @@ from .runtime import Runtime
 from .split import Program
 
 if TYPE_CHECKING:
+    from .precision import PrecisionRecord
     from .race import RaceRecord
 
 
@@ -32,6 +33,7 @@ class Optimized:
     def __init__(self, captured: CapturedGraph, plan: Plan, program: Program, runtime: Runtime):
         self.captured, self.plan, self.program, self.runtime = captured, plan, program, runtime
         self.race: RaceRecord | None = None   # what the race measured and decided, when optimize raced this plan
+        self.precision_search: PrecisionRecord | None = None   # what the precision stage tried, when it ran
         # The common call of a one-partition plan on the CPU is this model's __call__ itself: see _hot_call. Python
         # looks __call__ up on the type, so the instance takes a class of its own while its engine is on the CPU.
         self._base, self._hot_class, self._engine, self._rebuild = type(self), None, None, None

@@ -34,6 +34,7 @@ from .planner import Job, whole_graph_plan
 from .text import round_ms, show_ms
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+FP32 = "fp32 plan"   # the fp32 winner's name among the precision contenders
 # What each `precision=` lets the search try below fp32: "auto" anything the member and engine run; a precision
 # caps the search there (int8 still allows the 16-bit floats, which lose less).
 _BELOW_FP32 = {"auto": ("int8", "bf16", "fp16"), "int8": ("int8", "bf16", "fp16"), "bf16": ("bf16",),
@@ -60,6 +61,23 @@ class Candidate:
     option: Choice
     report: AccuracyReport | None      # None: it could not be built
     why: str = ""                      # why it is out, if it is
+
+
+@dataclass(frozen=True)
+class PrecisionRecord:
+    """What the precision stage tried and decided (`opt.precision_search`); the plan's notes say it in words."""
+
+    budget: Budget
+    source: str                                  # "given" or "generated" calibration and held-out inputs
+    candidates: tuple[Candidate, ...]
+    fp32: AccuracyReport                         # the fp32 winner on the same held-out samples
+    fast_ms: dict[str, float]                    # contender -> mean of its faster half of rounds ("fp32 plan", labels)
+    winner: str                                  # "fp32 plan" or the winning option's label
+
+    @property
+    def kept(self) -> tuple[Candidate, ...]:
+        """The candidates that met the budget."""
+        return tuple(c for c in self.candidates if not c.why)
 
 
 def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, calibration: Any) -> Optimized:
@@ -95,11 +113,14 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
             built[option.label()] = cand
         tried.append(Candidate(option, report, why))
     notes += [f"{c.option}: {c.why}" for c in tried if c.why]
+
+    def record(fast: dict, winner: str) -> PrecisionRecord:
+        return PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, winner)
     if not built:
         notes.append("no lower precision met the budget on this machine; the plan stays fp32")
         opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
+        opt.precision_search = record({}, FP32)
         return opt
-    FP32 = "fp32 plan"
     runs = {FP32: opt.runtime.run, **{k: c.runtime.run for k, c in built.items()}}
     with _trace.stage("precision: time side by side", contenders=list(runs)):
         rounds = timing.side_by_side(runs, job.captured.example_inputs, rounds=s.race_rounds + s.race_extra,
@@ -118,6 +139,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     if best == FP32:
         notes.append(f"raced against fp32 (faster half of rounds): {report}")
         opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
+        opt.precision_search = record(fast, FP32)
         return opt
     winner = built[best]
     opt.runtime.close()
@@ -134,6 +156,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
                           accuracy=won.report.to_dict(),
                           notes=opt.plan.notes + tuple(notes))
     winner.race = opt.race
+    winner.precision_search = record(fast, best)
     return winner
 
 
