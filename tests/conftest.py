@@ -60,5 +60,5 @@ def tiny_bert_on_standins(standin_pool):
     model, inputs = dioe.zoo.load("tiny-bert")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = dioe.optimize(model, inputs, hardware=standin_pool, backends=["torch", "onnxruntime"])
+        opt = dioe.optimize(model, inputs, hardware=standin_pool, backends=["torch", "onnxruntime"], precision="fp32")
     return model, inputs, opt

@@ -75,7 +75,7 @@ def test_sizes_and_a_bad_cap_name_what_was_expected(monkeypatch):
     with pytest.raises(DIOEError, match=r"\$DIOE_CACHE_MAX: cache size 'lots' is not a size.*such as 20G"):
         cache.max_bytes()
     with pytest.raises(DIOEError, match="DIOE_CACHE_MAX"):
-        dioe.optimize(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+        dioe.optimize(torch.nn.Linear(2, 2), (torch.randn(1, 2),), precision="fp32")
 
 
 @pytest.mark.skipif(backends.unavailable_reason("onnxruntime") is not None, reason="needs onnxruntime")
@@ -84,7 +84,7 @@ def test_optimize_trims_the_cache_to_its_cap_but_keeps_what_its_plan_runs(tmp_pa
     m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
     x = torch.randn(2, 16)
     monkeypatch.setenv(cache.ENV_MAX, "1")  # one byte: everything the plan does not run goes
-    opt = dioe.optimize(m, (x,), backends=["onnxruntime"], cache_dir=tmp_path)
+    opt = dioe.optimize(m, (x,), backends=["onnxruntime"], cache_dir=tmp_path, precision="fp32")
     runs = {c.artifact for c in opt.runtime.compiled.values() if c.artifact}
     assert runs, "onnxruntime compiles to a file"
     left = cache.artifacts(tmp_path)

@@ -77,16 +77,16 @@ def test_a_plan_saved_by_the_previous_version_loads_and_runs():
 
 def test_dict_and_tuple_outputs(cpu):
     m, x, y = DictAndTuple().eval(), torch.randn(4, 8), torch.randn(4, 8)
-    opt = dioe.optimize(m, (x, y), backends=["torch", "onnxruntime"])
+    opt = dioe.optimize(m, (x, y), backends=["torch", "onnxruntime"], precision="fp32")
     assert_matches_eager(eager(m, (x, y)), opt(x, y), rtol=1e-4)
 
 
 def test_unknown_backend_and_objective():
     m, x = torch.nn.Linear(2, 2), torch.randn(1, 2)
     with pytest.raises(dioe.DIOEError, match=r"unknown backend\(s\) \['tvm'\]; known: .*onnxruntime"):
-        dioe.optimize(m, (x,), backends=["tvm"])
+        dioe.optimize(m, (x,), backends=["tvm"], precision="fp32")
     with pytest.raises(dioe.DIOEError, match="objective must be 'latency' or 'throughput', got 'fastest'"):
-        dioe.optimize(m, (x,), objective="fastest")
+        dioe.optimize(m, (x,), objective="fastest", precision="fp32")
 
 
 def test_torch_compile_backend(cpu):

@@ -40,7 +40,7 @@ def _check_record(opt):
 def test_the_race_times_eager_beside_the_plan(cpu):
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
     x = torch.randn(4, 32)
-    opt = dioe.optimize(model, (x,), backends=BACKENDS)
+    opt = dioe.optimize(model, (x,), backends=BACKENDS, precision="fp32")
     p = opt.plan
     assert p.eager_ms is not None and p.measured_ms is not None
     r = _check_record(opt)
@@ -74,7 +74,7 @@ def test_a_split_plan_must_clearly_beat_the_best_single_engine(cpu, tmp_path, mo
     monkeypatch.setattr(dioe.race, "time_partitions", spy)
     model, x = five_layers()
     settings = Settings(cache_dir=tmp_path)
-    opt = dioe.optimize(model, (x,), backends=BACKENDS, settings=settings)
+    opt = dioe.optimize(model, (x,), backends=BACKENDS, settings=settings, precision="fp32")
     r = _check_record(opt)
     # the race, then more rounds for the contenders within 10% of the leader only (eager, 2x behind, is not)
     assert len(calls) == 2 and EAGER in calls[0][0] and EAGER not in calls[1][0], calls
@@ -114,10 +114,10 @@ def test_a_reused_verdict_warms_up_a_plan_verification_did_not_run(cpu, tmp_path
     the race's verdict for it, the race warms it up first."""
     seen = _race_warm_flags(monkeypatch)
     model, x = five_layers()
-    first = dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path)
+    first = dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path, precision="fp32")
     assert first.race.reused is None
     seen.clear()
-    opt = dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path)
+    opt = dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path, precision="fp32")
     assert opt.race.reused is not None and (tmp_path / "profiles" / opt.race.reused).is_file(), opt.race
     assert set(opt.race.rounds) == {PLAN, EAGER} and opt.race.winner == PLAN, opt.race
     assert any(n.startswith(f"race verdict reused from {opt.race.reused}") for n in opt.plan.notes), opt.plan.notes
@@ -140,7 +140,7 @@ def test_a_contender_slower_in_every_round_gets_no_extra_rounds(cpu, tmp_path, m
                     else [30.0] * 3)[:rounds] for k in runs}
     monkeypatch.setattr(dioe.timing, "side_by_side", scripted)
     model, x = five_layers()
-    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path)
+    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, precision="fp32")
     ort = Choice(cpu.id, "onnxruntime").label()
     assert ort in calls[0] and len(calls) == (2 if extra else 1), calls
     r = _check_record(opt)
@@ -171,7 +171,7 @@ def test_a_race_winner_says_why_with_the_race_times(cpu, tmp_path, monkeypatch):
     raced, real_race = [], dioe.race.race
     monkeypatch.setattr(dioe.race, "race", lambda opt, *a, **k: raced.append(opt.plan) or real_race(opt, *a, **k))
     model, x = five_layers()
-    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path)
+    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, precision="fp32")
     r = _check_record(opt)
     assert r.winner != PLAN and r.fast_ms[r.winner] == min(r.fast_ms.values()), r
     # each contender's option: the plan's own where it was one partition, eager's where it stands for torch at
@@ -198,7 +198,7 @@ def test_the_race_spends_no_warm_up_call_on_verified_contenders(cpu, tmp_path, m
     each gets one warm-up call first. The extra rounds never warm up."""
     seen = _race_warm_flags(monkeypatch)
     model, x = five_layers()
-    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, verify=verify)
+    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, verify=verify, precision="fp32")
     assert seen and seen[0] is verify and all(seen[1:]), seen
     assert len(seen) == (2 if opt.race.extra_rounds else 1), (seen, opt.race)
     assert_matches_eager(eager(model, (x,)), opt(x))
@@ -240,7 +240,7 @@ def test_a_rival_that_cannot_race_is_named_in_the_plan(cpu, tmp_path, monkeypatc
         return real(self, part, *a, **k)
     monkeypatch.setattr(cls, "compile_fn", whole_graph_fails)
     force_split(monkeypatch, cpu.id)
-    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path)
+    opt = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, precision="fp32")
     ort = Choice(cpu.id, "onnxruntime").label()
     said = [a for a in opt.race.absent if a.startswith(f"rival {ort} fell back")]
     assert len(said) == 1 and "exporter ran out of luck" in said[0], opt.race.absent
@@ -253,12 +253,12 @@ def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
     _the_first_plan_loses(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8)).eval()
     x = torch.randn(2, 48)
-    first = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path)
+    first = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, precision="fp32")
     assert first.race.reused is None and first.race.winner != PLAN, first.race
     built = []
     real_build = dioe.build.build
     monkeypatch.setattr(dioe.build, "build", lambda *a, **k: built.append(a[1]) or real_build(*a, **k))
-    second = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path)
+    second = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, precision="fp32")
     assert len(built) == 1, "a warm run compiles the race's winner only"
     assert [(p.member, p.backend, p.nodes) for p in second.plan.partitions] == \
         [(p.member, p.backend, p.nodes) for p in first.plan.partitions]

@@ -60,7 +60,7 @@ def test_optimize_takes_its_knobs_from_settings(tmp_path):
 
     m, x = torch.nn.Linear(4, 2).eval(), torch.randn(1, 4)
     settings = Settings(backends=("torch",), cache_dir=tmp_path / "a", race_rounds=1, race_extra=0)
-    opt = dioe.optimize(m, (x,), settings=settings, cache_dir=tmp_path / "b")
+    opt = dioe.optimize(m, (x,), settings=settings, cache_dir=tmp_path / "b", precision="fp32")
     assert not (tmp_path / "a").exists() and (tmp_path / "b" / "profiles").is_dir()
     assert {p.backend for p in opt.plan.partitions} == {"torch"}, opt.plan.summary()
     assert opt.race.rounds and all(len(r) == 1 for r in opt.race.rounds.values()), opt.race

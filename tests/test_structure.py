@@ -86,7 +86,7 @@ def test_a_plan_says_where_torch_ignores_a_member_thread_budget(standin_pool, tm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = dioe.optimize(model, (torch.randn(2, 64),), hardware=standin_pool, backends=["torch"],
-                            settings=dioe.Settings(cache_dir=tmp_path))
+                            settings=dioe.Settings(cache_dir=tmp_path), precision="fp32")
     from dioe.planner import thread_budget_gaps
 
     gaps = thread_budget_gaps(standin_pool, opt.plan.partitions)

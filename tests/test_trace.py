@@ -311,7 +311,7 @@ def test_optimize_records_its_stages_and_profiling(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
     x = torch.randn(2, 16)
     with dioe.trace(tmp_path / "opt.json"):
-        opt = dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path / "cache")
+        opt = dioe.optimize(model, (x,), backends=["torch"], cache_dir=tmp_path / "cache", precision="fp32")
         opt(x)
     data = load_trace(tmp_path / "opt.json")
     check_trace_event_format(data)

@@ -1,0 +1,96 @@
+"""optimize(precision=..., accuracy=..., calibration=...): lower precisions chosen under an accuracy budget, the
+budget's verdict kept in the plan, and an int8 plan saved and loaded again without calibrating anew."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import assert_matches_eager, eager
+
+import dioe
+from dioe import timing
+from dioe.accuracy import AccuracyReport
+from dioe.precision import FP32
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval(), \
+        torch.randn(2, 32)
+
+
+def test_unknown_precision_and_budget_are_clear_errors():
+    model, x = _mlp()
+    with pytest.raises(dioe.DIOEError, match=r"precision must be one of auto, fp32, bf16, fp16, int8; got 'fp64'"):
+        dioe.optimize(model, (x,), precision="fp64")
+    with pytest.raises(dioe.DIOEError, match=r"accuracy must be a dioe.Budget"):
+        dioe.optimize(model, (x,), accuracy="cosine>=0.999")
+    with pytest.raises(dioe.DIOEError, match=r"top1, cosine, rel_l2"):
+        dioe.Budget(sqnr=30)
+
+
+def test_a_budget_no_lower_precision_meets_keeps_fp32_and_says_why(tmp_path):
+    model, x = _mlp()
+    calib = [(torch.randn(2, 32),) for _ in range(64)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(model, (x,), backends=["onnxruntime"], precision="int8", cache_dir=tmp_path,
+                            accuracy=dioe.Budget(rel_l2=1e-5, samples=32), calibration=calib)
+    search = opt.precision_search
+    assert search is not None and search.source == "given" and search.winner == FP32
+    assert search.candidates and not search.kept, search
+    for c in search.candidates:
+        assert c.report is not None and not c.report.met and c.why.startswith("misses the budget"), c
+    assert [p.precision for p in opt.plan.partitions] == ["fp32"]
+    assert AccuracyReport.from_dict(opt.plan.accuracy).met, "the fp32 plan itself meets it"
+    assert_matches_eager(eager(model, (x,)), opt(x))
+
+
+def test_an_int8_plan_round_trips_and_reloads_without_calibrating(tmp_path, monkeypatch):
+    """int8 made the winner by scripting the side-by-side timing (its accuracy is real): the plan keeps its
+    accuracy report and calibration key, and a reload reuses the quantized artifact instead of calibrating."""
+    model, x = _mlp()
+    real = timing.side_by_side
+
+    def int8_is_faster(runs, flat, **kw):
+        got = real(runs, flat, **kw)
+        return {k: [0.5 * t for t in v] if "/int8" in k else v for k, v in got.items()}
+    monkeypatch.setattr(timing, "side_by_side", int8_is_faster)
+    calib = [(torch.randn(2, 32),) for _ in range(64)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(model, (x,), backends=["openvino"], precision="int8", cache_dir=tmp_path,
+                            accuracy=dioe.Budget(cosine=0.99, samples=32), calibration=calib)
+    (p,) = opt.plan.partitions
+    assert (p.backend, p.precision) == ("openvino", "int8") and p.calibration, opt.plan.summary()
+    assert opt.precision_search.winner == p.choice.label()
+    (c,) = opt.runtime.compiled.values()
+    assert c.applied.startswith("int8") and c.notes["quantized_ops"] > 0, (c.applied, c.notes)
+    report = AccuracyReport.from_dict(opt.plan.accuracy)
+    assert report.met and all(r.metric == "cosine" for r in report.results)
+    plan = dioe.Plan.from_dict(opt.plan.to_dict())
+    assert plan == opt.plan and plan.to_dict() == opt.plan.to_dict()
+    path = opt.save(tmp_path / "mlp.plan.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: the artifact is found by its key
+        again = dioe.load(path, model, (x,), hardware=opt.runtime.pool, cache_dir=tmp_path)
+    (c2,) = again.runtime.compiled.values()
+    assert (c2.precision, c2.notes["calibration_samples"]) == ("int8", 0), c2.notes
+    torch.testing.assert_close(again(x), opt(x), rtol=0, atol=0)
+    # with the artifact gone, the reload says so and runs the partition on torch rather than calibrate blind
+    with pytest.warns(RuntimeWarning, match=r"int8 model this plan was calibrated for .* is not in the cache"):
+        fresh = dioe.load(path, model, (x,), hardware=opt.runtime.pool, cache_dir=tmp_path / "empty")
+    assert_matches_eager(eager(model, (x,)), fresh(x))
+
+
+def test_the_main_job_shows_fp32_eager_and_dioe_with_its_accuracy(tmp_path, capsys):
+    from dioe.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["optimize", "tiny-mlp", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "torch eager fp32" in out and "DIOE " in out, out
+    assert "accuracy against fp32 eager on held-out inputs:" in out, out
+    plan = dioe.Plan.load(tmp_path / "tiny-mlp.plan.json")
+    assert plan.accuracy is not None and AccuracyReport.from_dict(plan.accuracy).met
