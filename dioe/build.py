@@ -44,6 +44,7 @@ def build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: 
     low = [p for p in plan.partitions if p.precision != "fp32"]
     data = _partition_inputs(captured, program, [p.id for p in low], calibration) if calibration and low else {}
     keys: dict[str, str] = {}
+    fell: dict[str, str] = {}   # partition -> why its backend could not compile it
     for p in plan.partitions:
         part = program.partition(p.id)
         calib = data.get(p.id) or (CalibrationKey(p.calibration) if p.calibration else None)
@@ -56,9 +57,13 @@ def build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: 
         except BackendError as e:
             warnings.warn(f"dioe: {e}. Partition {p.id} runs on torch@{pool.reference.id} instead.", RuntimeWarning)
             compiled[p.id] = registry.get("torch", settings.cache_dir).compile(part, pool.reference, "fp32")
-    if keys:
-        plan = replace(plan, partitions=tuple(replace(p, calibration=keys.get(p.id, p.calibration))
-                                              for p in plan.partitions))
+            fell[p.id] = f"{p.backend}@{p.member}/{p.precision} failed to compile it; reference backend"
+    if keys or fell:
+        # the plan says what runs: a partition that fell back is torch's at the reference, and says why
+        plan = replace(plan, partitions=tuple(
+            replace(p, member=pool.reference.id, backend="torch", precision="fp32", calibration=None,
+                    reason=fell[p.id]) if p.id in fell else replace(p, calibration=keys.get(p.id, p.calibration))
+            for p in plan.partitions))
     return Optimized(captured, plan, program, Runtime(program, compiled, pool, cache_dir=settings.cache_dir))
 
 

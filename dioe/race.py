@@ -224,8 +224,8 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
         if runner is not None and fast[runner] <= fast[PLAN] * (1 + s.split_margin):
             best, kept = runner, True
     report = _report(fast, med, own, eager_as, s, again)
-    record = RaceRecord({k: tuple(v) for k, v in rounds.items()}, fast, med, best, tuple(again), kept,
-                        tuple(absent))
+    record = RaceRecord({k: tuple(v) for k, v in rounds.items()}, dict(fast), dict(med), best, tuple(again), kept,
+                        tuple(absent))   # copies: the winner's own entry is added to `med` below
     if best == PLAN:
         # The verdict is keyed by the first plan, which a re-plan may have replaced: a plan of one partition is
         # saved as its option, which a warm run rebuilds whole; a re-planned split is raced again next time.

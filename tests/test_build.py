@@ -1,6 +1,8 @@
 """Building a plan: the graph split into its partitions, each compiled for its member, and verified against eager;
 a partition that fails to compile or computes something else runs on torch at the reference member instead."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.fx
@@ -23,8 +25,8 @@ def test_a_partition_that_fails_verification_runs_on_the_reference(cpu, tmp_path
     real = cls.compile_fn
 
     def off_by_half(self, *a, **k):
-        fn, artifact = real(self, *a, **k)
-        return (lambda *xs: tuple(o * 1.5 for o in fn(*xs))), artifact
+        built = real(self, *a, **k)
+        return dataclasses.replace(built, fn=lambda *xs: tuple(o * 1.5 for o in built.fn(*xs)))
     monkeypatch.setattr(cls, "compile_fn", off_by_half)
     if split:
         force_split(monkeypatch, cpu.id)
@@ -44,8 +46,8 @@ def test_verify_holds_a_partition_to_the_settings_tolerance(cpu, tmp_path, monke
     real = cls.compile_fn
 
     def slightly_off(self, *a, **k):
-        fn, artifact = real(self, *a, **k)
-        return (lambda *xs: tuple(o * (1 + 1e-3) for o in fn(*xs))), artifact
+        built = real(self, *a, **k)
+        return dataclasses.replace(built, fn=lambda *xs: tuple(o * (1 + 1e-3) for o in built.fn(*xs)))
     monkeypatch.setattr(cls, "compile_fn", slightly_off)
     model, x = five_layers()
     g = dioe.capture(model, (x,))
@@ -71,6 +73,9 @@ def test_a_partition_that_cannot_be_compiled_runs_on_the_reference(cpu, tmp_path
         opt = build(g, plan, dioe.ResourcePool.discover(), settings=Settings(cache_dir=tmp_path))
     c = opt.runtime.compiled["p0"]
     assert (c.backend, c.member, c.precision) == ("torch", cpu.id, "fp32")
+    (p,) = opt.plan.partitions  # the plan says what runs, and why
+    assert (p.backend, p.member, p.precision) == ("torch", cpu.id, "fp32")
+    assert p.reason == f"onnxruntime@{cpu.id}/int4 failed to compile it; reference backend", p.reason
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
