@@ -41,7 +41,8 @@ def build(engine: str, model, inputs, captured, cache: Path) -> Built:
     if engine == "dioe":
         from ..pipeline import optimize
 
-        opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name)
+        # the fp32 plan, beside the fp32 peers; lower precisions need their accuracy beside their latency
+        opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name, precision="fp32")
         return Built(opt, "fp32", opt.plan)
     ref = ResourcePool.discover().reference
     part = Partition("whole", captured.gm, captured.example_inputs)
