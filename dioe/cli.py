@@ -167,17 +167,17 @@ def cmd_plan(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from . import traceview
+    from . import tracereport, traceserve, traceview
 
     if args.action == "summary":
         s = traceview.summarize(traceview.load_trace(args.trace), top=args.top)
         print(json.dumps(s, indent=1) if args.json else traceview.format_summary(s))
         return 0
     if args.action == "report":
-        out = traceview.write_report(args.trace, args.output or str(args.trace).rsplit(".", 1)[0] + ".html")
+        out = tracereport.write_report(args.trace, args.output or str(args.trace).rsplit(".", 1)[0] + ".html")
         print(f"report written to {out} (one self-contained page; open it in any browser)")
         return 0
-    return traceview.serve(args.trace, host=args.host, port=args.port, ui=args.ui, open_browser=not args.no_browser)
+    return traceserve.serve(args.trace, host=args.host, port=args.port, ui=args.ui, open_browser=not args.no_browser)
 
 
 def cmd_cache(args) -> int:

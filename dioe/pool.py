@@ -14,66 +14,21 @@ stand-ins to exercise partitioning, transfers and fallbacks without the hardware
 from __future__ import annotations
 
 import fnmatch
-import importlib
-import importlib.util
-import os
-import platform
-import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import psutil
 import yaml
 
 from . import hardware
+from .devices import CpuInfo, cpu_score, cuda_devices, match_cpu, openvino_devices, plugin_devices
 from .errors import DescriptorError, PoolError
 from .hardware import Descriptor
 from .schema import LineMap, build, spec
+from .telemetry import Sample, Telemetry
 
 GiB = 1024 ** 3
-
-# ARM does not print a model name; /proc/cpuinfo gives the core's part number instead.
-_ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
-              "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78",
-              "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2",
-              "0xd42": "Cortex-A78AE", "0xd4b": "Cortex-A78C"}
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    name: str
-    machine: str
-    flags: frozenset[str]
-    physical_cores: int
-    logical_cores: int
-    usable_cores: int  # what this process may run on (affinity / cgroup), the real thread budget
-
-    @classmethod
-    def read(cls) -> "CpuInfo":
-        name, flags = platform.processor() or platform.machine(), set()
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            text = ""
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "model name" and value:
-                name = value
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-            elif key == "CPU part" and value in _ARM_PARTS and not name.startswith("ARM"):
-                name = f"ARM {_ARM_PARTS[value]}"
-        logical = psutil.cpu_count(logical=True) or 1
-        try:
-            usable = len(os.sched_getaffinity(0))
-        except AttributeError:
-            usable = logical
-        return cls(name=name, machine=platform.machine(), flags=frozenset(flags),
-                   physical_cores=psutil.cpu_count(logical=False) or logical, logical_cores=logical,
-                   usable_cores=usable)
 
 
 @dataclass(frozen=True)
@@ -101,17 +56,6 @@ class Member:
     def describe(self) -> str:
         label = " (stand-in, runs on the CPU)" if self.stand_in else ""
         return f"{self.id}: {self.name} [{self.descriptor.name}]{label}"
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One telemetry reading of a member. Fields a device cannot report are None."""
-
-    time: float
-    utilization_pct: float | None
-    memory_used_bytes: int | None
-    memory_total_bytes: int | None
-    power_w: float | None
 
 
 @dataclass(frozen=True)
@@ -161,25 +105,6 @@ def _member(id_: str, d: Descriptor, name: str, device: str | None, **kw) -> Mem
     return Member(id=id_, descriptor=d, name=name, device=device, backends=backends, unavailable=why, **kw)
 
 
-def _cpu_score(d: Descriptor, cpu: CpuInfo) -> int | None:
-    """How specifically `d` describes this CPU (more required flags = more specific), None if it does not."""
-    m = d.match
-    if d.kind != "cpu" or m.torch_device != "cpu":
-        return None
-    if m.machine and cpu.machine not in m.machine:
-        return None
-    if not fnmatch.fnmatch(cpu.name.lower(), m.name_pattern.lower()):
-        return None
-    if not set(m.isa_flags) <= cpu.flags:
-        return None
-    return len(m.isa_flags) * 10 + (m.name_pattern != "*") * 100
-
-
-def match_cpu(cpu: CpuInfo, candidates: Iterable[Descriptor]) -> Descriptor | None:
-    scored = [(s, d.name, d) for d in candidates if (s := _cpu_score(d, cpu)) is not None]
-    return max(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
-
-
 def _cpu_member(cpu: CpuInfo, d: Descriptor, id_: str = "cpu0") -> Member:
     mem = int(d.memory.capacity_gb * GiB) if d.memory.capacity_gb is not None else psutil.virtual_memory().total
     threads = d.optimizer.threads or cpu.usable_cores
@@ -188,81 +113,12 @@ def _cpu_member(cpu: CpuInfo, d: Descriptor, id_: str = "cpu0") -> Member:
                    reason=f"matched on {', '.join(flags) or 'architecture'}")
 
 
-def _nvml_gpus() -> tuple[list[dict], str]:
-    """NVIDIA GPUs as pynvml sees them, or an empty list and why."""
-    try:
-        import pynvml
-    except ImportError:
-        return [], "nvidia-ml-py is not installed (pip install 'dioe[gpu]')"
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return [], f"no NVIDIA driver ({type(e).__name__})"
-    out = []
-    for i in range(pynvml.nvmlDeviceGetCount()):
-        h = pynvml.nvmlDeviceGetHandleByIndex(i)
-        name = pynvml.nvmlDeviceGetName(h)
-        out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                    "memory": pynvml.nvmlDeviceGetMemoryInfo(h).total})
-    return out, "" if out else "pynvml found no NVIDIA GPU"
-
-
-def _cuda_devices() -> tuple[list[dict], str]:
-    gpus, why = _nvml_gpus()
-    if not gpus:
-        import torch
-
-        if torch.cuda.is_available():  # Jetson and some containers have CUDA without NVML
-            gpus = [{"index": i, "name": torch.cuda.get_device_name(i),
-                     "memory": torch.cuda.get_device_properties(i).total_memory}
-                    for i in range(torch.cuda.device_count())]
-            why = ""
-    elif not _torch_cuda_ok():
-        why = "an NVIDIA GPU is present but this torch build has no CUDA"
-        return [], why
-    return gpus, why
-
-
-def _torch_cuda_ok() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _plugin_devices(device_type: str, plugin: str | None) -> tuple[int, str]:
-    """Count of a PrivateUse1-style device (mlu, npu, xpu, mps) and, when zero, why."""
-    import torch
-
-    if plugin:
-        if importlib.util.find_spec(plugin) is None:
-            return 0, f"{plugin} is not installed"
-        try:
-            importlib.import_module(plugin)
-        except Exception as e:
-            return 0, f"{plugin} failed to import: {e}"
-    mod = getattr(torch, device_type, None)
-    if mod is None or not hasattr(mod, "is_available"):
-        return 0, f"torch has no '{device_type}' device module"
-    if not mod.is_available():
-        return 0, f"torch.{device_type}.is_available() is False"
-    count = getattr(mod, "device_count", lambda: 1)()
-    return count, "" if count else f"torch.{device_type} reports no device"
-
-
-def _openvino_devices() -> tuple[list[str], str]:
-    if importlib.util.find_spec("openvino") is None:
-        return [], "openvino is not installed (pip install 'dioe[openvino]')"
-    import openvino
-
-    return list(openvino.Core().available_devices), ""
-
-
 def _find_accelerators(d: Descriptor, used: set[str]) -> list[Member] | str:
     """Live devices matching a non-CPU descriptor, or the reason there are none."""
     m = d.match
     found: list[Member] = []
     if m.torch_device == "cuda":
-        gpus, why = _cuda_devices()
+        gpus, why = cuda_devices()
         hits = [g for g in gpus if fnmatch.fnmatch(g["name"].lower(), m.name_pattern.lower())
                 and f"cuda:{g['index']}" not in used]
         for g in hits:
@@ -275,7 +131,7 @@ def _find_accelerators(d: Descriptor, used: set[str]) -> list[Member] | str:
                            + ", ".join(g["name"] for g in gpus))
         return found
     if m.torch_device is not None and m.torch_device != "cpu":
-        count, why = _plugin_devices(m.torch_device, m.torch_plugin)
+        count, why = plugin_devices(m.torch_device, m.torch_plugin)
         for i in range(count):
             dev = f"{m.torch_device}:{i}"
             if dev in used:
@@ -285,7 +141,7 @@ def _find_accelerators(d: Descriptor, used: set[str]) -> list[Member] | str:
                                  memory_bytes=int(cap * GiB) if cap else None, reason="found by torch"))
         return found or why
     if m.openvino_device is not None:
-        devices, why = _openvino_devices()
+        devices, why = openvino_devices()
         hits = [x for x in devices if x.split(".")[0] == m.openvino_device and f"ov:{x}" not in used]
         for x in hits:
             cap = d.memory.capacity_gb
@@ -318,7 +174,7 @@ class ResourcePool:
         self.members: tuple[Member, ...] = tuple(members)
         self.absent: tuple[Member, ...] = tuple(absent)
         self.cpu = cpu or CpuInfo.read()
-        self._telemetry = _Telemetry(self)
+        self._telemetry = Telemetry(self)
 
     # -- discovery ------------------------------------------------------------------------------------------
     @classmethod
@@ -355,7 +211,7 @@ class ResourcePool:
         for d in descriptors:
             if d.kind != "cpu":
                 continue
-            if _cpu_score(d, cpu) is None:
+            if cpu_score(d, cpu) is None:
                 absent.append(_member(d.name, d, d.name, None, present=False,
                                       reason=f"this CPU ({cpu.name}; {cpu.machine}) does not match: needs "
                                       f"{', '.join(d.match.isa_flags) or d.match.name_pattern}"))
@@ -384,7 +240,7 @@ class ResourcePool:
                                           f"{d.name!r}'s backends {list(d.backend_names())}")
             mem = int(e.memory_gb * GiB) if e.memory_gb is not None else None
             if e.stand_in or d.kind == "cpu":
-                if e.stand_in is False and _cpu_score(d, cpu) is None:
+                if e.stand_in is False and cpu_score(d, cpu) is None:
                     absent.append(_member(e.id, d, d.name, None, present=False,
                                           reason=f"this CPU ({cpu.name}) does not match {d.name}"))
                     continue
@@ -490,83 +346,3 @@ def _pool_descriptor(ref: str, pool_path: Path, cpu: CpuInfo) -> Descriptor:
         return d
     local = pool_path.parent / ref
     return hardware.load(local if local.exists() else ref)
-
-
-class _Telemetry:
-    """Samples members in a daemon thread so that readers never wait on NVML or psutil."""
-
-    def __init__(self, pool: ResourcePool):
-        self._pool = pool
-        self._latest: dict[str, Sample] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._proc = psutil.Process()
-
-    def start(self, interval_s: float) -> None:
-        if self._thread and self._thread.is_alive():
-            return
-        self._stop.clear()
-        psutil.cpu_percent(None)  # prime: the first call has no interval to measure over
-        self._thread = threading.Thread(target=self._loop, args=(interval_s,), name="dioe-telemetry", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        self._thread = None
-
-    def _loop(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            self._sample()
-
-    def latest(self) -> dict[str, Sample]:
-        with self._lock:
-            have = dict(self._latest)
-        if not have:
-            self._sample()
-            with self._lock:
-                have = dict(self._latest)
-        return have
-
-    def sample(self) -> dict[str, Sample]:
-        return self._sample()
-
-    def _sample(self) -> dict[str, Sample]:
-        now = time.time()
-        out: dict[str, Sample] = {}
-        vm = psutil.virtual_memory()
-        cpu_util = psutil.cpu_percent(None)
-        nvml = _nvml_handles()
-        for m in self._pool.members:
-            if m.device == "cpu":
-                out[m.id] = Sample(now, cpu_util, vm.total - vm.available, m.memory_bytes, None)
-            elif m.device and m.device.startswith("cuda") and nvml is not None:
-                out[m.id] = _nvml_sample(nvml, int(m.device.split(":")[1]), now)
-            else:
-                out[m.id] = Sample(now, None, None, m.memory_bytes, None)
-        with self._lock:
-            self._latest = out
-        return out
-
-
-def _nvml_handles():
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception:
-        return None
-
-
-def _nvml_sample(pynvml, index: int, now: float) -> Sample:
-    h = pynvml.nvmlDeviceGetHandleByIndex(index)
-    mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-    try:
-        power = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
-    except Exception:
-        power = None
-    util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
-    return Sample(now, float(util), int(mem.used), int(mem.total), power)

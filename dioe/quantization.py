@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .calibration import _check, fingerprint
+from .devices import CpuInfo
 from .errors import BackendError, InputSpecError
-from .pool import CpuInfo
 
 if TYPE_CHECKING:
     from .backend import Partition

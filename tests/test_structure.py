@@ -69,7 +69,7 @@ def test_each_backend_declares_what_the_rest_reads(name):
 
 def test_trace_colours_and_descriptor_options_come_from_the_backend_files():
     from dioe import hardware
-    from dioe.traceview import backend_colors
+    from dioe.tracereport import backend_colors
 
     assert {b: c for b, c in backend_colors().items() if b != "copy"} == \
         {b: backends.backend_class(b).color for b in backends.names()}

