@@ -26,7 +26,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dioe", "dioe.backends", "dioe.descriptors"],
+    packages=["dioe", "dioe.bench", "dioe.backends", "dioe.descriptors"],
     package_dir={"dioe": "dioe", "dioe.backends": "backends", "dioe.descriptors": "hardware"},
     package_data={"dioe.descriptors": ["*.yaml", "*.json"], "dioe": ["assets/*.js", "assets/*.css"]},
     install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6", "psutil>=5.9", "tqdm>=4.60"],
