@@ -94,3 +94,12 @@ def test_a_plan_says_where_torch_ignores_a_member_thread_budget(standin_pool, tm
     assert gaps == {m: (("torch",), 1) for m in members}, "every member of the pool file has a budget of 1"
     told = [n for n in opt.plan.notes if n.startswith("thread budget: ")]
     assert len(told) == len(members) and all(f"on {m}, torch run" in " ".join(told) for m in members), told
+
+
+def test_setup_installs_every_subpackage():
+    """A subpackage missing from setup.py's list works in an editable install and is absent from a real one."""
+    root = Path(__file__).resolve().parent.parent   # the source tree, wherever dioe is installed from
+    setup = (root / "setup.py").read_text()
+    listed = ast.literal_eval(setup.split("packages=", 1)[1].split("]", 1)[0] + "]")
+    found = {"dioe." + p.parent.name for p in (root / "dioe").glob("*/__init__.py")} | {"dioe"}
+    assert found <= set(listed), f"setup.py's packages lack {sorted(found - set(listed))}"
