@@ -55,10 +55,12 @@ class Budget:
     samples: int = 64              # held-out samples (batch rows) to judge on
     outputs: tuple[int, ...] | None = None  # flat output positions judged; None: every floating-point output
 
-    def __init__(self, *, top1: float | None = None, cosine: float | None = None, rel_l2: float | None = None,
+    def __init__(self, *args: Any, top1: float | None = None, cosine: float | None = None, rel_l2: float | None = None,
                  confidence: float = 0.95, samples: int = 64, outputs: Sequence[int] | None = None,
                  **unknown: Any):
         # a hand-written __init__ so that a misspelt metric is a DIOEError naming the real ones, not a TypeError
+        if args:
+            raise DIOEError(f"Budget takes keywords, such as Budget(cosine=0.999); got {args!r} by position")
         if unknown:
             raise DIOEError(f"unknown budget metric(s) {', '.join(map(repr, unknown))}; the metrics are "
                             f"{_allowed()} (and the options confidence, samples, outputs)")
@@ -180,7 +182,8 @@ class Budget:
             logits = floats[0]
         else:
             logits = None
-        if logits is not None and logits[2].dim() in (2, 3):
+        # a single score per row (shape (batch, 1)) has no argmax to agree on: judged as a value
+        if logits is not None and logits[2].dim() in (2, 3) and logits[2].shape[-1] >= 2:
             return cls(top1=0.9, cosine=0.999, outputs=(logits[0],))
         return cls(cosine=0.999, rel_l2=0.05, outputs=None)
 

@@ -54,6 +54,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
         raise DIOEError(f"objective must be 'latency' or 'throughput', got {objective!r}")
     precisions.check_precision(precision)
     precisions.check_budget(accuracy)
+    precisions.check_calibration(calibration)
     settings = _settings(settings, cache_dir=cache_dir, tolerance=tolerance)  # a bad $DIOE_CACHE_MAX fails here
     pool = _pool(hardware)
     backends = check_backends(backends, settings)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -45,6 +45,15 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise DIOEError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     return precision
+
+
+def check_calibration(calibration: Any) -> Any:
+    """`calibration` as optimize takes it: None, an iterable of input tuples, or a callable returning one."""
+    if calibration is None or callable(calibration) or isinstance(calibration, Iterable) and \
+            not isinstance(calibration, (str, bytes, torch.Tensor)):
+        return calibration
+    raise DIOEError(f"calibration must be None, an iterable of input tuples (like the example inputs) or a callable "
+                    f"returning one; got {type(calibration).__name__}")
 
 
 def check_budget(accuracy: Any) -> Budget | None:
@@ -87,14 +96,24 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     if not options:
         return opt
     s, captured = job.settings, job.captured
-    budget = budget or Budget.default_for(captured.unflatten_outputs(captured.reference_outputs()))
+    chosen = budget
     batch = next((x.shape[0] for x in captured.example_inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
-    with _trace.stage("precision: samples"):
-        samples = split(calibration, captured.example_inputs, n_calibrate=s.calibration_samples,
-                        n_holdout=budget.holdout_inputs(batch))
-        holdout = [list(x) for x in samples.holdout]
-        with torch.inference_mode():
-            reference = [tuple(captured.gm(*x)) for x in holdout]
+    try:
+        budget = budget or Budget.default_for(captured.unflatten_outputs(captured.reference_outputs()))
+        with _trace.stage("precision: samples"):
+            samples = split(calibration, captured.example_inputs, n_calibrate=s.calibration_samples,
+                            n_holdout=budget.holdout_inputs(batch))
+    except DIOEError as e:
+        if chosen is not None or calibration is not None:
+            raise  # what the caller gave is wrong: say so
+        # nothing the caller asked for: what DIOE would pick itself does not fit this model, so fp32 stays
+        warnings.warn(f"dioe: precision {precision} not tried: {e}. The plan stays fp32; pass accuracy= and "
+                      "calibration= to try lower precisions.", RuntimeWarning, stacklevel=3)
+        opt.plan = replace(opt.plan, notes=opt.plan.notes + (f"precision {precision} not tried: {str(e)[:300]}",))
+        return opt
+    holdout = [list(x) for x in samples.holdout]
+    with torch.inference_mode():
+        reference = [tuple(captured.gm(*x)) for x in holdout]
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
              f"({samples.source} inputs) against fp32 eager; calibrated on {len(samples.calibrate)} others"]
     fp32_report = evaluate(budget, reference, _outputs(opt, holdout))
@@ -106,7 +125,10 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
             tried.append(Candidate(option, None, cand))
             continue
         report = evaluate(budget, reference, _outputs(cand, holdout))
-        if not report.met:
+        if cand.runtime.stats["fallbacks"]:  # its outputs were torch's fp32, not its own
+            why = f"failed while judged and fell back to torch: {next(iter(cand.runtime.fallbacks.values()))[:300]}"
+            cand.runtime.close()
+        elif not report.met:
             why = f"misses the budget: {report.summary()}"
             cand.runtime.close()
         else:
@@ -125,6 +147,11 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     with _trace.stage("precision: time side by side", contenders=list(runs)):
         rounds = timing.side_by_side(runs, job.captured.example_inputs, rounds=s.race_rounds + s.race_extra,
                                      repeats=s.race_repeats, budget_s=s.timing_budget_s / s.race_rounds)
+    for k, c in list(built.items()):
+        if c.runtime.stats["fallbacks"]:  # it failed while racing: its times are torch's
+            rounds.pop(k)
+            c.runtime.close()
+            del built[k]
     fast = {k: timing.fast_half(v) for k, v in rounds.items()}
     med = {k: statistics.median(v) for k, v in rounds.items()}
     best = min(fast, key=fast.get)

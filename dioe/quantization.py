@@ -71,7 +71,7 @@ class CalibrationKey(str):
 def missing(part: Partition, key: CalibrationKey, engine: str) -> BackendError:
     """The error for a plan's int8 artifact that is no longer in the cache."""
     return BackendError(f"partition {part.id}: the {engine} int8 model this plan was calibrated for "
-                        f"(calibration {key}) is not in the cache; optimize again, or load with calibration data")
+                        f"(calibration {key}) is not in the cache (cleared, or another cache folder); optimize again to rebuild it")
 
 
 @functools.cache

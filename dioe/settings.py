@@ -115,6 +115,9 @@ class Settings:
                 raise DIOEError(f"Settings.{f.name} must be a share in [0, 1), got {v!r}")
             if f.name == "replan_threshold" and not (isinstance(v, (int, float)) and v >= 0):
                 raise DIOEError(f"Settings.{f.name} must be a share >= 0 (float('inf'): never), got {v!r}")
+            if f.name in ("segment_target", "segment_max", "race_rounds", "race_repeats", "calibration_samples") \
+                    and (isinstance(v, bool) or not isinstance(v, int)):
+                raise DIOEError(f"Settings.{f.name} must be a whole number > 0, got {v!r}")
             if f.name in ("rivals", "race_extra") and not (isinstance(v, int) and v >= 0):
                 raise DIOEError(f"Settings.{f.name} must be an integer >= 0, got {v!r}")
         if self.cache_max_bytes is not None and self.cache_max_bytes < 0:

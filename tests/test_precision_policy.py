@@ -94,3 +94,31 @@ def test_the_main_job_shows_fp32_eager_and_dioe_with_its_accuracy(tmp_path, caps
     assert "accuracy against fp32 eager on held-out inputs:" in out, out
     plan = dioe.Plan.load(tmp_path / "tiny-mlp.plan.json")
     assert plan.accuracy is not None and AccuracyReport.from_dict(plan.accuracy).met
+
+
+def test_what_optimize_picks_itself_never_fails_a_model_that_fp32_serves(tmp_path):
+    """A single score per row has no top-1 to agree on, and a constant example input gives no distinct inputs to
+    generate: the default budget and generated inputs adapt, or the stage steps aside with a warning."""
+    one_score = torch.nn.Linear(16, 1).eval()
+    x = torch.randn(8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(one_score, (x,), backends=["onnxruntime"], cache_dir=tmp_path)
+    assert opt.precision_search is not None and "top1" not in opt.precision_search.budget.metrics
+    assert_matches_eager(eager(one_score, (x,)), opt(x), rtol=0.1)
+    model, _ = _mlp()
+    zeros = torch.zeros(2, 32)
+    with pytest.warns(RuntimeWarning, match=r"precision auto not tried: calibration data has 1 distinct item"):
+        opt = dioe.optimize(model, (zeros,), backends=["onnxruntime"], cache_dir=tmp_path)
+    assert [p.precision for p in opt.plan.partitions] == ["fp32"] and opt.precision_search is None
+    assert_matches_eager(eager(model, (zeros,)), opt(zeros))
+
+
+def test_bad_calibration_and_positional_budget_are_clear_errors():
+    model, x = _mlp()
+    with pytest.raises(dioe.DIOEError, match=r"calibration must be None, an iterable of input tuples"):
+        dioe.optimize(model, (x,), calibration=5)
+    with pytest.raises(dioe.DIOEError, match=r"Budget takes keywords"):
+        dioe.Budget(0.999)
+    with pytest.raises(dioe.DIOEError, match=r"Settings.race_rounds must be a whole number"):
+        dioe.Settings(race_rounds=2.5)
