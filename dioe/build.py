@@ -8,12 +8,13 @@ that computes something else, runs on torch at the reference member instead, wit
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 
 from . import backends as registry
+from . import tracing as _trace
 from .backend import Compiled
 from .calibration import fingerprint
 from .capture import CapturedGraph
@@ -125,6 +126,31 @@ def verify(opt: Optimized, *, settings: Settings | None = None) -> Optimized:
         raise DIOEError(f"optimized {opt.plan.model} differs from eager by {err:.2e} although every partition "
                         f"passed at {tol:.0e}; please report this plan: {opt.plan.to_dict()['partitions']}")
     return opt
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A contender built for one option (`built`), or why not: the build's error, or what it fell back for."""
+
+    built: Optimized | None
+    why: str = ""
+    fell_back: bool = False     # it built, but some partition runs on torch instead of the option
+
+
+def build_as(option, make: Callable[[], Optimized], *, stage: str) -> Attempt:
+    """`make()`'s model when every partition of it runs as `option` (a Choice); a contender that fell back would
+    race or be judged under a false name, so it is closed and the warning that said why is returned instead."""
+    try:
+        with warnings.catch_warnings(record=True) as caught, _trace.stage(stage, option=str(option)):
+            warnings.simplefilter("always")
+            opt = make()
+    except DIOEError as e:
+        return Attempt(None, str(e)[:300])
+    if not runs_as(opt, option):
+        opt.runtime.close()
+        why = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "it fell back")
+        return Attempt(None, why[:300], fell_back=True)
+    return Attempt(opt)
 
 
 def runs_as(opt: Optimized, option) -> bool:

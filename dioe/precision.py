@@ -212,18 +212,10 @@ def _build(job: Job, option: Choice, samples: Samples) -> Optimized | str:
     fp32 = whole_graph_plan(job, replace(option, precision="fp32"), 0.0)
     plan = replace(fp32, partitions=tuple(replace(p, precision=option.precision) for p in fp32.partitions))
     calib = [list(x) for x in samples.calibrate]
-    try:
-        with warnings.catch_warnings(record=True) as caught, _trace.stage("precision: build", option=str(option)):
-            warnings.simplefilter("always")
-            cand = building.build(job.captured, plan, job.pool, settings=job.settings, objective=job.objective,
-                                  calibration=calib)
-    except DIOEError as e:
-        return f"could not be built: {str(e)[:300]}"
-    if not building.runs_as(cand, option):
-        cand.runtime.close()
-        why = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "it fell back")
-        return f"could not be built: {why[:300]}"
-    return cand
+    attempt = building.build_as(option, lambda: building.build(job.captured, plan, job.pool, settings=job.settings,
+                                                               objective=job.objective, calibration=calib),
+                                stage="precision: build")
+    return attempt.built if attempt.built is not None else f"could not be built: {attempt.why}"
 
 
 def _outputs(opt: Optimized, holdout: Sequence[Sequence]) -> list[tuple]:

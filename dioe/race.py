@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import statistics
-import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
@@ -22,7 +21,6 @@ from . import partition
 from . import timing
 from . import tracing as _trace
 from .backend import cache_root
-from .errors import DIOEError
 from .optimized import Optimized
 from .plan import Choice, Plan
 from .planner import Job, inherited_notes, make_plan, unless_split_pays, whole_graph_plan
@@ -189,19 +187,12 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     for option, predicted in sorted(picks.items(), key=lambda kv: (kv[0].backend != "onnxruntime", kv[1])):
         plan = whole_graph_plan(job, option, predicted, replanned=opt.plan.replanned,
                                 notes=inherited_notes(opt.plan))
-        try:
-            with warnings.catch_warnings(record=True) as caught, _trace.stage("build rival", option=str(option)):
-                warnings.simplefilter("always")
-                rival = _built(job, plan)
-        except DIOEError as e:
-            absent.append(f"rival {option} could not be built or verified: {str(e)[:300]}")
+        attempt = building.build_as(option, lambda plan=plan: _built(job, plan), stage="build rival")
+        if attempt.built is None:
+            absent.append(f"rival {option} fell back to torch while compiling or verifying: {attempt.why}"
+                          if attempt.fell_back else f"rival {option} could not be built or verified: {attempt.why}")
             continue
-        if not building.runs_as(rival, option):
-            rival.runtime.close()  # it fell back while compiling or verifying: it would race under a false name
-            why = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "it fell back")
-            absent.append(f"rival {option} fell back to torch while compiling or verifying: {why[:300]}")
-            continue
-        rivals[option.label()] = rival
+        rivals[option.label()] = attempt.built
         options[option.label()] = option
     if absent:
         opt.plan = replace(opt.plan, notes=opt.plan.notes + tuple(absent))
