@@ -13,6 +13,8 @@ not kept where it was not.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import warnings
 from dataclasses import dataclass, replace
@@ -25,9 +27,11 @@ from . import build as building
 from . import partition
 from . import timing
 from . import tracing as _trace
-from .accuracy import AccuracyReport, Budget, evaluate
-from .calibration import Samples, split
+from .accuracy import METRICS, AccuracyReport, Budget, evaluate
+from .backend import cache_root
+from .calibration import Samples, fingerprint, split
 from .errors import DIOEError
+from .files import write_text
 from .optimized import Optimized
 from .plan import Choice
 from .planner import Job, whole_graph_plan
@@ -82,6 +86,20 @@ class PrecisionRecord:
     fp32: AccuracyReport                         # the fp32 winner on the same held-out samples
     fast_ms: dict[str, float]                    # contender -> mean of its faster half of rounds ("fp32 plan", labels)
     winner: str                                  # "fp32 plan" or the winning option's label
+    reused: str | None = None                    # the verdict file a warm optimize took this from, if it did
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "winner": self.winner, "fp32": self.fp32.to_dict(), "fast_ms": self.fast_ms,
+                "candidates": [{"option": c.option.label(), "why": c.why,
+                                "report": c.report.to_dict() if c.report else None} for c in self.candidates]}
+
+    @classmethod
+    def from_dict(cls, d: dict, budget: Budget, reused: str) -> "PrecisionRecord":
+        return cls(budget, d["source"], tuple(Candidate(Choice.parse(c["option"]), c["report"] and
+                                                        AccuracyReport.from_dict(c["report"]), c["why"])
+                                              for c in d["candidates"]),
+                   AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
+                   str(d["winner"]), reused)
 
     @property
     def kept(self) -> tuple[Candidate, ...]:
@@ -112,6 +130,11 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         opt.plan = replace(opt.plan, notes=opt.plan.notes + (f"precision {precision} not tried: {str(e)[:300]}",))
         return opt
     holdout = [list(x) for x in samples.holdout]
+    verdict = Verdict(s.cache_dir, job, opt, precision, budget, samples, options)
+    if verdict.record is not None:
+        reused = _reuse(opt, job, verdict, samples)
+        if reused is not None:
+            return reused
     with torch.inference_mode():
         reference = [tuple(captured.gm(*x)) for x in holdout]
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
@@ -137,25 +160,19 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     notes += [f"{c.option}: {c.why}" for c in tried if c.why]
 
     def record(fast: dict, winner: str) -> PrecisionRecord:
-        return PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, winner)
+        rec = PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, winner)
+        verdict.save(rec, notes)
+        return rec
     if not built:
         notes.append("no lower precision met the budget on this machine; the plan stays fp32")
-        opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
         opt.precision_search = record({}, FP32)
-        return opt
-    runs = {FP32: opt.runtime.run, **{k: c.runtime.run for k, c in built.items()}}
-    with _trace.stage("precision: time side by side", contenders=list(runs)):
-        rounds = timing.side_by_side(runs, job.captured.example_inputs, rounds=s.race_rounds + s.race_extra,
-                                     repeats=s.race_repeats, budget_s=s.timing_budget_s / s.race_rounds)
-    for k, c in list(built.items()):
-        if c.runtime.stats["fallbacks"]:  # it failed while racing: its times are torch's
-            rounds.pop(k)
-            c.runtime.close()
-            del built[k]
-    fast = {k: timing.fast_half(v) for k, v in rounds.items()}
-    med = {k: statistics.median(v) for k, v in rounds.items()}
+        return _keep_fp32(opt, fp32_report, notes)
+    fast, med = _race({FP32: opt, **built}, job, s.race_rounds + s.race_extra)
+    for k in list(built):
+        if k not in fast:  # it failed while racing: its times are torch's
+            built.pop(k).runtime.close()
     best = min(fast, key=fast.get)
-    report = ", ".join(f"{k} {show_ms(v)} ms" for k, v in sorted(fast.items(), key=lambda kv: kv[1]))
+    report = _race_report(fast)
     # a lower precision must gain what a split must: within the margin, fp32 loses nothing to keep
     if best != FP32 and fast[best] > fast[FP32] * (1 - s.split_margin):
         notes.append(f"lower precisions raced within {s.split_margin:.0%} of fp32 ({report}); kept fp32")
@@ -163,28 +180,124 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     for k, c in built.items():
         if k != best:
             c.runtime.close()
+    notes.append(f"raced against fp32 (faster half of rounds): {report}")
     if best == FP32:
-        notes.append(f"raced against fp32 (faster half of rounds): {report}")
-        opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
         opt.precision_search = record(fast, FP32)
-        return opt
-    winner = built[best]
-    opt.runtime.close()
+        return _keep_fp32(opt, fp32_report, notes)
     won = next(c for c in tried if c.option.label() == best)
+    rec = record(fast, best)
+    return _promote(opt, built[best], won, fast, med, notes, rec)
+
+
+def _keep_fp32(opt: Optimized, fp32_report: AccuracyReport, notes: Sequence[str]) -> Optimized:
+    opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
+    return opt
+
+
+def _race(contenders: dict[str, Optimized], job: Job, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The contenders timed side by side: each one's mean of its faster half of rounds, and its median; one that
+    fell back to torch while timed is left out (its times are torch's)."""
+    s = job.settings
+    runs = {k: o.runtime.run for k, o in contenders.items()}
+    with _trace.stage("precision: time side by side", contenders=list(runs)):
+        times = timing.side_by_side(runs, job.captured.example_inputs, rounds=rounds, repeats=s.race_repeats,
+                                    budget_s=s.timing_budget_s / s.race_rounds)
+    times = {k: v for k, v in times.items() if k == FP32 or not contenders[k].runtime.stats["fallbacks"]}
+    return ({k: timing.fast_half(v) for k, v in times.items()}, {k: statistics.median(v) for k, v in times.items()})
+
+
+def _race_report(fast: dict[str, float]) -> str:
+    return ", ".join(f"{k} {show_ms(v)} ms" for k, v in sorted(fast.items(), key=lambda kv: kv[1]))
+
+
+def _promote(opt: Optimized, winner: Optimized, won: Candidate, fast: dict, med: dict, notes: Sequence[str],
+             record: PrecisionRecord) -> Optimized:
+    """`winner` (a lower precision that met the budget and beat the fp32 plan) in place of `opt`, its plan saying
+    why, with the fp32 plan as its runner-up."""
+    opt.runtime.close()
+    best = won.option.label()
     (part,) = winner.plan.partitions
     fp32_parts = opt.plan.partitions
     runner = replace(fp32_parts[0].choice, predicted_ms=round_ms(med[FP32])) if len(fp32_parts) == 1 else None
     part = replace(part, measured_ms=round_ms(med[best]), runner_up=runner,
                    reason=f"{won.option.precision} met the budget ({won.report.summary()}) and raced "
                           f"{fast[FP32] / fast[best]:.2f}x faster than the fp32 plan")
-    notes.append(f"raced against fp32 (faster half of rounds): {report}")
     winner.plan = replace(winner.plan, partitions=(part,), predicted_ms=round_ms(med[best]),
                           measured_ms=round_ms(med[best]), eager_ms=opt.plan.eager_ms,
-                          accuracy=won.report.to_dict(),
-                          notes=opt.plan.notes + tuple(notes))
+                          accuracy=won.report.to_dict(), notes=opt.plan.notes + tuple(notes))
     winner.race = opt.race
-    winner.precision_search = record(fast, best)
+    winner.precision_search = record
     return winner
+
+
+# -- the verdict of an earlier precision search ------------------------------------------------------------------------
+class Verdict:
+    """What the precision stage decided for one fp32 plan, budget, precision cap, candidate list and set of
+    calibration and held-out inputs, cached beside the profile: a warm optimize then judges nothing again (64
+    held-out inputs through eager and every candidate take longer than the rest of a warm optimize on a large
+    model). Any change to one of those keys searches again."""
+
+    def __init__(self, cache_dir, job: Job, opt: Optimized, precision: str, budget: Budget, samples: Samples,
+                 options: Sequence[Choice]):
+        key = repr(([(p.nodes, p.member, p.backend, p.precision) for p in opt.plan.partitions], precision,
+                    repr(budget), fingerprint(samples.calibrate), fingerprint(samples.holdout),
+                    [o.label() for o in options], job.settings.split_margin)).encode()
+        self.key = hashlib.blake2b(key, digest_size=8).hexdigest()
+        self.budget = budget
+        self.path = cache_root(cache_dir) / "profiles" / \
+            f"{job.profile.graph_hash}-{job.profile.fingerprint}.precision.json"
+        self.record: PrecisionRecord | None = None
+        self.notes: tuple[str, ...] = ()
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("key") == self.key:
+                self.record = PrecisionRecord.from_dict(data["record"], budget, self.path.name)
+                self.notes = tuple(str(n) for n in data["notes"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, DIOEError):
+            pass  # no verdict, or an unreadable one: search again
+
+    def save(self, record: PrecisionRecord, notes: Sequence[str]) -> None:
+        write_text(self.path, json.dumps({"key": self.key, "record": record.to_dict(), "notes": list(notes)}))
+
+
+def _reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Optimized | None:
+    """A warm optimize: the precision an earlier search chose, rebuilt from its cached artifact and checked on one
+    held-out input against what the search measured, then timed again against the fp32 plan. None when the check
+    fails (the engine or its artifact no longer computes what was judged): the caller searches again."""
+    rec = verdict.record
+    notes = list(verdict.notes) + [f"precision verdict reused from {verdict.path.name}"]
+    if rec.winner == FP32:
+        opt.precision_search = rec
+        return _keep_fp32(opt, rec.fp32, notes)
+    won = next((c for c in rec.candidates if c.option.label() == rec.winner and c.report), None)
+    if won is None:
+        return None
+    cand = _build(job, won.option, samples)  # its calibrated artifact is cached under the same samples' key
+    if isinstance(cand, str):
+        return None
+    first = [list(samples.holdout[0])]
+    with torch.inference_mode():
+        spot = evaluate(verdict.budget, [tuple(job.captured.gm(*first[0]))], _outputs(cand, first))
+    if not _within(spot, won.report) or cand.runtime.stats["fallbacks"]:
+        cand.runtime.close()
+        return None
+    fast, med = _race({FP32: opt, rec.winner: cand}, job, job.settings.race_rounds)
+    if rec.winner not in fast or fast[rec.winner] > fast[FP32] * (1 - job.settings.split_margin):
+        cand.runtime.close()
+        return None  # it no longer wins here (another load on the machine, a changed engine): search again
+    notes.append(f"timed again against fp32 (faster half of rounds): {_race_report(fast)}")
+    return _promote(opt, cand, won, fast, med, notes, replace(rec, fast_ms=fast))
+
+
+def _within(spot: AccuracyReport, judged: AccuracyReport, slack: float = 1e-4) -> bool:
+    """Whether one held-out input, judged again, is no worse than the worst sample the search saw: it was one of
+    them, so a deterministic engine gives the same values; `slack` allows a threaded reduction's reordering."""
+    worst = {(r.metric, r.output): r.worst for r in judged.results}
+    for r in spot.results:
+        w = worst.get((r.metric, r.output))
+        if w is None or (r.worst < w - slack if METRICS[r.metric] else r.worst > w + slack):
+            return False
+    return True
 
 
 def _candidates(job: Job, precision: str) -> list[Choice]:

@@ -122,3 +122,49 @@ def test_bad_calibration_and_positional_budget_are_clear_errors():
         dioe.Budget(0.999)
     with pytest.raises(dioe.DIOEError, match=r"Settings.race_rounds must be a whole number"):
         dioe.Settings(race_rounds=2.5)
+
+
+def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it_no_longer_holds(tmp_path,
+                                                                                                  monkeypatch):
+    """The second optimize of the same model, budget and calibration judges nothing again: it rebuilds the
+    winner from its cached artifact, checks one held-out input against what the search measured, and times it.
+    A verdict whose measured worst sample the engine no longer reproduces is searched again."""
+    import json
+
+    from dioe import precision as precisions
+    model, x = _mlp()
+    real = timing.side_by_side
+
+    def int8_is_faster(runs, flat, **kw):
+        got = real(runs, flat, **kw)
+        return {k: [0.5 * t for t in v] if "/int8" in k else v for k, v in got.items()}
+    monkeypatch.setattr(timing, "side_by_side", int8_is_faster)
+    calib = [(torch.randn(2, 32),) for _ in range(64)]
+    kw = dict(backends=["onnxruntime"], precision="int8", cache_dir=tmp_path,
+              accuracy=dioe.Budget(cosine=0.99, samples=32), calibration=calib)
+    judged = []
+    real_evaluate = precisions.evaluate
+    monkeypatch.setattr(precisions, "evaluate", lambda b, ref, got: judged.append(len(ref)) or real_evaluate(b, ref, got))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cold = dioe.optimize(model, (x,), **kw)
+        cold_judged, judged[:] = list(judged), []
+        warm = dioe.optimize(model, (x,), **kw)
+    assert cold.precision_search.reused is None and max(cold_judged) > 1
+    assert warm.precision_search.reused and warm.precision_search.winner == cold.precision_search.winner
+    assert judged == [1], "a warm optimize judges one held-out input, not the held-out set"
+    assert [p.choice for p in warm.plan.partitions] == [p.choice for p in cold.plan.partitions]
+    assert warm.plan.accuracy == cold.plan.accuracy and any("verdict reused" in n for n in warm.plan.notes)
+    torch.testing.assert_close(warm(x), cold(x), rtol=0, atol=0)
+    # a verdict whose worst sample the engine cannot reproduce (here: claimed better than exact) is not trusted
+    (path,) = (tmp_path / "profiles").glob("*.precision.json")
+    data = json.loads(path.read_text())
+    for c in data["record"]["candidates"]:
+        for r in (c["report"] or {"results": []})["results"]:
+            r["worst"] = 2.0
+    path.write_text(json.dumps(data))
+    judged[:] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = dioe.optimize(model, (x,), **kw)
+    assert again.precision_search.reused is None and max(judged) > 1
