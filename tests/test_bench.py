@@ -5,7 +5,7 @@ import json
 import subprocess
 import time
 
-from dioe.bench import (ENGINES, Canary, canary_text, derive, markdown, merge_roofs, paired_ratio, ratio_changes,
+from dioe.bench import (ENGINES, FP32_ENGINES, Canary, canary_text, derive, markdown, merge_roofs, paired_ratio, ratio_changes,
                         reproducibility)
 
 from helpers import dioe_command
@@ -25,6 +25,14 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert model["batches"]["1"]["probe_gflops"] > 0
     rows = model["batches"]["1"]["engines"]
     assert set(rows) == set(ENGINES)
+    assert set(model["batches"]["8"]["engines"]) == set(FP32_ENGINES), "quick: lower precisions at batch 1 only"
+    # every engine but eager itself is judged against fp32 eager on held-out inputs, beside its latency
+    for e, r in rows.items():
+        if e != "torch" and "error" not in r:
+            acc = r["accuracy"]
+            assert "error" in acc or (isinstance(acc["met"], bool) and 0 < acc["cosine"]["worst"] <= 1.0 + 1e-6), e
+    assert rows["dioe"]["accuracy"]["met"] and rows["dioe"]["accuracy"]["cosine"]["worst"] > 0.9999
+    assert rows["dioe-auto"]["plan"], "DIOE's own choice of precision records the plan it ran"
     d = rows["dioe"]
     assert d["median_ms"] > 0 and d["p90_ms"] >= d["median_ms"] and d["best_peer"] in ENGINES
     assert d["plan"] and all("@" in p for p in d["plan"]), "the DIOE row records the plan it ran"
@@ -33,6 +41,7 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert "partitions_ms" not in model["batches"]["8"]["engines"]["dioe"]
     md = (tmp_path / "quick.md").read_text()
     assert md.startswith("# DIOE benchmark") and "| runtime overhead |" in md
+    assert "## Precision: latency beside accuracy (batch 1)" in md
     assert (tmp_path / "quick.png").stat().st_size > 10_000
 
 

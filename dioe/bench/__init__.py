@@ -23,9 +23,9 @@ markdown, comparison with an earlier run, chart) and `command` (the whole run fr
 """
 
 from .command import run
-from .engines import ENGINES, Built, build
+from .engines import ENGINES, FP32_ENGINES, PRECISION_ENGINES, Built, build
 from .machine import Canary, gemm_roof, merge_roofs
 from .report import canary_text, derive, markdown, paired_ratio, ratio_changes, reproducibility
 
-__all__ = ["ENGINES", "Built", "Canary", "build", "canary_text", "derive", "gemm_roof", "markdown", "merge_roofs",
+__all__ = ["ENGINES", "FP32_ENGINES", "PRECISION_ENGINES", "Built", "Canary", "build", "canary_text", "derive", "gemm_roof", "markdown", "merge_roofs",
            "paired_ratio", "ratio_changes", "reproducibility", "run"]

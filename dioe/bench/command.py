@@ -26,7 +26,8 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
     ap = argparse.ArgumentParser(prog=prog, description="DIOE against every peer engine, side by side")
     ap.add_argument("--models", nargs="+", help=f"zoo models (default: all; --quick: {QUICK_MODEL})")
     ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
-    ap.add_argument("--quick", action="store_true", help="one small model, fewer rounds (CI)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one small model, fewer rounds, the lower-precision engines at batch 1 only (CI)")
     ap.add_argument("--size", choices=["full", "small"], default="full")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
@@ -63,7 +64,7 @@ def run(argv: list[str] | None = None, *, prog: str = "dioe bench") -> int:
             results["models"].append(measure_model(
                 name, size=args.size, batches=tuple(args.batches), engines=tuple(args.engines), rounds=rounds,
                 budget_s=budget, cache=Path(tmp) / name, rss=rss, canary=canary,
-                log=lambda s: print(s, flush=True)))
+                log=lambda s: print(s, flush=True), precision_batches=(1,) if args.quick else None))
     rss.close()
     results["roof"] = merge_roofs(roof, gemm_roof(roof_sizes),
                                   [(f"{what} {m['model']} b{b}", g) for m in results["models"]

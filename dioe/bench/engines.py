@@ -1,6 +1,8 @@
 """The engines a run measures, each built the way its users build it: torch eager, inductor, ONNX Runtime, OpenVINO
-at f32 and at its default precision, and DIOE's plan; and DIOE's partitions called bare, for its runtime overhead.
-Each peer builds in a cache folder of its own (the two OpenVINO peers share one); inductor's caches too."""
+at f32 and at its default precision, and DIOE's fp32 plan; the lower-precision peers (OpenVINO int8 through NNCF's
+defaults, ONNX Runtime's dynamic int8, torch's bf16 autocast) and DIOE's own choice of precision; and DIOE's
+partitions called bare, for its runtime overhead. Each peer builds in a cache folder of its own (the OpenVINO peers
+share one); inductor's caches too."""
 
 from __future__ import annotations
 
@@ -17,8 +19,14 @@ from .. import backends
 if TYPE_CHECKING:
     from ..plan import Plan
 
-ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
-PEERS = ENGINES[:-1]
+FP32_ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-default", "dioe")
+# each lower-precision engine, judged against fp32 eager on held-out inputs beside its latency
+PRECISION_ENGINES = ("openvino-int8", "onnxruntime-int8", "torch-bf16", "dioe-auto")
+ENGINES = FP32_ENGINES + PRECISION_ENGINES
+DIOE = ("dioe", "dioe-auto")
+PEERS = tuple(e for e in ENGINES if e not in DIOE)
+# engines called with the model's own inputs; the rest take the captured graph's flat inputs
+MODEL_CALLED = ("torch", "torch-bf16") + DIOE
 
 
 @dataclass(frozen=True)
@@ -30,42 +38,117 @@ class Built:
     plan: Plan | None = None
 
 
-def build(engine: str, model, inputs, captured, cache: Path) -> Built:
-    """`engine` built for the model: its callable takes the model's positional inputs (torch, DIOE) or the captured
-    graph's flat inputs (the compiled peers)."""
+def build(engine: str, model, inputs, captured, cache: Path, calibration: list[tuple] | None = None) -> Built:
+    """`engine` built for the model: its callable takes the model's positional inputs (`MODEL_CALLED`) or the
+    captured graph's flat inputs (the compiled peers). `calibration`, input tuples shaped like `inputs`, is what the
+    int8 peers calibrate on and what DIOE's precision search splits into calibration and held-out data."""
     from ..backend import Partition
     from ..pool import ResourcePool
 
     if engine == "torch":
         return Built(lambda *xs: model(*xs), "fp32")
-    if engine == "dioe":
+    if engine == "torch-bf16":
+        def autocast(*xs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(*xs)
+        return Built(autocast, "bf16")
+    if engine in DIOE:
         from ..pipeline import optimize
 
-        # the fp32 plan, beside the fp32 peers; lower precisions need their accuracy beside their latency
-        opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name, precision="fp32")
-        return Built(opt, "fp32", opt.plan)
+        if engine == "dioe":  # the fp32 plan, beside the fp32 peers
+            opt = optimize(model, inputs, cache_dir=cache / "dioe", name=captured.name, precision="fp32")
+            return Built(opt, "fp32", opt.plan)
+        opt = optimize(model, inputs, cache_dir=cache / "dioe-auto", name=captured.name, precision="auto",
+                       calibration=calibration)
+        return Built(opt, plan_precision(opt.plan), opt.plan)
     ref = ResourcePool.discover().reference
     part = Partition("whole", captured.gm, captured.example_inputs)
-    if engine == "openvino-default":
+    if engine in ("openvino-default", "openvino-int8"):
         be = backends.get("openvino", cache / "peers" / "openvino")
         ov_model, _ = be.convert(part)
+        order = [i for _, i in part.input_order([p.get_any_name() for p in ov_model.inputs], renamed=True)]
+        if engine == "openvino-int8":
+            ov_model = _nncf_default(ov_model, _flat_calibration(captured, calibration), order, part)
         compiled = be.core.compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
         req = compiled.create_infer_request()
-        order = [i for _, i in part.input_order([p.get_any_name() for p in compiled.inputs], renamed=True)]
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         prec = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(getattr(hint, "get_type_name", lambda: str(hint))(),
                                                                    str(hint))
+        if engine == "openvino-int8":
+            prec = _ov_applied(compiled, prec)
 
         def run(*xs):
             res = req.infer([xs[i].contiguous().numpy() for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
         return Built(run, prec)
+    if engine == "onnxruntime-int8":
+        return _onnxruntime_dynamic(part, cache / "peers" / "onnxruntime-int8")
     name = {"openvino-f32": "openvino"}.get(engine, engine)
     with inductor_cache(cache / "peers" / "inductor") if engine == "inductor" else contextlib.nullcontext():
         c = backends.get(name, cache / "peers" / name).compile(part, ref, "fp32", alone=True)
     if engine == "onnxruntime":
         return Built(public_onnxruntime(c.fn.session, part), "fp32")
     return Built(c, "fp32")
+
+
+def plan_precision(plan: Plan) -> str:
+    """One precision for a plan: its partitions' when they agree ("int8"), else their set ("int8+fp32")."""
+    precisions = sorted({p.precision for p in plan.partitions}, key=lambda p: ("int8", "fp16", "bf16", "fp32").index(
+        p.split("+")[0]) if p.split("+")[0] in ("int8", "fp16", "bf16", "fp32") else 9)
+    return "+".join(precisions)
+
+
+def _flat_calibration(captured, calibration: list[tuple] | None) -> list[tuple]:
+    if not calibration:
+        raise ValueError("the int8 peers need calibration inputs")
+    return [tuple(captured.flatten_inputs(tuple(item), {})) for item in calibration]
+
+
+def _nncf_default(ov_model, calibration: list[tuple], order: list[int], part):
+    """The OpenVINO model quantized as NNCF's documentation does it: `nncf.quantize` with its default settings on
+    the given samples, and `model_type=TRANSFORMER` for a model with attention, as that documentation asks (without
+    it NNCF fails on BERT's embedding gathers); nothing tuned for this CPU, as DIOE's own OpenVINO engine is."""
+    import nncf
+
+    from ..backend import quiet
+    from ..backends.openvino import has_attention
+
+    transformer = has_attention(part) or (part.calls("softmax") and part.calls("matmul", "bmm"))
+    dataset = nncf.Dataset(calibration, lambda sample: [sample[i].contiguous().numpy() for i in order])
+    with quiet("nncf"):
+        return nncf.quantize(ov_model, dataset, subset_size=len(calibration),
+                             model_type=nncf.ModelType.TRANSFORMER if transformer else None)
+
+
+def _ov_applied(compiled, hint: str) -> str:
+    """The precision an OpenVINO int8 model runs, read back from its runtime graph: "int8" when some layer
+    executes in u8/i8."""
+    try:
+        types = {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+                 if "runtimePrecision" in op.get_rt_info()}
+    except Exception:  # a runtime graph without the field: say what the model was built as
+        return "int8"
+    return "int8" if types & {"u8", "i8"} else hint
+
+
+def _onnxruntime_dynamic(part, folder: Path) -> Built:
+    """ONNX Runtime's dynamic int8 as its documentation writes it: `quantize_dynamic` with default settings on the
+    exported model, then an `InferenceSession` with default options."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import quantize_dynamic
+
+    from ..backend import quiet
+
+    src = backends.get("onnxruntime", folder / "export").export(part)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "model.int8.onnx"
+    with quiet(""):
+        quantize_dynamic(str(src), str(out), use_external_data_format=True)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    kinds = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
+    return Built(public_onnxruntime(sess, part), "int8" if kinds & {"MatMulInteger", "DynamicQuantizeLinear",
+                                                                   "ConvInteger", "QLinearMatMul"} else "fp32")
 
 
 PARTS = "dioe partitions"  # DIOE's partitions called bare, timed beside DIOE at batch 1: its runtime overhead

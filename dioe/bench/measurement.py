@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from ..text import round_ms, show_ms
-from .engines import PARTS, build, partitions_call
+from .engines import MODEL_CALLED, PARTS, PRECISION_ENGINES, build, partitions_call
 from .machine import Canary, gemm_probe
 from .rounds import disturbance_text, interleaved
 
@@ -54,16 +55,70 @@ def _flat(captured, inputs) -> tuple:
     return tuple(captured.flatten_inputs(inputs, {}))
 
 
-def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tuple[str, ...], rounds: int,
-                  budget_s: float, cache: Path, rss: Rss, canary: Canary | None = None, log=print) -> dict:
-    """All engines on one model: build each (timed, with its peak RSS), then interleaved rounds per batch size,
-    watched by `canary` (one for the whole run, so that its nominal speed is the run's fastest)."""
+HELD_OUT = 32   # inputs each engine is judged on against fp32 eager, at batch 1
+
+
+def _samples(name: str, size: str, batch: int, inputs, n: int) -> list[tuple]:
+    """`n` input tuples like `inputs`: the zoo's realistic data where it has some, else generated ones."""
     from .. import zoo
+    from ..calibration import generate
+
+    items = zoo.calibration(name, n=n, batch=batch, size=size)
+    return items if items is not None else generate(tuple(inputs), n=n, seed=1)
+
+
+def _accuracy(built: dict, captured, held_out: list[tuple]) -> dict[str, dict]:
+    """Each engine's outputs on `held_out` against fp32 eager's, under the default budget for the output: worst and
+    mean cosine, top-1 agreement for logits, and whether the budget's confidence bounds hold."""
+    from ..accuracy import Budget, evaluate
+
+    flat_in = [tuple(captured.flatten_inputs(tuple(x), {})) for x in held_out]
+    with torch.no_grad():
+        reference = [tuple(captured.gm(*x)) for x in flat_in]
+    budget = Budget.default_for(reference[0])
+    out = {}
+    for engine, (fn, _) in built.items():
+        if engine in ("torch", PARTS):
+            continue
+        try:
+            with torch.no_grad():
+                got = [tuple(pytree.tree_leaves(fn(*x))) if engine in MODEL_CALLED else tuple(fn(*f))
+                       for x, f in zip(held_out, flat_in)]
+            got = [tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in g)
+                   for g in got]
+            report = evaluate(budget, reference, got)
+        except Exception as e:
+            out[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
+        row: dict = {"budget": str(budget), "met": report.met, "samples": len(held_out), "summary": report.summary()}
+        for metric in ("cosine", "top1", "rel_l2"):
+            rs = [r for r in report.results if r.metric == metric]
+            if rs:
+                guard = min if metric != "rel_l2" else max
+                row[metric] = {"mean": round(guard(r.value for r in rs), 6), "worst": round(guard(r.worst for r in rs), 6),
+                               "bound": round(guard(r.bound for r in rs), 6)}
+        out[engine] = row
+    return out
+
+
+def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tuple[str, ...], rounds: int,
+                  budget_s: float, cache: Path, rss: Rss, canary: Canary | None = None, log=print,
+                  precision_batches: tuple[int, ...] | None = None) -> dict:
+    """All engines on one model: build each (timed, with its peak RSS), then interleaved rounds per batch size,
+    watched by `canary` (one for the whole run, so that its nominal speed is the run's fastest). At batch 1 each
+    engine is also judged against fp32 eager on held-out inputs that no int8 engine calibrated on. The
+    lower-precision engines run only at `precision_batches` (default: every batch)."""
+    from .. import zoo
+    from ..accuracy import Budget
     from ..capture import capture
+    from ..settings import Settings
 
     out: dict = {"model": name, "size": size, "batches": {}}
     canary = canary or Canary()
+    all_engines = engines
     for batch in batches:
+        engines = tuple(e for e in all_engines if e not in PRECISION_ENGINES or precision_batches is None
+                        or batch in precision_batches)
         started = time.perf_counter()
         model, inputs = zoo.load(name, size=size, batch=batch)
         captured = capture(model, inputs, name=name)
@@ -71,14 +126,23 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
         flat = _flat(captured, inputs)
         built: dict[str, Callable] = {}
         rows: dict[str, dict] = {}
+        calibration = held_out = None
+        if set(engines) & set(PRECISION_ENGINES) or batch == 1:
+            # DIOE's search takes its calibration and held-out inputs from the first `n_dioe`; the bench judges
+            # every engine on the rest, which nothing calibrated on
+            n_dioe = Settings().calibration_samples + Budget(cosine=0.999).holdout_inputs(batch)
+            items = _samples(name, size, batch, inputs, n_dioe + (HELD_OUT if batch == 1 else 0))
+            calibration, held_out = items[:n_dioe], items[n_dioe:]
         for engine in engines:
             base = rss.window()
             t0 = time.perf_counter()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    made = build(engine, model, inputs, captured, cache / f"b{batch}")
-                    args = inputs if engine in ("torch", "dioe") else flat
+                    made = build(engine, model, inputs, captured, cache / f"b{batch}",
+                                 calibration=calibration if engine == "dioe-auto" else
+                                 (calibration or [])[:Settings().calibration_samples])
+                    args = inputs if engine in MODEL_CALLED else flat
                     with torch.inference_mode():
                         made.fn(*args)  # inductor compiles at its first call
                 built[engine] = (made.fn, args)
@@ -93,6 +157,9 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
             except Exception as e:  # a peer that cannot run a model is a result, not a crash
                 rows[engine] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 log(f"  {name} b{batch} {engine}: FAILED {rows[engine]['error']}")
+        if held_out:
+            for engine, acc in _accuracy(built, captured, held_out).items():
+                rows[engine]["accuracy"] = acc
         # DIOE's partitions bare, at batch 1 only: overhead shows at small batches, and batch 8's rounds are long
         if batch == 1 and "dioe" in built:
             try:

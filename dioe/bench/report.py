@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..text import show_ms
-from .engines import ENGINES
+from .engines import DIOE, ENGINES
 from .rounds import DISTURBED
 
 
@@ -20,7 +20,7 @@ def derive(results: dict) -> None:
             rows = b["engines"]
             ok = {e: r for e, r in rows.items() if "median_ms" in r}
             for e, r in ok.items():
-                peers = [p for p, q in ok.items() if p != "dioe" and q["precision"] == r["precision"]]
+                peers = [p for p, q in ok.items() if p not in DIOE and q["precision"] == r["precision"]]
                 best = min(peers, key=lambda p: ok[p]["median_ms"]) if peers else None
                 r["best_peer"] = best
                 r["ratio_to_best_peer"] = round(r["median_ms"] / ok[best]["median_ms"], 3) if best else None
@@ -28,6 +28,13 @@ def derive(results: dict) -> None:
                 if paired:
                     r["paired_ratio"], r["paired_ratio_range"] = paired
                 r["speedup_over_eager"] = round(ok["torch"]["median_ms"] / r["median_ms"], 3) if "torch" in ok else None
+                # what a user gets from OpenVINO with no options: the bar for every lower precision
+                ovd = ok.get("openvino-default")
+                if ovd and e != "openvino-default":
+                    r["speedup_over_openvino_default"] = round(ovd["median_ms"] / r["median_ms"], 3)
+                    paired = paired_ratio(r.get("round_ms"), ovd.get("round_ms"))
+                    if paired:
+                        r["paired_over_openvino_default"] = round(1 / paired[0], 3)
                 top = (roof.get(r["precision"]) or {}).get("gflops")
                 r["roof_fraction"] = round(r["gflops_per_s"] / top, 3) if top else None
 
@@ -105,15 +112,17 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                  f"{show_ms(ovd['median_ms'])} ({ovd['precision']})" if "median_ms" in ovd else "-",
                  "; ".join(d.get("plan", [])) or d.get("error", "-")]
         lines.append("| " + " | ".join(cells) + " |")
+    engines = present(results)
+    lines += precision_table(results)
     for batch in sorted({b for m in results["models"] for b in m["batches"]}, key=int):
         lines += ["", f"## All engines, batch {batch}", "",
-                  "| model | " + " | ".join(ENGINES) + " |", "|---" * (len(ENGINES) + 1) + "|"]
+                  "| model | " + " | ".join(engines) + " |", "|---" * (len(engines) + 1) + "|"]
         for m in results["models"]:
             b = m["batches"].get(batch)
             if not b:
                 continue
             cells = []
-            for e in ENGINES:
+            for e in engines:
                 r = b["engines"].get(e)
                 if r is None:
                     cells.append("-")
@@ -126,13 +135,13 @@ def markdown(results: dict, compare: dict | None = None) -> str:
                                  f"roof {100 * (r['roof_fraction'] or 0):.0f}%)")
             lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
     lines += ["", "## Compile (or optimize) time and memory, batch 1", "",
-              "| model | " + " | ".join(ENGINES) + " |", "|---" * (len(ENGINES) + 1) + "|"]
+              "| model | " + " | ".join(engines) + " |", "|---" * (len(engines) + 1) + "|"]
     for m in results["models"]:
         b = m["batches"].get("1")
         if b:
             lines.append(f"| {m['model']} | " + " | ".join(
                 f"{r['compile_s']:.1f} s, +{r['added_rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f})"
-                if "compile_s" in r else "failed" for r in (b["engines"].get(e, {}) for e in ENGINES)) + " |")
+                if "compile_s" in r else "failed" for r in (b["engines"].get(e, {}) for e in engines)) + " |")
     failures = [(m["model"], b, e, r["error"]) for m in results["models"] for b, x in m["batches"].items()
                 for e, r in x["engines"].items() if "error" in r]
     if failures:
@@ -140,6 +149,57 @@ def markdown(results: dict, compare: dict | None = None) -> str:
     if compare:
         lines += reproducibility(compare, results)
     return "\n".join(lines) + "\n"
+
+
+def present(results: dict) -> list[str]:
+    """The engines this run measured, in the bench's order."""
+    seen = {e for m in results["models"] for b in m["batches"].values() for e in b["engines"]}
+    return [e for e in ENGINES if e in seen]
+
+
+def _accuracy_text(acc: dict | None) -> tuple[str, str, str]:
+    """(worst cosine, top-1 agreement, budget verdict) cells for an engine's accuracy row."""
+    if not acc:
+        return "-", "-", "-"
+    if "error" in acc:
+        return "failed", "-", acc["error"][:80]
+    cos = acc.get("cosine")
+    top = acc.get("top1")
+    return (f"{cos['worst']:.5f} (mean {cos['mean']:.5f})" if cos else "-",
+            f"{100 * top['mean']:.1f}%" if top else "-",
+            ("met" if acc["met"] else "**not met**") + f" ({acc['budget']}, n={acc['samples']})")
+
+
+def precision_table(results: dict) -> list[str]:
+    """Batch 1: every engine's latency beside its agreement with fp32 eager on held-out inputs, and its speed over
+    OpenVINO's default; batch 8: throughput over OpenVINO's default."""
+    lines = ["## Precision: latency beside accuracy (batch 1)", "",
+             "Accuracy: each engine's outputs on held-out inputs (the zoo's real sentences where it has them; no "
+             "int8 engine calibrated on them) against fp32 eager's, under the default budget for the output. "
+             "*vs OV default* is OpenVINO-default's latency over the engine's (above 1 means faster), with the "
+             "paired per-round figure.", "",
+             "| model | engine | precision | ms | vs eager | vs OV default (paired) | worst cosine (mean) | top-1 | budget |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        b = m["batches"].get("1")
+        if not b:
+            continue
+        for e in present(results):
+            r = b["engines"].get(e)
+            if not r or "median_ms" not in r:
+                continue
+            ov = (f"{r['speedup_over_openvino_default']:.2f}x" + (f" ({r['paired_over_openvino_default']:.2f}x)"
+                  if "paired_over_openvino_default" in r else "")) if "speedup_over_openvino_default" in r else "-"
+            lines.append("| " + " | ".join([m["model"], e, r["precision"], show_ms(r["median_ms"]),
+                                            f"{r['speedup_over_eager']:.2f}x" if r.get("speedup_over_eager") else "-",
+                                            ov, *_accuracy_text(r.get("accuracy"))]) + " |")
+    for batch in sorted({k for m in results["models"] for k in m["batches"]} - {"1"}, key=int):
+        rows = [(m["model"], e, r) for m in results["models"] if batch in m["batches"]
+                for e, r in m["batches"][batch]["engines"].items() if "speedup_over_openvino_default" in r]
+        if rows:
+            lines += ["", f"Throughput over OpenVINO's default at batch {batch}: " + "; ".join(
+                f"{model} {e} {r['speedup_over_openvino_default']:.2f}x" for model, e, r in rows) + "."]
+    return lines + [""]
 
 
 def _paired_text(row: dict) -> str:
@@ -238,6 +298,8 @@ def compare_medians(old: dict, new: dict):
 
 
 def chart(results: dict, path: Path) -> Path | None:
+    """Two panels at batch 1: each engine's speedup over torch eager per model, and each engine's latency against
+    its worst-sample cosine to fp32 eager (lower precision moves a point left and down)."""
     try:
         import matplotlib
 
@@ -246,23 +308,45 @@ def chart(results: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     models = [m for m in results["models"] if "1" in m["batches"]]
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(models) + 3), 4.6), dpi=120)
-    width = 0.8 / len(ENGINES)
+    engines = present(results)
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(models) + 3) + 6, 4.8), dpi=120,
+                                  gridspec_kw={"width_ratios": [max(7, 1.6 * len(models) + 3), 6]})
+    width = 0.8 / len(engines)
     from ..tracereport import CRITICAL_COLOR, backend_colors
 
     backend = backend_colors()
     colors = {**{e: backend[e] for e in ("torch", "inductor", "onnxruntime")},
-              "openvino-f32": backend["openvino"], "openvino-default": "#9ccc65", "dioe": CRITICAL_COLOR}
-    for i, e in enumerate(ENGINES):
+              "openvino-f32": backend["openvino"], "openvino-default": "#9ccc65", "dioe": CRITICAL_COLOR,
+              "openvino-int8": "#33691e", "onnxruntime-int8": "#0d47a1", "torch-bf16": "#8d6e63",
+              "dioe-auto": "#b71c1c"}
+
+    def label(e: str) -> str:
+        precs = {(m["batches"]["1"]["engines"].get(e) or {}).get("precision") for m in models} - {None}
+        return e + (f" ({'/'.join(sorted(precs))})" if e in ("openvino-default", "dioe-auto") and precs else "")
+    for i, e in enumerate(engines):
         ys = [(m["batches"]["1"]["engines"].get(e) or {}).get("speedup_over_eager") or 0 for m in models]
-        label = e if e != "openvino-default" else "openvino-default (bf16 here)"
-        ax.bar([j + (i - len(ENGINES) / 2 + 0.5) * width for j in range(len(models))], ys, width, label=label,
-               color=colors[e])
+        ax.bar([j + (i - len(engines) / 2 + 0.5) * width for j in range(len(models))], ys, width, label=label(e),
+               color=colors.get(e, "#999"))
     ax.axhline(1.0, color="#333", lw=0.8)
     ax.set_xticks(range(len(models)), [m["model"] for m in models])
     ax.set_ylabel("speedup over torch eager (batch 1)")
     ax.set_title(f"{results['machine']['cpu']}, {results['machine']['cores']} cores")
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=7, ncol=3)
+    markers = "osD^vP*Xh"
+    for k, m in enumerate(models):
+        for e in engines:
+            r = m["batches"]["1"]["engines"].get(e) or {}
+            cos = ((r.get("accuracy") or {}).get("cosine") or {}).get("worst")
+            if r.get("median_ms") and r.get("speedup_over_eager") and cos is not None:
+                acc.scatter(1 / r["speedup_over_eager"], 1 - min(cos, 1.0) + 1e-7, color=colors.get(e, "#999"),
+                            marker=markers[k % len(markers)], s=36)
+    for k, m in enumerate(models):
+        acc.scatter([], [], color="#555", marker=markers[k % len(markers)], label=m["model"])
+    acc.set_xlabel("latency relative to torch eager (batch 1)")
+    acc.set_ylabel("1 - worst cosine to fp32 eager (held out)")
+    acc.set_yscale("log")
+    acc.set_title("latency against accuracy")
+    acc.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
