@@ -232,15 +232,7 @@ class ResourcePool:
         spec_ = build(PoolFile, data, where)
         members, absent = [], []
         for i, e in enumerate(spec_.pool):
-            try:
-                d = _pool_descriptor(e.descriptor, path, cpu)
-            except DescriptorError as err:
-                at = ("pool", i, "descriptor")
-                if err.line is None and err.file in (e.descriptor, str(path.parent / e.descriptor)):
-                    raise where.error(at, err.message) from None  # no such descriptor: the pool file is wrong
-                # the descriptor itself is broken: its own file, line and key, and which member uses it
-                raise DescriptorError(err.file, err.line, err.key, f"{err.message} (the descriptor of member "
-                                      f"{e.id!r}, {where.file}:{where.line(at)})") from None
+            d = _pool_descriptor(e, where, ("pool", i, "descriptor"), cpu)
             if e.backends:
                 for b in e.backends:
                     if b not in d.backend_names():
@@ -338,11 +330,21 @@ def _is_pool(data: Any) -> bool:
     return isinstance(data, dict) and "pool" in data
 
 
-def _pool_descriptor(ref: str, pool_path: Path, cpu: CpuInfo) -> Descriptor:
-    if ref == "auto":
+def _pool_descriptor(entry: PoolEntry, where: LineMap, at: tuple, cpu: CpuInfo) -> Descriptor:
+    """The descriptor a pool entry names. A name that finds no file is the pool file's error; a broken descriptor
+    is its own file's, at its own line and key, with the member that uses it."""
+    if entry.descriptor == "auto":
         d = match_cpu(cpu, hardware.load_all())
         if d is None:
             raise PoolError(f"no shipped descriptor matches this CPU ({cpu.name})")
         return d
-    local = pool_path.parent / ref
-    return hardware.load(local if local.exists() else ref)
+    local = Path(where.file).parent / entry.descriptor
+    try:
+        path = resolve(local if local.exists() else entry.descriptor)
+    except DescriptorError as err:
+        raise where.error(at, err.message) from None
+    try:
+        return from_document(*yamlfile.read(path))
+    except DescriptorError as err:
+        raise DescriptorError(err.file, err.line, err.key, f"{err.message} (the descriptor of member "
+                              f"{entry.id!r}, {where.file}:{where.line(at)})") from None

@@ -98,15 +98,15 @@ class _Loader(yaml.SafeLoader):
             elif getattr(event, "tag", None) is not None:
                 raise self.error(event, f"explicit YAML tag {event.tag!r}; expected plain values without tags")
             node = super().compose_node(parent, index)
+            if id(node) not in self.sizes:  # an alias returns a node already counted
+                self.sizes[id(node)] = 1 + sum(self.sizes[id(n)] for n in _children(node))
+            if self.sizes[id(node)] > MAX_NODES:
+                raise self.error(event, f"the document expands to more than {MAX_NODES:,} values through "
+                                 "aliases; expected a descriptor-sized document")
+            return node
         finally:
             if parent is not None:
                 self.path.pop()
-        if id(node) not in self.sizes:  # an alias returns a node already counted
-            self.sizes[id(node)] = 1 + sum(self.sizes[id(n)] for n in _children(node))
-        if self.sizes[id(node)] > MAX_NODES:
-            raise self.error(event, f"the document expands to more than {MAX_NODES:,} values through aliases; "
-                             "expected a descriptor-sized document")
-        return node
 
     def compose_sequence_node(self, anchor):
         return self._compose_open(anchor, super().compose_sequence_node)
