@@ -14,6 +14,7 @@ two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -143,10 +144,16 @@ def build(tp: Any, value: Any, where: LineMap, path: Path_ = ()) -> Any:
     raise TypeError(f"schema type {tp!r} is not supported")  # a bug in our schema, not in the user's file
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    """A dataclass's type hints, resolved once: resolving them costs more than building the value."""
+    return typing.get_type_hints(cls)
+
+
 def _build_dataclass(cls: type, value: Any, where: LineMap, path: Path_) -> Any:
     if not isinstance(value, dict):
         raise where.error(path, f"expected {_describe(cls)}, got {type(value).__name__} {value!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name: f for f in fields(cls) if f.init}
     for key in value:
         if key not in known:
@@ -189,14 +196,14 @@ def _check_finite(value: Any, where: LineMap, path: Path_) -> None:
 
 
 def _check_bounds(value: Any, meta: Mapping, where: LineMap, path: Path_) -> None:
-    values = value.values() if isinstance(value, Mapping) else [value]
-    for v in values:
+    items = [(path + (k,), v) for k, v in value.items()] if isinstance(value, Mapping) else [(path, value)]
+    for at, v in items:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if meta.get("ge") is not None and v < meta["ge"]:
-            raise where.error(path, f"expected a number >= {meta['ge']}, got {v!r}")
+            raise where.error(at, f"expected a number >= {meta['ge']}, got {v!r}")
         if meta.get("gt") is not None and v <= meta["gt"]:
-            raise where.error(path, f"expected a number > {meta['gt']}, got {v!r}")
+            raise where.error(at, f"expected a number > {meta['gt']}, got {v!r}")
 
 
 def json_schema(tp: Any, meta: Mapping | None = None) -> dict:
