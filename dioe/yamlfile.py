@@ -118,8 +118,8 @@ class _Loader(yaml.composer.Composer, *_EVENTS, yaml.constructor.SafeConstructor
             if id(node) not in self.sizes:  # an alias returns a node already counted
                 self.sizes[id(node)] = 1 + sum(self.sizes[id(n)] for n in _children(node))
             if self.sizes[id(node)] > MAX_NODES:
-                raise self.error(event, f"the document expands to more than {MAX_NODES:,} values through "
-                                 "aliases; expected a descriptor-sized document")
+                raise self.error(event, f"the document holds more than {MAX_NODES:,} values, aliases expanded; "
+                                 "expected a descriptor-sized document")
             return node
         finally:
             if parent is not None:

@@ -307,7 +307,7 @@ def alias_case(name: str, lines: list[str], keyed: dict, block_parents: list[int
     if kind == "expanding":
         bomb = ("lol:\n  a: &a [" + ", ".join(["x"] * 30) + "]\n  b: &b [" + ", ".join(["*a"] * 10) + "]\n"
                 "  c: &c [" + ", ".join(["*b"] * 10) + "]\n  d: [" + ", ".join(["*c"] * 10) + "]\n")
-        return Case("alias", name, (text + bomb).encode(), "expands to more than",
+        return Case("alias", name, (text + bomb).encode(), f"more than {yamlfile.MAX_NODES:,} values",
                     len(text.splitlines()) + 5, "lol.d")
     i = rng.choice([n - 1 for n in keyed if KEY_LINE.match(lines[n - 1].rstrip("\n"))
                     and KEY_LINE.match(lines[n - 1].rstrip("\n")).group(4)])
