@@ -1,8 +1,9 @@
 """Hardware descriptors: what one class of device can run, in which precisions, how big and how fast it is.
 
 A descriptor is a YAML file (the shipped ones live in the package's `hardware/` folder) loaded into one
-frozen `Descriptor`. Unknown keys, wrong types, bad enum values and negative sizes are errors naming the
-file, line and key:
+frozen `Descriptor`. Unknown keys, wrong types, bad enum values, sizes that are not positive, numbers that are not
+finite and unsafe YAML (tags, recursive or bomb aliases, non-UTF-8 text; see `dioe.yamlfile`) are errors naming
+the file, line and key:
 
     >>> import dioe
     >>> d = dioe.hardware.load("x86-64-avx512")          # a shipped descriptor, by name
@@ -20,8 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
-
+from . import yamlfile
 from .backends import names as backend_names
 from .errors import DescriptorError
 from .schema import LineMap, build, json_schema, spec
@@ -100,7 +100,7 @@ class BackendSpec:
 class Memory:
     """Device memory. A null capacity means 'read it from the live device' (host RAM for CPUs)."""
 
-    capacity_gb: float | None = field(default=None, metadata=spec(ge=0, doc="GiB usable by DIOE; null = live"))
+    capacity_gb: float | None = field(default=None, metadata=spec(gt=0, doc="GiB usable by DIOE; null = live"))
     bandwidth_gbps: float = field(default=50.0, metadata=spec(gt=0, doc="peak memory bandwidth, GB/s"))
 
 
@@ -196,6 +196,9 @@ def shipped() -> dict[str, Path]:
 
 def resolve(name_or_path: str | Path) -> Path:
     """A shipped descriptor's name, or a path to a YAML file, to a path."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise DescriptorError(repr(name_or_path), None, "", "expected a shipped descriptor name or a path to a "
+                              f"YAML file, got {type(name_or_path).__name__}")
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
@@ -210,17 +213,19 @@ def resolve(name_or_path: str | Path) -> Path:
 
 def parse(text: str, file: str = "<string>") -> Descriptor:
     """Validate YAML text as a descriptor. `file` is only used in error messages."""
-    where = LineMap.from_text(text, file)
-    data = yaml.safe_load(text)
-    d = build(Descriptor, data, where)
-    object.__setattr__(d, "path", file)
-    return d
+    return from_document(*yamlfile.parse(text, file))
 
 
 def load(name_or_path: str | Path) -> Descriptor:
     """Load a descriptor by shipped name (`x86-64-avx512`) or by path."""
-    path = resolve(name_or_path)
-    return parse(path.read_text(encoding="utf-8"), str(path))
+    return from_document(*yamlfile.read(resolve(name_or_path)))
+
+
+def from_document(data: Any, where: LineMap) -> Descriptor:
+    """A descriptor from a document `dioe.yamlfile` read (pool files read theirs once to tell which they are)."""
+    d = build(Descriptor, data, where)
+    object.__setattr__(d, "path", where.file)
+    return d
 
 
 def load_all() -> list[Descriptor]:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import psutil
-import yaml
 
-from . import hardware
+from . import hardware, yamlfile
 from .devices import CpuInfo, cpu_score, cuda_devices, match_cpu, openvino_devices, plugin_devices
 from .errors import DescriptorError, PoolError
-from .hardware import Descriptor
+from .hardware import Descriptor, from_document, resolve
 from .schema import LineMap, build, spec
 from .telemetry import Sample, Telemetry
 
@@ -67,7 +66,7 @@ class PoolEntry:
                                               "or 'auto' for this machine's CPU"))
     stand_in: bool = field(default=False, metadata=spec(doc="obey the descriptor but execute on the CPU"))
     threads: int | None = field(default=None, metadata=spec(gt=0, doc="CPU threads for this member"))
-    memory_gb: float | None = field(default=None, metadata=spec(ge=0, doc="cap on the memory DIOE may use"))
+    memory_gb: float | None = field(default=None, metadata=spec(gt=0, doc="cap on the memory DIOE may use"))
     backends: tuple[hardware.BackendName, ...] | None = field(default=None, metadata=spec(
         doc="restrict to these of the descriptor's backends"))
 
@@ -184,13 +183,20 @@ class ResourcePool:
         `hardware` is "auto" (every shipped descriptor is tried), a descriptor name or path, a pool file
         (YAML with a top-level `pool:` list), or a list of descriptor names or paths.
         """
-        cpu = CpuInfo.read()
         if isinstance(hardware, (str, Path)) and str(hardware) == "auto":
-            return cls._auto(cpu)
-        paths = [hardware] if isinstance(hardware, (str, Path)) else list(hardware)
-        if len(paths) == 1 and _is_pool_file(paths[0]):
-            return cls._from_pool_file(Path(paths[0]), cpu)
-        return cls._from_descriptors([_load_descriptor(p) for p in paths], cpu)
+            return cls._auto(CpuInfo.read())
+        if isinstance(hardware, (str, Path)):
+            refs = [hardware]
+        elif isinstance(hardware, (list, tuple)) and hardware:
+            refs = list(hardware)
+        else:
+            raise PoolError("hardware must be 'auto', a descriptor name or path, a pool file, or a list of "
+                            f"descriptor names or paths; got {hardware!r}")
+        # each file is read once, by the one reader descriptors and pool files share; its content says which it is
+        documents = [yamlfile.read(resolve(r)) for r in refs]
+        if len(documents) == 1 and _is_pool(documents[0][0]):
+            return cls._from_pool_file(*documents[0], CpuInfo.read())
+        return cls._from_descriptors([from_document(*doc) for doc in documents], CpuInfo.read())
 
     @classmethod
     def _auto(cls, cpu: CpuInfo) -> "ResourcePool":
@@ -221,18 +227,12 @@ class ResourcePool:
         return cls(members, absent, cpu)
 
     @classmethod
-    def _from_pool_file(cls, path: Path, cpu: CpuInfo) -> "ResourcePool":
-        text = path.read_text(encoding="utf-8")
-        spec_ = build(PoolFile, yaml.safe_load(text), LineMap.from_text(text, str(path)))
-        where = LineMap.from_text(text, str(path))
+    def _from_pool_file(cls, data: Any, where: LineMap, cpu: CpuInfo) -> "ResourcePool":
+        path = Path(where.file)
+        spec_ = build(PoolFile, data, where)
         members, absent = [], []
         for i, e in enumerate(spec_.pool):
-            try:
-                d = _pool_descriptor(e.descriptor, path, cpu)
-            except DescriptorError as err:
-                if err.file == e.descriptor or err.file == str(path.parent / e.descriptor):
-                    raise where.error(("pool", i, "descriptor"), err.message) from None
-                raise
+            d = _pool_descriptor(e, where, ("pool", i, "descriptor"), cpu)
             if e.backends:
                 for b in e.backends:
                     if b not in d.backend_names():
@@ -326,23 +326,25 @@ class ResourcePool:
                 "members": [row(m) for m in self.members], "absent": [row(m) for m in self.absent]}
 
 
-def _load_descriptor(ref: str | Path) -> Descriptor:
-    return hardware.load(ref)
-
-
-def _is_pool_file(p: str | Path) -> bool:
-    path = Path(p)
-    if path.suffix not in (".yaml", ".yml") or not path.exists():
-        return False
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+def _is_pool(data: Any) -> bool:
     return isinstance(data, dict) and "pool" in data
 
 
-def _pool_descriptor(ref: str, pool_path: Path, cpu: CpuInfo) -> Descriptor:
-    if ref == "auto":
+def _pool_descriptor(entry: PoolEntry, where: LineMap, at: tuple, cpu: CpuInfo) -> Descriptor:
+    """The descriptor a pool entry names. A name that finds no file is the pool file's error; a broken descriptor
+    is its own file's, at its own line and key, with the member that uses it."""
+    if entry.descriptor == "auto":
         d = match_cpu(cpu, hardware.load_all())
         if d is None:
             raise PoolError(f"no shipped descriptor matches this CPU ({cpu.name})")
         return d
-    local = pool_path.parent / ref
-    return hardware.load(local if local.exists() else ref)
+    local = Path(where.file).parent / entry.descriptor
+    try:
+        path = resolve(local if local.exists() else entry.descriptor)
+    except DescriptorError as err:
+        raise where.error(at, err.message) from None
+    try:
+        return from_document(*yamlfile.read(path))
+    except DescriptorError as err:
+        raise DescriptorError(err.file, err.line, err.key, f"{err.message} (the descriptor of member "
+                              f"{entry.id!r}, {where.file}:{where.line(at)})") from None

@@ -14,12 +14,12 @@ two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Mapping, Union
-
-import yaml
 
 from .errors import DescriptorError
 
@@ -33,7 +33,7 @@ def spec(*, doc: str = "", ge: float | None = None, gt: float | None = None) -> 
 
 @dataclass(frozen=True)
 class LineMap:
-    """Where each key and value of a YAML document sits, from yaml.compose (which builds no Python objects)."""
+    """Where each key and value of a YAML document sits (made by `dioe.yamlfile` as it reads the file)."""
 
     file: str
     lines: Mapping[Path_, int]
@@ -41,18 +41,6 @@ class LineMap:
     @classmethod
     def empty(cls, file: str) -> "LineMap":
         return cls(file, {})
-
-    @classmethod
-    def from_text(cls, text: str, file: str) -> "LineMap":
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise DescriptorError(file, mark.line + 1 if mark else None, "", f"not valid YAML: {e}") from None
-        lines: dict[Path_, int] = {}
-        if root is not None:
-            _walk(root, (), lines, file)
-        return cls(file, lines)
 
     def line(self, path: Path_) -> int | None:
         """The line of `path`, or of its nearest ancestor present in the document."""
@@ -64,23 +52,6 @@ class LineMap:
 
     def error(self, path: Path_, message: str) -> DescriptorError:
         return DescriptorError(self.file, self.line(path), dotted(path), message)
-
-
-def _walk(node: yaml.Node, path: Path_, lines: dict, file: str) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                raise DescriptorError(file, key_node.start_mark.line + 1, dotted(path + (key,)),
-                                      f"duplicate key; expected each key once (first given on line {seen[key]})")
-            seen[key] = key_node.start_mark.line + 1
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _walk(value_node, path + (key,), lines, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _walk(item, path + (i,), lines, file)
 
 
 def dotted(path: Path_) -> str:
@@ -114,6 +85,7 @@ def build(tp: Any, value: Any, where: LineMap, path: Path_ = ()) -> Any:
     """Check `value` against the type hint `tp` and convert it (lists to tuples, mappings to dataclasses)."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        _check_finite(value, where, path)
         return value
     if tp is type(None):
         if value is not None:
@@ -158,10 +130,12 @@ def build(tp: Any, value: Any, where: LineMap, path: Path_ = ()) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise where.error(path, f"expected an integer, got {value!r}")
+        _check_finite(value, where, path)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise where.error(path, f"expected a number, got {value!r}")
+        _check_finite(value, where, path)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -170,10 +144,16 @@ def build(tp: Any, value: Any, where: LineMap, path: Path_ = ()) -> Any:
     raise TypeError(f"schema type {tp!r} is not supported")  # a bug in our schema, not in the user's file
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    """A dataclass's type hints, resolved once: resolving them costs more than building the value."""
+    return typing.get_type_hints(cls)
+
+
 def _build_dataclass(cls: type, value: Any, where: LineMap, path: Path_) -> Any:
     if not isinstance(value, dict):
         raise where.error(path, f"expected {_describe(cls)}, got {type(value).__name__} {value!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name: f for f in fields(cls) if f.init}
     for key in value:
         if key not in known:
@@ -196,15 +176,34 @@ def _build_dataclass(cls: type, value: Any, where: LineMap, path: Path_) -> Any:
     return obj
 
 
+def _check_finite(value: Any, where: LineMap, path: Path_) -> None:
+    """Every number finite, also inside free-form values: .inf and .nan are valid YAML floats, and would reach
+    int() (an OverflowError) or slip through every comparison (nan < 0 is False)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise where.error(path, f"expected a finite number, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            raise where.error(path, f"expected a finite number, got an integer of {len(str(value))} digits") \
+                from None
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, where, path + (i,))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, where, path + (k,))
+
+
 def _check_bounds(value: Any, meta: Mapping, where: LineMap, path: Path_) -> None:
-    values = value.values() if isinstance(value, Mapping) else [value]
-    for v in values:
+    items = [(path + (k,), v) for k, v in value.items()] if isinstance(value, Mapping) else [(path, value)]
+    for at, v in items:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if meta.get("ge") is not None and v < meta["ge"]:
-            raise where.error(path, f"expected a number >= {meta['ge']}, got {v!r}")
+            raise where.error(at, f"expected a number >= {meta['ge']}, got {v!r}")
         if meta.get("gt") is not None and v <= meta["gt"]:
-            raise where.error(path, f"expected a number > {meta['gt']}, got {v!r}")
+            raise where.error(at, f"expected a number > {meta['gt']}, got {v!r}")
 
 
 def json_schema(tp: Any, meta: Mapping | None = None) -> dict:

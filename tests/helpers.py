@@ -160,3 +160,38 @@ def prediction_holds(monkeypatch, forced: dict) -> None:
     from dioe.text import round_ms
 
     monkeypatch.setattr(dioe.timing, "time_call", lambda fn, *a, **k: round_ms(forced["predicted_ms"]))
+
+
+def descriptor_errors(path: Path) -> dict:
+    """The DescriptorError each entry path that reads a descriptor file raises for the file at `path`:
+    `dioe.hardware.load`, a pool file naming it (beside it), and hardware=FILE, which `optimize`, `dioe.load` and
+    `dioe devices --hardware` resolve through `dioe.pipeline._pool`. Fails where a path accepts the file or
+    raises anything else."""
+    from dioe import hardware, pipeline
+    from dioe.errors import DescriptorError
+
+    pool_file = path.parent / f"pool-of-{path.stem}.yaml"
+    pool_file.write_text(f"pool:\n  - {{id: m, descriptor: '{path.name}', stand_in: true}}\n", encoding="utf-8")
+    entries = {"hardware.load": lambda: hardware.load(path), "pool file": lambda: pipeline._pool(pool_file),
+               "hardware=FILE": lambda: pipeline._pool(path)}
+    errors = {}
+    for name, call in entries.items():
+        try:
+            call()
+        except DescriptorError as e:
+            errors[name] = e
+        except Exception as e:
+            raise AssertionError(f"{path} through {name}: {type(e).__name__} instead of a DescriptorError: "
+                                 f"{e}") from e
+        else:
+            raise AssertionError(f"{path} through {name}: accepted; expected a DescriptorError")
+    return errors
+
+
+def descriptor_check(path: Path, capsys) -> tuple[int, str]:
+    """`dioe descriptor check PATH` in this process: its exit code and everything it printed."""
+    from dioe import cli
+
+    code = cli.main(["descriptor", "check", str(path)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
