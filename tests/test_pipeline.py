@@ -111,3 +111,18 @@ def test_zoo_load_leaves_the_callers_random_stream_alone():
     assert torch.equal(torch.get_rng_state(), state)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b), "seeded weights are the same every time"
+
+
+def test_saving_to_a_folder_keeps_the_plan_inside_it_whatever_the_model_is_called(cpu, tmp_path):
+    """The model's name makes the plan's file name: `../x` or an absolute path must not write outside the folder."""
+    from dioe.build import build
+
+    m, x = torch.nn.Linear(4, 2).eval(), torch.randn(1, 4)
+    folder = tmp_path / "plans"
+    for name in ("../escaped", str(tmp_path / "abs"), "..", "a/../../b"):
+        g = dioe.capture(m, (x,), name=name)
+        opt = build(g, one_partition_plan(g, cpu.id, "torch"), dioe.ResourcePool.discover(), objective="latency")
+        path = opt.save(folder)
+        assert path.resolve().parent == folder.resolve() and path.exists(), (name, path)
+        assert Plan.load(path).model == name, "the plan keeps the name; only its file name is made safe"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plans"], "nothing was written beside the folder"
