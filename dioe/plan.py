@@ -173,6 +173,9 @@ class Plan:
                     raise where.error(path + ("partitions", i, "nodes", j),
                                       f"node {n!r} is already in partition {owner[n]!r}; expected each node once")
                 owner[n] = p.id
+        for i, spec_ in enumerate(self.inputs):
+            if spec_:   # a non-tensor input has no spec
+                _check_input(spec_, where, path + ("inputs", i))
         if self.accuracy is not None:
             _check_accuracy(self.accuracy, where, path + ("accuracy",))
 
@@ -234,6 +237,20 @@ def _check_engine(backend: str, precision: str, where: LineMap, path: Path_) -> 
         raise where.error(path + ("precision",), f"{precision!r} is not one of {', '.join(PRECISIONS)}")
     if backend not in backends.names():
         raise where.error(path + ("backend",), f"{backend!r} is not one of {', '.join(backends.names())}")
+
+
+def _check_input(spec_: Mapping, where: LineMap, path: Path_) -> None:
+    """A flat input's TensorSpec, as `load` rebuilds example inputs from it."""
+    import torch
+
+    from .capture import TensorSpec
+
+    t = build(TensorSpec, dict(spec_), where, path)
+    for j, d in enumerate(t.shape):
+        if isinstance(d, int) and d < 0:
+            raise where.error(path + ("shape", j), f"expected a size >= 0, got {d}")
+    if not isinstance(getattr(torch, t.dtype, None), torch.dtype):
+        raise where.error(path + ("dtype",), f"{t.dtype!r} is not a torch dtype; expected a name such as float32")
 
 
 def _check_accuracy(report: Mapping, where: LineMap, path: Path_) -> None:

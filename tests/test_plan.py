@@ -125,6 +125,10 @@ def test_a_truncated_plan_file_is_a_plan_error_naming_the_file_and_position(tmp_
     ((), "objective", "fastest", r"objective: 'fastest' is not one of latency, throughput$"),
     ((), "partitions", [], r"partitions: a plan has at least one partition"),
     ((), "model", None, r"model: expected a string, got NoneType None$"),
+    (("inputs", 0), "dtype", "float33", r"inputs\[0\]\.dtype: 'float33' is not a torch dtype; expected a name "
+                                        r"such as float32$"),
+    (("inputs", 0), "shape", [1, -64], r"inputs\[0\]\.shape\[1\]: expected a size >= 0, got -64$"),
+    (("inputs", 0), "shape", [1, 2.5], r"inputs\[0\]\.shape\[1\]: expected an integer or a string, got 2\.5$"),
     ((), "accuracy", {"met": True}, r"accuracy: has keys \['met'\]; expected \['confidence', 'met', 'results'\]$"),
 ])
 def test_a_malformed_plan_names_the_field_and_what_was_expected(tmp_path, where, key, value, message):
