@@ -290,6 +290,7 @@ def test_viewer_listens_on_localhost_and_stops_on_ctrl_c(branches_trace, ui):
         base = url.group(0)
         trace = urllib.request.urlopen(base + ("localtrace" if ui == "perfetto" else "trace.json"), timeout=10)
         assert json.loads(trace.read()) == json.loads(path.read_text())
+        assert trace.headers["X-Content-Type-Options"] == "nosniff", "the raw trace is never sniffed as a page"
         index = urllib.request.urlopen(base, timeout=10).read().decode()
         assert "<html" in index.lower() and (("id=dioe-data" in index) == (ui == "report")), index[:300]
         assert 'id=dioe-data' in urllib.request.urlopen(base + "report.html", timeout=10).read().decode()
