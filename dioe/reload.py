@@ -34,7 +34,10 @@ def example_inputs_for(plan: Plan) -> tuple:
     integers (a valid token id in any vocabulary). The caller's random stream is left alone."""
     gen = torch.Generator().manual_seed(0)
     out = []
-    for d in plan.inputs:
+    for i, d in enumerate(plan.inputs):
+        if not d:
+            raise DIOEError(f"the plan's input {i} is not a tensor, so no input like it can be made up; pass the "
+                            "model's example inputs: dioe.load(path, model, example_inputs)")
         spec = TensorSpec.from_dict(d)
         shape = [s if isinstance(s, int) else 2 for s in spec.shape]   # a dynamic dimension: any small size
         dt = spec.torch_dtype
@@ -50,7 +53,10 @@ def capture_for(plan: Plan, model: torch.nn.Module, example_inputs: Any, *, sour
     given = type(model).__name__
     built_for = f"this plan was built for {plan.model} (graph {plan.graph_hash}, inputs " \
                 f"{', '.join(str(TensorSpec.from_dict(d)) if d else 'non-tensor' for d in plan.inputs) or 'none'})"
-    inputs = example_inputs if example_inputs is not None else example_inputs_for(plan)
+    try:
+        inputs = example_inputs if example_inputs is not None else example_inputs_for(plan)
+    except DIOEError as e:
+        raise DIOEError(f"{source}: {e}") from None
     try:
         captured = capture(model, inputs, name=plan.model)
     except DIOEError as e:

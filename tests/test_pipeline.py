@@ -141,6 +141,8 @@ def _torch_plan_file(tmp_path, cpu):
 def test_loading_a_plan_with_another_model_names_the_plans_model_and_both_graphs(cpu, tmp_path):
     """A plan for another model is refused with the model it was built for, before any capture error that inputs
     meant for that model would raise deep inside this one."""
+    from dataclasses import replace
+
     path, graph = _torch_plan_file(tmp_path, cpu)
     bert, _ = dioe.zoo.load("tiny-bert")
     with pytest.raises(dioe.DIOEError, match=rf"^{re.escape(str(path))}: this plan was built for TinyMLP \(graph "
@@ -148,6 +150,11 @@ def test_loading_a_plan_with_another_model_names_the_plans_model_and_both_graphs
                                              r"could not be captured with inputs like the plan's \(.*\)\. Load the "
                                              r"plan with the model it was built for, or optimize BertModel again\.$"):
         dioe.load(path, bert)
+    no_tensor = tmp_path / "no-tensor.plan.json"
+    replace(Plan.load(path), inputs=({},)).save(no_tensor)
+    with pytest.raises(dioe.DIOEError, match=r"no-tensor\.plan\.json: the plan's input 0 is not a tensor, so no "
+                                             r"input like it can be made up; pass the model's example inputs"):
+        dioe.load(no_tensor, bert)
     other = torch.nn.Linear(64, 3).eval()   # takes the plan's inputs, but is another graph
     other_graph = dioe.capture(other, (torch.randn(1, 64),)).structure_hash()
     with pytest.raises(dioe.DIOEError, match=rf"this plan was built for TinyMLP \(graph {graph}, .*\); the model "
