@@ -143,7 +143,7 @@ class Plan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:   # a truncated copy or a hand edit gone wrong
-            raise PlanError(str(path), "", f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}, "
+            raise PlanError(str(path), "", f"not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}, "
                                            f"character {e.pos}); expected a plan saved by DIOE") from None
         return cls.from_dict(data, source=str(path))
 

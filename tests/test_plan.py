@@ -98,7 +98,7 @@ def test_a_truncated_plan_file_is_a_plan_error_naming_the_file_and_position(tmp_
     path = _saved(tmp_path)
     text = path.read_text()
     path.write_text(text[: len(text) // 2])
-    with pytest.raises(PlanError, match=rf"^{re.escape(str(path))}: not valid JSON \(.* at line 1, column \d+, "
+    with pytest.raises(PlanError, match=rf"^{re.escape(str(path))}: not valid JSON \(.*: line 1, column \d+, "
                                         r"character \d+\); expected a plan saved by DIOE$"):
         Plan.load(path)
     with pytest.raises(PlanError, match=rf"^{re.escape(str(tmp_path / 'none.json'))}: not a readable DIOE plan"):
