@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -82,10 +82,14 @@ def _partition_inputs(captured: CapturedGraph, program, pids: Sequence[str],
     return out
 
 
-def verify(opt: Optimized, *, settings: Settings | None = None) -> Optimized:
+def verify(opt: Optimized, *, settings: Settings | None = None, skip: Collection[str] = (),
+           strict: bool = False) -> Optimized:
     """Check each partition against eager on its example inputs, within `settings.tolerance` (relative to the
     largest eager value); one that misses runs on torch at the reference from then on, and the plan says so. A
-    plan of several partitions is then checked whole, at ten times the tolerance."""
+    plan of several partitions is then checked whole, at ten times the tolerance.
+
+    `skip`: partitions judged otherwise (below fp32, against an accuracy budget); the whole-plan check is then
+    the caller's. `strict`: a partition that misses is an error instead of a fallback."""
     settings = settings or Settings()
     tol, pool = settings.tolerance, opt.runtime.pool
     reference = pool.reference
@@ -96,13 +100,16 @@ def verify(opt: Optimized, *, settings: Settings | None = None) -> Optimized:
     whole = _whole_graph_view(opt)
     for step in opt.program.steps:
         c = opt.runtime.compiled[step.partition]
-        if c.backend == "torch" and c.member == reference.id:
+        if c.backend == "torch" and c.member == reference.id or step.partition in skip:
             continue
         part = opt.program.partition(step.partition)
         with torch.inference_mode():
             want = whole if whole is not None else part.gm(*part.example_inputs)
             got = c(*registry.get(c.backend, settings.cache_dir).to_io(part.example_inputs, pool[c.member]))
         err = rel_error(want, got)
+        if err > tol and strict:
+            raise DIOEError(f"partition {step.partition} on {c.backend}@{c.member} differs from eager by {err:.2e} "
+                            f"(> {tol:.0e}); strict: no fallback to torch")
         if err > tol:
             warnings.warn(f"dioe: partition {step.partition} on {c.backend}@{c.member} differs from eager by "
                           f"{err:.2e} (> {tol:.0e}); it runs on torch@{reference.id} instead.", RuntimeWarning)
@@ -116,7 +123,7 @@ def verify(opt: Optimized, *, settings: Settings | None = None) -> Optimized:
                               else "verification failed on the first choice; reference backend")
                       for p in opt.plan.partitions)
         opt.plan = replace(opt.plan, partitions=parts)
-    if whole is not None:
+    if whole is not None or skip:
         return opt
     want = opt.captured.reference_outputs()
     with torch.inference_mode():

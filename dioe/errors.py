@@ -19,6 +19,15 @@ class DescriptorError(DIOEError, ValueError):
         super().__init__(f"{where}: {key or '<document>'}: {message}")
 
 
+class PlanError(DIOEError, ValueError):
+    """A saved plan is unreadable or malformed: names the file (or "plan" for a dict), the field's dotted path and
+    what was expected there."""
+
+    def __init__(self, file: str, key: str, message: str):
+        self.file, self.key, self.message = file, key, message
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
 class CaptureError(DIOEError, RuntimeError):
     """torch.export could not capture the model; the message names the construct and what to try."""
 

@@ -90,10 +90,9 @@ class Optimized:
         return {"fallback_calls": self.runtime.stats["fallbacks"], "fallbacks": dict(self.runtime.fallbacks)}
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON (a folder gets `<model>.plan.json`)."""
+        """Write the plan as JSON (a folder gets `<model>.plan.json`, the model's name made one safe file name)."""
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
-            path = path / f"{self.plan.model}.plan.json"
-        self.plan.save(path)
-        return path
+            path = self.plan.file_in(path)
+        return self.plan.save(path)

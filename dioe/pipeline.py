@@ -23,9 +23,10 @@ from . import cache as _cache
 from . import partition
 from . import precision as precisions
 from . import race as racing
+from . import reload
 from . import tracing as _trace
 from .accuracy import Budget
-from .capture import CapturedGraph, TensorSpec, capture
+from .capture import CapturedGraph, capture
 from .errors import DIOEError
 from .optimized import Optimized
 from .plan import Plan
@@ -108,15 +109,17 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
 
 
 def load(path: str | Path, model: torch.nn.Module, example_inputs: Any = None, *,
-         hardware: Any = "auto", cache_dir: str | Path | None = None, settings: Settings | None = None) -> Optimized:
-    """Rebuild an optimized model from a saved plan, without profiling."""
+         hardware: Any = "auto", cache_dir: str | Path | None = None, settings: Settings | None = None,
+         verify: bool = True, strict: bool = False) -> Optimized:
+    """Rebuild an optimized model from a saved plan, without profiling.
+
+    The plan file is checked field by field (`dioe.PlanError`), and the model must capture to the graph the plan
+    was built for. `verify` (the default) runs one call on `example_inputs` (or inputs like the plan's) against
+    eager: a partition that computes something else runs on torch, with a warning, so `load` never returns a model
+    that silently computes wrong values; `opt.plan` names what runs. `strict=True` makes any fallback an error."""
+    source = str(path)
     plan = Plan.load(path)
-    if example_inputs is None:
-        example_inputs = tuple(_synthetic(TensorSpec.from_dict(s)) for s in plan.inputs)
-    captured: CapturedGraph = capture(model, example_inputs, name=plan.model)
-    if captured.structure_hash() != plan.graph_hash:
-        raise DIOEError(f"{path}: this plan was made for a different graph ({plan.graph_hash}); the model captured "
-                        f"now hashes to {captured.structure_hash()}. Optimize it again.")
+    captured: CapturedGraph = reload.capture_for(plan, model, example_inputs, source=source)
     pool = _pool(hardware)
     missing = [m for m in plan.members() if m not in {x.id for x in pool.members}]
     if missing:
@@ -126,8 +129,13 @@ def load(path: str | Path, model: torch.nn.Module, example_inputs: Any = None, *
         warnings.warn(f"dioe: {path} was made for another pool ({plan.pool_fingerprint}, this one is "
                       f"{pool.fingerprint()}): it runs as planned, but its timings and choices were measured there; "
                       "optimize again for the best plan here.", RuntimeWarning, stacklevel=2)
-    return building.build(captured, plan, pool, settings=_settings(settings, cache_dir=cache_dir),
-                          objective=plan.objective)
+    settings = _settings(settings, cache_dir=cache_dir)
+    opt = building.build(captured, plan, pool, settings=settings, objective=plan.objective)
+    if verify:
+        opt = reload.verify_loaded(opt, plan, source=source, settings=settings, strict=strict)
+    elif strict:
+        reload.check_as_planned(opt, plan, source=source)
+    return opt
 
 
 def check_backends(backends: Sequence[str] | None, settings: Settings) -> tuple[str, ...]:
@@ -155,9 +163,3 @@ def _settings(settings: Settings | None, *, cache_dir=None, tolerance: float | N
 
 def _pool(hardware: Any) -> ResourcePool:
     return hardware if isinstance(hardware, ResourcePool) else ResourcePool.discover(hardware)
-
-
-def _synthetic(spec: TensorSpec) -> torch.Tensor:
-    shape = [s if isinstance(s, int) else 2 for s in spec.shape]
-    dt = spec.torch_dtype
-    return torch.ones(shape, dtype=dt) if not dt.is_floating_point else torch.zeros(shape, dtype=dt)

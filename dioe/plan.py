@@ -9,13 +9,21 @@ what it measured, and why it won. Frozen dataclasses that round-trip through JSO
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import DescriptorError, PlanError
+from .files import write_text
+from .schema import LineMap, Path_, build, spec
 from .text import round_ms, show_ms, table
 
 PLAN_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")   # what a partition of a plan runs at
+OBJECTIVES = ("latency", "throughput")
+_TIME = spec(ge=0, finite=True, doc="milliseconds")
+_COUNT = spec(ge=0, finite=True)
 
 
 @dataclass(frozen=True, order=True)
@@ -33,7 +41,7 @@ class Choice:
     member: str
     backend: str
     precision: str = "fp32"
-    predicted_ms: float = field(default=0.0, compare=False)
+    predicted_ms: float = field(default=0.0, compare=False, metadata=_TIME)
 
     def label(self) -> str:
         return f"{self.backend}@{self.member}/{self.precision}"
@@ -55,6 +63,9 @@ class Choice:
                              "openvino@cpu0/fp32")
         return cls(member, backend, precision)
 
+    def _validate(self, where: LineMap, path: Path_) -> None:
+        _check_engine(self.backend, self.precision, where, path)
+
 
 @dataclass(frozen=True)
 class PlanPartition:
@@ -64,10 +75,10 @@ class PlanPartition:
     member: str
     backend: str
     precision: str
-    ops: int
-    gflops: float
-    predicted_ms: float
-    measured_ms: float | None = None
+    ops: int = field(metadata=_COUNT)
+    gflops: float = field(metadata=_COUNT)
+    predicted_ms: float = field(metadata=_TIME)
+    measured_ms: float | None = field(default=None, metadata=_TIME)
     runner_up: Choice | None = None
     reason: str = ""
     # fingerprint of the inputs its engine was calibrated on (int8): a reload finds the artifact by it
@@ -77,6 +88,11 @@ class PlanPartition:
     def choice(self) -> Choice:
         return Choice(self.member, self.backend, self.precision, self.predicted_ms)
 
+    def _validate(self, where: LineMap, path: Path_) -> None:
+        _check_engine(self.backend, self.precision, where, path)
+        if not self.nodes:
+            raise where.error(path + ("nodes",), "a partition runs at least one node; expected a non-empty list")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -85,9 +101,9 @@ class Plan:
     pool_fingerprint: str
     objective: str
     partitions: tuple[PlanPartition, ...]
-    predicted_ms: float
-    measured_ms: float | None = None
-    eager_ms: float | None = None
+    predicted_ms: float = field(metadata=_TIME)
+    measured_ms: float | None = field(default=None, metadata=_TIME)
+    eager_ms: float | None = field(default=None, metadata=_TIME)
     inputs: tuple[Mapping[str, Any], ...] = ()       # TensorSpec dicts of the flat inputs, to reload without data
     replanned: bool = False
     notes: tuple[str, ...] = ()
@@ -100,27 +116,68 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Plan":
+    def from_dict(cls, d: Mapping, *, source: str = "plan") -> "Plan":
+        """The plan `d` describes, checked field by field: a missing or mistyped field, a precision or backend DIOE
+        does not know, a negative or non-finite time, or two partitions with one id is a `PlanError` naming the
+        field's dotted path, e.g. `partitions[2].precision: 'int3' is not one of fp32, bf16, fp16, int8`."""
+        if not isinstance(d, Mapping):
+            raise PlanError(source, "", f"expected a JSON object (a saved DIOE plan), got {type(d).__name__}")
         if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan format version {d.get('version')!r}; this DIOE reads version {PLAN_VERSION}")
-        parts = []
-        for p in d["partitions"]:
-            ru = p.get("runner_up")
-            parts.append(PlanPartition(**{**p, "segments": tuple(p["segments"]), "nodes": tuple(p["nodes"]),
-                                          "runner_up": Choice(**ru) if ru else None}))
-        return cls(**{**d, "partitions": tuple(parts), "inputs": tuple(dict(i) for i in d.get("inputs", ())),
-                      "notes": tuple(d.get("notes", ()))})
+            raise PlanError(source, "version", f"plan format version {d.get('version')!r}; this DIOE reads "
+                                               f"version {PLAN_VERSION}")
+        try:
+            return build(cls, dict(d), LineMap.empty(source))
+        except DescriptorError as e:   # the schema helpers speak of descriptors; a plan's error names the plan
+            raise PlanError(source, e.key, e.message) from None
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON, whole or not at all."""
+        return write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable DIOE plan: {e}") from e
-        return cls.from_dict(data)
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(str(path), "", f"not a readable DIOE plan: {e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:   # a truncated copy or a hand edit gone wrong
+            raise PlanError(str(path), "", f"not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}, "
+                                           f"character {e.pos}); expected a plan saved by DIOE") from None
+        return cls.from_dict(data, source=str(path))
+
+    def file_in(self, folder: str | Path) -> Path:
+        """Where the plan goes in `folder`: `<model>.plan.json`, the model's name made a single safe file name,
+        so a name such as `../x` or `/etc/x` never writes outside the folder."""
+        folder = Path(folder)
+        path = folder / f"{safe_name(self.model)}.plan.json"
+        if path.resolve().parent != folder.resolve():
+            raise PlanError("plan", "model", f"{self.model!r} does not make a file name inside {folder}")
+        return path
+
+    def _validate(self, where: LineMap, path: Path_) -> None:
+        if self.objective not in OBJECTIVES:
+            raise where.error(path + ("objective",), f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if not self.partitions:
+            raise where.error(path + ("partitions",), "a plan has at least one partition; expected a non-empty list")
+        ids: dict[str, int] = {}
+        owner: dict[str, str] = {}
+        for i, p in enumerate(self.partitions):
+            if p.id in ids:
+                raise where.error(path + ("partitions", i, "id"),
+                                  f"{p.id!r} is already the id of partitions[{ids[p.id]}]; expected unique ids")
+            ids[p.id] = i
+            for j, n in enumerate(p.nodes):
+                if n in owner:
+                    raise where.error(path + ("partitions", i, "nodes", j),
+                                      f"node {n!r} is already in partition {owner[n]!r}; expected each node once")
+                owner[n] = p.id
+        for i, spec_ in enumerate(self.inputs):
+            if spec_:   # a non-tensor input has no spec
+                _check_input(spec_, where, path + ("inputs", i))
+        if self.accuracy is not None:
+            _check_accuracy(self.accuracy, where, path + ("accuracy",))
 
     def with_measurements(self, per_partition_ms: Mapping[str, float], total_ms: float,
                           eager_ms: float | None = None) -> "Plan":
@@ -162,4 +219,50 @@ class Plan:
         return "\n".join(lines)
 
 
-__all__ = ["Choice", "Plan", "PlanPartition", "round_ms", "show_ms"]
+def safe_name(name: str) -> str:
+    """`name` as one file name: path separators, `..` and characters other than letters, digits, `-`, `_`, `.`
+    become `_`, and a leading dot goes, so the name can neither climb out of a folder nor hide in it.
+
+        >>> safe_name("../../etc/passwd"), safe_name("bert-base"), safe_name(".hidden")
+        ('______etc_passwd', 'bert-base', 'hidden')
+    """
+    out = re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).replace("..", "__").lstrip(".")
+    return out or "model"
+
+
+def _check_engine(backend: str, precision: str, where: LineMap, path: Path_) -> None:
+    from . import backends   # the registry lists backend files; it imports no engine
+
+    if precision not in PRECISIONS:
+        raise where.error(path + ("precision",), f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    if backend not in backends.names():
+        raise where.error(path + ("backend",), f"{backend!r} is not one of {', '.join(backends.names())}")
+
+
+def _check_input(spec_: Mapping, where: LineMap, path: Path_) -> None:
+    """A flat input's TensorSpec, as `load` rebuilds example inputs from it."""
+    import torch
+
+    from .capture import TensorSpec
+
+    t = build(TensorSpec, dict(spec_), where, path)
+    for j, d in enumerate(t.shape):
+        if isinstance(d, int) and d < 0:
+            raise where.error(path + ("shape", j), f"expected a size >= 0, got {d}")
+    if not isinstance(getattr(torch, t.dtype, None), torch.dtype):
+        raise where.error(path + ("dtype",), f"{t.dtype!r} is not a torch dtype; expected a name such as float32")
+
+
+def _check_accuracy(report: Mapping, where: LineMap, path: Path_) -> None:
+    """The accuracy report's shape: `met`, `confidence` and typed `results`, as AccuracyReport writes them."""
+    from .accuracy import MetricResult   # reading a plan needs no accuracy code until it has a report
+
+    want = {"met", "confidence", "results"}
+    if set(report) != want:
+        raise where.error(path, f"has keys {sorted(report)}; expected {sorted(want)}")
+    build(bool, report["met"], where, path + ("met",))
+    build(float, report["confidence"], where, path + ("confidence",))
+    build(tuple[MetricResult, ...], report["results"], where, path + ("results",))
+
+
+__all__ = ["Choice", "OBJECTIVES", "PRECISIONS", "Plan", "PlanPartition", "round_ms", "safe_name", "show_ms"]

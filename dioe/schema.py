@@ -26,9 +26,10 @@ from .errors import DescriptorError
 Path_ = tuple  # a key path inside the document: ("backends", 0, "options", "device")
 
 
-def spec(*, doc: str = "", ge: float | None = None, gt: float | None = None) -> dict:
-    """Field metadata: a one-line doc and numeric bounds, read by the validator and the JSON Schema writer."""
-    return {"doc": doc, "ge": ge, "gt": gt}
+def spec(*, doc: str = "", ge: float | None = None, gt: float | None = None, finite: bool = False) -> dict:
+    """Field metadata: a one-line doc and numeric bounds, read by the validator and the JSON Schema writer;
+    `finite` also refuses NaN and infinities (which every comparison with a bound lets through)."""
+    return {"doc": doc, "ge": ge, "gt": gt, "finite": finite}
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def build(tp: Any, value: Any, where: LineMap, path: Path_ = ()) -> Any:
         return value
     if origin is tuple:
         (item_tp, *_rest) = typing.get_args(tp)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):   # YAML and JSON give lists; a dataclass's asdict, tuples
             raise where.error(path, f"expected {_describe(tp)}, got {type(value).__name__} {value!r}")
         return tuple(build(item_tp, v, where, path + (i,)) for i, v in enumerate(value))
     if origin is not None and issubclass(origin, Mapping):
@@ -200,6 +201,8 @@ def _check_bounds(value: Any, meta: Mapping, where: LineMap, path: Path_) -> Non
     for at, v in items:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if meta.get("finite") and not math.isfinite(v):
+            raise where.error(at, f"expected a finite number, got {v!r}")
         if meta.get("ge") is not None and v < meta["ge"]:
             raise where.error(at, f"expected a number >= {meta['ge']}, got {v!r}")
         if meta.get("gt") is not None and v <= meta["gt"]:

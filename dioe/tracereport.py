@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+from .files import write_text
 from .text import show_ms
 from .traceview import Events, critical_path, load_trace, summarize
 
@@ -88,75 +89,87 @@ def _asset(name: str) -> str:
 
 
 def _table(rows, header, numeric=()) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td{' class=n' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r))
-                   + "</tr>" for r in rows)
+    """An HTML table; every cell is escaped here, since any of them may come from the trace file."""
+    e = html.escape
+    th = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td{' class=n' if i in numeric else ''}>{e(str(c))}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _script_json(value) -> str:
+    """JSON safe inside a <script> element: no `<`, `>` or `&` at all, so no text in the trace can close the
+    element or open a comment that swallows the page."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def render_report(data: Mapping, *, title: str | None = None) -> str:
     """One self-contained HTML page: the timeline per member, the summary tables, the critical path and the plan.
-    It loads nothing from the network."""
+    It loads nothing from the network. Every value it takes from the trace is escaped: a trace is a file anyone
+    may have written, and the page runs script."""
     s = summarize(data)
     rd = report_data(data, s)
-    e = html.escape
+
+    def e(value) -> str:
+        return html.escape(str(value))
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title or 'DIOE trace report')}</title>"
              f"<style>:root{{--critical:{CRITICAL_COLOR}}}\n{_asset('report.css')}</style></head><body>"]
     parts.append(f"<h1>{e(title or 'DIOE trace report')}</h1>")
     if s.get("calls"):
         lat = s["latency_ms"]
-        parts.append(f"<p class=lead>{s['calls']} call(s) of {e(', '.join(s['models']))}; median latency "
-                     f"<b>{show_ms(lat['median'])} ms</b> (min {show_ms(lat['min'])}, max {show_ms(lat['max'])}). "
+        parts.append(f"<p class=lead>{e(s['calls'])} call(s) of {e(', '.join(map(str, s['models'])))}; median "
+                     f"latency <b>{e(show_ms(lat['median']))} ms</b> (min {e(show_ms(lat['min']))}, max "
+                     f"{e(show_ms(lat['max']))}). "
                      "Each coloured bar is "
                      "one partition of the model running on one member of the pool; bars outlined in red form the "
                      "critical path, the chain of work that decided when the call finished. Arrows show data "
                      "passed between members. Hover a bar for its details.</p>")
     else:
         parts.append(f"<p class=lead>{e(s.get('note', ''))}</p>")
-    legend = "".join(f"<span><i style='background:{c}'></i>{b}</span>" for b, c in backend_colors().items())
+    legend = "".join(f"<span><i style='background:{e(c)}'></i>{e(b)}</span>" for b, c in backend_colors().items())
     parts.append("<section id=timeline-section><h2>Timeline of one call</h2>"
                  "<div id=controls><label>call: <select id=call></select></label> <span id=call-ms></span></div>"
                  f"<div class=legend>{legend}<span><i style='background:#fff;border:2px solid {CRITICAL_COLOR}'></i>"
                  "critical path</span></div>"
                  "<svg id=timeline xmlns='http://www.w3.org/2000/svg' width=900 height=60></svg></section>")
     if s.get("calls"):
-        rows = [[e(m), f"{100 * i['busy_share']:.1f}%", show_ms(i['busy_ms']), show_ms(i['idle_ms']), i["runs"]]
+        rows = [[m, f"{100 * i['busy_share']:.1f}%", show_ms(i['busy_ms']), show_ms(i['idle_ms']), i["runs"]]
                 for m, i in s["members"].items()]
         parts.append("<h2>Members: busy and idle</h2>" +
                      _table(rows, ["member", "busy", "busy ms", "idle ms", "partition runs"], numeric=(1, 2, 3, 4)))
-        waits = [[e(m), e(why), f"{w['per_call_ms']:.3f}", w["count"]] for m, i in s["members"].items()
+        waits = [[m, why, f"{w['per_call_ms']:.3f}", w["count"]] for m, i in s["members"].items()
                  for why, w in i["waits"].items()]
         if waits:
             parts.append("<h2>What each member waited for</h2>" +
                          _table(waits, ["member", "idle while waiting for", "ms per call", "gaps"], numeric=(2, 3)))
         t = s["transfers"]
-        parts.append(f"<p>Transfers: {t['count']} copies, {show_ms(t['total_ms'])} ms, {100 * t['share']:.1f}% of "
-                     f"the time inside calls ({t['bytes']} bytes).</p>")
+        parts.append(f"<p>Transfers: {e(t['count'])} copies, {e(show_ms(t['total_ms']))} ms, "
+                     f"{100 * t['share']:.1f}% of the time inside calls ({e(t['bytes'])} bytes).</p>")
         cp = s["critical_path"]
-        rows = [[i + 1, e(x.get("partition") or x["name"]), e(x["member"]), e(x.get("backend", "copy")),
+        rows = [[i + 1, x.get("partition") or x["name"], x["member"], x.get("backend", "copy"),
                  f"{x['ms']:.3f}"] for i, x in enumerate(cp["steps"])]
-        parts.append(f"<h2 class=crit>Critical path of the median call (#{cp['call']}, "
-                     f"{show_ms(cp['call_ms'])} ms)</h2>" +
+        parts.append(f"<h2 class=crit>Critical path of the median call (#{e(cp['call'])}, "
+                     f"{e(show_ms(cp['call_ms']))} ms)</h2>" +
                      _table(rows, ["step", "partition", "member", "backend", "ms"], numeric=(4,)))
-        rows = [[e(h["partition"]), e(h["member"]), e(h["backend"]), h["ops"], h["runs"], f"{h['median_ms']:.3f}",
+        rows = [[h["partition"], h["member"], h["backend"], h["ops"], h["runs"], f"{h['median_ms']:.3f}",
                  f"{100 * h['share_of_busy']:.1f}%"] for h in s["heaviest"]]
         parts.append("<h2>Heaviest partitions</h2>" +
                      _table(rows, ["partition", "member", "backend", "ops", "runs", "median ms", "share of busy"],
                             numeric=(3, 4, 5, 6)))
     for plan in rd_plans(data):
-        rows = [[e(p["id"]), e(p["member"]), e(p["backend"]), e(p["precision"]), p["ops"], show_ms(p["predicted_ms"]),
+        rows = [[p["id"], p["member"], p["backend"], p["precision"], p["ops"], show_ms(p["predicted_ms"]),
                  "-" if p.get("measured_ms") is None else show_ms(p["measured_ms"]),
-                 e(f"{p['runner_up']['backend']}@{p['runner_up']['member']} "
-                   f"{show_ms(p['runner_up']['predicted_ms'])} ms") if p.get("runner_up") else "-",
-                 e(p.get("reason", ""))] for p in plan["partitions"]]
+                 f"{p['runner_up']['backend']}@{p['runner_up']['member']} "
+                 f"{show_ms(p['runner_up']['predicted_ms'])} ms" if p.get("runner_up") else "-",
+                 p.get("reason", "")] for p in plan["partitions"]]
         notes = "".join(f"<li>{e(n)}</li>" for n in plan.get("notes", ()))
         parts.append(f"<h2>Plan for {e(plan['model'])} (objective {e(plan['objective'])})</h2>" +
                      _table(rows, ["partition", "member", "backend", "precision", "ops", "predicted ms", "measured ms",
                                    "runner-up", "why"], numeric=(4, 5, 6)) + (f"<ul>{notes}</ul>" if notes else ""))
     if s.get("stages"):
-        rows = [[e(x["stage"]), f"{x['ms'] / 1e3:.2f}"] for x in s["stages"]]
+        rows = [[x["stage"], f"{x['ms'] / 1e3:.2f}"] for x in s["stages"]]
         parts.append("<h2>Optimize stages</h2>" + _table(rows, ["stage", "seconds"], numeric=(1,)))
-    data_json = json.dumps({**rd, "colors": backend_colors(), "critical": CRITICAL_COLOR}).replace("</", "<\\/")
+    data_json = _script_json({**rd, "colors": backend_colors(), "critical": CRITICAL_COLOR})
     parts.append(f"<script type='application/json' id=dioe-data>{data_json}</script>"
                  f"<script>{_asset('report.js')}</script>")
     parts.append("<p style='color:#8a93a3;margin-top:30px'>Written by <code>dioe trace report</code>. "
@@ -171,7 +184,4 @@ def rd_plans(data: Mapping) -> list[dict]:
 
 def write_report(trace_path: str | Path, out: str | Path) -> Path:
     data = load_trace(trace_path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(data, title=f"DIOE trace report: {Path(trace_path).name}"), encoding="utf-8")
-    return out
+    return write_text(out, render_report(data, title=f"DIOE trace report: {Path(trace_path).name}"))

@@ -59,6 +59,8 @@ def make_server(trace_path: str | Path, *, host: str = "127.0.0.1", port: int = 
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            # the raw trace is anyone's file: a browser must never sniff it into a page that runs its markup
+            self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)

@@ -1,6 +1,7 @@
 """`dioe.optimize` and `dioe.load` end to end: outputs match eager in structure and value, plans save and load
 (also plans saved by the previous version), bad arguments get clear errors, and the torch.compile backend."""
 
+import re
 import warnings
 from pathlib import Path
 
@@ -111,3 +112,127 @@ def test_zoo_load_leaves_the_callers_random_stream_alone():
     assert torch.equal(torch.get_rng_state(), state)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b), "seeded weights are the same every time"
+
+
+def test_saving_to_a_folder_keeps_the_plan_inside_it_whatever_the_model_is_called(cpu, tmp_path):
+    """The model's name makes the plan's file name: `../x` or an absolute path must not write outside the folder."""
+    from dioe.build import build
+
+    m, x = torch.nn.Linear(4, 2).eval(), torch.randn(1, 4)
+    folder = tmp_path / "plans"
+    for name in ("../escaped", str(tmp_path / "abs"), "..", "a/../../b"):
+        g = dioe.capture(m, (x,), name=name)
+        opt = build(g, one_partition_plan(g, cpu.id, "torch"), dioe.ResourcePool.discover(), objective="latency")
+        path = opt.save(folder)
+        assert path.resolve().parent == folder.resolve() and path.exists(), (name, path)
+        assert Plan.load(path).model == name, "the plan keeps the name; only its file name is made safe"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plans"], "nothing was written beside the folder"
+
+
+def _torch_plan_file(tmp_path, cpu):
+    """A plan of tiny-mlp on torch, saved; and the model."""
+    model, inputs = dioe.zoo.load("tiny-mlp")
+    g = dioe.capture(model, inputs, name="TinyMLP")
+    path = tmp_path / "tiny-mlp.plan.json"
+    one_partition_plan(g, cpu.id, "torch", fingerprint=dioe.ResourcePool.discover().fingerprint()).save(path)
+    return path, g.structure_hash()
+
+
+def test_loading_a_plan_with_another_model_names_the_plans_model_and_both_graphs(cpu, tmp_path):
+    """A plan for another model is refused with the model it was built for, before any capture error that inputs
+    meant for that model would raise deep inside this one."""
+    from dataclasses import replace
+
+    path, graph = _torch_plan_file(tmp_path, cpu)
+    bert, _ = dioe.zoo.load("tiny-bert")
+    with pytest.raises(dioe.DIOEError, match=rf"^{re.escape(str(path))}: this plan was built for TinyMLP \(graph "
+                                             rf"{graph}, inputs float32\[1, 64\]\); the model given, BertModel, "
+                                             r"could not be captured with inputs like the plan's \(.*\)\. Load the "
+                                             r"plan with the model it was built for, or optimize BertModel again\.$"):
+        dioe.load(path, bert)
+    no_tensor = tmp_path / "no-tensor.plan.json"
+    replace(Plan.load(path), inputs=({},)).save(no_tensor)
+    with pytest.raises(dioe.DIOEError, match=r"no-tensor\.plan\.json: the plan's input 0 is not a tensor, so no "
+                                             r"input like it can be made up; pass the model's example inputs"):
+        dioe.load(no_tensor, bert)
+    other = torch.nn.Linear(64, 3).eval()   # takes the plan's inputs, but is another graph
+    other_graph = dioe.capture(other, (torch.randn(1, 64),)).structure_hash()
+    with pytest.raises(dioe.DIOEError, match=rf"this plan was built for TinyMLP \(graph {graph}, .*\); the model "
+                                             rf"given, Linear, captures to graph {other_graph} \(1 ops\)"):
+        dioe.load(path, other)
+
+
+def _corrupt_onnx_weights(cache: Path) -> None:
+    """Overwrite the weights of every cached ONNX export with 1.0f: the file still loads, and computes another
+    function (what a disk fault or a stray edit of the cache would do)."""
+    data = list(cache.rglob("*.onnx.data"))
+    assert data, f"no ONNX weights under {cache}"
+    for f in data:
+        n = f.stat().st_size
+        f.write_bytes(b"\x00\x00\x80\x3f" * (n // 4) + b"\x00" * (n % 4))
+
+
+def test_load_checks_one_call_against_eager_and_falls_back_loudly(cpu, tmp_path):
+    """A plan whose engine computes something else (its cached artifact damaged) loads with a warning, runs its
+    partition on torch so the values are eager's, and its plan says torch and why; strict=True refuses it."""
+    from dioe.build import build
+    from dioe.settings import Settings
+
+    model, inputs = dioe.zoo.load("tiny-mlp")
+    g = dioe.capture(model, inputs, name="TinyMLP")
+    pool = dioe.ResourcePool.discover()
+    cache = tmp_path / "cache"
+    plan = one_partition_plan(g, cpu.id, "onnxruntime", fingerprint=pool.fingerprint())
+    build(g, plan, pool, settings=Settings(cache_dir=cache), objective="latency")   # fills the cache
+    path = tmp_path / "tiny-mlp.plan.json"
+    plan.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # an intact artifact: no fallback, no warning
+        sound = dioe.load(path, model, hardware=pool, cache_dir=cache)
+    assert [(p.backend, p.reason) for p in sound.plan.partitions] == [("onnxruntime", "")]
+    _corrupt_onnx_weights(cache)
+    with pytest.warns(RuntimeWarning, match=r"p0 .*onnxruntime.*runs on torch"):
+        opt = dioe.load(path, model, hardware=pool, cache_dir=cache)   # checked on inputs like the plan's
+    assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
+    (p,) = opt.plan.partitions
+    assert (p.member, p.backend, p.precision) == (pool.reference.id, "torch", "fp32") and p.reason, p
+    assert [(c.member, c.backend) for c in opt.runtime.compiled.values()] == [(pool.reference.id, "torch")]
+    with pytest.raises(dioe.DIOEError, match=r"p0.*onnxruntime.*strict: no fallback to torch"):
+        dioe.load(path, model, inputs, hardware=pool, cache_dir=cache, strict=True)
+
+
+def test_load_judges_a_partition_below_fp32_by_the_plans_accuracy(tmp_path):
+    """A partition below fp32 (bf16 on a stand-in member) is not held to fp32's tolerance but to the plan's accuracy
+    report: within it, it runs as planned; a report it cannot meet sends it to torch fp32, with a warning and the
+    plan saying so."""
+    from dataclasses import replace
+
+    m, x = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval(), \
+        torch.randn(8, 64)
+    g = dioe.capture(m, (x,), name="bf16-mlp")
+    from conftest import POOLS
+
+    pool = dioe.ResourcePool.discover(POOLS / "standin-lowp.yaml")
+    fp32 = one_partition_plan(g, "bf16", "torch", fingerprint=pool.fingerprint())
+    bf16 = replace(fp32, partitions=(replace(fp32.partitions[0], precision="bf16"),))
+
+    def report(threshold):
+        return {"met": True, "confidence": 0.95, "results": [
+            {"metric": "cosine", "output": 0, "value": 0.99999, "bound": 0.99999, "worst": threshold,
+             "threshold": threshold, "samples": 64, "items": 64, "met": True}]}
+    loose, tight = tmp_path / "loose.plan.json", tmp_path / "tight.plan.json"
+    replace(bf16, accuracy=report(0.99)).save(loose)
+    replace(bf16, accuracy=report(0.9999999999)).save(tight)   # bf16 keeps 8 bits: this it cannot meet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt = dioe.load(loose, m, (x,), hardware=pool, cache_dir=tmp_path)
+    assert opt.plan.partitions[0].precision == "bf16" and opt.runtime.compiled["p0"].precision == "bf16"
+    with pytest.warns(RuntimeWarning, match=r"p0 below fp32 miss the plan's accuracy against eager: cosine of "
+                                            r"output 0 0\.\d+ < 0\.9999999999"):
+        opt = dioe.load(tight, m, (x,), hardware=pool, cache_dir=tmp_path)
+    (p,) = opt.plan.partitions
+    assert (p.member, p.backend, p.precision, p.reason) == (pool.reference.id, "torch", "fp32",
+                                                            dioe.reload.LOW_REASON)
+    assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
+    with pytest.raises(dioe.DIOEError, match="miss the plan's accuracy.*strict: no fallback to torch"):
+        dioe.load(tight, m, (x,), hardware=pool, cache_dir=tmp_path, strict=True)

@@ -290,6 +290,7 @@ def test_viewer_listens_on_localhost_and_stops_on_ctrl_c(branches_trace, ui):
         base = url.group(0)
         trace = urllib.request.urlopen(base + ("localtrace" if ui == "perfetto" else "trace.json"), timeout=10)
         assert json.loads(trace.read()) == json.loads(path.read_text())
+        assert trace.headers["X-Content-Type-Options"] == "nosniff", "the raw trace is never sniffed as a page"
         index = urllib.request.urlopen(base, timeout=10).read().decode()
         assert "<html" in index.lower() and (("id=dioe-data" in index) == (ui == "report")), index[:300]
         assert 'id=dioe-data' in urllib.request.urlopen(base + "report.html", timeout=10).read().decode()
@@ -320,3 +321,82 @@ def test_optimize_records_its_stages_and_profiling(tmp_path):
     assert [st["stage"] for st in s["stages"]][:4] == ["capture", "segment", "profile", "partition"]
     assert s["profiling"] and all(k.startswith("torch@") for k in s["profiling"])
     assert s["calls"] == 1
+
+
+INJECTED = ("<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "</script><script>alert(3)</script>",
+            "<!--<script>", "\"' onmouseover=alert(4) x='")
+
+
+def _poisoned(data: dict) -> dict:
+    """`data` with every name and value a person could edit in the file replaced by markup that would run."""
+    import copy
+    from itertools import cycle
+
+    data = copy.deepcopy(data)
+    bad = cycle(INJECTED)
+    calls = {}
+    for e in data["traceEvents"]:
+        a = e.get("args") or {}
+        if e.get("ph") == "M" and e["name"] in ("process_name", "thread_name"):
+            a["name"] = a["name"] + next(bad)
+        if "call" in a:
+            a["call"] = calls.setdefault(a["call"], f"{a['call']}{next(bad)}")
+        for key in ("ops", "precision", "model", "bytes_in", "bytes_out"):
+            if key in a:
+                a[key] = next(bad)
+        if e.get("cat") == "optimize":
+            e["name"] = next(bad)
+    for plan in data["otherData"].get("plans") or []:
+        plan["model"], plan["objective"], plan["notes"] = next(bad), next(bad), [next(bad)]
+        for p in plan["partitions"]:
+            p["ops"], p["reason"], p["precision"] = next(bad), next(bad), next(bad)
+    return data
+
+
+class _Tags(__import__("html.parser").parser.HTMLParser):
+    """Every element the browser would build from the page, and the text inside its script elements."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.scripts, self._in = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in = tag if tag == "script" else None
+
+    def handle_data(self, text):
+        if self._in == "script":
+            self.scripts.append(text)
+
+    def handle_endtag(self, tag):
+        self._in = None
+
+
+def test_the_report_escapes_everything_it_takes_from_the_trace(branches_trace, tmp_path):
+    """A trace whose names, ops, calls and plan carry markup gives a page where that markup is text: no element or
+    event handler of its own, and the timeline's data still parses as the same JSON."""
+    _, data = branches_trace
+    poisoned = _poisoned(data)
+    path = tmp_path / "poisoned.json"
+    path.write_text(json.dumps(poisoned))
+    from dioe.tracereport import write_report
+
+    page = write_report(path, tmp_path / "poisoned.html").read_text()
+    parser = _Tags()
+    parser.feed(page)
+    parser.close()
+    tags = [t for t, _ in parser.tags]
+    assert "img" not in tags and tags.count("script") == 2, tags
+    handlers = [(t, k) for t, attrs in parser.tags for k in attrs if k.startswith("on")]
+    assert not handlers, handlers
+    data_json, _script = parser.scripts
+    label = json.loads(data_json)["members"][0]["label"]
+    assert any(label.endswith(text) for text in INJECTED), f"the names arrive as text: {label!r}"
+    for text in INJECTED[:2]:
+        assert __import__("html").escape(text) in page, f"{text} is shown, escaped"
+    # the page's script inserts text only as text
+    from dioe.tracereport import _asset
+
+    script = _asset("report.js")
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
