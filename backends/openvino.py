@@ -28,8 +28,10 @@ import warnings
 import torch
 
 from ..backend import Backend, Built, Partition, decomposes, host_view, quiet, write_atomically
-from ..cache import touch
+from ..cache import reuse
 from ..errors import BackendError
+from ..files import private_dir
+from ..integrity import mark
 from ..pool import Member
 from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
 from ..settings import openvino_telemetry
@@ -94,7 +96,9 @@ class OpenvinoBackend(Backend):
             import openvino as ov
 
             self._core = ov.Core()
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            # OpenVINO writes its blobs with the process's umask: an owner-only folder keeps them the owner's
+            mark(self.cache_dir.parent)
+            private_dir(private_dir(self.cache_dir) / "blobs")
             self._core.set_property({"CACHE_DIR": str(self.cache_dir / "blobs")})  # OpenVINO's own blob cache
         return self._core
 
@@ -137,18 +141,18 @@ class OpenvinoBackend(Backend):
                 return ov.convert_model(ep)
         # the preferred frontend first; an op one frontend lacks, the other may have. Each one's conversion is
         # cached under its own name, read back in the same order.
+        # an ONNX file is read only when intact: a damaged one would be converted, and sealed, as it is
+        have_onnx = reuse(onnx, "ONNX export")
         routes = [("torch", from_torch), ("onnx", from_onnx)]
-        if not attention and onnx.exists():
+        if not attention and have_onnx:
             routes.reverse()
         for frontend, _ in routes:
             xml = self.cache_dir / f"{part.digest}.{frontend}.xml"
-            if xml.exists():
-                touch(xml)
+            if reuse(xml, "OpenVINO IR"):
                 return self.core.read_model(str(xml)), str(xml)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         failed: list[Exception] = []
         for frontend, route in routes:
-            if route is from_onnx and not onnx.exists():
+            if route is from_onnx and not have_onnx:
                 continue
             try:
                 model = route()
@@ -198,8 +202,7 @@ class OpenvinoBackend(Backend):
         keyed = isinstance(calibration, CalibrationKey)
         notes = {"recipe": recipe, "calibration_samples": 0 if keyed else len(calibration)}
         xml = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.xml"
-        if xml.exists():
-            touch(xml)
+        if reuse(xml, "int8 OpenVINO IR"):
             return self.core.read_model(str(xml)), str(xml), notes
         if keyed:
             raise missing(part, calibration, "OpenVINO")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dioe
-from dioe import backends, cache
+from dioe import backends, cache, integrity
 from dioe.cli import main
 from dioe.errors import DIOEError
 
@@ -25,7 +25,8 @@ def _file(path, size, age_s):
 @pytest.fixture
 def filled(tmp_path):
     """Three artifacts, oldest first: a (ORT model + weights), b (OpenVINO IR pair), c (ORT); a profile; a folder
-    that is not DIOE's."""
+    that is not DIOE's. The folder is DIOE's cache: it carries the marker DIOE writes when it creates one."""
+    integrity.mark(tmp_path)
     files = {
         "a": [_file(tmp_path / "onnxruntime" / "a.onnx", 100, 300), _file(tmp_path / "onnxruntime" / "a.onnx.data",
                                                                           900, 300)],
