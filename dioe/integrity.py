@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Iterable
 
 from .errors import DIOEError
-from .files import private_dir, write_text
+from .files import DIR_MODE, private_dir, write_text
 
 MARKER = ".dioe-cache"
 MARKER_VERSION = 1
@@ -51,6 +52,7 @@ def mark(root: Path) -> Path:
     fresh = not root.exists() or (root.is_dir() and not any(root.iterdir()))
     private_dir(root)
     if fresh and not (root / MARKER).exists():
+        os.chmod(root, DIR_MODE)  # an empty folder DIOE was pointed at is its cache now: it will hold weights
         write_text(root / MARKER, json.dumps({"dioe_cache": MARKER_VERSION}) + "\n")
     return root
 
