@@ -234,6 +234,7 @@ class OpenvinoBackend(Backend):
         if spec:
             config.update({k: v for k, v in spec.options.config.items()})
         compiled = self.core.compile_model(model, device, config)
+        _owner_only(self.cache_dir / "blobs")
         ran = _float_precision(compiled)
         if precision in ("bf16", "fp16") and ran != precision:
             caps = self.core.get_property(device, "OPTIMIZATION_CAPABILITIES")
@@ -259,6 +260,18 @@ class OpenvinoBackend(Backend):
             res = req.infer([host_view(xs[i]) for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
         return Built(run, xml, ran, notes)
+
+
+def _owner_only(folder) -> None:
+    """OpenVINO writes its compiled blobs itself, readable by the group (0440): take the group's and others' bits
+    away, as DIOE's own files have none, and keep the owner's (read-only, as OpenVINO made them)."""
+    for blob in folder.iterdir() if folder.is_dir() else ():
+        try:
+            mode = blob.stat().st_mode
+            if blob.is_file() and mode & 0o077:
+                blob.chmod(mode & 0o700)
+        except OSError:
+            pass  # removed meanwhile, or another user's shared cache: it is read as it is
 
 
 def _float_precision(compiled) -> str:

@@ -102,16 +102,21 @@ def test_a_truncated_artifact_is_rebuilt_and_the_plan_names_the_engine_that_runs
 
 
 @_needs("onnxruntime")
+@_needs("openvino")
 def test_cache_files_are_the_owners_alone(tmp_path):
     torch.manual_seed(0)
     model, inputs = dioe.zoo.load("tiny-mlp")
     root = tmp_path / "cache"
-    _optimize(model, inputs, "onnxruntime", root).runtime.close()
+    for backend in WEIGHTS:
+        _optimize(model, inputs, backend, root).runtime.close()
     found = [root, *root.rglob("*")]
-    assert {p.name for p in found} >= {"onnxruntime", "profiles", ".dioe-cache"}
+    assert {p.name for p in found} >= {"onnxruntime", "openvino", "blobs", "profiles", ".dioe-cache"}
+    assert any(p.parent.name == "blobs" and p.is_file() for p in found), "OpenVINO's own blobs are checked too"
     assert any(p.suffix == ".onnx" for p in found) and any(p.name.endswith(".race.json") for p in found)
+    # DIOE's files are 0600; OpenVINO's blobs keep their owner's read-only bits (0400)
     loose = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in found
-             if stat.S_IMODE(p.stat().st_mode) != (0o700 if p.is_dir() else 0o600)}
+             if stat.S_IMODE(p.stat().st_mode) not in ((0o700,) if p.is_dir() else
+                                                       (0o600, 0o400) if p.parent.name == "blobs" else (0o600,))}
     assert not loose, f"folders must be 0700 and files 0600: {loose}"
 
 
