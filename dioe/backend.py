@@ -362,10 +362,13 @@ def write_atomically(folder: Path, name: str, save: Callable[[Path], None]) -> P
             raise BackendError(f"the engine wrote no {name} (it wrote {sorted(f.name for f in ours)})")
         for f in ours:
             os.chmod(f, FILE_MODE)
+        # hashed here, before the move: another process that finds the files unsealed meanwhile deletes them,
+        # and this one still seals what it wrote (which then fails the check, and is built again)
+        entries = integrity.fingerprints(ours)
         integrity.seal_path(folder / name).unlink(missing_ok=True)  # an older seal would vouch for other files
         for f in sorted(ours, key=lambda f: f.name == name):
             f.replace(folder / f.name)
-        integrity.seal(folder / name, [folder / f.name for f in ours])
+        integrity.seal(folder / name, [folder / f.name for f in ours], entries=entries)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder / name

@@ -15,7 +15,8 @@ sha256 of their own content and are measured or decided again when it does not m
 Every reuse hashes every file in full: a check of sizes and times alone misses bytes changed in place by
 anything that keeps or restores the time, and a damaged weight gives wrong numbers, not an error. bert-base's
 440 MB of weights took 0.95-1.2 s to check on a loaded two-core AVX2 server (sha256 with the CPU's SHA
-instructions), once per process and artifact, beside the seconds an engine takes to build a session from them. Within one process a file already hashed or written, whose size, inode and modification time have not
+instructions), once per process and artifact, beside the seconds an engine takes to build a session from them.
+Within one process a file already hashed or written, whose size, inode and modification time have not
 changed since, is not hashed again: one optimize reuses an export for its profile, its plan, its rivals and its
 precision candidates.
 
@@ -77,13 +78,21 @@ def side_files(main: Path) -> list[Path]:
     return [main.with_name(main.name + ".data"), main.with_suffix(".bin")]
 
 
-def seal(main: Path, files: Iterable[Path] = ()) -> Path:
+def fingerprints(files: Iterable[Path]) -> dict:
+    """Each file's size and sha256, by name: what `seal` writes."""
+    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in dict.fromkeys(map(Path, files))}
+
+
+def seal(main: Path, files: Iterable[Path] = (), *, entries: dict | None = None) -> Path:
     """Write `main`'s manifest (each of `main` and `files`: its size and sha256), last and atomically, once every
-    file is in place. Returns the manifest's path."""
+    file is in place. `entries`: those fingerprints taken already, before the files were moved into place (a
+    rename changes neither). Returns the manifest's path."""
     main = Path(main)
-    entries = {}
-    for f in dict.fromkeys([main, *map(Path, files)]):
-        entries[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    paths = list(dict.fromkeys([main, *map(Path, files)]))
+    entries = fingerprints(paths) if entries is None else entries
+    if main.name not in entries:
+        raise ValueError(f"the manifest of {main} must list {main.name} itself")
+    for f in paths:
         _remember(f)
     return write_text(seal_path(main), json.dumps({"version": 1, "files": entries}, indent=1))
 
@@ -218,5 +227,5 @@ def _record_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-__all__ = ["MARKER", "check_owned", "damage", "discard", "dumps_checked", "forget", "load_checked", "mark",
-           "remember", "reusable", "seal", "seal_path", "side_files"]
+__all__ = ["MARKER", "check_owned", "damage", "discard", "dumps_checked", "fingerprints", "forget", "load_checked",
+           "mark", "remember", "reusable", "seal", "seal_path", "side_files"]

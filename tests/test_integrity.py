@@ -129,7 +129,8 @@ def test_a_seal_catches_flipped_and_missing_files_and_a_damaged_artifact_is_dele
     integrity.seal(model, [tmp_path / "d.onnx.data"])
     assert integrity.damage(model) is None
     _flip(tmp_path / "d.onnx.data", 1)
-    assert integrity.damage(model) == "d.onnx.data's sha256 differs from the manifest's (same size: its content changed)"
+    assert integrity.damage(model) == \
+        "d.onnx.data's sha256 differs from the manifest's (same size: its content changed)"
     with pytest.warns(RuntimeWarning, match=r"cached artifact .*d\.onnx is damaged: d\.onnx\.data's sha256"):
         assert not integrity.reusable(model)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "model, weights and manifest are gone"
