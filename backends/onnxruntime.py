@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..backend import Backend, Built, Partition, decomposes, functional_variant, host_view, quiet, write_atomically
-from ..cache import touch
+from ..cache import reuse
 from ..errors import BackendError
 from ..pool import Member
 from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
@@ -69,8 +69,7 @@ class OnnxruntimeBackend(Backend):
 
     def export(self, part: Partition) -> Path:
         path = onnx_file(self.cache_dir, part)
-        if path.exists():
-            touch(path)
+        if reuse(path, "ONNX export"):
             return path
         with _quiet():
             program = _onnx_export(part.gm, tuple(part.example_inputs), list(part.input_names))
@@ -96,8 +95,7 @@ class OnnxruntimeBackend(Backend):
         keyed = isinstance(calibration, CalibrationKey)
         notes = {"recipe": recipe, "calibration_samples": len(calibration) if static and not keyed else 0}
         path = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration if static else None)}.onnx"
-        if path.exists():
-            touch(path)
+        if reuse(path, "int8 ONNX model"):
             return path, notes
         if static and keyed:
             raise missing(part, calibration, "ONNX Runtime")

@@ -28,8 +28,10 @@ import warnings
 import torch
 
 from ..backend import Backend, Built, Partition, decomposes, host_view, quiet, write_atomically
-from ..cache import touch
+from ..cache import reuse
 from ..errors import BackendError
+from ..files import private_dir
+from ..integrity import mark
 from ..pool import Member
 from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
 from ..settings import openvino_telemetry
@@ -94,7 +96,9 @@ class OpenvinoBackend(Backend):
             import openvino as ov
 
             self._core = ov.Core()
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            # OpenVINO writes its blobs with the process's umask: an owner-only folder keeps them the owner's
+            mark(self.cache_dir.parent)
+            private_dir(private_dir(self.cache_dir) / "blobs")
             self._core.set_property({"CACHE_DIR": str(self.cache_dir / "blobs")})  # OpenVINO's own blob cache
         return self._core
 
@@ -137,18 +141,18 @@ class OpenvinoBackend(Backend):
                 return ov.convert_model(ep)
         # the preferred frontend first; an op one frontend lacks, the other may have. Each one's conversion is
         # cached under its own name, read back in the same order.
+        # an ONNX file is read only when intact: a damaged one would be converted, and sealed, as it is
+        have_onnx = reuse(onnx, "ONNX export")
         routes = [("torch", from_torch), ("onnx", from_onnx)]
-        if not attention and onnx.exists():
+        if not attention and have_onnx:
             routes.reverse()
         for frontend, _ in routes:
             xml = self.cache_dir / f"{part.digest}.{frontend}.xml"
-            if xml.exists():
-                touch(xml)
+            if reuse(xml, "OpenVINO IR"):
                 return self.core.read_model(str(xml)), str(xml)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         failed: list[Exception] = []
         for frontend, route in routes:
-            if route is from_onnx and not onnx.exists():
+            if route is from_onnx and not have_onnx:
                 continue
             try:
                 model = route()
@@ -198,8 +202,7 @@ class OpenvinoBackend(Backend):
         keyed = isinstance(calibration, CalibrationKey)
         notes = {"recipe": recipe, "calibration_samples": 0 if keyed else len(calibration)}
         xml = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.xml"
-        if xml.exists():
-            touch(xml)
+        if reuse(xml, "int8 OpenVINO IR"):
             return self.core.read_model(str(xml)), str(xml), notes
         if keyed:
             raise missing(part, calibration, "OpenVINO")
@@ -231,6 +234,7 @@ class OpenvinoBackend(Backend):
         if spec:
             config.update({k: v for k, v in spec.options.config.items()})
         compiled = self.core.compile_model(model, device, config)
+        _owner_only(self.cache_dir / "blobs")
         ran = _float_precision(compiled)
         if precision in ("bf16", "fp16") and ran != precision:
             caps = self.core.get_property(device, "OPTIMIZATION_CAPABILITIES")
@@ -256,6 +260,18 @@ class OpenvinoBackend(Backend):
             res = req.infer([host_view(xs[i]) for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
         return Built(run, xml, ran, notes)
+
+
+def _owner_only(folder) -> None:
+    """OpenVINO writes its compiled blobs itself, readable by the group (0440): take the group's and others' bits
+    away, as DIOE's own files have none, and keep the owner's (read-only, as OpenVINO made them)."""
+    for blob in folder.iterdir() if folder.is_dir() else ():
+        try:
+            mode = blob.stat().st_mode
+            if blob.is_file() and mode & 0o077:
+                blob.chmod(mode & 0o700)
+        except OSError:
+            pass  # removed meanwhile, or another user's shared cache: it is read as it is
 
 
 def _float_precision(compiled) -> str:

@@ -35,7 +35,9 @@ from torch import fx
 from torch.fx.passes.operator_support import OperatorSupportBase, chain
 
 from .capture import fetch_attr
+from . import integrity
 from .errors import BackendError
+from .files import FILE_MODE, private_dir
 from .pool import Member
 from .quantization import Calibration, check_calibration
 from .settings import env_cache_dir
@@ -177,10 +179,10 @@ def _spec(x) -> str:
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where compiled artifacts and profiles live: cache_dir, else $DIOE_CACHE_DIR, else ~/.cache/dioe."""
+    """Where compiled artifacts and profiles live: cache_dir, else $DIOE_CACHE_DIR, else ~/.cache/dioe. Made
+    owner-only and marked as DIOE's where DIOE creates it (`integrity.mark`)."""
     path = Path(cache_dir) if cache_dir is not None else env_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return integrity.mark(path)
 
 
 class DescriptorSupport(OperatorSupportBase):
@@ -342,19 +344,31 @@ class Backend:
 
 
 def write_atomically(folder: Path, name: str, save: Callable[[Path], None]) -> Path:
-    """Write artifact `name` into `folder` whole or not at all, and return its path. `save(path)` writes it into
-    a scratch folder beside, with any side files named after it (`x.onnx.data`, `x.bin` for `x.xml`) and any
-    scratch files of its own named otherwise; the side files are moved in first and `name` last, so a crash
-    never leaves a model without its weights in the cache. The scratch folder is named after the digest that
-    starts `name`, so the cache counts it to that partition until it is gone."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write artifact `name` into `folder` whole or not at all, owner-only, sealed, and return its path. `save(path)`
+    writes it into a private scratch folder beside, with any side files named after it (`x.onnx.data`, `x.bin` for
+    `x.xml`) and any scratch files of its own named otherwise. Engines write their files with the process's
+    umask, so each is made owner-only before it moves in; the side files are moved in first, `name` after them,
+    and its manifest (`integrity.seal`) last: a crash leaves an unsealed artifact, which reuse deletes and builds
+    again. The scratch folder is named after the digest that starts `name`, so the cache counts it to that
+    partition until it is gone."""
+    integrity.mark(folder.parent)  # the cache root, a backend's folder's parent: marked where DIOE creates it
+    private_dir(folder)
     stem = Path(name).stem
-    scratch = Path(tempfile.mkdtemp(prefix=f"{name.split('.', 1)[0]}.", dir=folder))
+    scratch = Path(tempfile.mkdtemp(prefix=f"{name.split('.', 1)[0]}.", dir=folder))  # mkdtemp: mode 0700
     try:
         save(scratch / name)
         ours = [f for f in scratch.iterdir() if f.is_file() and f.name.startswith(stem)]
+        if not any(f.name == name for f in ours):
+            raise BackendError(f"the engine wrote no {name} (it wrote {sorted(f.name for f in ours)})")
+        for f in ours:
+            os.chmod(f, FILE_MODE)
+        # hashed here, before the move: another process that finds the files unsealed meanwhile deletes them,
+        # and this one still seals what it wrote (which then fails the check, and is built again)
+        entries = integrity.fingerprints(ours)
+        integrity.seal_path(folder / name).unlink(missing_ok=True)  # an older seal would vouch for other files
         for f in sorted(ours, key=lambda f: f.name == name):
             f.replace(folder / f.name)
+        integrity.seal(folder / name, [folder / f.name for f in ours], entries=entries)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder / name

@@ -12,7 +12,8 @@ of one transformer come to gigabytes, and nothing else ever removes them. Profil
 
 The cap is $DIOE_CACHE_MAX (a size such as 20G, 500M, or "none"), 20 GiB when unset; every optimize trims to it
 and never evicts what it has just compiled. `dioe cache` shows the cache, `dioe cache trim` and `dioe cache
-clear` shrink it.
+clear` shrink it. Both delete only in a folder DIOE marked as its cache when it created it (`integrity.MARKER`);
+artifacts are sealed and checked on reuse (`reuse`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from . import integrity
 from .backend import cache_root
 from .settings import ENV_CACHE_MAX as ENV_MAX
 from .settings import env_cache_max as max_bytes
@@ -76,6 +78,16 @@ def _folders(root: Path) -> list[Path]:
     return [root / name for name in registry.names() if (root / name).is_dir()]
 
 
+def reuse(path: str | os.PathLike, what: str = "artifact") -> bool:
+    """Whether the cached artifact at `path` can be used: there, and intact against its manifest; then it is
+    marked as just used. A damaged one is deleted with a warning (`integrity.reusable`): build it again."""
+    if not integrity.reusable(Path(path), what):
+        return False
+    touch(path)
+    integrity.remember(Path(path))  # touched after its check: its new time is not a change of content
+    return True
+
+
 def touch(path: str | os.PathLike) -> None:
     """Mark an artifact as just used, so that trimming evicts it last."""
     try:
@@ -86,11 +98,14 @@ def touch(path: str | os.PathLike) -> None:
 
 def trim(cache_dir=None, *, max_bytes: int | None, keep: Iterable[str | os.PathLike] = ()) -> list[Artifact]:
     """Evict least recently used artifacts until the cache's artifacts fit in `max_bytes`; those holding any
-    path in `keep` stay whatever their age. Returns what was evicted."""
+    path in `keep` stay whatever their age. Returns what was evicted. A folder without DIOE's marker is refused
+    (`integrity.check_owned`), since it may not be DIOE's alone."""
     if max_bytes is None:
         return []
     keep = {Path(p).resolve() for p in keep if p}
-    found = artifacts(cache_root(cache_dir))
+    root = cache_root(cache_dir)
+    integrity.check_owned(root, "trim")
+    found = artifacts(root)
     total = sum(a.bytes for a in found)
     evicted = []
     for a in found:
@@ -106,8 +121,10 @@ def trim(cache_dir=None, *, max_bytes: int | None, keep: Iterable[str | os.PathL
 
 
 def clear(cache_dir=None) -> int:
-    """Remove every artifact, profile and verdict (DIOE's own folders only); returns the bytes freed."""
+    """Remove every artifact, profile and verdict (DIOE's own folders only, in a folder marked as DIOE's cache);
+    returns the bytes freed."""
     root = cache_root(cache_dir)
+    integrity.check_owned(root, "clear")
     freed = 0
     for p in _folders(root) + [root / PROFILES]:
         if p.is_dir():
@@ -134,5 +151,5 @@ def usage(cache_dir=None) -> dict:
             "oldest_use": oldest if per else None}
 
 
-__all__ = ["ENV_MAX", "PROFILES", "Artifact", "artifacts", "clear", "max_bytes", "parse_size", "touch", "trim",
-           "usage"]
+__all__ = ["ENV_MAX", "PROFILES", "Artifact", "artifacts", "clear", "max_bytes", "parse_size", "reuse", "touch",
+           "trim", "usage"]

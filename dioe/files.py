@@ -24,15 +24,20 @@ def private_dir(path: str | os.PathLike) -> Path:
     """Make folder `path` (and any missing parents) owner-only where DIOE creates it; an existing folder keeps its
     mode, since it may be the user's."""
     path = Path(path)
-    if not path.is_dir():
-        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    return path
+    missing = []
+    while not path.is_dir() and path not in missing:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):  # mkdir(parents=True) would make the parents with the umask's mode
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(folder, DIR_MODE)  # mkdir's mode is masked by the umask too
+    return missing[0] if missing else path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = FILE_MODE) -> Path:
     """Write `data` to `path` atomically (scratch file + rename), with permissions `mode`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

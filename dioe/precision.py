@@ -14,7 +14,6 @@ not kept where it was not.
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
 import warnings
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ import torch
 
 from . import backends as registry
 from . import build as building
+from . import integrity
 from . import partition
 from . import timing
 from . import tracing as _trace
@@ -248,16 +248,19 @@ class Verdict:
             f"{job.profile.graph_hash}-{job.profile.fingerprint}.precision.json"
         self.record: PrecisionRecord | None = None
         self.notes: tuple[str, ...] = ()
+        data = integrity.load_checked(self.path, "precision verdict") or {}
+        if data.get("key") != self.key:
+            return  # none, or one for other keys: search again
         try:
-            data = json.loads(self.path.read_text())
-            if data.get("key") == self.key:
-                self.record = PrecisionRecord.from_dict(data["record"], budget, self.path.name)
-                self.notes = tuple(str(n) for n in data["notes"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, DIOEError):
-            pass  # no verdict, or an unreadable one: search again
+            self.record = PrecisionRecord.from_dict(data["record"], budget, self.path.name)
+            self.notes = tuple(str(n) for n in data["notes"])
+        except (ValueError, KeyError, TypeError, AttributeError, DIOEError) as e:
+            self.record = None
+            integrity.forget(self.path, "precision verdict", f"it does not read as one ({type(e).__name__}: {e})")
 
     def save(self, record: PrecisionRecord, notes: Sequence[str]) -> None:
-        write_text(self.path, json.dumps({"key": self.key, "record": record.to_dict(), "notes": list(notes)}))
+        write_text(self.path, integrity.dumps_checked({"key": self.key, "record": record.to_dict(),
+                                                       "notes": list(notes)}))
 
 
 def _reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Optimized | None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import statistics
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
@@ -17,10 +17,12 @@ import torch
 
 from . import backends as registry
 from . import build as building
+from . import integrity
 from . import partition
 from . import timing
 from . import tracing as _trace
 from .backend import cache_root
+from .files import write_text
 from .optimized import Optimized
 from .plan import Choice, Plan
 from .planner import Job, inherited_notes, make_plan, unless_split_pays, whole_graph_plan
@@ -141,7 +143,9 @@ def _one_partition_ms(opt: Optimized, whole_ms: float) -> dict[str, float]:
 # -- the verdict of an earlier race -----------------------------------------------------------------------------------
 class Verdict:
     """What the race decided for one plan, cached beside the profile it was made from: PLAN (the split plan won)
-    or the winning whole-graph option. Keyed by the plan's partitions, so a changed plan races again."""
+    or the winning whole-graph option. Keyed by the plan's partitions, so a changed plan races again. A verdict
+    whose option the profile no longer times on every segment (it failed when the profile was measured again) is
+    stale: it is discarded with a warning and the race runs again."""
 
     def __init__(self, cache_dir, profile: Profile, plan: Plan):
         key = repr([(p.nodes, p.member, p.backend, p.precision) for p in plan.partitions]).encode()
@@ -149,17 +153,29 @@ class Verdict:
         self.path = cache_root(cache_dir) / "profiles" / f"{profile.graph_hash}-{profile.fingerprint}.race.json"
         self.winner: Choice | str | None = None   # PLAN, an option, or None: no verdict for this plan
         self.report = ""
+        data = integrity.load_checked(self.path, "race verdict") or {}
+        if data.get("plan") != self.plan_key:
+            return
         try:
-            data = json.loads(self.path.read_text())
-            if data.get("plan") == self.plan_key:
-                w = data["winner"]
-                self.winner, self.report = (PLAN if w == PLAN else Choice.parse(w)), data.get("report", "")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # no verdict, or an unreadable one: race again
+            w = data["winner"]
+            winner, report = (PLAN if w == PLAN else Choice.parse(w)), str(data.get("report", ""))
+        except (ValueError, KeyError, TypeError) as e:
+            integrity.forget(self.path, "race verdict", f"it does not read as one ({type(e).__name__}: {e})")
+            return
+        missing = [] if winner == PLAN else [s for s in sorted(set(profile.times) | set(profile.failures))
+                                             if winner not in profile.times.get(s, {})]
+        if missing:
+            why = profile.failures.get(missing[0], {}).get(winner, "it was not timed there")
+            warnings.warn(f"dioe: the race verdict in {self.path.name} names {winner}, which the profile no longer "
+                          f"times on {len(missing)} segment(s) (first {missing[0]}: {why[:200]}); the verdict is "
+                          "stale, discarded, and the race runs again", RuntimeWarning, stacklevel=2)
+            self.path.unlink(missing_ok=True)
+            return
+        self.winner, self.report = winner, report
 
     def save(self, winner: Choice | str, report: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"plan": self.plan_key, "winner": str(winner), "report": report}))
+        write_text(self.path, integrity.dumps_checked({"plan": self.plan_key, "winner": str(winner),
+                                                       "report": report}))
 
 
 # -- the race ---------------------------------------------------------------------------------------------------------

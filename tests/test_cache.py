@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dioe
-from dioe import backends, cache
+from dioe import backends, cache, integrity
 from dioe.cli import main
 from dioe.errors import DIOEError
 
@@ -25,7 +25,8 @@ def _file(path, size, age_s):
 @pytest.fixture
 def filled(tmp_path):
     """Three artifacts, oldest first: a (ORT model + weights), b (OpenVINO IR pair), c (ORT); a profile; a folder
-    that is not DIOE's."""
+    that is not DIOE's. The folder is DIOE's cache: it carries the marker DIOE writes when it creates one."""
+    integrity.mark(tmp_path)
     files = {
         "a": [_file(tmp_path / "onnxruntime" / "a.onnx", 100, 300), _file(tmp_path / "onnxruntime" / "a.onnx.data",
                                                                           900, 300)],
@@ -106,3 +107,43 @@ def test_cache_command_shows_trims_and_clears(filled, capsys):
     assert "cache size 'a lot' is not a size" in capsys.readouterr().err
     assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
     assert cache.artifacts(root) == []
+
+
+def _users_folder(root):
+    """A folder that is not DIOE's: someone's project, with folders named like DIOE's."""
+    for rel in ("torch/train.py", "onnxruntime/model.onnx", "profiles/run1.json", "notes.txt"):
+        _file(root / rel, 100, 1000)
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_clear_and_trim_refuse_a_folder_dioe_did_not_mark(tmp_path, capsys):
+    mine = _users_folder(tmp_path)
+    for refused in (lambda: cache.clear(tmp_path), lambda: cache.trim(tmp_path, max_bytes=0)):
+        with pytest.raises(DIOEError, match=rf"cache folder {tmp_path} has no \.dioe-cache marker file"):
+            refused()
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 2
+    assert ".dioe-cache marker" in capsys.readouterr().err
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == mine, "nothing of the user's was deleted"
+    assert not (tmp_path / integrity.MARKER).exists(), "a folder holding files is not claimed"
+
+
+@pytest.mark.skipif(backends.unavailable_reason("onnxruntime") is not None, reason="needs onnxruntime")
+def test_optimize_into_a_users_folder_keeps_their_files_and_says_it_did_not_trim(tmp_path, monkeypatch):
+    mine = _users_folder(tmp_path)
+    monkeypatch.setenv(cache.ENV_MAX, "1")  # a cap that would evict every artifact it finds
+    m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 16)
+    with pytest.warns(RuntimeWarning, match=r"the cache was not trimmed to its cap: cache folder .* has no "
+                                             r"\.dioe-cache marker"):
+        opt = dioe.optimize(m, (x,), backends=["onnxruntime"], cache_dir=tmp_path, precision="fp32")
+    assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
+    assert all(p.exists() for p in mine), "the user's torch/, onnxruntime/ and profiles/ files are intact"
+
+
+def test_a_new_or_empty_cache_folder_is_marked_owner_only(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "new" / "cache", tmp_path / "empty"):
+        cache.usage(root)
+        assert (root / integrity.MARKER).is_file()
+        assert os.stat(root).st_mode & 0o777 == 0o700 and os.stat(root / integrity.MARKER).st_mode & 0o777 == 0o600
+        assert cache.clear(root) == 0 and (root / integrity.MARKER).is_file(), "clear keeps the marker"

@@ -3,8 +3,12 @@ keep their Choice keys through JSON."""
 
 import json
 
+import pytest
+import torch
+
 import dioe
 import dioe.profile
+from dioe.errors import BackendError
 from dioe.plan import Choice
 from dioe.profile import LinkCost, Profile
 from dioe.segment import segment_graph
@@ -52,3 +56,59 @@ def test_a_profile_round_trips_through_json_with_choice_keys():
     assert all(type(o) is Choice for opts in back.times.values() for o in opts), back.times
     assert back.times["s0"][Choice("npu", "openvino", "fp16", predicted_ms=9.0)].runs == 7, \
         "a Choice carrying a time finds the same entry"
+
+
+def _small_job():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    g = dioe.capture(model, (torch.randn(2, 16),))
+    segs = segment_graph(g.gm)
+    where = {n: s.id for s in segs for n in s.nodes}
+    return g, segs, split_graph(g.gm, lambda node: where[node.name], g.example_inputs).partitions
+
+
+def _profile(pool, tmp_path, g, segs, parts):
+    return dioe.profile.profile_segments(parts, segs, pool, ["torch"], graph_hash=g.structure_hash(),
+                                         cache_dir=tmp_path, progress=False)
+
+
+def test_a_damaged_profile_is_deleted_with_a_warning_and_measured_again(pool, tmp_path, monkeypatch):
+    g, segs, parts = _small_job()
+    _profile(pool, tmp_path, g, segs, parts)
+    (path,) = (tmp_path / "profiles").glob("*.json")
+    d = json.loads(path.read_text())
+    sid = next(iter(d["times"]))
+    for t in d["times"][sid].values():
+        t["median_ms"] = 1e9  # valid JSON, wrong content: it would steer every plan away from this option
+    path.write_text(json.dumps(d))
+    timed = []
+    real = dioe.profile.measure
+    monkeypatch.setattr(dioe.profile, "measure", lambda fn, xs, **k: timed.append(fn) or real(fn, xs, **k))
+    with pytest.warns(RuntimeWarning, match=r"cached profile .* is damaged: its sha256 differs .* computing it again"):
+        prof = _profile(pool, tmp_path, g, segs, parts)
+    assert timed, "measured again"
+    assert all(t.median_ms < 1e9 for t in prof.times[sid].values())
+    assert json.loads(path.read_text())["times"][sid] != d["times"][sid], "the new profile replaced it"
+
+
+def test_a_failure_while_timing_is_retried_once_and_never_cached(pool, tmp_path, monkeypatch):
+    g, segs, parts = _small_job()
+    real = dioe.profile.measure
+    calls = []
+
+    def flaky(fn, xs, **k):  # the first call of every option fails, as a passing condition would make it
+        calls.append(fn)
+        if len(calls) % 2:
+            raise BackendError("partition x on member cpu0 with backend torch (fp32) failed: out of memory")
+        return real(fn, xs, **k)
+    monkeypatch.setattr(dioe.profile, "measure", flaky)
+    prof = _profile(pool, tmp_path, g, segs, parts)
+    assert not any(prof.failures.values()) and all(prof.times.values()), "the retry measured each option"
+
+    def broken(fn, xs, **k):
+        raise BackendError("partition x on member cpu0 with backend torch (fp32) failed: out of memory")
+    monkeypatch.setattr(dioe.profile, "measure", broken)
+    with pytest.warns(RuntimeWarning, match=r"failed twice while timed.*the profile is not cached"):
+        prof = dioe.profile.profile_segments(parts, segs, pool, ["torch"], graph_hash=g.structure_hash(),
+                                             cache_dir=tmp_path / "other", progress=False)
+    assert all("out of memory" in why for f in prof.failures.values() for why in f.values()) and prof.failures
+    assert not list((tmp_path / "other" / "profiles").glob("*.json")), "nothing cached: measured again next time"

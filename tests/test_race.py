@@ -269,3 +269,30 @@ def test_a_warm_optimize_reuses_the_race_verdict(tmp_path, monkeypatch):
     assert p.reason.startswith("won an earlier optimize's race"), second.plan.summary()
     assert second.plan.measured_ms == round_ms(r.median_ms[PLAN]) and second.plan.eager_ms == 6.0
     assert_matches_eager(eager(model, (x,)), second(x))
+
+
+def test_a_verdict_naming_an_option_the_profile_no_longer_has_is_raced_again(tmp_path):
+    """A verdict outlives the profile it was made from when the profile is measured again (an engine that timed a
+    segment then could not compile it now): it names an option no segment has times for."""
+    import json
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 16)
+    first = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, precision="fp32")
+    (path,) = (tmp_path / "profiles").glob("*.race.json")
+    data = json.loads(path.read_text())
+    gone = Choice(first.plan.partitions[0].member, "openvino", "fp32")  # never profiled: BACKENDS lack it
+    data["winner"] = gone.label()
+    if "sha256" in data:  # a verdict DIOE wrote whole: this one says what a stale one says
+        from dioe import integrity
+
+        data = json.loads(integrity.dumps_checked(data))
+    path.write_text(json.dumps(data))
+
+    with pytest.warns(RuntimeWarning, match=rf"names {gone.label()}, which the profile no longer times .* stale"):
+        second = dioe.optimize(model, (x,), backends=BACKENDS, cache_dir=tmp_path, precision="fp32")
+    assert second.race.reused is None, "raced again"
+    assert {p.backend for p in second.plan.partitions} <= set(BACKENDS)
+    assert_matches_eager(eager(model, (x,)), second(x), rtol=1e-4)
+    assert json.loads(path.read_text())["winner"] != gone.label(), "the new race's verdict replaced it"
