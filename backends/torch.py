@@ -54,8 +54,10 @@ class TorchBackend(Backend):
         gm, low = placed_module(part, device, precision)
         body = cast_io(gm, low)
 
+        # no_grad, not inference_mode: an inference tensor refuses in-place edits outside inference mode, and the
+        # caller owns these outputs (a model that fell back to torch would otherwise break `out.add_(1)`)
         def run(*inputs):
-            with torch.inference_mode():
+            with torch.no_grad():
                 return body(*inputs)
         if low is None:  # the captured graph, as it is
             return Built(run, "", "fp32")
@@ -71,7 +73,7 @@ def _autocast_runner(part: Partition, device: str, low: torch.dtype):
     restore = [s.torch_dtype if s is not None and not isinstance(s, tuple) else torch.float32 for s in specs]
 
     def run(*inputs):
-        with torch.inference_mode(), torch.autocast(kind, dtype=low):
+        with torch.no_grad(), torch.autocast(kind, dtype=low):  # ordinary outputs: see compile_fn
             outs = gm(*inputs)
         return tuple(o.to(want) if isinstance(o, torch.Tensor) and o.dtype == low and want != low else o
                      for o, want in zip(outs, restore))

@@ -16,7 +16,7 @@ from .pipeline import load, optimize
 from .capture import CapturedGraph, TensorSpec, capture
 from .cost import Cost
 from .errors import (BackendError, BackendUnavailable, CaptureError, DescriptorError, DIOEError,
-                     InputSpecError, PlanError, PoolError)
+                     IndexRangeError, InputSpecError, PlanError, PoolError, RunError)
 from .plan import Plan
 from .pool import Member, ResourcePool
 from .settings import Settings
@@ -25,5 +25,6 @@ from .tracing import Trace, trace
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "BackendUnavailable", "Budget", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
-           "DIOEError", "InputSpecError", "Member", "Optimized", "Plan", "PlanError", "PoolError", "ResourcePool",
-           "Settings", "TensorSpec", "Trace", "capture", "hardware", "load", "optimize", "trace", "zoo"]
+           "DIOEError", "IndexRangeError", "InputSpecError", "Member", "Optimized", "Plan", "PlanError", "PoolError",
+           "ResourcePool", "RunError", "Settings", "TensorSpec", "Trace", "capture", "hardware", "load", "optimize",
+           "trace", "zoo"]

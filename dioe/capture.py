@@ -32,6 +32,7 @@ from torch import fx
 
 from .cost import Cost, node_cost
 from .errors import CaptureError, InputSpecError
+from .guard import check_ranges, index_ranges
 
 # What a hot-path call returns when it does not take the call: the caller goes the long way instead
 MISS = object()
@@ -223,6 +224,8 @@ class CapturedGraph:
         self.input_specs = tuple(_spec_of(n.meta.get("val")) if isinstance(n.meta.get("val"), torch.Tensor)
                                  else None for n in self.placeholders)
         self.input_names = tuple(n.name for n in self.placeholders)
+        # what eager's embedding, gather and indexing ops refuse, refused before any engine reads past its table
+        self.index_ranges = index_ranges(gm)
         self._positional_specs = self._static_positional_specs()
         self._fits = _fast_check(self._positional_specs) if self._positional_specs is not None else None
         self._rebuild = _output_rebuilder(self.out_spec)
@@ -253,6 +256,8 @@ class CapturedGraph:
         if self._fits is not None and not kwargs and self._fits(args):
             # the hot path: positional tensors of the captured static shapes; anything else takes the long way,
             # which names what is wrong
+            if self.index_ranges:
+                check_ranges(self.index_ranges, args)
             return list(args)
         kwargs = dict(kwargs or {})
         expected_kw = _kwarg_names(self.in_spec)
@@ -280,6 +285,7 @@ class CapturedGraph:
                 raise InputSpecError(f"{self.name}: input {name!r} expected a tensor {want}, got "
                                      f"{type(x).__name__}")
             self._check_tensor(name, x, want)
+        check_ranges(self.index_ranges, flat)
         return flat
 
     def _check_tensor(self, name: str, x: torch.Tensor, want: TensorSpec) -> None:

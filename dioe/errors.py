@@ -46,3 +46,13 @@ class BackendError(DIOEError, RuntimeError):
 
 class PoolError(DIOEError, RuntimeError):
     """The resource pool could not be built as asked (no member left, unknown member id, ...)."""
+
+
+class IndexRangeError(DIOEError, IndexError):
+    """An integer input holds a value outside the range the ops it indexes accept, where eager raises IndexError
+    (an embedding's `index out of range in self`); names the input, the value and the range."""
+
+
+class RunError(DIOEError, RuntimeError):
+    """A call failed on its partition's engine and on the torch fallback too (eager refuses the inputs, or the
+    fallback failed as well); names the partition and both errors."""

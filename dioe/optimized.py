@@ -38,7 +38,8 @@ class Optimized:
         # looks __call__ up on the type, so the instance takes a class of its own while its engine is on the CPU.
         self._base, self._hot_class, self._engine, self._rebuild = type(self), None, None, None
         io = captured.hot_io()
-        hot = hot_call(io[0], runtime.direct, program.steps[0].partition, one_output=io[2]) \
+        hot = hot_call(io[0], runtime.direct, program.steps[0].partition, one_output=io[2],
+                       ranges=captured.index_ranges) \
             if io is not None and runtime.direct is not None else None
         if hot is not None:
             self._rebuild = io[1]
@@ -86,8 +87,10 @@ class Optimized:
 
     @property
     def stats(self) -> dict:
-        """Run-time fallbacks: how many calls needed one, and why each partition left its first choice."""
-        return {"fallback_calls": self.runtime.stats["fallbacks"], "fallbacks": dict(self.runtime.fallbacks)}
+        """Run-time faults: how many calls ran on the torch fallback, why each partition last left its planned
+        engine, how many calls were retried on their engine, and each partition's circuit breaker."""
+        return {"fallback_calls": self.runtime.stats["fallbacks"], "fallbacks": dict(self.runtime.fallbacks),
+                "retries": self.runtime.stats["retries"], "breakers": self.runtime.breaker_states()}
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON (a folder gets `<model>.plan.json`, the model's name made one safe file name)."""

@@ -1,28 +1,30 @@
 """The runtime: executes a compiled plan. Partitions run in dependency order; independent partitions on
 different members run at the same time, one worker thread per member; a backend that fails at run time is
-replaced, loudly, by torch on the reference member and no call is lost.
+retried once, then the call runs on torch at the reference member, loudly; a partition's circuit breaker keeps
+calls off an engine that keeps failing and brings it back when probe calls pass (see `recovery`). No call is
+lost: each returns eager's result or raises one clear error.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import backends as registry
 from .backend import Compiled
+from .breaker import Breaker
 from .errors import BackendError
+from .recovery import Recovery
 from .pool import ResourcePool
 from .split import Program
 from .tracing import PARTITION_MARK, Trace, nbytes
 
 
-class Runtime:
+class Runtime(Recovery):
     def __init__(self, program: Program, compiled: Mapping[str, Compiled], pool: ResourcePool, *, cache_dir=None):
         self.program = program
         self.cache_dir = cache_dir  # the fallback's backend instance is the one of the plan's cache
@@ -43,6 +45,11 @@ class Runtime:
         # weak references to what to call after a partition's engine is replaced: a model bound to its engine
         self.on_replace: list[Callable[[], Callable[[], None] | None]] = []
         self._lock = threading.RLock()
+        # the engines the plan chose (`compiled` holds what calls run now: these, or an open breaker's detour)
+        self.planned: dict[str, Compiled] = dict(self.compiled)
+        self.breaker_settings: dict = {}
+        self.breakers = {pid: Breaker() for pid in self.compiled}
+        self._fallback_engines: dict[str, Compiled] = {}
 
     def _direct_outputs(self) -> list | None:
         """For a plan of one partition that reads the graph's inputs in order: where each graph output comes from
@@ -64,7 +71,23 @@ class Runtime:
         return out
 
     def replace(self, pid: str, compiled: Compiled) -> None:
-        """Run partition `pid` on `compiled` from now on, and tell whoever bound the one before (`on_replace`)."""
+        """Run partition `pid` on `compiled` from now on: it becomes the planned engine, under a closed breaker;
+        whoever bound the one before (`on_replace`) is told."""
+        with self._lock:
+            self.planned[pid] = compiled
+            self.breakers[pid] = Breaker(**self.breaker_settings)
+            self._bind(pid, compiled)
+
+    def configure_breakers(self, **settings) -> None:
+        """New breakers (closed) for every partition, with these `Breaker` settings (failures, cooldown_calls,
+        cooldown_s, probes, forget_s); each partition runs on its planned engine again."""
+        with self._lock:
+            self.breaker_settings = dict(settings)
+            for pid, c in list(self.planned.items()):
+                self.replace(pid, c)
+
+    def _bind(self, pid: str, compiled: Compiled) -> None:
+        """Route partition `pid`'s calls to `compiled` (the planned engine, or the detour of an open breaker)."""
         with self._lock:
             self.compiled[pid] = compiled
             for ref in self.on_replace:
@@ -76,7 +99,7 @@ class Runtime:
         try:
             outs = c(*args)
         except BackendError as e:
-            outs = self._fallback(pid, c, e, args)
+            outs = self.recover(pid, c, e, args)
         return [outs[v] if computed else v for computed, v in self.direct]
 
     def _has_parallel_steps(self) -> bool:
@@ -110,7 +133,7 @@ class Runtime:
             else:
                 outs = c(*args)
         except BackendError as e:
-            outs = self._fallback(step.partition, c, e, args)
+            outs = self.recover(step.partition, c, e, args)
             c = self.compiled[step.partition]
             fell_back = True
         if tr is not None:
@@ -125,25 +148,6 @@ class Runtime:
         if p is not None:
             return self.compiled[p].member
         return next((m.id for m in self.pool.members if m.device == str(device)), str(device))
-
-    def _fallback(self, pid: str, failed: Compiled, error: BackendError, args: Sequence) -> tuple:
-        """Re-run on torch at the reference member; later calls go there directly. Calls that fail together on one
-        engine (from several threads) replace it once."""
-        with self._lock:
-            self.stats["fallbacks"] += 1
-            self.stats[f"fallback:{pid}"] += 1
-            if self.compiled[pid] is failed:
-                ref = self.pool.reference
-                self.fallbacks[pid] = str(error)
-                self.replace(pid, registry.get("torch", self.cache_dir).compile(self.program.partition(pid), ref, "fp32"))
-                if pid not in self._warned:
-                    self._warned.add(pid)
-                    warnings.warn(f"dioe: {error}. Re-running partition {pid} on torch@{ref.id} (the reference) for "
-                                  f"this and later calls instead of {failed.backend}@{failed.member}; expect it to "
-                                  f"be slower.", RuntimeWarning, stacklevel=3)
-            compiled = self.compiled[pid]
-        moved = [a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args]
-        return compiled(*moved)
 
     # -- the whole program -------------------------------------------------------------------------------------
     def run(self, flat_inputs: Sequence, tr: Trace | None = None, call: int = 0) -> tuple:

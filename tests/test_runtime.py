@@ -16,25 +16,40 @@ from helpers import DictAndTuple, assert_matches_eager, branches_on_two_members,
 
 
 def test_runtime_failure_falls_back_and_loses_no_call(tiny_bert_on_standins):
+    """An engine that fails: each call is retried once, then runs on torch; after three such calls the breaker
+    opens and calls go to torch directly; once the engine works again, probes pass and it takes the calls back."""
     model, inputs, opt = tiny_bert_on_standins
     pid = opt.plan.partitions[-1].id
     compiled = opt.runtime.compiled[pid]
-    original = compiled.fn
+    original, engine = compiled.fn, []
 
     def broken(*a):
+        engine.append(a)
         raise RuntimeError("device lost")
+    opt.runtime.configure_breakers(failures=3, cooldown_calls=4, cooldown_s=3600, probes=2)
     compiled.fn = broken
     try:
         with pytest.warns(RuntimeWarning, match=rf"partition {pid}.*device lost.*torch@cpu"):
             out = opt(*inputs)
         assert_matches_eager(eager(model, inputs), out, rtol=1e-4)
         assert "device lost" in opt.stats["fallbacks"][pid] and opt.stats["fallback_calls"] == 1
-        opt(*inputs)  # later calls go straight to the reference
-        assert opt.stats["fallback_calls"] == 1
-        assert opt.runtime.compiled[pid].backend == "torch" and opt.runtime.compiled[pid].member == "cpu"
-    finally:  # the engine back as it was, for the other tests of this shared model
+        assert len(engine) == 2 and opt.stats["retries"] == 1, "one retry on the same engine"
+        for _ in range(2):
+            assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
+        assert opt.stats["breakers"][pid]["state"] == "open" and len(engine) == 6
+        for _ in range(4):   # the cool-down: the engine is left alone
+            assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
+        assert len(engine) == 6 and opt.runtime.compiled[pid].backend == "torch"
+        assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)   # a probe: it fails, open again
+        assert len(engine) == 7 and opt.stats["breakers"][pid]["state"] == "open"
+        compiled.fn = original   # the fault is over
+        for _ in range(4 + 2):   # another cool-down, then two probes that pass
+            assert_matches_eager(eager(model, inputs), opt(*inputs), rtol=1e-4)
+        assert opt.stats["breakers"][pid] == {"state": "closed", "opened": 2, "closed": 1, "fallback_calls": 12}
+        assert opt.runtime.compiled[pid] is compiled, "the planned engine runs the calls again"
+    finally:  # the engine and breakers back as they were, for the other tests of this shared model
         compiled.fn = original
-        opt.runtime.replace(pid, compiled)
+        opt.runtime.configure_breakers()
 
 
 def test_wrong_input_shape_names_the_captured_one(tiny_bert_on_standins):
@@ -59,12 +74,12 @@ def test_a_one_partition_plan_keeps_structure_and_falls_back(cpu):
     with pytest.warns(RuntimeWarning, match="partition p0.*session lost.*torch@"):
         out = opt(x, y)
     assert_matches_eager(eager(m, (x, y)), out, rtol=1e-4)
-    assert opt.stats["fallback_calls"] == 1 and opt.runtime.compiled["p0"].backend == "torch"
+    assert opt.stats["fallback_calls"] == 1 and opt.stats["breakers"]["p0"]["state"] == "closed"
 
 
 def test_a_one_partition_plan_on_the_cpu_takes_the_hot_path(cpu, monkeypatch):
     """The common call skips the general path (input flattening, Runtime.run, output unflattening); any other call
-    takes it, and still gets its error. An engine that fails is called once, and falls back."""
+    takes it, and still gets its error. An engine that fails is retried once, then the call falls back."""
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     x = torch.randn(4, 8)
     opt = one_partition(m, (x,), cpu, "onnxruntime")
@@ -94,10 +109,11 @@ def test_a_one_partition_plan_on_the_cpu_takes_the_hot_path(cpu, monkeypatch):
     monkeypatch.setattr(compiled, "fn", broken)
     with pytest.warns(RuntimeWarning, match="partition p0.*session lost.*torch@"):
         assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)
-    assert len(engine) == 4, "the failed engine is not called a second time"
-    assert opt.stats["fallback_calls"] == 1 and len(long_way) == 1
-    assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)   # the reference now, still on the hot path
-    assert len(engine) == 4 and len(long_way) == 1
+    assert len(engine) == 5, "the failed engine is retried once"
+    assert opt.stats["fallback_calls"] == 1 and opt.stats["retries"] == 1 and len(long_way) == 1
+    monkeypatch.setattr(compiled, "fn", lambda *a: engine.append(a) or real_fn(*a))
+    assert_matches_eager(eager(m, (x,)), opt(x), rtol=1e-4)   # one failure opens no breaker: the engine runs it
+    assert len(engine) == 6 and len(long_way) == 1 and opt.stats["fallback_calls"] == 1
 
 
 def test_the_hot_call_checks_each_input_and_keeps_constant_outputs(cpu, monkeypatch):
@@ -153,20 +169,19 @@ def test_each_model_has_its_own_hot_call(cpu, monkeypatch):
     opt_a.runtime.replace("p0", replacement)
     assert torch.equal(opt_a(x), torch.zeros(2, 3)) and len(engine) == 1, "the hot call runs the new engine"
 
-    # calls that fail together on one engine, from two threads, replace it once and both get the right result
+    # calls that fail together on one engine, from two threads, build one fallback and both get the right result
     both_in = threading.Barrier(2)
 
     def lost(*args):
         both_in.wait(timeout=30)
         raise RuntimeError("engine lost")
     replacement.fn = lost
-    replaced, real_replace = [], opt_a.runtime.replace
-    monkeypatch.setattr(opt_a.runtime, "replace", lambda *a: replaced.append(a) or real_replace(*a))
     with pytest.warns(RuntimeWarning, match="engine lost"), ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda _: opt_a(x), range(2)))
     for out in outs:
         assert_matches_eager(eager(a, (x,)), out, rtol=1e-5)
-    assert len(replaced) == 1 and opt_a.stats["fallback_calls"] == 2, (replaced, opt_a.stats)
+    assert len(opt_a.runtime._fallback_engines) == 1 and opt_a.stats["fallback_calls"] == 2, opt_a.stats
+    assert opt_a.stats["retries"] == 2
 
     # nothing but the model holds its runtime (and engines): a model let go is freed at once
     gc.disable()
