@@ -163,17 +163,22 @@ def test_loading_a_plan_with_another_model_names_the_plans_model_and_both_graphs
 
 
 def _corrupt_onnx_weights(cache: Path) -> None:
-    """Overwrite the weights of every cached ONNX export with 1.0f: the file still loads, and computes another
-    function (what a disk fault or a stray edit of the cache would do)."""
+    """Overwrite the weights of every cached ONNX export with 1.0f and seal them again: the files pass the cache's
+    integrity check and compute another function, as an engine that miscomputes would; only the call checked
+    against eager can tell."""
+    from dioe import integrity
+
     data = list(cache.rglob("*.onnx.data"))
     assert data, f"no ONNX weights under {cache}"
     for f in data:
         n = f.stat().st_size
         f.write_bytes(b"\x00\x00\x80\x3f" * (n // 4) + b"\x00" * (n % 4))
+        main = f.with_name(f.name[:-len(".data")])
+        integrity.seal(main, [f])
 
 
 def test_load_checks_one_call_against_eager_and_falls_back_loudly(cpu, tmp_path):
-    """A plan whose engine computes something else (its cached artifact damaged) loads with a warning, runs its
+    """A plan whose engine computes something else (its weights changed and sealed again) loads with a warning, runs its
     partition on torch so the values are eager's, and its plan says torch and why; strict=True refuses it."""
     from dioe.build import build
     from dioe.settings import Settings
