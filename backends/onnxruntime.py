@@ -22,6 +22,7 @@ import torch
 from ..backend import Backend, Built, Partition, decomposes, functional_variant, host_view, quiet, write_atomically
 from ..cache import reuse
 from ..errors import BackendError
+from ..masking import guarded_partition
 from ..pool import Member
 from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
 
@@ -37,6 +38,7 @@ class OnnxruntimeBackend(Backend):
     precisions = ("fp32", "int8")
     call_overhead_us = 10.5
     color = "#8a5cc7"
+    guards_masked_attention = True  # a fully padded sample: the mean of the values, not 0
     options = frozenset({"providers", "disable_cpu_ep_fallback"})
 
     def op_support(self):
@@ -68,6 +70,7 @@ class OnnxruntimeBackend(Backend):
         return wanted, spec.options.disable_cpu_ep_fallback
 
     def export(self, part: Partition) -> Path:
+        part = guarded_partition(part)  # what the export computes on a fully padded sample: torch's zeros
         path = onnx_file(self.cache_dir, part)
         if reuse(path, "ONNX export"):
             return path

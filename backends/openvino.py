@@ -32,6 +32,7 @@ from ..cache import reuse
 from ..errors import BackendError
 from ..files import private_dir
 from ..integrity import mark
+from ..masking import guarded_partition
 from ..pool import Member
 from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
 from ..settings import openvino_telemetry
@@ -84,6 +85,7 @@ class OpenvinoBackend(Backend):
     precisions = ("fp32", "bf16", "fp16", "int8")
     call_overhead_us = 75.0
     color = "#2e9d6b"
+    guards_masked_attention = True  # a fully padded sample: NaN, not 0
     options = frozenset({"device", "config"})
 
     def __init__(self, cache_dir=None):
@@ -125,6 +127,7 @@ class OpenvinoBackend(Backend):
     def convert(self, part: Partition):
         import openvino as ov
 
+        part = guarded_partition(part)  # what the model computes on a fully padded sample: torch's zeros
         attention = has_attention(part)
         from .onnxruntime import OnnxruntimeBackend, onnx_file
 

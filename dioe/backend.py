@@ -38,6 +38,7 @@ from .capture import fetch_attr
 from . import integrity
 from .errors import BackendError
 from .files import FILE_MODE, private_dir
+from .masking import guarded_partition
 from .pool import Member
 from .quantization import Calibration, check_calibration
 from .settings import env_cache_dir
@@ -261,6 +262,9 @@ class Backend:
     # Whether it keeps to a member's thread budget (`Member.threads`). One that does not runs on a process-wide
     # pool (torch's intra-op threads), and plans say so for the members that set a budget.
     thread_budget: ClassVar[bool] = True
+    # Whether its engine computes a fully masked attention row otherwise than torch (NaN, or the mean of the
+    # values, where torch gives 0): its partitions are compiled with their attention guarded (`dioe.masking`).
+    guards_masked_attention: ClassVar[bool] = False
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         # its own folder of the cache, made when it first writes there: a backend that caches nothing makes none
@@ -315,6 +319,8 @@ class Backend:
         # passed on only when given, so that a backend written before calibration existed compiles as it did
         extra = {} if calibration is None else {"calibration": check_calibration(part, calibration)}
         start = time.perf_counter()
+        if self.guards_masked_attention:
+            part = guarded_partition(part)
         try:
             built = self.compile_fn(part, member, precision, objective=objective, alone=alone, **extra)
         except BackendError:

@@ -19,6 +19,7 @@ from .backend import Compiled
 from .calibration import fingerprint
 from .capture import CapturedGraph
 from .errors import BackendError, DIOEError
+from .masking import probe_reference
 from .optimized import Optimized
 from .plan import Plan
 from .quantization import CalibrationKey
@@ -88,6 +89,10 @@ def verify(opt: Optimized, *, settings: Settings | None = None, skip: Collection
     largest eager value); one that misses runs on torch at the reference from then on, and the plan says so. A
     plan of several partitions is then checked whole, at ten times the tolerance.
 
+    A model with an attention mask input of 0s and 1s is checked on a second input too: the example with one
+    sample's mask all 0 (`masking.fully_masked_probe`). Example masks are all ones, as a rule, and an engine that
+    gets a fully padded sample wrong (NaN, or the mean of the values where torch gives 0) passes on them.
+
     `skip`: partitions judged otherwise (below fp32, against an accuracy budget); the whole-plan check is then
     the caller's. `strict`: a partition that misses is an error instead of a fallback."""
     settings = settings or Settings()
@@ -98,41 +103,67 @@ def verify(opt: Optimized, *, settings: Settings | None = None, skip: Collection
     # against the eager reference, computed once per model, and that check is the whole plan's (on bert-base it
     # saves an eager call and a call of the plan, 0.6 s, for the plan and for each whole-graph rival).
     whole = _whole_graph_view(opt)
-    for step in opt.program.steps:
+    checked = [st for st in opt.program.steps
+               if (opt.runtime.compiled[st.partition].backend, opt.runtime.compiled[st.partition].member)
+               != ("torch", reference.id) and st.partition not in skip]
+    probe = probe_reference(opt.captured) if checked else None
+    probe_inputs = _step_inputs(opt, probe[0]) if probe is not None else {}
+    failed: dict[str, str] = {}   # partition -> on what it differed: "" the example, else the probe
+    for step in checked:
         c = opt.runtime.compiled[step.partition]
-        if c.backend == "torch" and c.member == reference.id or step.partition in skip:
-            continue
         part = opt.program.partition(step.partition)
-        with torch.inference_mode():
-            want = whole if whole is not None else part.gm(*part.example_inputs)
-            got = c(*registry.get(c.backend, settings.cache_dir).to_io(part.example_inputs, pool[c.member]))
-        err = rel_error(want, got)
-        if err > tol and strict:
-            raise DIOEError(f"partition {step.partition} on {c.backend}@{c.member} differs from eager by {err:.2e} "
-                            f"(> {tol:.0e}); strict: no fallback to torch")
-        if err > tol:
-            warnings.warn(f"dioe: partition {step.partition} on {c.backend}@{c.member} differs from eager by "
-                          f"{err:.2e} (> {tol:.0e}); it runs on torch@{reference.id} instead.", RuntimeWarning)
-            opt.runtime.replace(step.partition,
-                                registry.get("torch", settings.cache_dir).compile(part, reference, "fp32"))
-            changed = True
+        cases = [("", part.example_inputs, whole)]
+        if probe is not None:
+            cases.append((f" on {probe[1]}", probe_inputs[step.partition],
+                          _whole_view(opt, probe[2]) if whole is not None else None))
+        io = registry.get(c.backend, settings.cache_dir)
+        for what, inputs, ref in cases:
+            with torch.inference_mode():
+                want = ref if ref is not None else part.gm(*inputs)
+                got = c(*io.to_io(inputs, pool[c.member]))
+            err = rel_error(want, got)
+            if err > tol and strict:
+                raise DIOEError(f"partition {step.partition} on {c.backend}@{c.member} differs from eager by "
+                                f"{err:.2e} (> {tol:.0e}){what}; strict: no fallback to torch")
+            if err > tol:
+                warnings.warn(f"dioe: partition {step.partition} on {c.backend}@{c.member} differs from eager by "
+                              f"{err:.2e} (> {tol:.0e}){what}; it runs on torch@{reference.id} instead.",
+                              RuntimeWarning)
+                opt.runtime.replace(step.partition,
+                                    registry.get("torch", settings.cache_dir).compile(part, reference, "fp32"))
+                failed[step.partition] = what
+                changed = True
+                break
     if changed:
         now = opt.runtime.compiled
         parts = tuple(replace(p, member=now[p.id].member, backend=now[p.id].backend, precision=now[p.id].precision,
                               reason=p.reason if now[p.id].backend == p.backend
-                              else "verification failed on the first choice; reference backend")
+                              else f"verification failed{failed.get(p.id) or ' on the first choice'}; reference "
+                                   "backend")
                       for p in opt.plan.partitions)
         opt.plan = replace(opt.plan, partitions=parts)
     if whole is not None or skip:
         return opt
-    want = opt.captured.reference_outputs()
-    with torch.inference_mode():
-        got = opt.runtime.run(opt.captured.example_inputs)
-    err = rel_error(want, got)
-    if err > tol * 10:
-        raise DIOEError(f"optimized {opt.plan.model} differs from eager by {err:.2e} although every partition "
-                        f"passed at {tol:.0e}; please report this plan: {opt.plan.to_dict()['partitions']}")
+    checks = [("", opt.captured.example_inputs, opt.captured.reference_outputs())]
+    if probe is not None:
+        checks.append((f" on {probe[1]}", probe[0], probe[2]))
+    for what, inputs, want in checks:
+        with torch.inference_mode():
+            got = opt.runtime.run(inputs)
+        err = rel_error(want, got)
+        if err > tol * 10:
+            raise DIOEError(f"optimized {opt.plan.model} differs from eager by {err:.2e}{what} although every "
+                            f"partition passed at {tol:.0e}; please report this plan: "
+                            f"{opt.plan.to_dict()['partitions']}")
     return opt
+
+
+def _step_inputs(opt: Optimized, graph_inputs: Sequence) -> dict[str, tuple]:
+    """Each step's inputs when the graph runs on `graph_inputs`, as eager computes them."""
+    nodes = {n.name: n for n in opt.captured.gm.graph.nodes}
+    wanted = {nodes[v] for st in opt.program.steps for v in st.inputs}
+    values = example_values(opt.captured.gm, list(graph_inputs), wanted)
+    return {st.partition: tuple(values[nodes[v]] for v in st.inputs) for st in opt.program.steps}
 
 
 @dataclass(frozen=True)
@@ -170,22 +201,35 @@ def runs_as(opt: Optimized, option) -> bool:
 def _whole_graph_view(opt: Optimized) -> list | None:
     """The eager reference as the outputs of the plan's one partition, when the plan is one partition that reads
     the graph's inputs and whose every output is a graph output; else None."""
+    return _whole_view(opt, opt.captured.reference_outputs())
+
+
+def _whole_view(opt: Optimized, graph_outputs: Sequence) -> list | None:
+    """`graph_outputs` (the graph's outputs on some input) as the outputs of the plan's one partition (see
+    `_whole_graph_view`); None where the plan is not such a partition."""
     direct = opt.runtime.direct
     if direct is None:
         return None
     step = opt.program.steps[0]
     want = [None] * len(step.outputs)
-    for ref, (computed, j) in zip(opt.captured.reference_outputs(), direct):
+    for ref, (computed, j) in zip(graph_outputs, direct):
         if computed:
             want[j] = ref
     return None if any(w is None for w in want) else want
 
 
 def rel_error(want, got) -> float:
-    """The largest |want - got| over the largest |want|, worst over the tensors of two flat output lists."""
+    """The largest |want - got| over the largest |want|, worst over the tensors of two flat output lists. A NaN or
+    infinity where eager has another value is an infinite error (a NaN would otherwise compare as no error)."""
     worst = 0.0
     for w, g in zip(want, got):
         if isinstance(w, torch.Tensor) and w.numel():
             w64, g64 = w.detach().double().cpu(), g.detach().double().cpu()
-            worst = max(worst, ((w64 - g64).abs().max() / max(w64.abs().max().item(), 1e-6)).item())
+            same = (w64 == g64) | (w64.isnan() & g64.isnan())
+            diff = torch.where(same, 0.0, (w64 - g64).abs())
+            if not bool(diff.isfinite().all()):
+                return float("inf")
+            finite = w64[w64.isfinite()]
+            scale = max(finite.abs().max().item() if finite.numel() else 0.0, 1e-6)
+            worst = max(worst, diff.max().item() / scale)
     return worst

@@ -21,12 +21,15 @@ def dioe_command() -> list[str]:
 
 
 def max_rel_error(expected, actual) -> float:
-    """Largest |a - e| / max|e| over all tensor leaves (max|e| floored so all-zero outputs compare absolutely)."""
+    """Largest |a - e| / max|e| over all tensor leaves (max|e| floored so all-zero outputs compare absolutely); a
+    NaN where the other has a number is an infinite error."""
     worst = 0.0
     for e, a in zip(pytree.tree_leaves(expected), pytree.tree_leaves(actual)):
         if not isinstance(e, torch.Tensor):
             continue
         e, a = e.detach().double().cpu(), a.detach().double().cpu()
+        if e.numel() and not torch.equal(e.isnan(), a.isnan()):
+            return float("inf")  # a NaN compares false with everything: max() would pass over it
         scale = max(e.abs().max().item(), 1e-6) if e.numel() else 1.0
         worst = max(worst, ((a - e).abs().max().item() / scale) if e.numel() else 0.0)
     return worst
