@@ -1,0 +1,186 @@
+"""Serving: the dynamic batcher against eager per request, its queue, timeouts and failure isolation; the HTTP
+server (JSON and binary bodies, health, metrics, 4xx and 503); the load generator; Ray Serve replicas."""
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+import dioe
+from dioe.serve import Batcher, Metrics, QueueFull, RequestFailed, RequestTimeout
+
+from helpers import assert_matches_eager, eager
+
+OPTIONS = {"backends": ["torch"], "precision": "fp32"}
+
+
+def _optimize(name, tmp_path_factory, batch=1):
+    model, inputs = dioe.zoo.load(name, batch=batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(model, inputs, **OPTIONS, settings=dioe.Settings(cache_dir=tmp_path_factory.mktemp("c")))
+    return model, inputs, opt
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return _optimize("tiny-bert", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp(tmp_path_factory):
+    return _optimize("tiny-mlp", tmp_path_factory)
+
+
+class Recorder(Metrics):
+    def __init__(self):
+        self.batches, self.outcomes, self.retries, self.fallback_count = [], [], 0, 0
+
+    def batch(self, rows, bucket, seconds):
+        self.batches.append((rows, bucket))
+
+    def request(self, seconds, outcome):
+        self.outcomes.append(outcome)
+
+    def retry(self, requests):
+        self.retries += requests
+
+    def fallbacks(self, n):
+        self.fallback_count += n
+
+
+def _token_requests(n, vocab=1000, lengths=(32, 20, 9, 32, 15)):
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for i in range(n):
+        t = lengths[i % len(lengths)]
+        out.append((torch.randint(1, vocab, (1, t), generator=g), torch.ones(1, t, dtype=torch.long)))
+    return out
+
+
+def _concurrently(fn, items, threads=8):
+    results, errors = [None] * len(items), []
+
+    def work(k):
+        for i in range(k, len(items), threads):
+            try:
+                results[i] = fn(items[i])
+            except Exception as e:  # noqa: BLE001 -- collected and asserted on below
+                errors.append(e)
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not any(t.is_alive() for t in ts), "a caller hung"
+    return results, errors
+
+
+def test_batcher_matches_eager_per_request_under_concurrency(tiny_bert):
+    model, _, opt = tiny_bert
+    requests = _token_requests(16)
+    rec = Recorder()
+    with Batcher(opt, model=model, max_batch_size=4, max_queue_delay_ms=20, preferred_batch_sizes=(4,),
+                 optimize_options=OPTIONS, metrics=rec) as b:
+        outs, errors = _concurrently(lambda r: b(*r), requests)
+        assert not errors, errors
+        built = b.buckets.built
+    for r, out in zip(requests, outs):  # each request's own length, cut back from the padded bucket
+        assert_matches_eager(eager(model, r), out, rtol=1e-4, what=f"seq {r[0].shape[1]}")
+    assert max(rows for rows, _ in rec.batches) > 1, "concurrent callers were batched together"
+    assert sum(rows for rows, _ in rec.batches) == 16 and rec.outcomes.count("ok") == 16
+    assert all(bucket in (1, 2, 4) for _, bucket in rec.batches)
+    assert any(bk.batch == 4 and bk.seq == 32 for bk in built), "the preferred size was built ahead"
+
+
+def test_batcher_rejects_bad_requests_with_the_expected_shape(tiny_bert):
+    model, inputs, opt = tiny_bert
+    with Batcher(opt, model=model, max_batch_size=2, optimize_options=OPTIONS) as b:
+        with pytest.raises(dioe.InputSpecError, match=r"expected 2 input\(s\)"):
+            b(inputs[0])
+        with pytest.raises(dioe.InputSpecError, match=r"has shape \[1, 40\], expected \[batch, 1..32\]"):
+            b(torch.ones(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.long))
+        with pytest.raises(dioe.InputSpecError, match=r"dtype float32, expected int64"):
+            b(inputs[0].float(), inputs[1])
+        with pytest.raises(dioe.InputSpecError, match=r"3 row\(s\); expected 1 to max_batch_size \(2\)"):
+            b(inputs[0].expand(3, -1), inputs[1].expand(3, -1))
+        with pytest.raises(dioe.DIOEError, match=r"priority must be an integer from 1 \(highest\) to priorities=1"):
+            b(*inputs, priority=2)
+    with pytest.raises(dioe.DIOEError, match="preferred_batch_sizes must be integers from 1 to max_batch_size"):
+        Batcher(opt, model=model, max_batch_size=2, preferred_batch_sizes=(4,))
+
+
+def test_a_full_queue_rejects_at_once_and_close_answers_the_queued(tiny_mlp):
+    model, inputs, opt = tiny_mlp
+    x = [torch.randn(1, 64) for _ in range(3)]
+    # a long delay and a batch the queue never fills: the two queued requests wait until close
+    b = Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=60_000, queue_size=2, optimize_options=OPTIONS)
+    try:
+        f1, f2 = b.submit(x[0]), b.submit(x[1])
+        with pytest.raises(QueueFull, match=r"queue is full \(2 requests waiting\); retry after \d+ s") as e:
+            b.submit(x[2])
+        assert e.value.retry_after_s >= 1
+    finally:
+        b.close()
+    for xi, f in zip(x, (f1, f2)):
+        assert_matches_eager(eager(model, (xi,)), f.result(5), rtol=1e-4)
+    with pytest.raises(dioe.serve.BatcherClosed, match="closed"):
+        b(x[0])
+
+
+def test_a_request_not_answered_in_time_gets_a_clear_timeout(tiny_mlp):
+    model, _, opt = tiny_mlp
+    rec = Recorder()
+    with Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=60_000, timeout_ms=50,
+                 optimize_options=OPTIONS, metrics=rec) as b:
+        with pytest.raises(RequestTimeout, match=r"timeout_ms=50 \(timed out in the queue\)"):
+            b(torch.randn(1, 64))
+        fut = b.submit(torch.randn(1, 64), timeout_ms=30)   # the worker expires it, with no caller waiting
+        with pytest.raises(RequestTimeout, match=r"timeout_ms=30"):
+            fut.result(10)
+    assert "timeout" in rec.outcomes and not rec.batches
+
+
+def test_a_failing_batch_fails_only_its_bad_request(tiny_bert):
+    model, _, opt = tiny_bert
+    good = _token_requests(3)
+    bad = (torch.full((1, 8), 5000), torch.ones(1, 8, dtype=torch.long))   # token ids past the vocabulary (1000)
+    rec = Recorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the failing engine falls back, loudly, before the batch is re-run
+        with Batcher(opt, model=model, max_batch_size=4, max_queue_delay_ms=200, optimize_options=OPTIONS,
+                     metrics=rec) as b:
+            futures = [b.submit(*r) for r in good[:2]] + [b.submit(*bad)] + [b.submit(*good[2])]
+            with pytest.raises(RequestFailed, match="the model failed on this request: .*index"):
+                futures[2].result(60)
+            outs = [f.result(60) for i, f in enumerate(futures) if i != 2]
+    for r, out in zip(good, outs):
+        assert_matches_eager(eager(model, r), out, rtol=1e-4)
+    assert rec.retries == 4 and rec.outcomes.count("ok") == 3 and rec.outcomes.count("error") == 1
+
+
+def test_an_engine_failing_mid_run_loses_no_request(tiny_mlp):
+    model, _, opt = tiny_mlp
+    rec = Recorder()
+    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    # a long delay: every batch is a full 4, run by the plan whose engine fails on its third call
+    with Batcher(opt, model=model, max_batch_size=4, max_queue_delay_ms=10_000, preferred_batch_sizes=(4,),
+                 optimize_options=OPTIONS, metrics=rec) as b:
+        plan = b.buckets.plan(b.buckets.bucket_for(4, None))
+        pid = plan.plan.partitions[0].id
+        calls = []
+
+        def fails_on_the_third_call(*a, fn=plan.runtime.compiled[pid].fn):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("device lost")
+            return fn(*a)
+        plan.runtime.compiled[pid].fn = fails_on_the_third_call
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs = [f.result(60) for f in [b.submit(x) for x in xs]]
+    for x, out in zip(xs, outs):
+        assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+    assert len(calls) == 3 and [rows for rows, _ in rec.batches] == [4] * 6, "later batches ran on the fallback"
+    assert rec.fallback_count == 1 and "device lost" in plan.stats["fallbacks"][pid]
