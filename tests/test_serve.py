@@ -184,3 +184,82 @@ def test_an_engine_failing_mid_run_loses_no_request(tiny_mlp):
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
     assert len(calls) == 3 and [rows for rows, _ in rec.batches] == [4] * 6, "later batches ran on the fallback"
     assert rec.fallback_count == 1 and "device lost" in plan.stats["fallbacks"][pid]
+
+
+# -- HTTP ----------------------------------------------------------------------------------------------------------
+def _server(batcher, **kw):
+    from dioe.serve.http import make_app, start
+
+    return start(make_app(batcher, batcher.metrics, **kw))
+
+
+def test_http_infers_json_and_binary_and_exports_metrics(tiny_bert):
+    import httpx
+
+    from dioe.serve.codec import decode_outputs_binary, encode_inputs_binary, encode_inputs_json
+    from dioe.serve.metrics import PrometheusMetrics
+
+    model, _, opt = tiny_bert
+    names = opt.captured.input_names
+    ids, mask = _token_requests(2)[1]
+    want = eager(model, (ids, mask))
+    b = Batcher(opt, model=model, max_batch_size=2, optimize_options=OPTIONS,
+                metrics=PrometheusMetrics(opt.captured.name))
+    with b, _server(b, max_body_bytes=64 << 10) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert url.startswith("http://127.0.0.1:")
+        assert c.get("/health").json()["status"] == "ok"
+        infer = f"/v1/models/{b.name}/infer"
+        r = c.post(infer, content=encode_inputs_json(names, (ids, mask)), headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        got = {o["name"]: torch.tensor(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
+        assert_matches_eager(want.last_hidden_state, got["last_hidden_state"], rtol=1e-4)
+        r = c.post(infer, content=encode_inputs_binary(names, (ids, mask)),
+                   headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        got = decode_outputs_binary(r.content)
+        assert_matches_eager(want.pooler_output, got["pooler_output"], rtol=1e-4)
+        metrics = c.get("/metrics").text
+        for line in ("dioe_queue_depth{model=", "dioe_batch_size_bucket{", "dioe_request_latency_seconds_bucket{",
+                     'dioe_requests_total{model="BertModel",outcome="ok"} 2.0', "dioe_fallbacks_total{"):
+            assert line in metrics, f"{line} missing from /metrics"
+
+        def status(body, ctype="application/json"):
+            r = c.post(infer, content=body, headers={"content-type": ctype})
+            return r.status_code, r.json()["error"]
+        code, msg = status(b"{not json")
+        assert code == 400 and "not valid JSON" in msg, msg
+        code, msg = status(encode_inputs_json(names, (ids[:, :3].expand(1, 3).repeat(1, 20), mask.repeat(1, 5))))
+        assert code == 400 and "expected [batch, 1..32]" in msg, msg
+        code, msg = status(encode_inputs_json(names[:1], (ids,)))
+        assert code == 400 and "the model's inputs are ['input_ids', 'attention_mask']" in msg, msg
+        code, msg = status(b'{"inputs": [{"name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [1]}]}')
+        assert code == 400 and '"data" must hold 4 numbers' in msg, msg
+        code, msg = status(b"garbage", "application/octet-stream")
+        assert code == 400 and "not a safetensors file" in msg, msg
+        code, msg = status(b"[" + b"0," * (40 << 10) + b"0]")
+        assert code == 413 and "at most 65536" in msg, msg
+        assert c.post("/v1/models/other/infer", content=b"{}").status_code == 404
+
+
+def test_http_full_queue_answers_503_with_retry_after(tiny_mlp):
+    import httpx
+
+    from dioe.serve.codec import encode_inputs_json
+
+    model, _, opt = tiny_mlp
+    body = encode_inputs_json(opt.captured.input_names, (torch.randn(1, 64),))
+    b = Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=60_000, queue_size=1, optimize_options=OPTIONS)
+    first = {}
+    with _server(b) as url, httpx.Client(base_url=url, timeout=60) as c:
+        waiting = threading.Thread(target=lambda: first.update(r=c.post(f"/v1/models/{b.name}/infer", content=body)))
+        waiting.start()
+        for _ in range(500):  # bounded: until the first request sits in the queue
+            if b.queue_depth:
+                break
+            threading.Event().wait(0.01)
+        r = c.post(f"/v1/models/{b.name}/infer", content=body)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]
+        b.close()   # answers the queued request
+        waiting.join(60)
+        assert first["r"].status_code == 200 and first["r"].json()["outputs"][0]["shape"] == [1, 8]
+        assert c.get("/health").status_code == 503

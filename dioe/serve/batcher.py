@@ -171,6 +171,10 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._heap)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _check_priority(self, p: int) -> int:
         if not isinstance(p, int) or not 1 <= p <= self.priorities:
             raise DIOEError(f"priority must be an integer from 1 (highest) to priorities={self.priorities}, "
