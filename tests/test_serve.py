@@ -263,3 +263,34 @@ def test_http_full_queue_answers_503_with_retry_after(tiny_mlp):
         waiting.join(60)
         assert first["r"].status_code == 200 and first["r"].json()["outputs"][0]["shape"] == [1, 8]
         assert c.get("/health").status_code == 503
+
+
+# -- the load generator and the commands ----------------------------------------------------------------------------
+def test_loadtest_serves_a_plan_and_reports_percentiles_and_a_png(tiny_mlp, tmp_path):
+    import subprocess
+
+    from helpers import dioe_command
+
+    _, _, opt = tiny_mlp
+    plan = opt.save(tmp_path / "mlp.plan.json")
+    png = tmp_path / "latency.png"
+    r = subprocess.run(dioe_command() + ["loadtest", str(plan), "--model-spec", "tiny-mlp", "--duration", "3",
+                                         "--concurrency", "4", "--max-requests", "200", "--max-batch-size", "1",
+                                         "--png", str(png)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "req/s; latency p50" in r.stdout and "p99" in r.stdout and "0 error(s)" in r.stdout, r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loadgen_counts_errors_and_refuses_remote_hosts():
+    from dioe.serve.loadgen import check_loopback, closed_loop
+
+    def flaky(x):
+        if x % 2:
+            raise ValueError("odd payload")
+        return x
+    r = closed_loop(flaky, [0, 1], concurrency=1, duration_s=5, max_requests=20)
+    assert len(r.samples) + sum(r.errors.values()) == 20 and r.errors["ValueError: odd payload"] == 10
+    with pytest.raises(dioe.DIOEError, match="servers on this machine only"):
+        check_loopback("http://example.com:8000")
