@@ -294,3 +294,34 @@ def test_loadgen_counts_errors_and_refuses_remote_hosts():
     assert len(r.samples) + sum(r.errors.values()) == 20 and r.errors["ValueError: odd payload"] == 10
     with pytest.raises(dioe.DIOEError, match="servers on this machine only"):
         check_loopback("http://example.com:8000")
+
+
+# -- Ray Serve -----------------------------------------------------------------------------------------------------
+def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dioe[serve-ray]')")
+    from ray import serve
+
+    from dioe.serve.http import bind
+    from dioe.serve.ray import deployment
+
+    model, _, opt = tiny_mlp
+    plan = opt.save(tmp_path / "mlp.plan.json")
+    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    with bind() as s:   # a free loopback port for Serve's HTTP proxy, which this test does not use
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        handle = serve.run(deployment(plan, model_spec="tiny-mlp", num_replicas=2, threads=1, max_batch_size=4,
+                                      max_queue_delay_ms=20, optimize_options=OPTIONS), name="dioe-test",
+                           route_prefix=None)
+        outs = [r.result(timeout_s=120) for r in [handle.infer.remote(x) for x in xs]]
+        for x, out in zip(xs, outs):
+            assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+        with pytest.raises(Exception, match=r"input 'x' has shape \[1, 3\], expected \[batch, 64\]"):
+            handle.infer.remote(torch.randn(1, 3)).result(timeout_s=120)
+        status = serve.status().applications["dioe-test"].deployments["dioe"]
+        assert status.replica_states.get("RUNNING") == 2
+    finally:
+        serve.shutdown()
+        ray.shutdown()
