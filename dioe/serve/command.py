@@ -54,6 +54,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--max-requests", type=int, default=100_000, help="stop after this many (default 100000)")
     t.add_argument("--binary", action="store_true", help="send safetensors bodies instead of JSON")
     t.add_argument("--png", help="write latency over time to this PNG")
+    t.add_argument("--json", help="write the result, every request's latency included, to this JSON file")
     t.add_argument("--small", action="store_true", help="with a PLAN: the zoo model's small variant")
     add_knobs(t)
     t.set_defaults(fn=cmd_loadtest)
@@ -144,6 +145,12 @@ def cmd_loadtest(args) -> int:
                              duration_s=args.duration, rate=args.rate, max_requests=args.max_requests, name=name,
                              progress=sys.stderr.isatty())
     print(result.summary())
+    if args.json:
+        import json
+
+        from ..files import write_text
+
+        write_text(args.json, json.dumps(result.to_dict(samples=True)), mode=0o644)
     if args.png:
         plot([result], args.png)
         print(f"latency over time written to {args.png}")

@@ -30,6 +30,10 @@ class LoadResult:
     samples: list[tuple[float, float]] = field(default_factory=list)   # (seconds since start, latency in s)
     errors: Counter = field(default_factory=Counter)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoadResult":
+        return cls(d["name"], d["duration_s"], [tuple(x) for x in d.get("samples", [])], Counter(d.get("error_kinds", {})))
+
     @property
     def throughput(self) -> float:
         return len(self.samples) / self.duration_s if self.duration_s > 0 else 0.0
@@ -40,8 +44,9 @@ class LoadResult:
             return float("nan")
         return 1000 * lat[min(len(lat) - 1, int(round(q / 100 * (len(lat) - 1))))]
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "requests": len(self.samples), "errors": sum(self.errors.values()),
+    def to_dict(self, *, samples: bool = False) -> dict:
+        extra = {"samples": self.samples, "error_kinds": dict(self.errors)} if samples else {}
+        return {**extra, "name": self.name, "requests": len(self.samples), "errors": sum(self.errors.values()),
                 "throughput": self.throughput, "p50_ms": self.percentile_ms(50), "p90_ms": self.percentile_ms(90),
                 "p99_ms": self.percentile_ms(99), "duration_s": self.duration_s}
 
@@ -158,9 +163,11 @@ def plot(results: Sequence[LoadResult], path) -> None:
             continue
         pts = sorted(r.samples)
         line = ax.plot([t for t, _ in pts], [1000 * lat for _, lat in pts], ".", ms=2, alpha=0.35)[0]
-        win = max(1, len(pts) // 20)
-        p99 = [sorted(lat for _, lat in pts[max(0, i - win):i + 1])[-max(1, win // 100) if win >= 100 else -1]
-               for i in range(len(pts))]
+        win = max(1, len(pts) // 20)   # a rolling p99 over a twentieth of the run
+        p99 = []
+        for i in range(len(pts)):
+            w = sorted(lat for _, lat in pts[max(0, i - win):i + 1])
+            p99.append(w[int(0.99 * (len(w) - 1))])
         ax.plot([t for t, _ in pts], [1000 * v for v in p99], "-", color=line.get_color(),
                 label=f"{r.name}: {r.throughput:.0f} req/s, p99 {r.percentile_ms(99):.0f} ms")
     ax.set_xlabel("seconds since start")

@@ -108,8 +108,7 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
             model, opt = load_for_replica(plan_path, model_spec, small=small, cache_dir=cache_dir, options=options)
             self.buckets = Buckets(opt, model=model, max_batch_size=max_batch_size,
                                    preferred_batch_sizes=preferred_batch_sizes, optimize_options=options)
-            self.buckets.build([self.buckets.bucket_for(b, self.buckets.seq_buckets[-1] if self.buckets.seq_buckets
-                                                        else None) for b in preferred_batch_sizes])
+            self.buckets.build()   # every bucket's plan before the first request, not in the middle of a load
             self.metrics = RayMetrics(self.buckets.name)
             self._fallbacks = self.buckets.fallbacks()
 
