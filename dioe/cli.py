@@ -9,6 +9,8 @@
     dioe cache [show|trim|clear] [--max 5G]   # the disk cache of compiled artifacts and profiles
     dioe descriptor check FILE ...       # validate descriptors, with file:line:key errors
     dioe descriptor schema               # print the descriptor JSON Schema
+    dioe serve [MODEL|PLAN] [--port 8000] [batcher knobs]   # HTTP, dynamic batching, /metrics
+    dioe loadtest URL|PLAN --rate R --duration S --concurrency N
 """
 
 from __future__ import annotations
@@ -273,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("action", choices=["check", "schema"])
     h.add_argument("files", nargs="*", help="descriptor files (default: the shipped ones)")
     h.set_defaults(fn=cmd_descriptor)
+
+    from .serve.command import add_parsers
+
+    add_parsers(sub)
     return p
 
 

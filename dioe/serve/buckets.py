@@ -1,0 +1,210 @@
+"""Buckets: one plan per (batch size, sequence length), and the stacking, padding and splitting of requests around
+them. A DIOE plan is built for fixed shapes, so a batch of requests is padded up to the nearest bucket, run under
+that bucket's plan, and cut back into each request's own rows (and sequence length).
+
+Both the in-process `Batcher` and the Ray Serve replicas run their batches through `Buckets.run`.
+
+    >>> buckets = Buckets(opt, model=model, max_batch_size=8)          # doctest: +SKIP
+    >>> outs = buckets.run([(ids_a, mask_a), (ids_b, mask_b)])          # one output per request, in order
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import DIOEError, InputSpecError
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    batch: int
+    seq: int | None = None   # the padded sequence length, for models with token inputs
+
+
+def batch_buckets(max_batch_size: int, preferred: Sequence[int] = ()) -> tuple[int, ...]:
+    """The batch sizes that get a plan: the preferred ones and the maximum; without preferred sizes, powers of two
+    up to the maximum (so a batch is never padded to more than twice its rows)."""
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise DIOEError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    bad = [b for b in preferred if not isinstance(b, int) or not 1 <= b <= max_batch_size]
+    if bad:
+        raise DIOEError(f"preferred_batch_sizes must be integers from 1 to max_batch_size ({max_batch_size}); "
+                        f"got {bad}")
+    sizes = set(preferred) if preferred else {1 << i for i in range(max_batch_size.bit_length())}
+    return tuple(sorted(b for b in sizes | {max_batch_size} if b <= max_batch_size))
+
+
+class Buckets:
+    """The plans of one model, one per bucket, built with `dioe.optimize` on first use (or ahead, by `build`),
+    and the batching of requests around them.
+
+    Every input carries the batch on dimension 0. Integer inputs of rank 2 or more (token ids, attention masks)
+    carry a sequence on dimension 1: requests up to the longest of `sequence_buckets` (by default the example's
+    length) are padded with zeros, a zero attention mask hiding the padding, and outputs of rank 3 or more whose
+    dimension 1 is the bucket's length are cut back to the request's."""
+
+    def __init__(self, opt, *, model: torch.nn.Module | None = None, max_batch_size: int = 8,
+                 preferred_batch_sizes: Sequence[int] = (), sequence_buckets: Sequence[int] | None = None,
+                 optimize_options: Mapping[str, Any] | None = None):
+        cap = opt.captured
+        self.name, self.model, self.captured = cap.name, model, cap
+        self.specs = cap.input_specs
+        if not self.specs or any(s is None or not s.shape or not all(isinstance(d, int) for d in s.shape)
+                                 for s in self.specs):
+            raise DIOEError(f"{self.name}: batching needs every input to be a tensor of static shape with a batch "
+                            f"dimension; the captured inputs are {cap._expected_text()}")
+        self.input_names = cap.input_names
+        self.max_batch_size = max_batch_size
+        self.batch_sizes = batch_buckets(max_batch_size, tuple(preferred_batch_sizes))
+        self.seq_inputs = tuple(i for i, s in enumerate(self.specs)
+                                if not s.torch_dtype.is_floating_point and len(s.shape) >= 2)
+        lengths = {self.specs[i].shape[1] for i in self.seq_inputs}
+        if len(lengths) > 1:
+            raise DIOEError(f"{self.name}: token inputs have different sequence lengths {sorted(lengths)}; "
+                            "the batcher pads one sequence dimension shared by all of them")
+        if self.seq_inputs:
+            self.seq_buckets = tuple(sorted(set(sequence_buckets or lengths)))
+            if any(not isinstance(t, int) or t < 1 for t in self.seq_buckets):
+                raise DIOEError(f"sequence_buckets must be positive integers, got {list(self.seq_buckets)}")
+        elif sequence_buckets:
+            raise DIOEError(f"{self.name} has no token inputs (integer, rank 2 or more) with a sequence to pad; "
+                            f"sequence_buckets={list(sequence_buckets)} does not apply")
+        else:
+            self.seq_buckets = ()
+        self.options = dict(optimize_options or {})
+        self.options.setdefault("hardware", opt.runtime.pool)
+        self.options.setdefault("precision", "fp32" if all(p.precision == "fp32" for p in opt.plan.partitions)
+                                else "auto")
+        self.options.setdefault("name", self.name)
+        own = Bucket(self.specs[0].shape[0], next(iter(lengths)) if lengths else None)
+        self._plans: dict[Bucket, Any] = {own: opt}
+        self._lock = threading.Lock()
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def check(self, inputs: Sequence) -> tuple[int, int | None]:
+        """Validate one request's inputs; returns its (rows, sequence length). A clear error names what is wrong."""
+        if not isinstance(inputs, (tuple, list)) or len(inputs) != len(self.specs):
+            got = len(inputs) if isinstance(inputs, (tuple, list)) else type(inputs).__name__
+            raise InputSpecError(f"{self.name}: expected {len(self.specs)} input(s) {self._expected()}, got {got}")
+        rows = seq = None
+        for i, (x, want, name) in enumerate(zip(inputs, self.specs, self.input_names)):
+            if not isinstance(x, torch.Tensor):
+                raise InputSpecError(f"{self.name}: input {name!r} must be a tensor, got {type(x).__name__}")
+            if x.dtype != want.torch_dtype:
+                raise InputSpecError(f"{self.name}: input {name!r} has dtype {str(x.dtype)[6:]}, expected "
+                                     f"{want.dtype}")
+            rest = list(want.shape[1:])
+            got = list(x.shape[1:])
+            if i in self.seq_inputs and x.dim() == len(want.shape):
+                rest[0] = got[0] if 1 <= got[0] <= self.seq_buckets[-1] else f"1..{self.seq_buckets[-1]}"
+            if x.dim() != len(want.shape) or got != rest:
+                raise InputSpecError(f"{self.name}: input {name!r} has shape {list(x.shape)}, expected "
+                                     f"[batch, {', '.join(map(str, rest))}]")
+            if rows is None:
+                rows = x.shape[0]
+            elif x.shape[0] != rows:
+                raise InputSpecError(f"{self.name}: inputs disagree on the batch: {name!r} has {x.shape[0]} "
+                                     f"row(s), the first input {rows}")
+            if i in self.seq_inputs:
+                if seq is not None and x.shape[1] != seq:
+                    raise InputSpecError(f"{self.name}: token inputs disagree on the sequence length "
+                                         f"({seq} and {x.shape[1]} for {name!r})")
+                seq = x.shape[1]
+        if not 1 <= rows <= self.max_batch_size:
+            raise InputSpecError(f"{self.name}: a request holds {rows} row(s); expected 1 to max_batch_size "
+                                 f"({self.max_batch_size})")
+        return rows, seq
+
+    def _expected(self) -> str:
+        return "(" + ", ".join(f"{n}: {s}" for n, s in zip(self.input_names, self.specs)) + ")"
+
+    def bucket_for(self, rows: int, seq: int | None) -> Bucket:
+        batch = next(b for b in self.batch_sizes if b >= rows)
+        return Bucket(batch, None if seq is None else next(t for t in self.seq_buckets if t >= seq))
+
+    # -- plans -------------------------------------------------------------------------------------------------
+    def plan(self, bucket: Bucket):
+        """The optimized model of `bucket`, built on first use with `dioe.optimize` on inputs like the example's."""
+        opt = self._plans.get(bucket)
+        if opt is not None:
+            return opt
+        with self._lock:  # one build per bucket, however many threads ask
+            if bucket not in self._plans:
+                if self.model is None:
+                    raise DIOEError(f"{self.name}: bucket batch={bucket.batch}"
+                                    f"{'' if bucket.seq is None else f', seq={bucket.seq}'} needs a plan of its own, "
+                                    "and building one needs the model: pass model= to the batcher")
+                from ..pipeline import optimize
+
+                self._plans[bucket] = optimize(self.model, self.examples(bucket), **self.options)
+            return self._plans[bucket]
+
+    def build(self, buckets: Sequence[Bucket] | None = None) -> None:
+        """Build the plans of `buckets` now (default: every batch size at the longest sequence bucket)."""
+        seq = self.seq_buckets[-1] if self.seq_buckets else None
+        for b in buckets or [Bucket(n, seq) for n in self.batch_sizes]:
+            self.plan(b)
+
+    @property
+    def built(self) -> tuple[Bucket, ...]:
+        return tuple(sorted(self._plans, key=lambda b: (b.batch, b.seq or 0)))
+
+    def fallbacks(self) -> int:
+        """Run-time engine fallbacks over every bucket's plan so far."""
+        return sum(o.stats["fallback_calls"] for o in list(self._plans.values()))
+
+    def examples(self, bucket: Bucket) -> tuple[torch.Tensor, ...]:
+        """Inputs like the captured example's, at `bucket`'s batch and sequence length."""
+        out = []
+        for i, ex in enumerate(self.captured.example_inputs):
+            x = ex[:1].expand(bucket.batch, *ex.shape[1:])
+            if i in self.seq_inputs:
+                x = _pad_seq(x[:, :bucket.seq], bucket.seq)
+            out.append(x.contiguous())
+        return tuple(out)
+
+    # -- batches -----------------------------------------------------------------------------------------------
+    def run(self, requests: Sequence[Sequence[torch.Tensor]], shapes: Sequence[tuple] | None = None) -> list:
+        """Run requests (each a tuple of input tensors, checked by `check`) as one batch; returns each request's
+        outputs, structured like the model's, in order."""
+        shapes = list(shapes) if shapes is not None else [self.check(r) for r in requests]
+        rows = sum(r for r, _ in shapes)
+        seqs = [s for _, s in shapes if s is not None]
+        bucket = self.bucket_for(rows, max(seqs) if seqs else None)
+        if rows > bucket.batch:
+            raise DIOEError(f"{self.name}: a batch of {rows} rows exceeds max_batch_size ({self.max_batch_size})")
+        opt = self.plan(bucket)
+        flat = []
+        for i in range(len(self.specs)):
+            parts = [r[i] if i not in self.seq_inputs else _pad_seq(r[i], bucket.seq) for r in requests]
+            if rows < bucket.batch:  # the pad rows repeat a real one, so no engine sees values it never saw
+                parts.append(parts[-1][-1:].expand(bucket.batch - rows, *parts[-1].shape[1:]))
+            flat.append(torch.cat(parts) if len(parts) > 1 else parts[0])  # (bucket.batch, ...)
+        outs = opt.runtime.run(flat)
+        results, start = [], 0
+        for (k, seq), _ in zip(shapes, requests):
+            mine = [self._cut(o, bucket, start, k, seq) for o in outs]
+            results.append(self.captured.unflatten_outputs(mine))
+            start += k
+        return results
+
+    @staticmethod
+    def _cut(o: Any, bucket: Bucket, start: int, rows: int, seq: int | None) -> Any:
+        if not isinstance(o, torch.Tensor) or o.dim() == 0 or o.shape[0] != bucket.batch:
+            return o  # not batched: the same for every request
+        o = o[start:start + rows]
+        if seq is not None and seq != bucket.seq and o.dim() >= 3 and o.shape[1] == bucket.seq:
+            o = o[:, :seq]
+        return o.clone()  # each request owns its outputs, not a view keeping the whole batch alive
+
+
+def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dimension 1 of `x` to `length` (token id 0 is padding, and a mask of 0 hides it)."""
+    if x.shape[1] == length:
+        return x
+    pad = x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], dim=1)

@@ -1,0 +1,327 @@
+"""Serving: the dynamic batcher against eager per request, its queue, timeouts and failure isolation; the HTTP
+server (JSON and binary bodies, health, metrics, 4xx and 503); the load generator; Ray Serve replicas."""
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+import dioe
+from dioe.serve import Batcher, Metrics, QueueFull, RequestFailed, RequestTimeout
+
+from helpers import assert_matches_eager, eager
+
+OPTIONS = {"backends": ["torch"], "precision": "fp32"}
+
+
+def _optimize(name, tmp_path_factory, batch=1):
+    model, inputs = dioe.zoo.load(name, batch=batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(model, inputs, **OPTIONS, settings=dioe.Settings(cache_dir=tmp_path_factory.mktemp("c")))
+    return model, inputs, opt
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return _optimize("tiny-bert", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp(tmp_path_factory):
+    return _optimize("tiny-mlp", tmp_path_factory)
+
+
+class Recorder(Metrics):
+    def __init__(self):
+        self.batches, self.outcomes, self.retries, self.fallback_count = [], [], 0, 0
+
+    def batch(self, rows, bucket, seconds):
+        self.batches.append((rows, bucket))
+
+    def request(self, seconds, outcome):
+        self.outcomes.append(outcome)
+
+    def retry(self, requests):
+        self.retries += requests
+
+    def fallbacks(self, n):
+        self.fallback_count += n
+
+
+def _token_requests(n, vocab=1000, lengths=(32, 20, 9, 32, 15)):
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for i in range(n):
+        t = lengths[i % len(lengths)]
+        out.append((torch.randint(1, vocab, (1, t), generator=g), torch.ones(1, t, dtype=torch.long)))
+    return out
+
+
+def _concurrently(fn, items, threads=8):
+    results, errors = [None] * len(items), []
+
+    def work(k):
+        for i in range(k, len(items), threads):
+            try:
+                results[i] = fn(items[i])
+            except Exception as e:  # noqa: BLE001 -- collected and asserted on below
+                errors.append(e)
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not any(t.is_alive() for t in ts), "a caller hung"
+    return results, errors
+
+
+def test_batcher_matches_eager_per_request_under_concurrency(tiny_bert):
+    model, _, opt = tiny_bert
+    requests = _token_requests(16)
+    rec = Recorder()
+    with Batcher(opt, model=model, max_batch_size=4, max_queue_delay_ms=20, preferred_batch_sizes=(4,),
+                 optimize_options=OPTIONS, metrics=rec) as b:
+        outs, errors = _concurrently(lambda r: b(*r), requests)
+        assert not errors, errors
+        built = b.buckets.built
+    for r, out in zip(requests, outs):  # each request's own length, cut back from the padded bucket
+        assert_matches_eager(eager(model, r), out, rtol=1e-4, what=f"seq {r[0].shape[1]}")
+    assert max(rows for rows, _ in rec.batches) > 1, "concurrent callers were batched together"
+    assert sum(rows for rows, _ in rec.batches) == 16 and rec.outcomes.count("ok") == 16
+    assert all(bucket in (1, 2, 4) for _, bucket in rec.batches)
+    assert any(bk.batch == 4 and bk.seq == 32 for bk in built), "the preferred size was built ahead"
+
+
+def test_batcher_rejects_bad_requests_with_the_expected_shape(tiny_bert):
+    model, inputs, opt = tiny_bert
+    with Batcher(opt, model=model, max_batch_size=2, optimize_options=OPTIONS) as b:
+        with pytest.raises(dioe.InputSpecError, match=r"expected 2 input\(s\)"):
+            b(inputs[0])
+        with pytest.raises(dioe.InputSpecError, match=r"has shape \[1, 40\], expected \[batch, 1..32\]"):
+            b(torch.ones(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.long))
+        with pytest.raises(dioe.InputSpecError, match=r"dtype float32, expected int64"):
+            b(inputs[0].float(), inputs[1])
+        with pytest.raises(dioe.InputSpecError, match=r"3 row\(s\); expected 1 to max_batch_size \(2\)"):
+            b(inputs[0].expand(3, -1), inputs[1].expand(3, -1))
+        with pytest.raises(dioe.DIOEError, match=r"priority must be an integer from 1 \(highest\) to priorities=1"):
+            b(*inputs, priority=2)
+    with pytest.raises(dioe.DIOEError, match="preferred_batch_sizes must be integers from 1 to max_batch_size"):
+        Batcher(opt, model=model, max_batch_size=2, preferred_batch_sizes=(4,))
+
+
+def test_a_full_queue_rejects_at_once_and_close_answers_the_queued(tiny_mlp):
+    model, inputs, opt = tiny_mlp
+    x = [torch.randn(1, 64) for _ in range(3)]
+    # a long delay and a batch the queue never fills: the two queued requests wait until close
+    b = Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=60_000, queue_size=2, optimize_options=OPTIONS)
+    try:
+        f1, f2 = b.submit(x[0]), b.submit(x[1])
+        with pytest.raises(QueueFull, match=r"queue is full \(2 requests waiting\); retry after \d+ s") as e:
+            b.submit(x[2])
+        assert e.value.retry_after_s >= 1
+    finally:
+        b.close()
+    for xi, f in zip(x, (f1, f2)):
+        assert_matches_eager(eager(model, (xi,)), f.result(5), rtol=1e-4)
+    with pytest.raises(dioe.serve.BatcherClosed, match="closed"):
+        b(x[0])
+
+
+def test_a_request_not_answered_in_time_gets_a_clear_timeout(tiny_mlp):
+    model, _, opt = tiny_mlp
+    rec = Recorder()
+    with Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=60_000, timeout_ms=50,
+                 optimize_options=OPTIONS, metrics=rec) as b:
+        with pytest.raises(RequestTimeout, match=r"timeout_ms=50 \(timed out in the queue\)"):
+            b(torch.randn(1, 64))
+        fut = b.submit(torch.randn(1, 64), timeout_ms=30)   # the worker expires it, with no caller waiting
+        with pytest.raises(RequestTimeout, match=r"timeout_ms=30"):
+            fut.result(10)
+    assert "timeout" in rec.outcomes and not rec.batches
+
+
+def test_a_failing_batch_fails_only_its_bad_request(tiny_bert):
+    model, _, opt = tiny_bert
+    good = _token_requests(3)
+    bad = (torch.full((1, 8), 5000), torch.ones(1, 8, dtype=torch.long))   # token ids past the vocabulary (1000)
+    rec = Recorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the failing engine falls back, loudly, before the batch is re-run
+        with Batcher(opt, model=model, max_batch_size=4, max_queue_delay_ms=200, optimize_options=OPTIONS,
+                     metrics=rec) as b:
+            futures = [b.submit(*r) for r in good[:2]] + [b.submit(*bad)] + [b.submit(*good[2])]
+            with pytest.raises(RequestFailed, match="the model failed on this request: .*index"):
+                futures[2].result(60)
+            outs = [f.result(60) for i, f in enumerate(futures) if i != 2]
+    for r, out in zip(good, outs):
+        assert_matches_eager(eager(model, r), out, rtol=1e-4)
+    assert rec.retries == 4 and rec.outcomes.count("ok") == 3 and rec.outcomes.count("error") == 1
+
+
+def test_an_engine_failing_mid_run_loses_no_request(tiny_mlp):
+    model, _, opt = tiny_mlp
+    rec = Recorder()
+    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    # a long delay: every batch is a full 4, run by the plan whose engine fails on its third call
+    with Batcher(opt, model=model, max_batch_size=4, max_queue_delay_ms=10_000, preferred_batch_sizes=(4,),
+                 optimize_options=OPTIONS, metrics=rec) as b:
+        plan = b.buckets.plan(b.buckets.bucket_for(4, None))
+        pid = plan.plan.partitions[0].id
+        calls = []
+
+        def fails_on_the_third_call(*a, fn=plan.runtime.compiled[pid].fn):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("device lost")
+            return fn(*a)
+        plan.runtime.compiled[pid].fn = fails_on_the_third_call
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs = [f.result(60) for f in [b.submit(x) for x in xs]]
+    for x, out in zip(xs, outs):
+        assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+    assert len(calls) == 3 and [rows for rows, _ in rec.batches] == [4] * 6, "later batches ran on the fallback"
+    assert rec.fallback_count == 1 and "device lost" in plan.stats["fallbacks"][pid]
+
+
+# -- HTTP ----------------------------------------------------------------------------------------------------------
+def _server(batcher, **kw):
+    from dioe.serve.http import make_app, start
+
+    return start(make_app(batcher, batcher.metrics, **kw))
+
+
+def test_http_infers_json_and_binary_and_exports_metrics(tiny_bert):
+    import httpx
+
+    from dioe.serve.codec import decode_outputs_binary, encode_inputs_binary, encode_inputs_json
+    from dioe.serve.metrics import PrometheusMetrics
+
+    model, _, opt = tiny_bert
+    names = opt.captured.input_names
+    ids, mask = _token_requests(2)[1]
+    want = eager(model, (ids, mask))
+    b = Batcher(opt, model=model, max_batch_size=2, optimize_options=OPTIONS,
+                metrics=PrometheusMetrics(opt.captured.name))
+    with b, _server(b, max_body_bytes=64 << 10) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert url.startswith("http://127.0.0.1:")
+        assert c.get("/health").json()["status"] == "ok"
+        infer = f"/v1/models/{b.name}/infer"
+        r = c.post(infer, content=encode_inputs_json(names, (ids, mask)), headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        got = {o["name"]: torch.tensor(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
+        assert_matches_eager(want.last_hidden_state, got["last_hidden_state"], rtol=1e-4)
+        r = c.post(infer, content=encode_inputs_binary(names, (ids, mask)),
+                   headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        got = decode_outputs_binary(r.content)
+        assert_matches_eager(want.pooler_output, got["pooler_output"], rtol=1e-4)
+        metrics = c.get("/metrics").text
+        for line in ("dioe_queue_depth{model=", "dioe_batch_size_bucket{", "dioe_request_latency_seconds_bucket{",
+                     'dioe_requests_total{model="BertModel",outcome="ok"} 2.0', "dioe_fallbacks_total{"):
+            assert line in metrics, f"{line} missing from /metrics"
+
+        def status(body, ctype="application/json"):
+            r = c.post(infer, content=body, headers={"content-type": ctype})
+            return r.status_code, r.json()["error"]
+        code, msg = status(b"{not json")
+        assert code == 400 and "not valid JSON" in msg, msg
+        code, msg = status(encode_inputs_json(names, (ids[:, :3].expand(1, 3).repeat(1, 20), mask.repeat(1, 5))))
+        assert code == 400 and "expected [batch, 1..32]" in msg, msg
+        code, msg = status(encode_inputs_json(names[:1], (ids,)))
+        assert code == 400 and "the model's inputs are ['input_ids', 'attention_mask']" in msg, msg
+        code, msg = status(b'{"inputs": [{"name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [1]}]}')
+        assert code == 400 and '"data" must hold 4 numbers' in msg, msg
+        code, msg = status(b"garbage", "application/octet-stream")
+        assert code == 400 and "not a safetensors file" in msg, msg
+        code, msg = status(b"[" + b"0," * (40 << 10) + b"0]")
+        assert code == 413 and "at most 65536" in msg, msg
+        assert c.post("/v1/models/other/infer", content=b"{}").status_code == 404
+
+
+def test_http_full_queue_answers_503_with_retry_after(tiny_mlp):
+    import httpx
+
+    from dioe.serve.codec import encode_inputs_json
+
+    model, _, opt = tiny_mlp
+    body = encode_inputs_json(opt.captured.input_names, (torch.randn(1, 64),))
+    b = Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=60_000, queue_size=1, optimize_options=OPTIONS)
+    first = {}
+    with _server(b) as url, httpx.Client(base_url=url, timeout=60) as c:
+        waiting = threading.Thread(target=lambda: first.update(r=c.post(f"/v1/models/{b.name}/infer", content=body)))
+        waiting.start()
+        for _ in range(500):  # bounded: until the first request sits in the queue
+            if b.queue_depth:
+                break
+            threading.Event().wait(0.01)
+        r = c.post(f"/v1/models/{b.name}/infer", content=body)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]
+        b.close()   # answers the queued request
+        waiting.join(60)
+        assert first["r"].status_code == 200 and first["r"].json()["outputs"][0]["shape"] == [1, 8]
+        assert c.get("/health").status_code == 503
+
+
+# -- the load generator and the commands ----------------------------------------------------------------------------
+def test_loadtest_serves_a_plan_and_reports_percentiles_and_a_png(tiny_mlp, tmp_path):
+    import subprocess
+
+    from helpers import dioe_command
+
+    _, _, opt = tiny_mlp
+    plan = opt.save(tmp_path / "mlp.plan.json")
+    png = tmp_path / "latency.png"
+    r = subprocess.run(dioe_command() + ["loadtest", str(plan), "--model-spec", "tiny-mlp", "--duration", "3",
+                                         "--concurrency", "4", "--max-requests", "200", "--max-batch-size", "1",
+                                         "--png", str(png)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "req/s; latency p50" in r.stdout and "p99" in r.stdout and "0 error(s)" in r.stdout, r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loadgen_counts_errors_and_refuses_remote_hosts():
+    from dioe.serve.loadgen import check_loopback, closed_loop
+
+    def flaky(x):
+        if x % 2:
+            raise ValueError("odd payload")
+        return x
+    r = closed_loop(flaky, [0, 1], concurrency=1, duration_s=5, max_requests=20)
+    assert len(r.samples) + sum(r.errors.values()) == 20 and r.errors["ValueError: odd payload"] == 10
+    with pytest.raises(dioe.DIOEError, match="servers on this machine only"):
+        check_loopback("http://example.com:8000")
+
+
+# -- Ray Serve -----------------------------------------------------------------------------------------------------
+def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dioe[serve-ray]')")
+    from ray import serve
+
+    from dioe.serve.http import bind
+    from dioe.serve.ray import deployment
+
+    model, _, opt = tiny_mlp
+    plan = opt.save(tmp_path / "mlp.plan.json")
+    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    with bind() as s:   # a free loopback port for Serve's HTTP proxy, which this test does not use
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        handle = serve.run(deployment(plan, model_spec="tiny-mlp", num_replicas=2, threads=1, max_batch_size=4,
+                                      max_queue_delay_ms=20, optimize_options=OPTIONS), name="dioe-test",
+                           route_prefix=None)
+        outs = [r.result(timeout_s=120) for r in [handle.infer.remote(x) for x in xs]]
+        for x, out in zip(xs, outs):
+            assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+        with pytest.raises(Exception, match=r"input 'x' has shape \[1, 3\], expected \[batch, 64\]"):
+            handle.infer.remote(torch.randn(1, 3)).result(timeout_s=120)
+        status = serve.status().applications["dioe-test"].deployments["dioe"]
+        assert status.replica_states.get("RUNNING") == 2
+    finally:
+        serve.shutdown()
+        ray.shutdown()
