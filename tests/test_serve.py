@@ -164,26 +164,28 @@ def test_an_engine_failing_mid_run_loses_no_request(tiny_mlp):
     model, _, opt = tiny_mlp
     rec = Recorder()
     xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(24)]
-    # a long delay: every batch is a full 4, run by the plan whose engine fails on its third call
+    # a long delay: every batch is a full 4, run by the plan whose engine fails from its third call on (a device
+    # lost for good): the runtime retries, then answers each later batch on its torch fallback
     with Batcher(opt, model=model, max_batch_size=4, max_queue_delay_ms=10_000, preferred_batch_sizes=(4,),
                  optimize_options=OPTIONS, metrics=rec) as b:
         plan = b.buckets.plan(b.buckets.bucket_for(4, None))
         pid = plan.plan.partitions[0].id
         calls = []
 
-        def fails_on_the_third_call(*a, fn=plan.runtime.compiled[pid].fn):
+        def fails_from_the_third_call(*a, fn=plan.runtime.compiled[pid].fn):
             calls.append(1)
-            if len(calls) == 3:
+            if len(calls) >= 3:
                 raise RuntimeError("device lost")
             return fn(*a)
-        plan.runtime.compiled[pid].fn = fails_on_the_third_call
+        plan.runtime.compiled[pid].fn = fails_from_the_third_call
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outs = [f.result(60) for f in [b.submit(x) for x in xs]]
     for x, out in zip(xs, outs):
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
-    assert len(calls) == 3 and [rows for rows, _ in rec.batches] == [4] * 6, "later batches ran on the fallback"
-    assert rec.fallback_count == 1 and "device lost" in plan.stats["fallbacks"][pid]
+    assert [rows for rows, _ in rec.batches] == [4] * 6, "every batch answered whole"
+    assert rec.fallback_count == plan.stats["fallback_calls"] >= 4, (rec.fallback_count, plan.stats)
+    assert "device lost" in plan.stats["fallbacks"][pid]
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------------------
