@@ -12,7 +12,25 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class PrometheusMetrics(Metrics):
+class Instruments(Metrics):
+    """What every exporter does alike: its instruments (`_queue`, `_batch`, `_batch_s`, `_retries`, `_fallbacks`),
+    set up by the subclass under the same names, fed from the batcher's events."""
+
+    def queue_depth(self, n: int) -> None:
+        self._queue.set(n)
+
+    def batch(self, rows: int, bucket: int, seconds: float) -> None:
+        self._batch.observe(rows)
+        self._batch_s.observe(seconds)
+
+    def retry(self, requests: int) -> None:
+        self._retries.inc(requests)
+
+    def fallbacks(self, n: int) -> None:
+        self._fallbacks.inc(n)
+
+
+class PrometheusMetrics(Instruments):
     """Batcher metrics kept in a `prometheus_client` registry of their own, labelled with the model's name."""
 
     def __init__(self, model: str):
@@ -35,23 +53,10 @@ class PrometheusMetrics(Metrics):
                                      "over)", **kw).labels(model)
         self.model = model
 
-    def queue_depth(self, n: int) -> None:
-        self._queue.set(n)
-
-    def batch(self, rows: int, bucket: int, seconds: float) -> None:
-        self._batch.observe(rows)
-        self._batch_s.observe(seconds)
-
     def request(self, seconds: float, outcome: str) -> None:
         self._requests.labels(self.model, outcome).inc()
         if outcome == "ok":
             self._request_s.observe(seconds)
-
-    def retry(self, requests: int) -> None:
-        self._retries.inc(requests)
-
-    def fallbacks(self, n: int) -> None:
-        self._fallbacks.inc(n)
 
     def exposition(self) -> tuple[bytes, str]:
         """The registry in Prometheus' text format, and its content type."""

@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 from . import require
 from .batcher import Metrics
-from .metrics import BATCH_SIZES, LATENCY_S
+from .metrics import BATCH_SIZES, LATENCY_S, Instruments
 from ..errors import DIOEError, InputSpecError
 
 
-class RayMetrics(Metrics):
+class RayMetrics(Instruments):
     """The batcher's metrics under the same names, through `ray.util.metrics` (Ray's exporter serves them)."""
 
     def __init__(self, model: str):
@@ -44,21 +44,8 @@ class RayMetrics(Metrics):
             m.set_default_tags(tags)
         self.model = model
 
-    def queue_depth(self, n: int) -> None:
-        self._queue.set(n)
-
-    def batch(self, rows: int, bucket: int, seconds: float) -> None:
-        self._batch.observe(rows)
-        self._batch_s.observe(seconds)
-
     def request(self, seconds: float, outcome: str) -> None:
         self._requests.inc(1, tags={"model": self.model, "outcome": outcome})
-
-    def retry(self, requests: int) -> None:
-        self._retries.inc(requests)
-
-    def fallbacks(self, n: int) -> None:
-        self._fallbacks.inc(n)
 
 
 def load_for_replica(plan_path: str, model_spec: str | None, *, small: bool, cache_dir: str | None,
