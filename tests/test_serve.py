@@ -299,7 +299,7 @@ def test_loadgen_counts_errors_and_refuses_remote_hosts():
 
 
 # -- Ray Serve -----------------------------------------------------------------------------------------------------
-def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path):
+def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dioe[serve-ray]')")
     from ray import serve
 
@@ -311,6 +311,9 @@ def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path)
     xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)]
     with bind() as s:   # a free loopback port for Serve's HTTP proxy, which this test does not use
         port = s.getsockname()[1]
+    # Ray puts the driver's working directory on its workers' sys.path: from a source checkout, its dioe/ (which has
+    # no dioe.backends; setup.py maps that from backends/) would shadow the installed package in the replicas
+    monkeypatch.chdir(tmp_path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
