@@ -129,6 +129,35 @@ def test_a_full_queue_rejects_at_once_and_close_answers_the_queued(tiny_mlp):
         b(x[0])
 
 
+def test_queued_requests_are_batched_highest_priority_first_then_in_arrival_order(tiny_mlp):
+    model, _, opt = tiny_mlp
+    # each request carries its number in every element, so a batch's rows say which requests formed it
+    xs = [torch.full((1, 64), float(i)) for i in range(7)]
+    running, release, formed = threading.Event(), threading.Event(), []
+    # no queue delay: the worker takes what is queued at once, so each batch after the held one is formed from the
+    # six requests all queued while it was held
+    with Batcher(opt, model=model, max_batch_size=2, max_queue_delay_ms=0, priorities=3,
+                 optimize_options=OPTIONS) as b:
+        run = b.buckets.run
+
+        def held_first(requests, shapes=None):   # the real run, once the first batch is let go
+            formed.append([int(r[0][0, 0]) for r in requests])
+            running.set()
+            assert release.wait(60), "the test never let the first batch go"
+            return run(requests, shapes)
+        b.buckets.run = held_first
+        first = b.submit(xs[0])
+        assert running.wait(60), "the worker never took the first request"
+        # while the worker is held, six requests queue: priorities 3, 1, 2, 1, 3, 2 in arrival order
+        queued = [b.submit(x, priority=p) for x, p in zip(xs[1:], (3, 1, 2, 1, 3, 2))]
+        assert b.queue_depth == 6
+        release.set()
+        outs = [f.result(60) for f in [first, *queued]]
+    assert formed == [[0], [2, 4], [3, 6], [1, 5]], "priority 1 first, then 2, then 3; each in arrival order"
+    for x, out in zip(xs, outs):
+        assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+
+
 def test_a_request_not_answered_in_time_gets_a_clear_timeout(tiny_mlp):
     model, _, opt = tiny_mlp
     rec = Recorder()
