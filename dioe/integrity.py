@@ -2,10 +2,10 @@
 
 An artifact (an ONNX model and its weights, an OpenVINO IR pair, a blob OpenVINO compiled into its own cache
 folder) is sealed once its files are in place: a manifest beside it, written last, holds each file's size and
-sha256. Reuse checks the seal; a file that differs,
-is missing, or has no seal (a crash between the files and the seal, a disk error, an edit) is deleted with a
-warning and built again, so that a damaged file never runs in place of the model. Profiles and verdicts carry a
-sha256 of their own content and are measured or decided again when it does not match.
+sha256. Reuse checks the seal; a file that differs, is missing, or has no seal (a crash between the files and the
+seal, a disk error, an edit) is deleted with a warning and built again, so that a damaged file never runs in place
+of the model. Profiles and verdicts carry a sha256 of their own content and are measured or decided again when it
+does not match.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
