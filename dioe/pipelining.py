@@ -84,8 +84,7 @@ class Pipeline:
         self._inbox: dict[str, queue.SimpleQueue] = {m: queue.SimpleQueue() for m in members}
         self._threads = [threading.Thread(target=self._work, args=(m,), name=f"dioe-stage-{m}", daemon=True)
                          for m in members]
-        for t in self._threads:
-            t.start()
+        self._started = False   # the workers start with the first batch: a pipeline never fed costs no thread
 
     @property
     def pipelined(self) -> bool:
@@ -102,6 +101,10 @@ class Pipeline:
         with self._lock:
             if self._closed:
                 raise PipelineClosed("the pipeline is closed and takes no more batches")
+            if not self._started:
+                for t in self._threads:
+                    t.start()
+                self._started = True
             fut: Future = Future()
             fut.set_running_or_notify_cancel()
             self._in_flight.add(fut)
@@ -142,7 +145,8 @@ class Pipeline:
         for q in self._inbox.values():
             q.put(_STOP)
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     # -- the member workers ------------------------------------------------------------------------------------
     def _work(self, member: str) -> None:

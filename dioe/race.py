@@ -25,7 +25,7 @@ from .backend import cache_root
 from .files import write_text
 from .optimized import Optimized
 from .plan import Choice, Plan
-from .planner import Job, inherited_notes, make_plan, unless_split_pays, whole_graph_plan
+from .planner import Job, assign_for, inherited_notes, make_plan, unless_split_pays, whole_graph_plan
 from .profile import Profile
 from .text import round_ms, show_ms
 
@@ -71,7 +71,7 @@ def measure_plan(opt: Optimized, job: Job, *, replan: bool = True) -> Optimized:
     # The prediction missed: let what the merged partitions measured replace the sums of their segments, in a
     # copy, so that the race below still ranks every option by what its segments measured.
     scaled = _scaled(job.profile, plan)
-    assignment = partition.assign(job.segments, job.edges, scaled, job.pool)
+    assignment = assign_for(job, scaled)
     new_plan = make_plan(job, assignment, profile=scaled, replanned=True,
                          notes=(f"first plan predicted {show_ms(plan.predicted_ms)} ms, measured {show_ms(total_ms)} "
                                 "ms; re-planned with partition-level measurements",))
@@ -217,7 +217,12 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     predicted = {PLAN: opt.plan.predicted_ms, **{k: picks[options[k]] for k in rivals}}
     if eager_as:
         predicted[EAGER] = dict(ranked)[eager_as]
+    if job.objective == "throughput":
+        runs = streamed(runs, opt)
+        predicted[PLAN] = opt.plan.bottleneck_ms or opt.plan.predicted_ms
     rounds, again = _rounds(runs, predicted, opt.captured.example_inputs, s, warm=job.verify)
+    if job.objective == "throughput":
+        rounds = {k: [ms / STREAM for ms in v] for k, v in rounds.items()}
     for k, r in rivals.items():
         if r.runtime.stats["fallbacks"]:
             rounds.pop(k)  # it failed while racing: its times are torch's, not its own
@@ -231,6 +236,8 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
         if runner is not None and fast[runner] <= fast[PLAN] * (1 + s.split_margin):
             best, kept = runner, True
     report = _report(fast, med, own, eager_as, s, again)
+    if job.objective == "throughput":
+        report += f"; ms per batch of a stream of {STREAM}, the plan's stages pipelined across its members"
     record = RaceRecord({k: tuple(v) for k, v in rounds.items()}, dict(fast), dict(med), best, tuple(again), kept,
                         tuple(absent))   # copies: the winner's own entry is added to `med` below
     if best == PLAN:
@@ -281,9 +288,12 @@ def _reuse(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     # verification skips a partition on torch at the reference, and a plan of one such partition has not run
     ran = job.verify and (len(opt.program.steps) > 1 or any(
         (c.backend, c.member) != ("torch", job.pool.reference.id) for c in opt.runtime.compiled.values()))
-    rounds = timing.side_by_side({PLAN: opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)},
+    runs = {PLAN: opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)}
+    stream = STREAM if job.objective == "throughput" else 1
+    rounds = timing.side_by_side(streamed(runs, opt) if stream > 1 else runs,
                                  opt.captured.example_inputs, rounds=s.race_rounds, repeats=s.race_repeats,
                                  budget_s=s.timing_budget_s / s.race_rounds, warm=ran)
+    rounds = {k: [ms / stream for ms in v] for k, v in rounds.items()}
     med = {k: statistics.median(v) for k, v in rounds.items()}
     note = (f"race verdict reused from {verdict.path.name} ({verdict.report}); timed again side by side: "
             f"plan {show_ms(med[PLAN])} ms, torch eager {show_ms(med[EAGER])} ms")
@@ -296,6 +306,21 @@ def _reuse(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     opt.race = RaceRecord({k: tuple(v) for k, v in rounds.items()}, {k: timing.fast_half(v) for k, v in rounds.items()},
                           med, PLAN, reused=verdict.path.name)
     return opt
+
+
+# Batches per timed run when the objective is throughput: enough for a pipeline of a few stages to fill and
+# drain a small share of the time. Times are then per batch of the stream.
+STREAM = 8
+
+
+def streamed(runs: Mapping[str, Callable], opt: Optimized) -> dict[str, Callable]:
+    """Each contender as a stream of STREAM batches: the plan through its pipeline when it has stages on several
+    members (`pipelining`), every other contender one call after another, as a model without stages serves."""
+    pipe = opt.runtime.pipeline()
+    out = {k: (lambda xs, f=f: [f(xs) for _ in range(STREAM)]) for k, f in runs.items()}
+    if pipe.pipelined:
+        out[PLAN] = lambda xs: list(pipe.map([xs] * STREAM))
+    return out
 
 
 def _rival_picks(ranked, own: Choice | None, ref: Choice, measured_ms: float | None, s) -> dict[Choice, float]:

@@ -146,3 +146,83 @@ def test_one_member_plan_runs_submit_and_map_in_order(standin_pool):
         assert_matches_eager(eager(model, (x,)), opt.submit(x).result(), rtol=1e-5)
     finally:
         opt.runtime.close()
+
+
+# -- the throughput cost model, on scripted profiles: nothing runs ---------------------------------------------------
+def _scripted(standin_pool, times, nbytes=0, gbps=float("inf")):
+    """Segments s0..sN-1 in a chain, each timed on torch at cpu and cpu-b as `times` gives, and a link."""
+    from dioe.cost import Cost
+    from dioe.partition import INPUT, OUTPUT, Edges
+    from dioe.plan import Choice
+    from dioe.profile import LinkCost, Profile
+    from dioe.segment import Segment
+    from dioe.timing import Timing
+
+    ids = [f"s{i}" for i in range(len(times))]
+    segs = [Segment(s, (s,), s, Cost(), 0, 0) for s in ids]
+    prof = Profile("g", "f")
+    a, b = Choice("cpu", "torch"), Choice("cpu-b", "torch")
+    prof.times = {s: {a: Timing(ta, ta, ta, 5), b: Timing(tb, tb, tb, 5)} for s, (ta, tb) in zip(ids, times)}
+    link = LinkCost(0.0, gbps)
+    prof.links = {"cpu->cpu-b": link, "cpu-b->cpu": link, "cpu->npu": link, "npu->cpu": link,
+                  "cpu-b->npu": link, "npu->cpu-b": link}
+    pairs = [(INPUT, ids[0]), *zip(ids, ids[1:]), (ids[-1], OUTPUT)]
+    return segs, Edges({p: nbytes for p in pairs}), prof, a, b
+
+
+def test_throughput_planner_balances_two_members(standin_pool):
+    """Eight equal segments on two equal members: latency keeps one member (a split only adds copies); throughput
+    cuts them four and four, halving the bottleneck."""
+    from dioe.bottleneck import bottleneck_ms, stage_loads
+    from dioe.partition import assign
+
+    segs, edges, prof, a, b = _scripted(standin_pool, [(1.0, 1.0)] * 8)
+    lat = assign(segs, edges, prof, standin_pool)
+    assert len({o.member for o in lat.options.values()}) == 1
+    thr = assign(segs, edges, prof, standin_pool, objective="throughput")
+    assert thr.method == "pipeline dp"
+    members = [thr.options[s.id].member for s in segs]
+    assert members[:4] == [members[0]] * 4 and members[4:] == [members[4]] * 4 and members[0] != members[4]
+    options = {s: {o: t.median_ms for o, t in prof.times[s].items()} for s in prof.times}
+    loads = stage_loads(segs, edges, thr.options, options, prof, "cpu")
+    whole = stage_loads(segs, edges, lat.options, options, prof, "cpu")
+    assert [len(ld.segments) for ld in loads] == [4, 4]
+    assert bottleneck_ms(loads) == pytest.approx(bottleneck_ms(whole) / 2, rel=0.02)
+
+
+def test_throughput_planner_follows_the_members_speeds(standin_pool):
+    """cpu-b twice as slow: the balanced cut gives it a third of the work, not half."""
+    from dioe.partition import assign
+
+    segs, edges, prof, a, b = _scripted(standin_pool, [(1.0, 2.0)] * 9)
+    thr = assign(segs, edges, prof, standin_pool, objective="throughput")
+    got = [thr.options[s.id] for s in segs]
+    assert got in ([a] * 6 + [b] * 3, [b] * 3 + [a] * 6), got
+
+
+def test_throughput_planner_counts_copies(standin_pool):
+    """A slow link: each copy costs more than a stage saves, so one member runs everything."""
+    from dioe.partition import assign
+
+    segs, edges, prof, a, b = _scripted(standin_pool, [(1.0, 1.0)] * 4, nbytes=1 << 20, gbps=0.1)
+    thr = assign(segs, edges, prof, standin_pool, objective="throughput")
+    assert len({o.member for o in thr.options.values()}) == 1
+
+
+def test_plan_records_stages_and_old_plans_load():
+    from dioe.plan import Plan, PlanPartition, PlanStage
+
+    parts = tuple(PlanPartition(p, (p,), (f"n{p}",), m, "torch", "fp32", 1, 0.0, 1.0)
+                  for p, m in (("p0", "cpu"), ("p1", "cpu"), ("p2", "cpu-b")))
+    plan = Plan("m", "h", "f", "throughput", parts, 3.0,
+                stages=(PlanStage("cpu", ("p0", "p1"), 2.0), PlanStage("cpu-b", ("p2",), 1.5)))
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert plan.bottleneck_ms == 2.0
+    assert "pipeline stages: cpu [p0, p1] 2" in plan.summary() and "a batch every 2" in plan.summary()
+    old = plan.to_dict()
+    del old["stages"]
+    assert Plan.from_dict(old).stages == ()
+    bad = plan.to_dict()
+    bad["stages"][1]["partitions"] = ["p9"]
+    with pytest.raises(dioe.PlanError, match=r"stages\[1\]\.partitions\[0\]: 'p9' is not a partition"):
+        Plan.from_dict(bad)
