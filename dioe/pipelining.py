@@ -57,6 +57,8 @@ class _Batch:
     future: Future
     trace: Trace | None
     call: int
+    model: str          # the call slice's name in a trace
+    start: float        # when it took its place in the pipeline
 
 
 _STOP = object()
@@ -92,9 +94,10 @@ class Pipeline:
         return len(self.stages) > 1
 
     # -- callers ---------------------------------------------------------------------------------------------
-    def submit(self, flat_inputs: Sequence, *, trace: Trace | None = None, call: int = 0) -> Future:
+    def submit(self, flat_inputs: Sequence, *, trace: Trace | None = None, call: int = 0,
+               model: str = "model") -> Future:
         """Queue one batch (the program's flat inputs); a Future of its flat outputs. Blocks while `depth`
-        batches are in flight."""
+        batches are in flight. `trace`: record the batch as call `call` of `model`, its partitions with it."""
         while not self._slots.acquire(timeout=0.1):
             if self._closed:
                 break
@@ -110,7 +113,7 @@ class Pipeline:
             self._in_flight.add(fut)
         fut.add_done_callback(self._done)
         env = dict(zip(self.runtime.program.graph_inputs, flat_inputs))
-        self._inbox[self.stages[0].member].put((0, _Batch(env, fut, trace, call)))
+        self._inbox[self.stages[0].member].put((0, _Batch(env, fut, trace, call, model, time.perf_counter())))
         return fut
 
     def _done(self, fut: Future) -> None:
@@ -118,11 +121,10 @@ class Pipeline:
             self._in_flight.discard(fut)
         self._slots.release()
 
-    def map(self, batches: Iterable[Sequence], *, depth: int | None = None,
-            submit: Callable[[Sequence], Future] | None = None) -> Iterator:
+    def map(self, batches: Iterable[Sequence], *, depth: int | None = None) -> Iterator:
         """Each batch's flat outputs, in order, with up to `depth` batches in flight (the pipeline's by default).
         A batch that failed raises its error when its turn comes; the batches after it have run all the same."""
-        return window(batches, submit or self.submit, depth or self.depth)
+        return window(batches, self.submit, depth or self.depth)
 
     def close(self, *, timeout_s: float = 30.0) -> None:
         """Take no more batches, let those in flight finish (for at most `timeout_s`), fail any left, and stop
@@ -168,11 +170,20 @@ class Pipeline:
                     continue
                 outs = rt.outputs(b.env)
             except BaseException as e:  # noqa: BLE001 -- the batch's own error, for its own caller
+                self._record(b)
                 if not b.future.done():
                     b.future.set_exception(e)
                 continue
+            self._record(b)
             if not b.future.done():
                 b.future.set_result(outs)
+
+    def _record(self, b: _Batch) -> None:
+        """The batch's call slice, before its Future frees its place: the next batch's slice on the same slot
+        starts after this one ends. Overlapping batches take lanes by slot, so that each lane's slices nest."""
+        if b.trace is not None:
+            b.trace.add("call", call=b.call, model=b.model, start=b.start, end=time.perf_counter(), pipelined=True,
+                        slot=b.call % self.depth)
 
 
 def window(items: Iterable, submit: Callable[[object], Future], depth: int) -> Iterator:
@@ -206,17 +217,14 @@ def submit_call(opt, args: tuple, kwargs: dict) -> Future:
         return fut
     flat = opt.captured.flatten_inputs(args, kwargs)
     tr = _trace.active()
-    call, t0 = 0, time.perf_counter()
-    if tr is not None:
+    call = 0
+    if tr is not None:  # each batch is one call: its partitions carry its call index and their stage
         tr.attach(opt.runtime.pool, opt.plan)
         call = tr.next_call()
-    inner = pipe.submit(flat, trace=tr, call=call)
+    inner = pipe.submit(flat, trace=tr, call=call, model=opt.plan.model)
     out: Future = Future()
 
     def finish(f: Future) -> None:
-        if tr is not None:  # each batch's call slice; its partitions carry the same call index and their stage
-            tr.add("call", call=call, model=opt.plan.model, start=t0, end=time.perf_counter(), pipelined=True,
-                   slot=call % pipe.depth)
         if f.exception() is not None:
             out.set_exception(f.exception())
         else:

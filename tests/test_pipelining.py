@@ -85,6 +85,13 @@ def test_map_overlaps_batches_across_members(chain_on_two):
     assert any(p0[k + 1]["start"] < p1[k]["end"] for k in range(7))
     calls = [r for r in tr.records if r["kind"] == "call"]
     assert len(calls) == 8 and all(r["pipelined"] for r in calls)
+    data = tr.to_chrome()   # overlapping batches' call slices each on a lane of their own slot
+    lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "thread_name"}
+    slices = [e for e in data["traceEvents"] if e.get("cat") == "call"]
+    assert len(slices) == 8 and all(lanes[e["pid"], e["tid"]].startswith("pipelined batches, slot") for e in slices)
+    for lane in {e["tid"] for e in slices}:
+        mine = sorted((e["ts"], e["ts"] + e["dur"]) for e in slices if e["tid"] == lane)
+        assert all(a[1] <= b[0] + 0.01 for a, b in zip(mine, mine[1:])), "slices on one lane never overlap"
 
 
 def test_a_failing_batch_fails_alone(chain_on_two):
@@ -226,3 +233,42 @@ def test_plan_records_stages_and_old_plans_load():
     bad["stages"][1]["partitions"] = ["p9"]
     with pytest.raises(dioe.PlanError, match=r"stages\[1\]\.partitions\[0\]: 'p9' is not a partition"):
         Plan.from_dict(bad)
+
+
+def test_the_batcher_pipelines_batches_of_a_staged_plan(chain_on_two):
+    """Served through the batcher, a plan on two members runs its batches in the members' stage threads, each
+    request gets its own rows back, and a failing batch fails only its requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dioe.serve import Batcher
+
+    model, x, opt = chain_on_two
+    engines = {pid: opt.runtime.compiled[pid] for pid in ("p0", "p1")}
+    originals = {pid: c.fn for pid, c in engines.items()}
+    threads = set()
+
+    def where(pid):
+        def run(*a):
+            threads.add((pid, threading.current_thread().name))
+            if float(a[0].abs().max()) > 1e5:
+                raise dioe.DIOEError("poisoned request")
+            return originals[pid](*a)
+        return run
+    rows = [x[i % 4:i % 4 + 1] + i for i in range(16)]
+    try:
+        for pid, c in engines.items():
+            c.fn = where(pid)
+        with Batcher(opt, max_batch_size=4, preferred_batch_sizes=(4,), max_queue_delay_ms=5) as b:
+            with ThreadPoolExecutor(8) as pool:
+                outs = list(pool.map(lambda r: b(r), rows))
+            poisoned = b.submit(x[:1] + 1e6)
+            fine = b.submit(x[:1])
+            with pytest.raises(dioe.DIOEError, match="poisoned request"):
+                poisoned.result(timeout=60)
+            assert_matches_eager(eager(model, (x[:1],)), fine.result(timeout=60), rtol=1e-4)
+    finally:
+        for pid, c in engines.items():
+            c.fn = originals[pid]
+    for r, out in zip(rows, outs):
+        assert_matches_eager(eager(model, (r,)), out, rtol=1e-4)
+    assert threads == {("p0", "dioe-stage-cpu"), ("p1", "dioe-stage-cpu-b")}, threads
