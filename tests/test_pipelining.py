@@ -25,7 +25,7 @@ def chain(width=64, layers=6):
 def two_stage(model, x, standin_pool, *, second=("cpu-b", "onnxruntime")):
     """`model` (a Sequential) under a plan of two partitions: its first half on cpu (torch), the rest on `second`."""
     from dioe.build import build
-    from dioe.plan import Plan, PlanPartition
+    from dioe.plan import Plan, PlanPartition, PlanStage
 
     g = dioe.capture(model, (x,), name="chain")
     half = len(model) // 2
@@ -34,7 +34,9 @@ def two_stage(model, x, standin_pool, *, second=("cpu-b", "onnxruntime")):
     for pid, (member, backend) in (("p0", ("cpu", "torch")), ("p1", second)):
         nodes = tuple(n for n, p in where.items() if p == pid)
         parts.append(PlanPartition(pid, (pid,), nodes, member, backend, "fp32", len(nodes), 0.0, 1.0))
-    plan = Plan("chain", g.structure_hash(), "", "throughput", tuple(parts), 1.0)
+    stages = tuple(PlanStage(m, (p.id,), 1.0) for m, p in zip(("cpu", second[0]), parts))
+    plan = Plan("chain", g.structure_hash(), "", "throughput", tuple(parts), 1.0,
+                stages=stages if second[0] != "cpu" else (PlanStage("cpu", ("p0", "p1"), 2.0),))
     return build(g, plan, standin_pool, objective="throughput")
 
 
@@ -67,11 +69,17 @@ def test_map_and_submit_equal_sequential_calls_in_order(chain_on_two):
         assert_matches_eager(eager(model, b), f.result(timeout=60), rtol=1e-4)
 
 
-def test_map_overlaps_batches_across_members(chain_on_two):
-    """While one batch runs on cpu-b, the next has already entered cpu: the stages' runs overlap in time."""
+def test_map_overlaps_batches_across_members(chain_on_two, tmp_path):
+    """While one batch runs on cpu-b, the next has already entered cpu: the stages' runs overlap in time. The trace
+    shows each batch's partitions with its index and stage, and the report shows the plan's stages."""
+    from dioe.tracereport import render_report
+    from dioe.traceview import load_trace
+
     _, x, opt = chain_on_two
-    with dioe.trace() as tr:
+    with dioe.trace(tmp_path / "t.json") as tr:
         list(opt.map([(x,)] * 8, depth=4))
+    page = render_report(load_trace(tmp_path / "t.json"), title="t")
+    assert "Pipeline stages" in page and "predicted ms per batch" in page
     parts = [r for r in tr.records if r["kind"] == "partition"]
     assert sorted({r["call"] for r in parts}) == list(range(8)), "each batch's partitions carry its index"
     assert {(r["partition"], r["stage"]) for r in parts} == {("p0", 0), ("p1", 1)}
