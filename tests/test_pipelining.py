@@ -4,6 +4,7 @@ synthetic profile."""
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import dioe
 from dioe.pipelining import PipelineClosed, group_stages
 
 from helpers import assert_matches_eager, eager
+
+POOLS = Path(__file__).parent / "pools"
 
 
 def chain(width=64, layers=6):
@@ -280,3 +283,31 @@ def test_the_batcher_pipelines_batches_of_a_staged_plan(chain_on_two):
     for r, out in zip(rows, outs):
         assert_matches_eager(eager(model, (r,)), out, rtol=1e-4)
     assert threads == {("p0", "dioe-stage-cpu"), ("p1", "dioe-stage-cpu-b")}, threads
+
+
+@pytest.mark.models
+def test_optimize_for_throughput_records_stages_and_maps_like_eager(tmp_path, monkeypatch):
+    """optimize(objective="throughput") on two one-thread members: the partitioner's plan (before the race) cuts
+    equal layers into two stages, one per member; whatever the race keeps (on a busy machine, often one engine
+    over the whole graph), the plan says its stages and `map` gives eager's outputs in order."""
+    import dataclasses
+
+    real_build, built = dioe.build.build, []
+    model, x = chain(width=256, layers=8)
+    pool = dioe.ResourcePool.discover(POOLS / "standin-pair.yaml")
+    monkeypatch.setattr(dioe.build, "build",
+                        lambda c, plan, *a, **k: built.append(plan) or real_build(c, plan, *a, **k))
+    opt = dioe.optimize(model, (x,), hardware=pool, backends=["onnxruntime"], objective="throughput",
+                        cache_dir=tmp_path, precision="fp32")
+    first = built[0]
+    assert first.objective == "throughput" and "partitioned by pipeline dp" in first.notes
+    # one stage per member, each predicted near half the work: eight layers of 0.5 MFLOP outweigh a call's cost
+    assert [s.member for s in first.stages] in (["cpu", "cpu-b"], ["cpu-b", "cpu"]), first.summary()
+    assert max(s.predicted_ms for s in first.stages) < 0.75 * sum(s.predicted_ms for s in first.stages)
+    assert "pipeline stages:" in first.summary()
+    assert [p for s in opt.plan.stages for p in s.partitions] == [p.id for p in opt.plan.partitions]
+    assert dioe.Plan.from_dict(dataclasses.asdict(opt.plan)) == opt.plan
+    batches = [(x + i,) for i in range(6)]
+    for b, out in zip(batches, opt.map(batches, depth=3)):
+        assert_matches_eager(eager(model, b), out, rtol=1e-4)
+    opt.runtime.close()
