@@ -153,6 +153,23 @@ def test_close_does_not_hang(standin_pool):
     opt.runtime.close()
 
 
+def test_a_member_with_two_stages_runs_both_in_its_thread(standin_pool):
+    """Branches: left on cpu, right on cpu-b, head on cpu again. Three stages, two threads; cpu's runs its first
+    and its last stage, and a stream of batches still comes out as sequential calls do, in order."""
+    from helpers import branches_on_two_members
+
+    model, x, opt = branches_on_two_members(standin_pool)
+    try:
+        pipe = opt.runtime.pipeline()
+        assert [s.member for s in pipe.stages] == ["cpu", "cpu-b", "cpu"]
+        batches = [(x * (i + 1),) for i in range(5)]
+        for b, out in zip(batches, opt.map(batches, depth=3)):
+            assert_matches_eager(eager(model, b), out, rtol=1e-4)
+        assert {t.name for t in pipe._threads} == {"dioe-stage-cpu", "dioe-stage-cpu-b"}
+    finally:
+        opt.runtime.close()
+
+
 def test_one_member_plan_runs_submit_and_map_in_order(standin_pool):
     model, x = chain(width=16, layers=2)
     opt = two_stage(model, x, standin_pool, second=("cpu", "torch"))
