@@ -70,6 +70,19 @@ def stream_s(run, batches) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def verdict(samples: dict, cores: dict, order: list) -> str:
+    """What the run says about pipelining, in words, from its own numbers."""
+    piped, plain = (statistics.median(samples[k]) for k in order[:2])
+    cp, cs = (statistics.median(cores[k]) for k in order[:2])
+    line = (f"Pipelined against not, same plan: {piped / plain:.2f}x the batches per second, with {cp:.2f} against "
+            f"{cs:.2f} cores busy. ")
+    if cp < 1.2:
+        return line + ("The stream never had a second core to itself: the two stages could only take turns on the "
+                       "share of the machine this process got, so overlap had little to gain; any difference "
+                       "follows the share of the busy scheduler each stream drew (cores busy).")
+    return line + "With the cores free, the two stages ran at once; the bound is 2x (two one-thread stages)."
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=1024)
@@ -160,6 +173,8 @@ def main(argv=None) -> int:
         "*cores busy*: this process's CPU seconds over wall seconds while the stream ran: how much of the machine "
         "the contender got. Two one-thread stages can at most double throughput, and only while two cores are "
         "free for them.",
+        "",
+        verdict(samples, cores, order),
         "",
         f"Stages of the throughput plan: {len(stages)}"
         + (": " + " -> ".join(f"{s.member} [{', '.join(s.partitions)}] {s.predicted_ms} ms" for s in stages)
