@@ -70,12 +70,14 @@ def pipeline_dp(segments: Sequence[Segment], edges: Edges, options: Mapping[str,
                 profile: Profile, reference: str) -> dict[str, Choice]:
     """The assignment whose bottleneck is least among those that cut the segments (in topological order) into
     consecutive stages, one option each, on distinct members; ties go to the least total work. Exact for that
-    family: the state is (segments done, members used, last option). A stage's copies in are charged as if they
-    all came from the stage before it (exact where only neighbouring stages exchange values)."""
+    family: the state is (segments done, members used, the last stage's member), and a stage longer than the
+    best complete cut found so far is not extended (a stage's load only grows with its length). A stage's copies
+    in are charged as if they all came from the stage before it (exact where only neighbouring stages exchange
+    values)."""
     n = len(segments)
     idx = {s.id: i for i, s in enumerate(segments)}
     opts = sorted({o for s in segments for o in options[s.id]}, key=lambda o: o.label())
-    # prefix sums per option: a segment's time alone, its time continuing a call, and how many it cannot run
+    # prefix sums per option: a segment's time continuing a call, and how many segments it cannot run
     alone = {o: [options[s.id].get(o) for s in segments] for o in opts}
     cont = {o: _prefix([continued_ms(t, o) if t is not None else 0.0 for t in alone[o]]) for o in opts}
     illegal = {o: _prefix([1.0 if t is None else 0.0 for t in alone[o]]) for o in opts}
@@ -91,45 +93,55 @@ def pipeline_dp(segments: Sequence[Segment], edges: Edges, options: Mapping[str,
             for j in range(idx[a] + 1, idx[b] + 1):
                 cut[j] += nb
     into_p, out_p = _prefix(into), _prefix(outof)
+    members = sorted({o.member for o in opts} | {reference})
+    link = {(a, b): profile.link(a, b) for a in members for b in members if a != b}
+
+    def copy(a: str, b: str, nbytes: float) -> float:
+        return link[(a, b)].ms(int(nbytes)) if nbytes and a != b else 0.0
 
     def stage_ms(j: int, k: int, o: Choice, prev: str | None) -> float | None:
         if illegal[o][k] - illegal[o][j]:
             return None
         m = o.member
-        ms = alone[o][j] + cont[o][k] - cont[o][j + 1]
-        ms += _copy_ms(profile, reference, m, int(into_p[k] - into_p[j]))
-        ms += _copy_ms(profile, m, reference, int(out_p[k] - out_p[j]))
-        if prev is not None:
-            ms += _copy_ms(profile, prev, m, cut[j])
-        return ms
+        return (alone[o][j] + cont[o][k] - cont[o][j + 1] + copy(reference, m, into_p[k] - into_p[j])
+                + copy(m, reference, out_p[k] - out_p[j]) + (copy(prev, m, cut[j]) if prev is not None else 0.0))
 
-    # best[(k, used, o)] = ((bottleneck, total), (j, used_before, prev option) or None)
-    best: dict[tuple, tuple] = {}
-    for k in range(1, n + 1):
+    # by_end[k][(used, member)] = ((bottleneck, total), option of the last stage, key of the state before)
+    by_end: list[dict] = [{} for _ in range(n + 1)]
+    bound = float("inf")   # the least bottleneck of a complete cut so far
+
+    def extend(j: int, used: frozenset, prev: str | None, cost: tuple[float, float], back) -> None:
+        nonlocal bound
         for o in opts:
-            ms = stage_ms(0, k, o, None)
-            if ms is not None:
-                _keep(best, (k, frozenset([o.member]), o), (ms, ms), None)
+            if o.member in used:
+                continue
+            for k in range(j + 1, n + 1):
+                ms = stage_ms(j, k, o, prev)
+                if ms is None or max(cost[0], ms) > bound:
+                    break   # a segment it cannot run, or a stage already slower than a complete cut: longer is too
+                new = (max(cost[0], ms), cost[1] + ms)
+                key = (used | {o.member}, o.member)
+                if key not in by_end[k] or new < by_end[k][key][0]:
+                    by_end[k][key] = (new, o, back)
+                    if k == n:
+                        bound = min(bound, new[0])
+
+    extend(0, frozenset(), None, (0.0, 0.0), None)
     for j in range(1, n):
-        for (k0, used, po), (cost, _) in [kv for kv in best.items() if kv[0][0] == j]:
-            for o in opts:
-                if o.member in used:
-                    continue
-                for k in range(j + 1, n + 1):
-                    ms = stage_ms(j, k, o, po.member)
-                    if ms is None:
-                        break   # a segment this option cannot run: no longer stage of it starting at j either
-                    _keep(best, (k, used | {o.member}, o), (max(cost[0], ms), cost[1] + ms), (j, used, po))
-    finals = [key for key in best if key[0] == n]
-    key = min(finals, key=lambda key_: (best[key_][0], key_[2].label()))
+        for (used, m), (cost, _, _) in list(by_end[j].items()):
+            if cost[0] <= bound:
+                extend(j, used, m, cost, (j, used, m))
+    final = min(by_end[n], key=lambda key: (by_end[n][key][0], by_end[n][key][1].label()))
     chosen: dict[str, Choice] = {}
-    while key is not None:
-        (k, used, o), (_, back) = key, best[key]
+    k, key = n, final
+    while True:
+        _, o, back = by_end[k][key]
         j = back[0] if back else 0
         for s in segments[j:k]:
             chosen[s.id] = o
-        key = back
-    return chosen
+        if back is None:
+            return chosen
+        k, key = back[0], back[1:]
 
 
 def _prefix(xs: Sequence[float]) -> list[float]:
@@ -137,8 +149,3 @@ def _prefix(xs: Sequence[float]) -> list[float]:
     for x in xs:
         out.append(out[-1] + x)
     return out
-
-
-def _keep(best: dict, key: tuple, cost: tuple[float, float], back) -> None:
-    if key not in best or cost < best[key][0]:
-        best[key] = (cost, back)

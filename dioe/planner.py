@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
+from .bottleneck import stage_loads
 from .capture import CapturedGraph, TensorSpec
 from .partition import INPUT, OUTPUT, Assignment, Edges, partition_groups, run_as_one_ms, whole_graph_options
-from .bottleneck import stage_loads
 from .plan import Choice, Plan, PlanPartition, PlanStage
 from .pool import ResourcePool
 from .profile import Profile

@@ -196,7 +196,8 @@ class Runtime(Recovery):
             f.result()
 
     def pipeline(self, depth: int | None = None):
-        """This program's pipeline (`pipelining.Pipeline`), started on first use and closed with the runtime."""
+        """This program's pipeline (`pipelining.Pipeline`), made on first use (with `depth` batches in flight at
+        most; the default is two per stage) and closed with the runtime."""
         from .pipelining import Pipeline
 
         with self._lock:

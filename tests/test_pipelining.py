@@ -328,3 +328,39 @@ def test_optimize_for_throughput_records_stages_and_maps_like_eager(tmp_path, mo
     for b, out in zip(batches, opt.map(batches, depth=3)):
         assert_matches_eager(eager(model, b), out, rtol=1e-4)
     opt.runtime.close()
+
+
+def test_pipeline_dp_finds_the_least_bottleneck_of_every_cut(standin_pool):
+    """On a chain with random times on three members of three backends each, the DP's bottleneck equals the best
+    of every cut into at most three stages on distinct members (by brute force)."""
+    import itertools
+    import random
+
+    from dioe.bottleneck import bottleneck_ms, pipeline_dp, stage_loads
+    from dioe.cost import Cost
+    from dioe.partition import INPUT, OUTPUT, Edges
+    from dioe.plan import Choice
+    from dioe.profile import LinkCost, Profile
+    from dioe.segment import Segment
+    from dioe.timing import Timing
+
+    rng = random.Random(7)
+    n, members = 7, ("cpu", "cpu-b", "npu")
+    ids = [f"s{i}" for i in range(n)]
+    segs = [Segment(s, (s,), s, Cost(), 0, 0) for s in ids]
+    opts = [Choice(m, b) for m in members for b in ("torch", "onnxruntime", "openvino")]
+    prof = Profile("g", "f")
+    prof.times = {s: {o: Timing(t, t, t, 5) for o in opts for t in [rng.uniform(0.5, 2.0)]} for s in ids}
+    prof.links = {f"{a}->{b}": LinkCost(10.0, 16.0) for a in members for b in members if a != b}
+    edges = Edges({p: 1 << 16 for p in [(INPUT, ids[0]), *zip(ids, ids[1:]), (ids[-1], OUTPUT)]})
+    options = {s: {o: t.median_ms for o, t in prof.times[s].items()} for s in ids}
+    got = bottleneck_ms(stage_loads(segs, edges, pipeline_dp(segs, edges, options, prof, "cpu"), options, prof, "cpu"))
+    best = float("inf")
+    cuts = itertools.chain([()], ((a,) for a in range(1, n)), itertools.combinations(range(1, n), 2))
+    for cut in cuts:
+        ends = [0, *cut, n]
+        for picks in itertools.product(opts, repeat=len(ends) - 1):
+            if len({o.member for o in picks}) == len(picks):
+                chosen = {s.id: picks[i] for i in range(len(picks)) for s in segs[ends[i]:ends[i + 1]]}
+                best = min(best, bottleneck_ms(stage_loads(segs, edges, chosen, options, prof, "cpu")))
+    assert got == pytest.approx(best)
