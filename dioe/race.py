@@ -217,12 +217,13 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     predicted = {PLAN: opt.plan.predicted_ms, **{k: picks[options[k]] for k in rivals}}
     if eager_as:
         predicted[EAGER] = dict(ranked)[eager_as]
-    if job.objective == "throughput":
-        runs = streamed(runs, opt)
+    stream = job.objective == "throughput" and opt.runtime.pipeline().pipelined
+    if stream:
+        runs[PLAN] = streamed(opt)
         predicted[PLAN] = opt.plan.bottleneck_ms or opt.plan.predicted_ms
     rounds, again = _rounds(runs, predicted, opt.captured.example_inputs, s, warm=job.verify)
-    if job.objective == "throughput":
-        rounds = {k: [ms / STREAM for ms in v] for k, v in rounds.items()}
+    if stream:
+        rounds[PLAN] = [ms / STREAM for ms in rounds[PLAN]]
     for k, r in rivals.items():
         if r.runtime.stats["fallbacks"]:
             rounds.pop(k)  # it failed while racing: its times are torch's, not its own
@@ -236,8 +237,9 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
         if runner is not None and fast[runner] <= fast[PLAN] * (1 + s.split_margin):
             best, kept = runner, True
     report = _report(fast, med, own, eager_as, s, again)
-    if job.objective == "throughput":
-        report += f"; ms per batch of a stream of {STREAM}, the plan's stages pipelined across its members"
+    if stream:
+        report += (f"; the split plan's ms are per batch of a stream of {STREAM}, its stages pipelined across its "
+                   "members")
     record = RaceRecord({k: tuple(v) for k, v in rounds.items()}, dict(fast), dict(med), best, tuple(again), kept,
                         tuple(absent))   # copies: the winner's own entry is added to `med` below
     if best == PLAN:
@@ -288,12 +290,13 @@ def _reuse(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     # verification skips a partition on torch at the reference, and a plan of one such partition has not run
     ran = job.verify and (len(opt.program.steps) > 1 or any(
         (c.backend, c.member) != ("torch", job.pool.reference.id) for c in opt.runtime.compiled.values()))
-    runs = {PLAN: opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)}
-    stream = STREAM if job.objective == "throughput" else 1
-    rounds = timing.side_by_side(streamed(runs, opt) if stream > 1 else runs,
+    stream = job.objective == "throughput" and opt.runtime.pipeline().pipelined
+    rounds = timing.side_by_side({PLAN: streamed(opt) if stream else opt.runtime.run,
+                                  EAGER: lambda xs: opt.captured.gm(*xs)},
                                  opt.captured.example_inputs, rounds=s.race_rounds, repeats=s.race_repeats,
                                  budget_s=s.timing_budget_s / s.race_rounds, warm=ran)
-    rounds = {k: [ms / stream for ms in v] for k, v in rounds.items()}
+    if stream:
+        rounds[PLAN] = [ms / STREAM for ms in rounds[PLAN]]
     med = {k: statistics.median(v) for k, v in rounds.items()}
     note = (f"race verdict reused from {verdict.path.name} ({verdict.report}); timed again side by side: "
             f"plan {show_ms(med[PLAN])} ms, torch eager {show_ms(med[EAGER])} ms")
@@ -308,19 +311,16 @@ def _reuse(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     return opt
 
 
-# Batches per timed run when the objective is throughput: enough for a pipeline of a few stages to fill and
-# drain a small share of the time. Times are then per batch of the stream.
+# Batches per timed run of a pipelined plan when the objective is throughput: enough for a pipeline of a few
+# stages to spend a small share of the time filling and draining. Its times are then per batch of the stream.
 STREAM = 8
 
 
-def streamed(runs: Mapping[str, Callable], opt: Optimized) -> dict[str, Callable]:
-    """Each contender as a stream of STREAM batches: the plan through its pipeline when it has stages on several
-    members (`pipelining`), every other contender one call after another, as a model without stages serves."""
+def streamed(opt: Optimized) -> Callable:
+    """The plan's timed run for objective throughput: a stream of STREAM batches through its pipeline. Every
+    other contender serves a stream one call after another, so one call's time is already its time per batch."""
     pipe = opt.runtime.pipeline()
-    out = {k: (lambda xs, f=f: [f(xs) for _ in range(STREAM)]) for k, f in runs.items()}
-    if pipe.pipelined:
-        out[PLAN] = lambda xs: list(pipe.map([xs] * STREAM))
-    return out
+    return lambda xs: list(pipe.map([xs] * STREAM))
 
 
 def _rival_picks(ranked, own: Choice | None, ref: Choice, measured_ms: float | None, s) -> dict[Choice, float]:
