@@ -73,7 +73,7 @@ class Pipeline:
         steps = runtime.program.steps
         self.stages = tuple(Stage(g[0][1], tuple(s for s, _ in g)) for g in group_stages(
             [(s, runtime.compiled[s.partition].member) for s in steps], lambda sm: sm[1]))
-        self.depth = depth or 2 * len(self.stages)
+        self.depth = 2 * len(self.stages) if depth is None else depth
         if not isinstance(self.depth, int) or self.depth < 1:
             raise DIOEError(f"depth must be a positive integer (batches in flight), got {depth!r}")
         self._slots = threading.BoundedSemaphore(self.depth)
@@ -124,7 +124,7 @@ class Pipeline:
     def map(self, batches: Iterable[Sequence], *, depth: int | None = None) -> Iterator:
         """Each batch's flat outputs, in order, with up to `depth` batches in flight (the pipeline's by default).
         A batch that failed raises its error when its turn comes; the batches after it have run all the same."""
-        return window(batches, self.submit, depth or self.depth)
+        return window(batches, self.submit, self.depth if depth is None else depth)
 
     def close(self, *, timeout_s: float = 30.0) -> None:
         """Take no more batches, let those in flight finish (for at most `timeout_s`), fail any left, and stop
@@ -187,9 +187,14 @@ class Pipeline:
 
 
 def window(items: Iterable, submit: Callable[[object], Future], depth: int) -> Iterator:
-    """Results of `submit(item)` for each item, in order, with at most `depth` submitted and not yet yielded."""
+    """Results of `submit(item)` for each item, in order, with at most `depth` submitted and not yet yielded. A
+    bad `depth` is an error now, not at the first result."""
     if not isinstance(depth, int) or depth < 1:
         raise DIOEError(f"depth must be a positive integer (batches in flight), got {depth!r}")
+    return _window(items, submit, depth)
+
+
+def _window(items: Iterable, submit: Callable[[object], Future], depth: int) -> Iterator:
     pending: collections.deque[Future] = collections.deque()
     try:
         for item in items:
@@ -204,10 +209,13 @@ def window(items: Iterable, submit: Callable[[object], Future], depth: int) -> I
 
 def submit_call(opt, args: tuple, kwargs: dict) -> Future:
     """`opt(*args, **kwargs)` as a Future: into the pipeline when its plan has stages on several members, else
-    run at once in the caller's thread (one stage has nothing to overlap with)."""
+    run at once in the caller's thread (one stage has nothing to overlap with). Inputs that do not match the
+    captured ones raise `InputSpecError` here, at once, either way; what goes wrong while the call runs is the
+    Future's error."""
     from . import tracing as _trace
 
     pipe = opt.runtime.pipeline()
+    flat = opt.captured.flatten_inputs(args, kwargs)
     if not pipe.pipelined:
         fut: Future = Future()
         try:
@@ -215,7 +223,6 @@ def submit_call(opt, args: tuple, kwargs: dict) -> Future:
         except Exception as e:  # noqa: BLE001 -- the call's error, raised by fut.result() as a pipeline's is
             fut.set_exception(e)
         return fut
-    flat = opt.captured.flatten_inputs(args, kwargs)
     tr = _trace.active()
     call = 0
     if tr is not None:  # each batch is one call: its partitions carry its call index and their stage
@@ -240,4 +247,4 @@ def map_calls(opt, batches: Iterable, depth: int | None) -> Iterator:
     """`opt(*batch)` for each batch (a tuple of inputs, or one input), in order, up to `depth` in flight."""
     pipe = opt.runtime.pipeline()
     return window(batches, lambda b: submit_call(opt, tuple(b) if isinstance(b, (tuple, list)) else (b,), {}),
-                  depth or pipe.depth)
+                  pipe.depth if depth is None else depth)

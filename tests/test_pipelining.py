@@ -132,6 +132,22 @@ def test_a_failing_batch_fails_alone(chain_on_two):
         c.fn = original
 
 
+def test_bad_inputs_and_depth_are_named_at_once(chain_on_two, standin_pool):
+    """Inputs unlike the captured ones raise InputSpecError from submit itself, pipelined or not; a depth that is
+    not a positive integer is a DIOEError naming it."""
+    _, x, opt = chain_on_two
+    model, y = chain(width=16, layers=2)
+    one = two_stage(model, y, standin_pool, second=("cpu", "torch"))
+    try:
+        for o, good in ((opt, x), (one, y)):
+            with pytest.raises(dioe.InputSpecError, match=r"captured shape is \[4, \d+\]"):
+                o.submit(good[:, :3])
+            with pytest.raises(dioe.DIOEError, match="depth must be a positive integer"):
+                o.map([(good,)], depth=0)
+    finally:
+        one.runtime.close()
+
+
 def test_close_does_not_hang(standin_pool):
     """A stage stuck past close's timeout: close returns, the stuck batch and those behind it fail with a clear
     error, and no later batch is taken."""
