@@ -20,7 +20,6 @@ import torch
 from . import backends as registry
 from . import build as building
 from . import cache as _cache
-from . import partition
 from . import precision as precisions
 from . import race as racing
 from . import reload
@@ -30,7 +29,7 @@ from .capture import CapturedGraph, capture
 from .errors import DIOEError
 from .optimized import Optimized
 from .plan import Plan
-from .planner import Job, edges_of, make_plan, unless_split_pays, whole_graph_plan
+from .planner import Job, assign_for, edges_of, make_plan, unless_split_pays, whole_graph_plan
 from .pool import ResourcePool
 from .profile import profile_segments
 from .segment import segment_graph
@@ -77,9 +76,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
                                    graph_hash=captured.structure_hash(), cache_dir=settings.cache_dir,
                                    progress=progress)
     job = Job(captured, tuple(segments), edges_of(program, captured), profile, pool, objective, verify, settings)
-    # 4. partition: DP on chains, HEFT on DAGs, within capabilities and memory; no split that would not pay
+    # 4. partition: DP on chains, HEFT on DAGs (for throughput: the least bottleneck of a pipeline of stages),
+    #    within capabilities and memory; no split that would not pay
     with stage("partition"):
-        plan = make_plan(job, partition.assign(job.segments, job.edges, profile, pool))
+        plan = make_plan(job, assign_for(job))
         plan = unless_split_pays(job, plan)
     # a warm run reuses the race's verdict for this very plan: it compiles the winner and skips the rivals
     verdict = racing.Verdict(settings.cache_dir, profile, plan)

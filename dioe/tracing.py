@@ -283,8 +283,11 @@ class ChromeWriter:
         for r in sorted(records, key=lambda r: r.get("start", r.get("time", 0.0))):
             k = r["kind"]
             if k == "call":
-                self.slice(r["model"], "call", DIOE_PID, self.tid(DIOE_PID, "calls", 0), r["start"], r["end"],
+                # pipelined batches overlap: each in-flight slot gets its own lane, so the slices stay apart
+                lane = f"pipelined batches, slot {r['slot']}" if r.get("pipelined") else "calls"
+                self.slice(r["model"], "call", DIOE_PID, self.tid(DIOE_PID, lane, 0), r["start"], r["end"],
                            {"call": r["call"], "model": r["model"],
+                            **({"pipelined": True} if r.get("pipelined") else {}),
                             **({"sequential": "op tracing ran its partitions one after another"}
                                if r.get("sequential") else {})})
             elif k == "stage":
@@ -293,7 +296,7 @@ class ChromeWriter:
             elif k == "partition":
                 pid = self.pid(r["member"])
                 args = {key: r[key] for key in ("call", "partition", "backend", "precision", "ops", "bytes_in",
-                                                "bytes_out", "deps", "thread") if key in r}
+                                                "bytes_out", "deps", "thread", "stage") if key in r}
                 if r.get("fallback"):
                     args["fallback"] = True
                 parts[(r["call"], r["partition"])] = self.slice(
