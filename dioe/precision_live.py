@@ -28,6 +28,7 @@ import torch
 from . import precision as precisions
 from . import tracing as _trace
 from .accuracy import AccuracyReport, Budget, evaluate
+from .calibration import Samples
 from .errors import DIOEError
 from .optimized import Optimized
 from .planner import Job
@@ -115,6 +116,7 @@ class LivePrecision:
         self.candidate: Optimized | None = None
         self.state = SAMPLING
         self.report: AccuracyReport | None = None      # the latest verdict on the serving candidate
+        self.samples: Samples | None = None             # what the latest attempt calibrated and shadow-tested on
         self.counts = collections.Counter()
         self.events: collections.deque = collections.deque(maxlen=100)
         self._since = 0                                 # calls served since this attempt began sampling
@@ -136,7 +138,9 @@ class LivePrecision:
             self._inflight[id(serving)] += 1
             self.counts["calls"] += 1
             self._since += 1
-            shadow = serving is not self.safe and self.counts["calls"] % self.job.settings.live_shadow_every == 0
+            lowp = serving is not self.safe
+            self.counts["calls_lowp"] += lowp
+            shadow = lowp and self.counts["calls"] % self.job.settings.live_shadow_every == 0
         try:
             if shadow:
                 flat = self.captured_flat(args, kwargs)
@@ -150,12 +154,10 @@ class LivePrecision:
                 if not self._inflight[id(serving)]:
                     del self._inflight[id(serving)]
                     self._cv.notify_all()
-        if serving is self.safe:
+        if serving is self.safe and self.state == SAMPLING:
             if self.reservoir.offer(lambda: self.captured_flat(args, kwargs)):
                 self.counts["sampled"] += 1
             self._maybe_build()
-        else:
-            self.counts["calls_lowp"] += 1
         return out
 
     def captured_flat(self, args: tuple, kwargs: dict) -> list:
@@ -237,7 +239,7 @@ class LivePrecision:
         """Build the lower-precision candidates on the calibration samples, judge them on the shadow samples against
         fp32 eager, race the ones that meet the budget against the fp32 plan, and promote the winner."""
         self.counts["attempts"] += 1
-        samples = self.reservoir.snapshot()
+        self.samples = samples = self.reservoir.snapshot()
         job = self.job
         options = precisions._candidates(job, "live")
         self._event("testing", f"{len(samples.calibrate)} calibration and {len(samples.holdout)} shadow samples "
@@ -254,7 +256,7 @@ class LivePrecision:
                 return
             best, fast, med, said = precisions.pick(self.safe, built, job)
         if best == precisions.FP32:
-            self._reject(said[0])
+            self._reject(f"no gain over the fp32 plan: {said[0]}")
             return
         won = next(c for c in tried if c.option.label() == best)
         cand = built[best]
