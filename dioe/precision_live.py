@@ -58,6 +58,7 @@ class LiveModel:
     def __init__(self, safe: Optimized, job: Job, budget: Budget):
         self.safe, self.captured = safe, safe.captured
         self.live = LivePrecision(safe, job, budget)
+        self._runtime = LiveRuntime(self.live)
         weakref.finalize(self, self.live.close, timeout_s=0.0)  # a model dropped unclosed stops its thread too
 
     def __call__(self, *args, **kwargs) -> Any:
@@ -68,8 +69,8 @@ class LiveModel:
         return self.live.serving.plan
 
     @property
-    def runtime(self):
-        return self.live.serving.runtime
+    def runtime(self) -> "LiveRuntime":
+        return self._runtime
 
     @property
     def race(self):
@@ -99,6 +100,21 @@ class LiveModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LiveRuntime:
+    """The serving plan's runtime, as `opt.runtime`: `run` goes through the live switching (sampled while fp32
+    serves, shadow-checked once promoted), so a caller of `opt.runtime.run`, such as the batcher, is served the
+    same way as a call of the model; anything else is the serving runtime's own."""
+
+    def __init__(self, live: "LivePrecision"):
+        self._live = live
+
+    def run(self, flat_inputs, tr=None, call: int = 0) -> tuple:
+        return self._live.run(list(flat_inputs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live.serving.runtime, name)
 
 
 class LivePrecision:
@@ -131,16 +147,8 @@ class LivePrecision:
 
     # -- the caller's path ------------------------------------------------------------------------------------
     def call(self, args: tuple, kwargs: dict) -> Any:
-        with self._cv:
-            if self.state == CLOSED:
-                raise DIOEError("this live model is closed; optimize the model again to serve it")
-            serving = self.serving   # read once: the call finishes on the plan it started on
-            self._inflight[id(serving)] += 1
-            self.counts["calls"] += 1
-            self._since += 1
-            lowp = serving is not self.safe
-            self.counts["calls_lowp"] += lowp
-            shadow = lowp and self.counts["calls"] % self.job.settings.live_shadow_every == 0
+        """One call of the model, on the plan serving when it starts."""
+        serving, shadow = self._enter()
         try:
             if shadow:
                 flat = self.captured_flat(args, kwargs)
@@ -149,16 +157,49 @@ class LivePrecision:
                 return self.job.captured.unflatten_outputs(outs)
             out = serving(*args, **kwargs)
         finally:
-            with self._cv:
-                self._inflight[id(serving)] -= 1
-                if not self._inflight[id(serving)]:
-                    del self._inflight[id(serving)]
-                    self._cv.notify_all()
+            self._leave(serving)
+        self._sample(serving, lambda: self.captured_flat(args, kwargs))
+        return out
+
+    def run(self, flat: list) -> tuple:
+        """One call on flat inputs, as `Runtime.run` takes them (the batcher's stacked batches come this way)."""
+        serving, shadow = self._enter()
+        try:
+            outs = serving.runtime.run(flat)
+            if shadow:
+                self._enqueue(serving, flat, outs)
+        finally:
+            self._leave(serving)
+        self._sample(serving, lambda: flat)
+        return outs
+
+    def _enter(self) -> tuple[Optimized, bool]:
+        """The plan this call runs on (read once: the call finishes on it, whatever switches meanwhile), and
+        whether it is one of the promoted calls that are shadow-checked."""
+        with self._cv:
+            if self.state == CLOSED:
+                raise DIOEError("this live model is closed; optimize the model again to serve it")
+            serving = self.serving
+            self._inflight[id(serving)] += 1
+            self.counts["calls"] += 1
+            self._since += 1
+            lowp = serving is not self.safe
+            self.counts["calls_lowp"] += lowp
+            return serving, lowp and self.counts["calls"] % self.job.settings.live_shadow_every == 0
+
+    def _leave(self, serving: Optimized) -> None:
+        with self._cv:
+            self._inflight[id(serving)] -= 1
+            if not self._inflight[id(serving)]:
+                del self._inflight[id(serving)]
+                self._cv.notify_all()
+
+    def _sample(self, serving: Optimized, flat) -> None:
+        """Offer a call served by the fp32 plan to the reservoir, and start the build once it is due."""
         if serving is self.safe and self.state == SAMPLING:
-            if self.reservoir.offer(lambda: self.captured_flat(args, kwargs)):
+            if self.reservoir.offer(flat):
                 self.counts["sampled"] += 1
             self._maybe_build()
-        return out
 
     def captured_flat(self, args: tuple, kwargs: dict) -> list:
         return self.job.captured.flatten_inputs(args, kwargs)
@@ -340,4 +381,4 @@ def _label(opt: Optimized) -> str:
     return parts[0].choice.label() if len(parts) == 1 else f"{len(parts)}-partition fp32 plan"
 
 
-__all__ = ["LiveModel", "LivePrecision", "check_options", "serve"]
+__all__ = ["LiveModel", "LivePrecision", "LiveRuntime", "check_options", "serve"]

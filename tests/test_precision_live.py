@@ -213,3 +213,25 @@ def test_the_reservoir_stays_bounded_uniform_and_disjoint():
     assert max(values) >= 500, "a reservoir keeps late calls too, not the first ones only"
     r.reset()
     assert not r.full and r.stats()["offered"] == 0
+
+
+def test_the_batcher_serves_a_live_model_through_its_switching(int8_is_faster):
+    """The batcher runs its stacked batches through `opt.runtime.run`: they are sampled, and promoted, the same
+    way as direct calls."""
+    from dioe.serve import Batcher
+
+    model, x = _mlp()
+    opt = _live(model, x, "onnxruntime")
+    try:
+        g = torch.Generator().manual_seed(3)
+        with Batcher(opt, max_batch_size=2, preferred_batch_sizes=(2,)) as b:
+            for _ in range(400):
+                xi = torch.randn(2, 32, generator=g)
+                torch.testing.assert_close(b(xi), opt.live.serving.runtime.run([xi])[0], rtol=0, atol=0)
+                if opt.live.state != "sampling":
+                    break
+            assert opt.live.wait(120) and opt.live.state == "promoted", opt.stats["precision"]
+            assert opt.stats["precision"]["counts"]["sampled"] >= 32
+            torch.testing.assert_close(b(x), opt.live.candidate.runtime.run([x])[0], rtol=0, atol=0)
+    finally:
+        opt.close()
