@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -48,7 +49,13 @@ def serve(safe: Optimized, job: Job, *, budget: Budget | None) -> "LiveModel":
     """`safe` (the fp32 plan optimize chose) wrapped to switch precision live; see the module docstring."""
     captured = job.captured
     budget = budget or Budget.default_for(captured.unflatten_outputs(captured.reference_outputs()))
-    return LiveModel(safe, job, budget)
+    live = LiveModel(safe, job, budget)
+    s = job.settings
+    safe.plan = replace(safe.plan, notes=safe.plan.notes + (
+        f"precision live: fp32 serves while served inputs are sampled; after {s.live_after_calls} calls and "
+        f"{s.calibration_samples} calibration + {live.live.reservoir.caps['shadow']} shadow samples, lower "
+        f"precisions are built and shadow-tested against the budget {budget} in the background",))
+    return live
 
 
 class LiveModel:
@@ -242,7 +249,7 @@ class LivePrecision:
             self._cv.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
-            if self._thread.is_alive():
+            if self._thread.is_alive() and timeout_s > 0:
                 warnings.warn(f"dioe: the live precision thread is still building after {timeout_s:g} s; it stops "
                               "when that build ends", RuntimeWarning, stacklevel=3)
         for o in {id(o): o for o in (self.candidate, self.safe) if o is not None}.values():
