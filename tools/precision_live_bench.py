@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-bert")
     ap.add_argument("--size", default="full", choices=["full", "small"])
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--backends", default="onnxruntime", help="comma-separated backends to profile")
     ap.add_argument("--calls", type=int, default=400, help="calls served after the switch settles")
     ap.add_argument("--max-calls", type=int, default=20000, help="calls served at most before it settles")
@@ -52,8 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the report here (markdown)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    model, inputs = dioe.zoo.load(args.model, size=args.size)
-    traffic = dioe.zoo.calibration(args.model, n=256, size=args.size) or generate(inputs, n=256, seed=1)
+    model, inputs = dioe.zoo.load(args.model, size=args.size, batch=args.batch)
+    traffic = dioe.zoo.calibration(args.model, n=256, size=args.size, batch=args.batch) or \
+        generate(inputs, n=256, seed=1)
     settings = dioe.Settings(live_after_calls=args.after_calls)
     budget = dioe.Budget.parse(args.budget) if args.budget else None
     t0 = time.perf_counter()
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
              f"`dioe.optimize(..., precision=\"live\")`, backends {args.backends}, batch {inputs[0].shape[0]}, "
              f"budget `{stats['budget']}`; {args.after_calls} calls before the build may start. optimize took "
              f"{optimize_s:.1f} s; from the first build to the settled state {build_s:.1f} s.", "",
-             table(rows, ["served", "calls", "median ms", "p95 ms"]), "",
+             "```", table(rows, ["served", "calls", "median ms", "p95 ms"]), "```", "",
              f"Agreement with fp32 eager on held-apart served inputs: {stats['agreement'] or '-'}", "",
              "Events:", ""]
     lines += [f"- {e['event']}: {e['why']}" for e in stats["events"]]
