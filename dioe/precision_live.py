@@ -148,7 +148,12 @@ class LivePrecision:
         self._inflight: collections.Counter = collections.Counter()
         self._build_due = False
         self._busy = False
-        self._cv = threading.Condition()
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)        # the background thread's work, and `wait`
+        # calls in flight ending: a condition of its own, so that a call ending does not wake the background thread
+        # (one context switch per call, which cost more than a small model's call)
+        self._drained = threading.Condition(lock)
+        self._draining = False
         self._thread = threading.Thread(target=self._loop, name="dioe-live-precision", daemon=True)
         self._thread.start()
 
@@ -199,7 +204,8 @@ class LivePrecision:
             self._inflight[id(serving)] -= 1
             if not self._inflight[id(serving)]:
                 del self._inflight[id(serving)]
-                self._cv.notify_all()
+                if self._draining:
+                    self._drained.notify_all()
 
     def _sample(self, serving: Optimized, flat) -> None:
         """Offer a call served by the fp32 plan to the reservoir, and start the build once it is due."""
@@ -347,7 +353,9 @@ class LivePrecision:
             cand, self.candidate = self.candidate, None
             self.serving = self.safe
             if cand is not None:
-                self._cv.wait_for(lambda: id(cand) not in self._inflight, timeout=30.0)
+                self._draining = True
+                self._drained.wait_for(lambda: id(cand) not in self._inflight, timeout=30.0)
+                self._draining = False
             closed = self.state == CLOSED
         if cand is not None:
             cand.runtime.close()
