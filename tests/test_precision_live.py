@@ -235,3 +235,17 @@ def test_the_batcher_serves_a_live_model_through_its_switching(int8_is_faster):
             torch.testing.assert_close(b(x), opt.live.candidate.runtime.run([x])[0], rtol=0, atol=0)
     finally:
         opt.close()
+
+
+def test_a_live_model_dropped_unclosed_stops_its_thread():
+    import gc
+
+    model, x = _mlp()
+    opt = _live(model, x, "onnxruntime")
+    thread = opt.live._thread
+    opt(x)
+    assert thread.is_alive()
+    del opt
+    gc.collect()
+    thread.join(30)
+    assert not thread.is_alive()
