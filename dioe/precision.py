@@ -110,7 +110,7 @@ class PrecisionRecord:
 def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, calibration: Any) -> Optimized:
     """The faster of `opt` (the fp32 winner) and every whole-graph lower-precision choice that meets the budget,
     raced side by side; `opt` unchanged when `precision` is "fp32" or nothing below fp32 is legal."""
-    options = _candidates(job, precision)
+    options = candidates(job, precision)
     if not options:
         return opt
     s, captured = job.settings, job.captured
@@ -335,7 +335,7 @@ def _within(spot: AccuracyReport, judged: AccuracyReport, slack: float = 1e-4) -
     return True
 
 
-def _candidates(job: Job, precision: str) -> list[Choice]:
+def candidates(job: Job, precision: str) -> list[Choice]:
     """Each backend's best whole-graph member, at every lower precision both it and the member run."""
     below = _BELOW_FP32[check_precision(precision)]
     if not below:

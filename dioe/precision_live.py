@@ -295,7 +295,7 @@ class LivePrecision:
         self.counts["attempts"] += 1
         self.samples = samples = self.reservoir.snapshot()
         job = self.job
-        options = precisions._candidates(job, "live")
+        options = precisions.candidates(job, "live")
         self._event("testing", f"{len(samples.calibrate)} calibration and {len(samples.holdout)} shadow samples "
                     f"from {self._since} calls; candidates: {', '.join(o.label() for o in options) or 'none'}")
         if not options:
