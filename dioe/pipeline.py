@@ -21,6 +21,7 @@ from . import backends as registry
 from . import build as building
 from . import cache as _cache
 from . import precision as precisions
+from . import precision_live
 from . import race as racing
 from . import reload
 from . import tracing as _trace
@@ -46,8 +47,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
 
     `precision`: "auto" tries every precision the member and engine run below fp32, under the `accuracy` budget
     (a `dioe.Budget`; by default one picked from the model's output and documented on `Budget.default_for`);
-    "fp32" keeps every partition fp32; "bf16", "fp16" or "int8" cap the search there. `calibration`: input tuples
-    (or a callable returning them) to calibrate int8 on and to judge accuracy with, held apart; without it, DIOE
+    "fp32" keeps every partition fp32; "bf16", "fp16" or "int8" cap the search there; "live" serves fp32 and
+    switches to a lower precision once served inputs show it meets the budget (`dioe.precision_live`).
+    `calibration`: input tuples (or a callable returning them) to calibrate int8 on and to judge accuracy with,
+    held apart; without it, DIOE
     generates inputs like the example's and says so. `settings` holds every knob (the environment's cache folder
     and cap by default); `cache_dir` and `tolerance`, when given, override its own."""
     if objective not in ("latency", "throughput"):
@@ -55,6 +58,8 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     precisions.check_precision(precision)
     precisions.check_budget(accuracy)
     precisions.check_calibration(calibration)
+    if precision == "live":
+        precision_live.check_options(calibration=calibration)
     settings = _settings(settings, cache_dir=cache_dir, tolerance=tolerance)  # a bad $DIOE_CACHE_MAX fails here
     pool = _pool(hardware)
     backends = check_backends(backends, settings)
@@ -99,7 +104,9 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     with stage("race whole-graph rivals"):
         opt = racing.race(opt, job, verdict)
     # 9. below fp32: each engine's lower precisions that meet the accuracy budget, raced against the winner so far
-    if precision != "fp32":
+    if precision == "live":  # fp32 serves now; a lower precision is built from served inputs in the background
+        opt = precision_live.serve(opt, job, budget=accuracy)
+    elif precision != "fp32":
         with stage("precision", precision=precision):
             opt = precisions.choose(opt, job, precision=precision, budget=accuracy, calibration=calibration)
     # 10. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs

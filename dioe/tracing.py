@@ -314,6 +314,12 @@ class ChromeWriter:
                            self.tid(pid, f"profiling: {r['backend']}", 3), r["start"], r["end"],
                            {key: r[key] for key in ("segment", "backend", "precision", "phase", "median_ms", "error")
                             if r.get(key) is not None})
+            elif k == "precision":  # a live precision switch, or an attempt at one, with its reason
+                self.events.append({"name": f"precision {r['event']}", "cat": "precision", "ph": "i", "s": "p",
+                                    "pid": DIOE_PID, "tid": self.tid(DIOE_PID, "precision", 2),
+                                    "ts": self.us(r["start"]),
+                                    "args": {key: r[key] for key in ("model", "event", "why", "serving", "plan")
+                                             if key in r}})
             elif k == "op":
                 ops.append(r)
             elif k == "sample":

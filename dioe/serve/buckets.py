@@ -78,8 +78,8 @@ class Buckets:
             self.seq_buckets = ()
         self.options = dict(optimize_options or {})
         self.options.setdefault("hardware", opt.runtime.pool)
-        self.options.setdefault("precision", "fp32" if all(p.precision == "fp32" for p in opt.plan.partitions)
-                                else "auto")
+        self.options.setdefault("precision", "live" if hasattr(opt, "live") else "fp32" if all(
+            p.precision == "fp32" for p in opt.plan.partitions) else "auto")
         self.options.setdefault("name", self.name)
         own = Bucket(self.specs[0].shape[0], next(iter(lengths)) if lengths else None)
         self._plans: dict[Bucket, Any] = {own: opt}
