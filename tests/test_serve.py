@@ -140,14 +140,14 @@ def test_queued_requests_are_batched_highest_priority_first_then_in_arrival_orde
     # six requests all queued while it was held
     with Batcher(opt, model=model, max_batch_size=2, max_queue_delay_ms=0, priorities=3,
                  optimize_options=OPTIONS) as b:
-        run = b.buckets.run
+        submit = b.buckets.submit   # the worker hands every batch over through submit
 
-        def held_first(requests, shapes=None):   # the real run, once the first batch is let go
+        def held_first(requests, shapes=None):   # the real submit, once the first batch is let go
             formed.append([int(r[0][0, 0]) for r in requests])
             running.set()
             assert release.wait(60), "the test never let the first batch go"
-            return run(requests, shapes)
-        b.buckets.run = held_first
+            return submit(requests, shapes)
+        b.buckets.submit = held_first
         first = b.submit(xs[0])
         assert running.wait(60), "the worker never took the first request"
         # while the worker is held, six requests queue: priorities 3, 1, 2, 1, 3, 2 in arrival order
