@@ -44,8 +44,9 @@ from .files import private_dir, write_bytes, write_text
 from .prune_report import PruneResult, Stage
 
 STRATEGIES = ("magnitude", "l2", "taylor")
-# zoo models whose structure the pruner is known to keep consistent; gpt2's fused Conv1D attention is not one
-PRUNABLE_ZOO = ("bert-base", "minilm", "tiny-bert", "vit-base", "resnet50", "mobilenetv2", "tiny-mlp")
+# zoo models whose structure the pruner keeps consistent. Not gpt2 (its attention is one fused Conv1D) nor
+# vit-base (the dependency graph loses the hidden size at the class token's concatenation and cuts it)
+PRUNABLE_ZOO = ("bert-base", "minilm", "tiny-bert", "resnet50", "mobilenetv2", "tiny-mlp")
 STAGE_FORMAT = 1   # stage.json's layout; a reader refuses another
 _KEPT = ("embeddings", "embedder", "pooler", "classifier")   # top-level parts whose widths stay as they are
 

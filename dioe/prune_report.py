@@ -91,7 +91,8 @@ def time_stages(built: dict[str, object], inputs: tuple, *, budget_s: float, rou
     (`dioe.timing.side_by_side`); each has run once already, when DIOE verified it."""
     from .timing import side_by_side
 
-    per_round = side_by_side(built, inputs, rounds=rounds, repeats=50, budget_s=budget_s / rounds, warm=True)
+    calls = {name: (lambda xs, fn=fn: fn(*xs)) for name, fn in built.items()}  # side_by_side passes the inputs whole
+    per_round = side_by_side(calls, inputs, rounds=rounds, repeats=50, budget_s=budget_s / rounds, warm=True)
     return {name: round(statistics.median(ms), 3) for name, ms in per_round.items()}
 
 
