@@ -88,7 +88,8 @@ def attention_heads(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
     heads = {}
     for m in model.modules():
         n = getattr(m, "num_attention_heads", None)
-        if isinstance(n, int) and all(isinstance(getattr(m, p, None), torch.nn.Linear) for p in ("query", "key", "value")):
+        qkv = [getattr(m, p, None) for p in ("query", "key", "value")]
+        if isinstance(n, int) and all(isinstance(layer, torch.nn.Linear) for layer in qkv):
             for p in ("query", "key", "value"):
                 heads[getattr(m, p)] = n
     return heads
@@ -373,13 +374,16 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
         if not same:
             raise DIOEError(f"stage {k} reloaded from {folder} does not reproduce the pruned model's outputs")
         stages.append(measured(k, student, target, recovery=recovery, path=str(folder)))
+    problems: list[str] = []
     latency = report.latencies(models, name if isinstance(model, str) else None, size, batches, example, rows,
-                                 backends=backends, hardware=hardware, timing_s=timing_s, log=log) \
+                                 backends=backends, hardware=hardware, timing_s=timing_s, log=log,
+                                 problems=problems) \
         if batches else {}
     stages = [replace(s, latency_ms=latency.get(s.index, {})) for s in stages]
+    notes = report.notes(stages) + problems + [
+        "every stage, reloaded from its files, reproduced the pruned model's outputs exactly"]
     result = PruneResult(name, strategy, float(target_sparsity), steps, str(budget), tuple(stages),
-                         report.fitting_stage(stages), machine=_machine(), notes=tuple(report.notes(stages)) + (
-                             "every stage, reloaded from its files, reproduced the pruned model's outputs exactly",))
+                         report.fitting_stage(stages), machine=_machine(), notes=tuple(notes))
     paths = report.write_outputs(result, out)
     log(report.text_table(result))
     log("wrote " + ", ".join(str(p) for p in paths.values()))

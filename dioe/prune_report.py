@@ -3,8 +3,8 @@ table, JSON and plot a pruning run writes.
 
 Agreement uses the precision budget's metrics and bounds (`dioe.accuracy`): the budget picked for the dense model's
 output, or the one given, judged on held-out inputs that neither Taylor ranking nor recovery saw. Latency is DIOE's
-fp32 plan of each stage, the stages timed in interleaved rounds (as the race times contenders), so that a neighbour's load
-falls on every stage alike rather than on whichever ran during it.
+fp32 plan of each stage, the stages timed in interleaved rounds (as the race times contenders), so that a
+neighbour's load falls on every stage alike rather than on whichever ran during it.
 """
 
 from __future__ import annotations
@@ -194,9 +194,10 @@ def text_table(result: PruneResult) -> str:
 
 
 def latencies(models: dict, zoo_name: str | None, size: str, batches: Sequence[int], example: tuple, rows: int, *,
-              backends, hardware, timing_s: float, log) -> dict[int, dict[str, float]]:
+              backends, hardware, timing_s: float, log, problems: list[str]) -> dict[int, dict[str, float]]:
     """Each stage's DIOE fp32 plan, timed per batch size with every stage in interleaved rounds: a zoo model at
-    each of `batches`, an nn.Module at its example's batch."""
+    each of `batches`, an nn.Module at its example's batch. A stage DIOE cannot optimize is left untimed, and
+    said so in `problems`."""
     import warnings
 
     from .pipeline import optimize
@@ -214,10 +215,16 @@ def latencies(models: dict, zoo_name: str | None, size: str, batches: Sequence[i
             continue
         built = {}
         for k, m in models.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                opt = optimize(m, inputs, precision="fp32", name=f"{zoo_name or type(m).__name__}-pruned-{k}", backends=backends,
-                               hardware=hardware)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt = optimize(m, inputs, precision="fp32", name=f"{zoo_name or type(m).__name__}-pruned-{k}",
+                                   backends=backends, hardware=hardware)
+            except DIOEError as e:  # one stage DIOE cannot run is a result; the others are still timed
+                problems.append(f"stage {k}, batch {batch}: not timed, DIOE could not optimize it: "
+                                f"{str(e).splitlines()[0][:300]}")
+                log("  " + problems[-1])
+                continue
             built[str(k)] = opt
             log(f"  stage {k}, batch {batch}: DIOE plan " + ", ".join(f"{p.backend}@{p.member}"
                                                                       for p in opt.plan.partitions))
@@ -242,5 +249,5 @@ def notes(stages: Sequence[Stage]) -> list[str]:
     return notes
 
 
-__all__ = ["COLUMNS", "PruneResult", "Stage", "agreement", "fitting_stage", "latencies", "notes", "outputs", "plot", "table_rows",
-           "text_table", "time_stages", "write_outputs"]
+__all__ = ["COLUMNS", "PruneResult", "Stage", "agreement", "fitting_stage", "latencies", "notes", "outputs", "plot",
+           "table_rows", "text_table", "time_stages", "write_outputs"]
