@@ -373,7 +373,7 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
                                                            _float_leaves(models[k](*example))))
         if not same:
             raise DIOEError(f"stage {k} reloaded from {folder} does not reproduce the pruned model's outputs")
-        stages.append(measured(k, student, target, recovery=recovery, path=str(folder)))
+        stages.append(measured(k, student, target, recovery=recovery, path=folder.name))
     problems: list[str] = []
     latency = report.latencies(models, name if isinstance(model, str) else None, size, batches, example, rows,
                                  backends=backends, hardware=hardware, timing_s=timing_s, log=log,

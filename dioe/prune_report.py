@@ -38,7 +38,7 @@ class Stage:
     met: bool                     # whether the budget held
     latency_ms: dict = field(default_factory=dict)   # batch (as text) -> DIOE median ms
     recovery: dict = field(default_factory=dict)     # distillation loss before and after recovery, where it ran
-    path: str = ""                                   # the saved stage's folder
+    path: str = ""                                   # the saved stage's folder, in the run's output folder
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def test_a_module_is_pruned_with_its_own_inputs(tmp_path):
     stage = result.stages[1]
     assert stage.params < result.stages[0].params and stage.macs < result.stages[0].macs
     assert stage.recovery["steps"] == 2 and "top1" in stage.agreement
-    assert load_stage(stage.path).classifier[-1].out_features == 10
+    assert load_stage(tmp_path / stage.path).classifier[-1].out_features == 10
 
 
 @pytest.mark.parametrize("kwargs, words", [
