@@ -18,6 +18,7 @@ from .cost import Cost
 from .errors import (BackendError, BackendUnavailable, CaptureError, DescriptorError, DIOEError,
                      IndexRangeError, InputSpecError, PlanError, PoolError, RunError)
 from .plan import Plan
+from .prune import prune  # the function; `from dioe.prune import load_stage` still reaches the module
 from .pool import Member, ResourcePool
 from .settings import Settings
 from .tracing import Trace, trace
@@ -27,4 +28,4 @@ __version__ = "0.1.0"
 __all__ = ["BackendError", "BackendUnavailable", "Budget", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
            "DIOEError", "IndexRangeError", "InputSpecError", "Member", "Optimized", "Plan", "PlanError", "PoolError",
            "ResourcePool", "RunError", "Settings", "TensorSpec", "Trace", "capture", "hardware", "load", "optimize",
-           "trace", "zoo"]
+           "prune", "trace", "zoo"]
