@@ -145,8 +145,12 @@ class OpenvinoBackend(Backend):
                 return ov.convert_model(str(onnx))
 
         def from_torch():
+            # plain copies of the examples: a segment's inputs were recorded under inference mode, and OpenVINO's
+            # frontend re-runs the program outside it, where an in-place op on one (a residual add_) is refused
+            args = tuple(x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
+                         for x in part.example_inputs)
             with torch.no_grad():
-                ep = torch.export.export(part.gm, tuple(part.example_inputs), strict=False)
+                ep = torch.export.export(part.gm, args, strict=False)
             with _converting():
                 return ov.convert_model(ep)
         # the preferred frontend first; an op one frontend lacks, the other may have. Each one's conversion is
