@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..backend import Backend, Built, Partition, decomposes, host_view, quiet, write_atomically
+from ..backend import Backend, Built, Partition, decomposes, host_view, write_atomically
 from ..cache import reuse, touch
 from ..errors import BackendError
 from ..files import private_dir
@@ -191,28 +197,24 @@ class OpenvinoBackend(Backend):
                                "which needs calibration data: pass calibration=[input tuples shaped like its "
                                "example inputs]")
         import nncf
-        import openvino as ov
-        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
-                                                           AdvancedSmoothQuantParameters, OverflowFix)
 
         device = self.ov_device(member).split(".")[0]
         target = getattr(nncf.TargetDevice, device, nncf.TargetDevice.ANY)
         # SmoothQuant and symmetric activation x activation matmuls: NNCF's settings for transformers
         transformer = has_attention(part) or (part.calls("softmax") and part.calls("matmul", "bmm"))
         model_type = nncf.ModelType.TRANSFORMER if transformer else None
-        advanced = {}
+        advanced = {"overflow_fix": False, "smooth_quant_off": False}
         if device == "CPU" and u8s8_saturates():
             # NNCF's default fixes saturation on the first layer only; a CPU without VNNI needs it on every
             # one. It quantizes weights to 7 bits, and SmoothQuant (which moves activation outliers into the
             # weights) then costs more than it saves: without it, tiny-bert's worst pooler cosine over 16
             # inputs rose from 0.976 to 0.999, minilm's on padded sentences from 0.62 to 0.85 (and moved
             # 0.981 -> 0.977 on unpadded random tokens).
-            advanced["overflow_fix"] = OverflowFix.ENABLE
-            if transformer:
-                advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=-1)
+            advanced["overflow_fix"] = True
+            advanced["smooth_quant_off"] = transformer
         recipe = (f"nncf {nncf.__version__} model_type={model_type.value if model_type else 'default'} "
-                  f"target={target.value} overflow_fix={'enable' if advanced else 'default'} "
-                  f"smooth_quant={'off' if 'smooth_quant_alphas' in advanced else 'default'}")
+                  f"target={target.value} overflow_fix={'enable' if advanced['overflow_fix'] else 'default'} "
+                  f"smooth_quant={'off' if advanced['smooth_quant_off'] else 'default'}")
         keyed = isinstance(calibration, CalibrationKey)
         notes = {"recipe": recipe, "calibration_samples": 0 if keyed else len(calibration)}
         xml = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.xml"
@@ -220,16 +222,13 @@ class OpenvinoBackend(Backend):
             return self.core.read_model(str(xml)), str(xml), notes
         if keyed:
             raise missing(part, calibration, "OpenVINO")
-        model, _ = self.convert(part)
+        model, fp32_xml = self.convert(part)
         order = [i for _, i in part.input_order([p.get_any_name() for p in model.inputs], renamed=True)]
-        dataset = nncf.Dataset(calibration, lambda sample: [host_view(sample[i]) for i in order])
-        with quiet("nncf"):  # progress bars and per-step log lines
-            quantized = nncf.quantize(model, dataset, model_type=model_type, target_device=target,
-                                      subset_size=len(calibration),
-                                      advanced_parameters=AdvancedQuantizationParameters(**advanced))
-        write_atomically(self.cache_dir, xml.name,
-                         lambda p: ov.save_model(quantized, str(p), compress_to_fp16=False))
-        return quantized, str(xml), notes
+        samples = [[host_view(sample[i]) for i in order] for sample in calibration]
+        job = {"model": fp32_xml, "model_type": model_type.value if model_type else None, "target": target.value,
+               **advanced}
+        write_atomically(self.cache_dir, xml.name, lambda p: _quantize_apart(part, job, samples, p))
+        return self.core.read_model(str(xml)), str(xml), notes
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
                    alone: bool = False, calibration: Calibration | None = None):
@@ -342,3 +341,33 @@ def has_attention(part: Partition) -> bool:
     """Whether the partition calls one of aten's scaled-dot-product attention ops (the math one, or a fused
     kernel's op, as torch.export leaves them): the PyTorch frontend converts it to one fused op."""
     return part.calls("scaled_dot_product")
+
+
+def _quantize_apart(part: Partition, job: dict, samples: list, out: Path) -> None:
+    """Run NNCF on `job` (the fp32 IR and NNCF's settings) with `samples` in a child process (`dioe.nncf_worker`)
+    that writes the int8 IR to `out`. NNCF compiles the model to collect statistics, and OpenVINO can crash the
+    process there: a child that dies costs this partition its int8 candidate, with the reason, and nothing else."""
+    import numpy as np
+
+    worker = importlib.util.find_spec("dioe.nncf_worker").origin
+    with tempfile.TemporaryDirectory(prefix="dioe-nncf.") as tmp:   # owner-only, gone when done
+        files = []
+        for k, sample in enumerate(samples):
+            files.append([])
+            for j, x in enumerate(sample):
+                path = Path(tmp) / f"s{k}.{j}.npy"
+                np.save(path, np.ascontiguousarray(x), allow_pickle=False)
+                files[-1].append(str(path))
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps({**job, "samples": files, "out": str(out)}), encoding="utf-8")
+        # run as a file, from the scratch folder: neither dioe's folder nor the caller's is on the child's path
+        done = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                               "runpy.run_path(sys.argv[0], run_name='__main__')", worker, str(job_file)], cwd=tmp, capture_output=True,
+                              text=True)
+    if done.returncode != 0:
+        rc = done.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else \
+            f"exit status {rc}"
+        last = " | ".join(line.strip() for line in done.stderr.strip().splitlines()[-3:]) or "no message"
+        raise BackendError(f"partition {part.id}: NNCF's int8 quantization failed in its own process ({how}; "
+                           f"{last[:400]}); this partition has no OpenVINO int8 candidate")
