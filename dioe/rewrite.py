@@ -67,9 +67,10 @@ def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def swapped(model: torch.nn.Module) -> dict[str, str]:
-    """{module path: mechanism name} for the attention modules of `model` that run a swapped-in mechanism."""
+    """{module path: mechanism name} for the attention modules of `model` that run a swapped-in mechanism (a
+    module whose config was set back to another implementation runs that one, and is left out)."""
     return {name: getattr(m, ATTRIBUTE).name for name, m in attention_modules(model).items()
-            if getattr(m, ATTRIBUTE, None) is not None}
+            if getattr(m, ATTRIBUTE, None) is not None and m.config._attn_implementation == IMPLEMENTATION}
 
 
 def swap_attention(model: torch.nn.Module, spec: str | AttentionMechanism) -> torch.nn.Module:

@@ -62,6 +62,9 @@ def test_linear_swap_changes_the_function_and_keeps_the_weights(kind):
     assert not torch.equal(after, before), "linear attention computes a different function from softmax"
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    model.set_attn_implementation("sdpa")  # transformers' own switch undoes the swap
+    assert dioe.rewrite.swapped(model) == {}
+    assert torch.equal(_hidden(model, inputs), before)
 
 
 def _reference_linear(q, k, v, keep, causal):

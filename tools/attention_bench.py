@@ -64,8 +64,7 @@ def _encoder(seq: int, layers: int, variant: str):
 
     import dioe.rewrite
 
-    transformers_logging = tf.logging
-    transformers_logging.set_verbosity_error()
+    tf.logging.set_verbosity_error()
     torch.manual_seed(0)  # the same weights in every variant's process
     cfg = tf.BertConfig(num_hidden_layers=layers, max_position_embeddings=max(512, seq))
     model = tf.BertModel(cfg, add_pooling_layer=False).eval()
