@@ -103,9 +103,10 @@ class LinearAttention(AttentionMechanism):
                             f"additive {mask.dtype} mask, which it cannot fold into φ(k) without changing it")
         out_dtype = q.dtype
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        fq, fk, v = F.elu(q.to(work)) + 1, F.elu(k.to(work)) + 1, v.to(work)  # (B, H, T, D), all > 0
+        # in place where the tensor is our own: at long sequences these (B, H, T, D) temporaries are the peak
+        fq, fk, v = F.elu(q.to(work)).add_(1), F.elu(k.to(work)).add_(1), v.to(work)  # (B, H, T, D), all > 0
         if mask is not None and mask.shape[-2] == 1:
-            fk = fk * mask.transpose(-1, -2).to(work)  # (B, 1|H, Tk, 1): a masked key's φ is zero
+            fk.mul_(mask.transpose(-1, -2))  # (B, 1|H, Tk, 1): a masked key's φ is zero
             mask = None
         if mask is not None:
             _warn_dense()
@@ -113,11 +114,10 @@ class LinearAttention(AttentionMechanism):
         elif causal:
             out = self._causal(fq, fk, v)
         else:
-            kv = torch.einsum("bhkd,bhke->bhde", fk, v)            # (B, H, D, Dv)
-            z = fk.sum(dim=-2)                                     # (B, H, D)
-            num = torch.einsum("bhqd,bhde->bhqe", fq, kv)          # (B, H, Tq, Dv)
-            den = torch.einsum("bhqd,bhd->bhq", fq, z)             # (B, H, Tq)
-            out = num / (den.unsqueeze(-1) + self.eps)
+            kv = fk.transpose(-1, -2) @ v                          # (B, H, D, Dv)
+            z = fk.sum(dim=-2).unsqueeze(-1)                       # (B, H, D, 1)
+            del fk
+            out = (fq @ kv).div_((fq @ z).add_(self.eps))          # (B, H, Tq, Dv) / (B, H, Tq, 1)
         return out.to(out_dtype)
 
     def _dense(self, fq, fk, v, mask, causal):
