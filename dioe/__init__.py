@@ -9,7 +9,7 @@ if _util.find_spec(f"{__name__}.backends") is None:
                       "installed from backends/). Install DIOE (pip install -c constraints.txt '.[all]', or "
                       "pip install -e .) and run from outside the source tree, or use the `dioe` command.")
 
-from . import hardware, zoo
+from . import hardware, rewrite, zoo
 from .accuracy import Budget
 from .optimized import Optimized
 from .pipeline import load, optimize
@@ -28,4 +28,4 @@ __version__ = "0.1.0"
 __all__ = ["BackendError", "BackendUnavailable", "Budget", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
            "DIOEError", "IndexRangeError", "InputSpecError", "Member", "Optimized", "Plan", "PlanError", "PoolError",
            "ResourcePool", "RunError", "Settings", "TensorSpec", "Trace", "capture", "hardware", "load", "optimize",
-           "prune", "trace", "zoo"]
+           "prune", "rewrite", "trace", "zoo"]
