@@ -1,0 +1,64 @@
+"""CPU cores: pin a thread to a member's cores, and take a core away on purpose (a drift drill's background load).
+
+    >>> pin((0,))                                   # this thread runs on core 0 from now on  # doctest: +SKIP
+    >>> with Hog(core=0, seconds=10):               # three busy processes on core 0, gone on exit  # doctest: +SKIP
+    ...     ...
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+from .errors import DIOEError
+
+# A busy loop pinned to one core, that ends by itself after its time even if its parent dies without killing it.
+_BUSY = ("import os, sys, time\n"
+         "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+         "end = time.monotonic() + float(sys.argv[2])\n"
+         "while time.monotonic() < end:\n"
+         "    pass\n")
+
+
+def pin(cores: Sequence[int]) -> None:
+    """Pin the calling thread to `cores` (Linux applies `sched_setaffinity(0, ...)` to the calling thread only);
+    nothing to do for an empty list."""
+    if cores:
+        os.sched_setaffinity(0, set(cores))
+
+
+class Hog:
+    """`procs` busy processes pinned to `core`, for at most `seconds`: the load of a drift drill. They are started
+    in the caller's session on purpose: with the kernel's autogroup scheduling a process of another session gets
+    one group's share of the core, whatever its count, and the drill wants the core taken. Killed on exit."""
+
+    def __init__(self, *, core: int, seconds: float, procs: int = 3):
+        if not hasattr(os, "sched_setaffinity"):
+            raise DIOEError("taking a core needs Linux (os.sched_setaffinity)")
+        if core not in os.sched_getaffinity(0):
+            raise DIOEError(f"core {core} is not among the cores this process may use "
+                            f"{sorted(os.sched_getaffinity(0))}")
+        if not 0 < seconds <= 3600 or procs < 1:
+            raise DIOEError(f"a hog runs 1 or more processes for 0 to 3600 s; got {procs} for {seconds} s")
+        self.core, self.seconds, self.procs = core, seconds, procs
+        self._running: list[subprocess.Popen] = []
+
+    def start(self) -> "Hog":
+        self._running = [subprocess.Popen([sys.executable, "-c", _BUSY, str(self.core), str(self.seconds)])
+                         for _ in range(self.procs)]
+        return self
+
+    def stop(self) -> None:
+        for p in self._running:
+            p.kill()
+        for p in self._running:
+            p.wait(timeout=10)
+        self._running = []
+
+    def __enter__(self) -> "Hog":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
