@@ -17,6 +17,7 @@ from .errors import DIOEError
 # A busy loop pinned to one core, that ends by itself after its time even if its parent dies without killing it.
 _BUSY = ("import os, sys, time\n"
          "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+         "print('busy', flush=True)\n"
          "end = time.monotonic() + float(sys.argv[2])\n"
          "while time.monotonic() < end:\n"
          "    pass\n")
@@ -46,8 +47,17 @@ class Hog:
         self._running: list[subprocess.Popen] = []
 
     def start(self) -> "Hog":
-        self._running = [subprocess.Popen([sys.executable, "-c", _BUSY, str(self.core), str(self.seconds)])
-                         for _ in range(self.procs)]
+        """Start the processes and return once each is pinned and busy (an interpreter takes a while to start on
+        a loaded machine: the load is there when this returns)."""
+        self._running = [subprocess.Popen([sys.executable, "-c", _BUSY, str(self.core), str(self.seconds)],
+                                          stdout=subprocess.PIPE, text=True) for _ in range(self.procs)]
+        try:
+            for p in self._running:
+                if p.stdout.readline().strip() != "busy":
+                    raise DIOEError(f"a busy process for core {self.core} did not start (exit status {p.poll()})")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -55,6 +65,7 @@ class Hog:
             p.kill()
         for p in self._running:
             p.wait(timeout=10)
+            p.stdout.close()
         self._running = []
 
     def __enter__(self) -> "Hog":

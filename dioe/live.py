@@ -1,0 +1,388 @@
+"""Live re-planning: an optimized model that watches each member's run times while it serves, re-plans in the
+background when a member drifts from what it ran undisturbed (another process took its cores, a GPU got busy),
+swaps the new plan in between calls, and moves back when the drift goes.
+
+    >>> live = dioe.optimize(model, inputs, hardware="pool.yaml", live=True)     # doctest: +SKIP
+    >>> out = live(*inputs)                     # like the model; each call runs on exactly one plan
+    >>> live.stats["live"]["events"]            # every drift, recovery and swap, with the why  # doctest: +SKIP
+    >>> live.close()
+
+Each member's partitions run on the caller's thread, pinned for the while to the member's cores when the pool file
+names them (`cores:`), and timed with `perf_counter`. A reader thread compares each member's recent median with its
+undisturbed reference (`dioe.drift`): a drifted member's profile times are scaled by its slowdown and the planner
+runs again on that profile; a plan seen before is reused as built. A drifted member is probed with the work it
+drifted on, on the reader thread pinned to its cores, each tick, so that its recovery is seen wherever the plan has
+put that work since; when no member drifts any more, the plan optimize chose comes back. The swap is one reference
+assignment: a call reads the plan once, at its start, and finishes on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import build as building
+from . import partition
+from . import tracing as _trace
+from .cores import pin
+from .drift import Detector, Gauge, LiveSettings
+from .errors import BackendError, DIOEError
+from .plan import Plan
+from .planner import make_plan, unless_split_pays
+
+if TYPE_CHECKING:
+    from .optimized import Optimized
+    from .planner import Job
+    from .profile import Profile
+
+
+# A probe runs a drifted member's work back to back for PROBE_S (longer than a time slice of the OS, so that the
+# wait another process makes it shows), once every PROBE_EVERY ticks, and recovery is read from the median of the
+# last PROBE_WINDOW probes: with the default tick, a fifth of the core for the probes, and a recovery seen within
+# about 2.5 s. Only while the member drifts: it costs the process that took the core, not the plan.
+PROBE_S, PROBE_EVERY, PROBE_WINDOW = 0.02, 2, 7
+
+
+def plan_key(plan: Plan) -> tuple:
+    """What a plan runs where: two plans with the same key compute on the same engines in the same places."""
+    return tuple((p.nodes, p.member, p.backend, p.precision) for p in plan.partitions)
+
+
+class Generation:
+    """One built plan as the live model runs it: its steps in order, grouped into runs of one member each."""
+
+    def __init__(self, opt: Optimized):
+        self.opt, self.key = opt, plan_key(opt.plan)
+        compiled = opt.runtime.compiled
+        self.runs: list[tuple[str, list]] = []
+        for step in opt.program.steps:
+            m = compiled[step.partition].member
+            if self.runs and self.runs[-1][0] == m:
+                self.runs[-1][1].append(step)
+            else:
+                self.runs.append((m, [step]))
+        nodes = {p.id: p.nodes for p in opt.plan.partitions}
+        # what each member computes under this plan: its gauge's reference is kept per kind of work
+        self.work: dict[str, tuple] = {}
+        for step in opt.program.steps:
+            c = compiled[step.partition]
+            self.work[c.member] = self.work.get(c.member, ()) + ((nodes[step.partition], c.backend, c.precision),)
+        self.calls = 0
+
+    def members(self) -> list[str]:
+        return list(dict.fromkeys(m for m, _ in self.runs))
+
+    def summary(self) -> str:
+        return ", ".join(f"{p.id} {p.backend}@{p.member}/{p.precision}" for p in self.opt.plan.partitions)
+
+
+class Live:
+    """An optimized model under live re-planning; see the module docstring. Made by `go_live`."""
+
+    def __init__(self, opt: Optimized, job: Job, settings: LiveSettings):
+        self.job, self.settings, self.pool = job, settings, job.pool
+        origin = Generation(opt)
+        self._origin, self._gen = origin, origin
+        self._gens: dict[tuple, Generation] = {origin.key: origin}
+        self._cores = {m.id: set(m.cores) for m in self.pool.members}
+        self._pinning = any(self._cores.values())
+        s = settings
+        self._gauges = {m.id: Gauge(s.window) for m in self.pool.members}
+        self._detectors = {m.id: Detector(s.slow, s.recover, s.hold) for m in self.pool.members}
+        self._probes: dict[str, Gauge] = {}           # drifted member -> its probes' times
+        self._ticks = 0
+        self._seen: dict[tuple, int] = {}             # (member, drifted) -> the gauge count last read
+        self._ratios: dict[str, float] = {}
+        self._factors: dict[str, float] = {}         # drifted member -> the slowdown its profile is scaled by
+        self._probe_of: dict[str, Generation] = {}   # drifted member -> the plan it drifted under
+        self._pending: str | None = None             # why a re-plan waits for the dwell time to pass
+        self._swapped_at = time.monotonic()
+        self._lock = threading.Lock()
+        self.events: deque[dict] = deque(maxlen=256)
+        self.calls = 0
+        self.pool.start_telemetry(max(s.tick_s, 0.1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dioe-live", daemon=True)
+        self._thread.start()
+
+    # -- calls -------------------------------------------------------------------------------------------------
+    @property
+    def current(self) -> Optimized:
+        """The optimized model calls run on now."""
+        return self._gen.opt
+
+    @property
+    def plan(self) -> Plan:
+        return self._gen.opt.plan
+
+    def __call__(self, *args, **kwargs) -> Any:
+        gen = self._gen   # read once: this call runs on this plan to its end, whatever is swapped in meanwhile
+        opt = gen.opt
+        flat = opt.captured.flatten_inputs(args, kwargs)
+        env = dict(zip(opt.program.graph_inputs, flat))
+        tr, call, t0 = _trace.active(), 0, time.perf_counter()
+        if tr is not None:
+            tr.attach(self.pool, opt.plan)
+            tr.before_call()
+            call = tr.next_call()
+        home = os.sched_getaffinity(0) if self._pinning else None
+        shares, start = [], t0
+        try:
+            for member, steps in gen.runs:
+                pin(self._cores[member])
+                for step in steps:
+                    opt.runtime._run_step(step, env, tr, call)
+                end = time.perf_counter()
+                shares.append((member, end - start))
+                start = end
+        finally:
+            if home is not None:
+                os.sched_setaffinity(0, home)
+        if tr is not None:
+            tr.add("call", call=call, model=opt.plan.model, start=t0, end=time.perf_counter())
+        with self._lock:
+            gen.calls += 1
+            self.calls += 1
+        outs = []
+        for i, v in enumerate(opt.program.graph_outputs):
+            x = env[v] if v is not None else opt.program.constants[i]
+            outs.append(x.to("cpu") if isinstance(x, torch.Tensor) and x.device.type != "cpu" else x)
+        out = opt.captured.unflatten_outputs(tuple(outs))
+        # Each member's share of the call: from where the last one ended (the call's start, for the first) to the
+        # end of its partitions; the call's tail goes to the last. The whole call, not the runs alone: the OS lets
+        # a thread that another process keeps off its core run at once, on credit, and the wait falls on the
+        # caller's next steps instead, on the core it was left on (on a core taken by three busy processes, 1.7 ms
+        # runs took 1.7 ms and the calls around them 15 to 56 ms).
+        member, last = shares[-1]
+        shares[-1] = (member, last + time.perf_counter() - start)
+        for member, seconds in shares:
+            self._gauges[member].add(seconds)
+        return out
+
+    # -- watching ----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        warned = False
+        while not self._stop.wait(self.settings.tick_s):
+            try:
+                self._tick()
+            except Exception as e:  # the model keeps serving on its plan; the failure is an event, said once
+                self._event("error", why=f"{type(e).__name__}: {e}")
+                if not warned:
+                    warnings.warn(f"dioe: live re-planning failed ({type(e).__name__}: {e}); calls keep running on "
+                                  f"{self._gen.summary()}", RuntimeWarning)
+                    warned = True
+
+    def _tick(self) -> None:
+        self._probe()
+        gen, changes = self._gen, []
+        # how much slower than their references the plan's undisturbed members run now: load that slows every
+        # core alike. A drifted member is back when it is no slower than they are (by `recover`), not only when
+        # the whole machine is as quiet as when its reference was taken
+        peers = sorted(r for m, r in self._ratios.items() if m in gen.work and not self._detectors[m].drifted)
+        machine = max(1.0, peers[len(peers) // 2]) if peers else 1.0
+        for m, detector in self._detectors.items():
+            # an undisturbed member is read from the runs of its work in the plan; a drifted one from probes of
+            # the work it drifted on, whose undisturbed reference is known, wherever the plan has put it since
+            if detector.drifted:
+                if m not in self._probe_of:   # its probe failed: it stays scaled, as it drifted
+                    continue
+                gauge, key = self._probes[m], self._probe_of[m].work[m]
+            else:
+                gauge, key = self._gauges[m], gen.work.get(m)
+            if key is None or gauge.count == self._seen.get((m, detector.drifted)):
+                continue
+            self._seen[(m, detector.drifted)] = gauge.count
+            ratio = gauge.ratio(key, learn=not detector.drifted)
+            if ratio is None:
+                continue
+            self._ratios[m] = ratio
+            what = detector.update(ratio / machine if detector.drifted else ratio)
+            if what is not None:
+                changes.append(self._changed(m, what, ratio, gauge.median(), gauge.references[key], gen, machine))
+        if changes:
+            self._pending = "; ".join(changes)
+        if self._pending and time.monotonic() - self._swapped_at >= self.settings.min_dwell_s:
+            why, self._pending = self._pending, None
+            if self.settings.replan:
+                self._replan(why)
+
+    def _changed(self, m: str, what: str, ratio: float, now_s: float, ref_s: float, gen: Generation,
+                 machine: float) -> str:
+        util = self._utilization(m)
+        how = "drifted: ran" if what == "drift" else "recovered: runs"
+        why = (f"{m} {how} {ratio:.2f}x its undisturbed time ({now_s * 1e3:.3f} ms against {ref_s * 1e3:.3f} ms, "
+               f"median of its last {self.settings.window} runs) for {self.settings.hold} readings"
+               + (f", with the plan's members at {machine:.2f}x theirs" if what == "recovered" and machine > 1 else "")
+               + (f"; its cores {util:.0f}% busy" if util is not None else ""))
+        if what == "drift":
+            self._factors[m] = ratio
+            self._probe_of[m] = gen
+            probes = self._probes[m] = Gauge(PROBE_WINDOW)
+            probes.references = self._gauges[m].references   # the same work: the same undisturbed reference
+        else:
+            self._factors.pop(m, None)
+            self._probe_of.pop(m, None)
+            self._gauges[m].clear()   # its runs while drifted are not its undisturbed times
+        self._event(what, member=m, ratio=round(ratio, 3), machine_ratio=round(machine, 3), median_ms=round(now_s * 1e3, 4),
+                    reference_ms=round(ref_s * 1e3, 4), utilization_pct=util, why=why)
+        return why
+
+    def _utilization(self, member: str) -> float | None:
+        try:
+            return self.pool.telemetry(member).utilization_pct
+        except Exception:   # telemetry is context for the why; a reading that fails leaves it out
+            return None
+
+    def _probe(self) -> None:
+        """A probe (`_probe_run`) of the work it drifted on for each drifted member, on this thread pinned to its
+        cores, every `probe_every` ticks."""
+        self._ticks += 1
+        if self._ticks % PROBE_EVERY:
+            return
+        home = os.sched_getaffinity(0) if self._pinning else None
+        try:
+            for m, gen in list(self._probe_of.items()):
+                self._probe_run(m, gen)
+        finally:
+            if home is not None:
+                os.sched_setaffinity(0, home)
+
+    def _probe_run(self, member: str, gen: Generation) -> None:
+        """Runs of `member`'s work in `gen`, back to back for PROBE_S, timed per run: a probe as short as one
+        run is let onto a taken core at once, on credit, and would call the member recovered while it is not."""
+        opt = gen.opt
+        steps = [(opt.runtime.compiled[s.partition], opt.program.partition(s.partition).example_inputs)
+                 for m, run in gen.runs if m == member for s in run]
+        t0, runs = time.perf_counter(), 0
+        pin(self._cores[member])
+        try:
+            while not runs or time.perf_counter() - t0 < PROBE_S:
+                for c, inputs in steps:
+                    c(*[x.to(c.io_device) if isinstance(x, torch.Tensor) else x for x in inputs])
+                runs += 1
+        except BackendError as e:   # a probe that cannot run cannot show recovery: stop probing, and say so
+            self._probe_of.pop(member, None)
+            self._event("probe failed", member=member, why=str(e)[:300])
+            return
+        self._probes[member].add((time.perf_counter() - t0) / runs)
+
+    # -- re-planning ---------------------------------------------------------------------------------------------
+    def _replan(self, why: str) -> None:
+        t0 = time.perf_counter()
+        if not self._factors:   # nothing drifts now: back to the plan optimize chose, raced and verified
+            gen = self._origin
+        else:
+            job = self.job
+            scaled = scale_members(job.profile, self._factors)
+            note = "re-planned live: " + ", ".join(f"{m} scaled {f:.2f}x" for m, f in sorted(self._factors.items()))
+            plan = make_plan(job, partition.assign(job.segments, job.edges, scaled, job.pool), profile=scaled,
+                             replanned=True, notes=(note,))
+            plan = unless_split_pays(job, plan, profile=scaled)
+            gen = self._gens.get(plan_key(plan)) or self._build(plan)
+        plan_ms = round((time.perf_counter() - t0) * 1e3, 1)
+        if gen is self._gen:
+            self._event("kept", plan=gen.summary(), why=why, replan_ms=plan_ms)
+            return
+        self._swap(gen, why, plan_ms)
+
+    def _build(self, plan: Plan) -> Generation:
+        job = self.job
+        opt = building.build(job.captured, plan, job.pool, settings=job.settings, objective=job.objective)
+        if job.verify:
+            opt = building.verify(opt, settings=job.settings)
+        gen = Generation(opt)
+        self._gens[gen.key] = gen
+        return gen
+
+    def _swap(self, gen: Generation, why: str, replan_ms: float) -> None:
+        old = self._gen
+        for m, gauge in self._gauges.items():
+            if gen.work.get(m) != old.work.get(m):
+                gauge.clear()
+        self._gen = gen   # the swap: calls that start from now on run on `gen`; those under way finish on `old`
+        self._swapped_at = time.monotonic()
+        self._event("swap", plan_from=old.summary(), plan_to=gen.summary(), why=why, replan_ms=replan_ms)
+
+    def _event(self, what: str, **fields) -> None:
+        e = {"event": what, "time": time.time(), "call": self.calls, **fields}
+        self.events.append(e)
+        tr = _trace.active()
+        if tr is not None:
+            tr.add("live", start=time.perf_counter(), **e)
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """The current plan's run-time faults (`Optimized.stats`) and, under "live": the plan calls run on, the
+        calls served, each member's drift ratio, state and utilisation, and the events (drift, recovered, swap,
+        kept: the planner chose the plan running already), each with the why."""
+        members = {}
+        for m in self._gauges:
+            members[m] = {"ratio": round(self._ratios[m], 3) if m in self._ratios else None,
+                          "drifted": self._detectors[m].drifted, "scaled_by": self._factors.get(m),
+                          "utilization_pct": self._utilization(m), "in_plan": m in self._gen.work}
+        return {**self._gen.opt.stats,
+                "live": {"plan": self._gen.summary(), "calls": self.calls,
+                         "calls_per_plan": {g.summary(): g.calls for g in self._gens.values()},
+                         "swaps": sum(e["event"] == "swap" for e in self.events),
+                         "members": members, "events": list(self.events)}}
+
+    def swap_to(self, plan: Plan, *, why: str) -> None:
+        """Build `plan` (or reuse it, when built before) and swap it in now, as a drift would: for drills and for
+        an operator who knows better than the detector."""
+        gen = self._gens.get(plan_key(plan)) or self._build(plan)
+        if gen is not self._gen:
+            self._swap(gen, why, 0.0)
+
+    def close(self) -> None:
+        """Stop watching and end the member workers; calls after this are an error."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for g in self._gens.values():
+            g.opt.runtime.close()
+
+    def __enter__(self) -> "Live":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # what a caller of an `Optimized` reads (captured, program, runtime, race, save): the current plan's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._gen.opt, name)
+
+
+def scale_members(profile: Profile, factors: dict[str, float]) -> Profile:
+    """A copy of `profile` whose times for each member in `factors` are multiplied by its factor."""
+    scaled = copy.deepcopy(profile)
+    for options in scaled.times.values():
+        for option, t in list(options.items()):
+            k = factors.get(option.member)
+            if k is not None:
+                options[option] = type(t)(t.median_ms * k, t.p25_ms * k, t.p75_ms * k, t.runs)
+    return scaled
+
+
+def go_live(opt: Optimized, settings: LiveSettings | None = None, **overrides) -> Live:
+    """`opt` under live re-planning (see the module docstring). `opt` must come from `dioe.optimize`, which keeps
+    what re-planning needs (the profile and segments); `overrides` are `LiveSettings` fields."""
+    job = getattr(opt, "job", None)
+    if job is None:
+        raise DIOEError("live re-planning needs the profile that dioe.optimize measured; this model has none "
+                        "(a loaded plan was not profiled): optimize it, then go live")
+    settings = settings or LiveSettings()
+    if overrides:
+        unknown = sorted(set(overrides) - set(LiveSettings.__dataclass_fields__))
+        if unknown:
+            raise DIOEError(f"unknown live setting(s) {unknown}; known: {sorted(LiveSettings.__dataclass_fields__)}")
+        settings = LiveSettings(**{**settings.__dict__, **overrides})
+    return Live(opt, job, settings)
