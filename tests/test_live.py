@@ -173,17 +173,25 @@ def test_drift_drill_moves_off_a_taken_core_and_back():
         _drive(live, inputs, 2.0)
         with Hog(core=live.pool[first].cores[0], seconds=60):
             took = _until(live, inputs, "swap", 20.0)
-            assert took is not None, live.stats["live"]
+            events = live.stats["live"]["events"]
+            assert took is not None, events
             assert first not in live.plan.members()
-            drift = next(e for e in live.stats["live"]["events"] if e["event"] == "drift")
+            drift = next(e for e in events if e["event"] == "drift")
             assert drift["member"] == first and drift["ratio"] >= 2.5 and first in drift["why"]
-            _drive(live, inputs, 1.0)
-        back = _until(live, inputs, "swap", 30.0)
-        assert back is not None, live.stats["live"]
-        assert live.plan.members() == (first,)
+            _drive(live, inputs, 3.0)
+            # no flapping: while its core is taken, no plan puts work on it again
+            during = live.stats["live"]["events"]
+            assert not [e for e in during if e["event"] == "swap" and f"@{first}/" in e["plan_to"]], during
+        swapped = live.stats["live"]["swaps"]
+        t0 = time.monotonic()
+        while live.plan.members() != (first,) and time.monotonic() - t0 < 30.0:
+            _drive(live, inputs, 0.2)
+        events = live.stats["live"]["events"]
+        assert live.plan.members() == (first,), events       # back on the plan optimize chose
         _drive(live, inputs, 2.0)
         stats = live.stats["live"]
-        assert stats["swaps"] == 2, stats["events"]   # away and back: no flapping
+        # back in one swap, or two where the other member drifted too on a machine others load (a plan for that)
+        assert 1 <= stats["swaps"] - swapped <= 2 and live.plan.members() == (first,), stats["events"]
         assert stats["calls"] == sum(stats["calls_per_plan"].values())
         with torch.inference_mode():
             assert_matches_eager(model(*inputs), live(*inputs), rtol=1e-4)
