@@ -7,8 +7,9 @@ swaps the new plan in between calls, and moves back when the drift goes.
     >>> live.stats["live"]["events"]            # every drift, recovery and swap, with the why  # doctest: +SKIP
     >>> live.close()
 
-Each member's partitions run on the caller's thread, pinned for the while to the member's cores when the pool file
-names them (`cores:`), and timed with `perf_counter`. A reader thread compares each member's recent median with its
+Each member's partitions run on the caller's thread, pinned to the member's cores when the pool file names them
+(`cores:`; the thread stays there between calls, and `close` gives it its affinity back), and timed with
+`perf_counter`. A reader thread compares each member's recent mean with its
 undisturbed reference (`dioe.drift`): a drifted member's profile times are scaled by its slowdown and the planner
 runs again on that profile; a plan seen before is reused as built. A drifted member is probed with the work it
 drifted on, on the reader thread pinned to its cores, each tick, so that its recovery is seen wherever the plan has
@@ -35,7 +36,7 @@ from .cores import pin
 from .drift import Detector, Gauge, LiveSettings
 from .errors import BackendError, DIOEError
 from .plan import Plan
-from .planner import make_plan, unless_split_pays
+from .planner import inherited_notes, make_plan, unless_split_pays, whole_graph_plan
 
 if TYPE_CHECKING:
     from .optimized import Optimized
@@ -44,10 +45,11 @@ if TYPE_CHECKING:
 
 
 # A probe runs a drifted member's work back to back for PROBE_S (longer than a time slice of the OS, so that the
-# wait another process makes it shows), once every PROBE_EVERY ticks, and recovery is read from the median of the
-# last PROBE_WINDOW probes: with the default tick, a fifth of the core for the probes, and a recovery seen within
-# about 2.5 s. Only while the member drifts: it costs the process that took the core, not the plan.
-PROBE_S, PROBE_EVERY, PROBE_WINDOW = 0.02, 2, 7
+# wait another process makes it shows), once every PROBE_EVERY ticks, and recovery is read from the mean of the
+# last PROBE_WINDOW probes: with the default tick, a tenth of the core for the probes, and a recovery seen within
+# about 3 s. Only while the member drifts. Rarely, not more: a probe is Python between its runs, and a thread the OS
+# keeps off a taken core while it holds the GIL stalls every other thread of the process until it runs again.
+PROBE_S, PROBE_EVERY, PROBE_WINDOW = 0.01, 4, 7
 
 
 def plan_key(plan: Plan) -> tuple:
@@ -93,11 +95,14 @@ class Live:
         self._gens: dict[tuple, Generation] = {origin.key: origin}
         self._cores = {m.id: set(m.cores) for m in self.pool.members}
         self._pinning = any(self._cores.values())
+        self._where = threading.local()               # the cores this thread was last pinned to
+        self._homes: dict[int, set] = {}              # native id of each thread pinned -> its affinity before
         s = settings
         self._gauges = {m.id: Gauge(s.window) for m in self.pool.members}
         self._detectors = {m.id: Detector(s.slow, s.recover, s.hold) for m in self.pool.members}
         self._probes: dict[str, Gauge] = {}           # drifted member -> its probes' times
         self._ticks = 0
+        self._relative: dict[str, Gauge] = {}        # drifted member -> its probe times over a control's
         self._seen: dict[tuple, int] = {}             # (member, drifted) -> the gauge count last read
         self._ratios: dict[str, float] = {}
         self._factors: dict[str, float] = {}         # drifted member -> the slowdown its profile is scaled by
@@ -132,19 +137,15 @@ class Live:
             tr.attach(self.pool, opt.plan)
             tr.before_call()
             call = tr.next_call()
-        home = os.sched_getaffinity(0) if self._pinning else None
         shares, start = [], t0
-        try:
-            for member, steps in gen.runs:
-                pin(self._cores[member])
-                for step in steps:
-                    opt.runtime._run_step(step, env, tr, call)
-                end = time.perf_counter()
-                shares.append((member, end - start))
-                start = end
-        finally:
-            if home is not None:
-                os.sched_setaffinity(0, home)
+        for member, steps in gen.runs:
+            if self._pinning:
+                self._pin(member)
+            for step in steps:
+                opt.runtime._run_step(step, env, tr, call)
+            end = time.perf_counter()
+            shares.append((member, end - start))
+            start = end
         if tr is not None:
             tr.add("call", call=call, model=opt.plan.model, start=t0, end=time.perf_counter())
         with self._lock:
@@ -165,6 +166,19 @@ class Live:
         for member, seconds in shares:
             self._gauges[member].add(seconds)
         return out
+
+    def _pin(self, member: str) -> None:
+        """Pin the calling thread to `member`'s cores, and leave it there after the call: moving a running thread
+        to another core waits for that core's next scheduler tick (a 1.7 ms call took 4 ms when its thread was
+        pinned for the call and given its affinity back after it). `close` gives each thread its affinity back."""
+        cores = self._cores[member]
+        if not cores or getattr(self._where, "cores", None) == cores:
+            return
+        tid = threading.get_native_id()
+        with self._lock:
+            self._homes.setdefault(tid, os.sched_getaffinity(0))
+        pin(cores)
+        self._where.cores = cores
 
     # -- watching ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -199,13 +213,26 @@ class Live:
             if key is None or gauge.count == self._seen.get((m, detector.drifted)):
                 continue
             self._seen[(m, detector.drifted)] = gauge.count
-            ratio = gauge.ratio(key, learn=not detector.drifted)
+            relative = self._relative.get(m) if detector.drifted else None
+            if relative is not None and relative.full:
+                # probes against a control: the reading is their ratio, 1.0 when the member is as fast as the plan's
+                ratio = relative.mean()
+                self._ratios[m] = ratio
+                if detector.update(ratio) is not None:
+                    changes.append(self._changed(m, "recovered", ratio, None, None, gen, 1.0))
+                continue
+            else:
+                if detector.drifted:   # probes alone: against the member's own reference, as fast as the plan's
+                    gauge.references = self._gauges[m].references
+                ratio = gauge.ratio(key, learn=not detector.drifted)
+                now, ref = (gauge.mean(), gauge.references[key]) if ratio is not None else (None, None)
+                scale = machine if detector.drifted else 1.0
             if ratio is None:
                 continue
             self._ratios[m] = ratio
-            what = detector.update(ratio / machine if detector.drifted else ratio)
+            what = detector.update(ratio / scale)
             if what is not None:
-                changes.append(self._changed(m, what, ratio, gauge.median(), gauge.references[key], gen, machine))
+                changes.append(self._changed(m, what, ratio, now, ref, gen, scale))
         if changes:
             self._pending = "; ".join(changes)
         if self._pending and time.monotonic() - self._swapped_at >= self.settings.min_dwell_s:
@@ -213,25 +240,33 @@ class Live:
             if self.settings.replan:
                 self._replan(why)
 
-    def _changed(self, m: str, what: str, ratio: float, now_s: float, ref_s: float, gen: Generation,
+    def _changed(self, m: str, what: str, ratio: float, now_s: float | None, ref_s: float | None, gen: Generation,
                  machine: float) -> str:
         util = self._utilization(m)
         how = "drifted: ran" if what == "drift" else "recovered: runs"
         why = (f"{m} {how} {ratio:.2f}x its undisturbed time ({now_s * 1e3:.3f} ms against {ref_s * 1e3:.3f} ms, "
-               f"median of its last {self.settings.window} runs) for {self.settings.hold} readings"
+               f"mean of its last {self.settings.window} runs) for {self.settings.hold} readings" if now_s is not None
+               else f"{m} recovered: its probes ran {ratio:.2f}x as long as the same work on the cores of the plan's "
+                    f"members, at the same time, for {self.settings.hold} readings")
+        why = (why
                + (f", with the plan's members at {machine:.2f}x theirs" if what == "recovered" and machine > 1 else "")
                + (f"; its cores {util:.0f}% busy" if util is not None else ""))
         if what == "drift":
-            self._factors[m] = ratio
+            # the profile is scaled by the larger of the drift and the member's live time over its forecast: the
+            # profile was timed once, unpinned, and a rival member it once timed slower on a busy machine would
+            # otherwise keep the plan where it is
+            planned_s = sum(p.predicted_ms for p in gen.opt.plan.partitions if p.member == m) / 1e3
+            self._factors[m] = max(ratio, now_s / planned_s) if now_s is not None and planned_s > 0 else ratio
             self._probe_of[m] = gen
-            probes = self._probes[m] = Gauge(PROBE_WINDOW)
-            probes.references = self._gauges[m].references   # the same work: the same undisturbed reference
+            self._probes[m] = Gauge(PROBE_WINDOW)
+            self._relative.pop(m, None)
         else:
             self._factors.pop(m, None)
             self._probe_of.pop(m, None)
             self._gauges[m].clear()   # its runs while drifted are not its undisturbed times
-        self._event(what, member=m, ratio=round(ratio, 3), machine_ratio=round(machine, 3), median_ms=round(now_s * 1e3, 4),
-                    reference_ms=round(ref_s * 1e3, 4), utilization_pct=util, why=why)
+        self._event(what, member=m, ratio=round(ratio, 3), machine_ratio=round(machine, 3),
+                    mean_ms=None if now_s is None else round(now_s * 1e3, 4),
+                    reference_ms=None if ref_s is None else round(ref_s * 1e3, 4), utilization_pct=util, why=why)
         return why
 
     def _utilization(self, member: str) -> float | None:
@@ -241,27 +276,48 @@ class Live:
             return None
 
     def _probe(self) -> None:
-        """A probe (`_probe_run`) of the work it drifted on for each drifted member, on this thread pinned to its
-        cores, every `probe_every` ticks."""
+        """Probe the work each drifted member drifted on, on its cores and, as a control, on the cores of a member
+        the plan runs on now, every PROBE_EVERY ticks, from this thread. With a control, the probe's reading is the
+        ratio of the two: the same work at the same moment, under the same load of this process (the callers hold
+        the GIL between engine calls; a probe alone ran 1.5 to 2x its reference on a core nobody else wanted)."""
         self._ticks += 1
         if self._ticks % PROBE_EVERY:
             return
         home = os.sched_getaffinity(0) if self._pinning else None
         try:
             for m, gen in list(self._probe_of.items()):
-                self._probe_run(m, gen)
+                control = self._control(m)
+                t = self._probe_run(m, gen, self._cores[m])
+                if t is None:
+                    continue
+                if control is None:
+                    self._probes[m].add(t)
+                    continue
+                c = self._probe_run(m, gen, control)
+                if c is not None:
+                    self._relative.setdefault(m, Gauge(PROBE_WINDOW)).add(t / c)
         finally:
             if home is not None:
                 os.sched_setaffinity(0, home)
 
-    def _probe_run(self, member: str, gen: Generation) -> None:
-        """Runs of `member`'s work in `gen`, back to back for PROBE_S, timed per run: a probe as short as one
-        run is let onto a taken core at once, on credit, and would call the member recovered while it is not."""
+    def _control(self, member: str) -> set | None:
+        """The cores of a member the plan runs on, undrifted and pinned apart from `member`, or None."""
+        mine = self._cores[member]
+        for m in self._gen.work:
+            cores = self._cores[m]
+            if cores and not cores & mine and not self._detectors[m].drifted:
+                return cores
+        return None
+
+    def _probe_run(self, member: str, gen: Generation, cores: set) -> float | None:
+        """Seconds per run of `member`'s work in `gen` on `cores`, run back to back for PROBE_S: a probe as short as
+        one run is let onto a taken core at once, on credit, and would call the member recovered while it is not.
+        None when the work fails (the member is then no longer probed)."""
         opt = gen.opt
         steps = [(opt.runtime.compiled[s.partition], opt.program.partition(s.partition).example_inputs)
                  for m, run in gen.runs if m == member for s in run]
         t0, runs = time.perf_counter(), 0
-        pin(self._cores[member])
+        pin(cores)
         try:
             while not runs or time.perf_counter() - t0 < PROBE_S:
                 for c, inputs in steps:
@@ -270,8 +326,8 @@ class Live:
         except BackendError as e:   # a probe that cannot run cannot show recovery: stop probing, and say so
             self._probe_of.pop(member, None)
             self._event("probe failed", member=member, why=str(e)[:300])
-            return
-        self._probes[member].add((time.perf_counter() - t0) / runs)
+            return None
+        return (time.perf_counter() - t0) / runs
 
     # -- re-planning ---------------------------------------------------------------------------------------------
     def _replan(self, why: str) -> None:
@@ -284,7 +340,7 @@ class Live:
             note = "re-planned live: " + ", ".join(f"{m} scaled {f:.2f}x" for m, f in sorted(self._factors.items()))
             plan = make_plan(job, partition.assign(job.segments, job.edges, scaled, job.pool), profile=scaled,
                              replanned=True, notes=(note,))
-            plan = unless_split_pays(job, plan, profile=scaled)
+            plan = sequential(job, unless_split_pays(job, plan, profile=scaled), scaled)
             gen = self._gens.get(plan_key(plan)) or self._build(plan)
         plan_ms = round((time.perf_counter() - t0) * 1e3, 1)
         if gen is self._gen:
@@ -347,6 +403,12 @@ class Live:
         self._thread.join(timeout=5)
         for g in self._gens.values():
             g.opt.runtime.close()
+        for tid, home in self._homes.items():
+            try:
+                os.sched_setaffinity(tid, home)
+            except OSError:   # the thread has ended
+                pass
+        self._homes.clear()
 
     def __enter__(self) -> "Live":
         return self
@@ -359,6 +421,20 @@ class Live:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._gen.opt, name)
+
+
+def sequential(job: Job, plan: Plan, profile: Profile) -> Plan:
+    """`plan`, or the best whole-graph plan where `plan` splits the graph and the sum of its partitions' forecasts
+    does not beat that by the split margin: a live model runs its partitions one after another, so the overlap of
+    partitions on different members that the partitioner counts on is not there."""
+    ranked = partition.whole_graph_options(job.segments, profile, job.pool)
+    if len(plan.partitions) < 2 or not ranked:
+        return plan
+    option, ms = ranked[0]
+    if sum(p.predicted_ms for p in plan.partitions) < ms * (1 - job.settings.split_margin):
+        return plan
+    return whole_graph_plan(job, option, ms, profile=profile, replanned=True,
+                            notes=inherited_notes(plan) + ("live: partitions run one after another; whole graph",))
 
 
 def scale_members(profile: Profile, factors: dict[str, float]) -> Profile:

@@ -149,6 +149,10 @@ def _drive(live, inputs, seconds):
     return out
 
 
+def _events(live):
+    return [(e["event"], e.get("member"), e.get("plan_to"), e.get("why", "")[:160]) for e in live.stats["live"]["events"]]
+
+
 def _until(live, inputs, what, limit_s):
     """Call `live` until an event `what` is recorded; the seconds it took, or None within `limit_s`."""
     t0, seen = time.monotonic(), len(live.stats["live"]["events"])
@@ -163,35 +167,34 @@ def _until(live, inputs, what, limit_s):
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not {0, 1} <= os.sched_getaffinity(0),
                     reason="needs cores 0 and 1")
 def test_drift_drill_moves_off_a_taken_core_and_back():
-    """Two stand-in members on cores of their own; three busy processes take the core of the member the plan runs
-    on. Thresholds for a machine others load too: a member drifts at 2.5x, is back at 1.6x of the others."""
+    """Two stand-in members on cores of their own; eight busy processes take the core of the member the plan runs
+    on. Thresholds for a machine others load too: a member drifts at 2x, is back at 1.5x of the others."""
     model, inputs = dioe.zoo.load("tiny-mlp", batch=256)
-    settings = LiveSettings(slow=2.5, recover=1.6, hold=5, min_dwell_s=1.0)
+    settings = LiveSettings(slow=2.0, recover=1.5, hold=5, min_dwell_s=1.0)
     live = dioe.optimize(model, inputs, hardware=POOLS / "standin-cores.yaml", precision="fp32", live=settings)
     try:
         first = live.plan.partitions[0].member
         _drive(live, inputs, 2.0)
-        with Hog(core=live.pool[first].cores[0], seconds=60):
+        with Hog(core=live.pool[first].cores[0], seconds=60, procs=8):
             took = _until(live, inputs, "swap", 20.0)
             events = live.stats["live"]["events"]
-            assert took is not None, events
+            assert took is not None, _events(live)
             assert first not in live.plan.members()
             drift = next(e for e in events if e["event"] == "drift")
-            assert drift["member"] == first and drift["ratio"] >= 2.5 and first in drift["why"]
+            assert drift["member"] == first and drift["ratio"] >= 2.0 and first in drift["why"]
             _drive(live, inputs, 3.0)
             # no flapping: while its core is taken, no plan puts work on it again
             during = live.stats["live"]["events"]
-            assert not [e for e in during if e["event"] == "swap" and f"@{first}/" in e["plan_to"]], during
+            assert not [e for e in during if e["event"] == "swap" and f"@{first}/" in e["plan_to"]], _events(live)
         swapped = live.stats["live"]["swaps"]
         t0 = time.monotonic()
         while live.plan.members() != (first,) and time.monotonic() - t0 < 30.0:
             _drive(live, inputs, 0.2)
-        events = live.stats["live"]["events"]
-        assert live.plan.members() == (first,), events       # back on the plan optimize chose
+        assert live.plan.members() == (first,), _events(live)       # back on the plan optimize chose
         _drive(live, inputs, 2.0)
         stats = live.stats["live"]
         # back in one swap, or two where the other member drifted too on a machine others load (a plan for that)
-        assert 1 <= stats["swaps"] - swapped <= 2 and live.plan.members() == (first,), stats["events"]
+        assert 1 <= stats["swaps"] - swapped <= 2 and live.plan.members() == (first,), _events(live)
         assert stats["calls"] == sum(stats["calls_per_plan"].values())
         with torch.inference_mode():
             assert_matches_eager(model(*inputs), live(*inputs), rtol=1e-4)
