@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import threading
 import time
 import warnings
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -102,7 +104,14 @@ class Live:
         self._detectors = {m.id: Detector(s.slow, s.recover, s.hold) for m in self.pool.members}
         self._probes: dict[str, Gauge] = {}           # drifted member -> its probes' times
         self._ticks = 0
-        self._relative: dict[str, Gauge] = {}        # drifted member -> its probe times over a control's
+        # (on a core or waiting for one, on a core) nanoseconds, from the kernel's schedstat: of the threads that
+        # call the model, per tick, and of each drifted member's probes; their ratio is how long a thread there
+        # waited for a core (and not for this process's GIL, which a wall clock over CPU time would count)
+        self._callers_ran: deque = deque(maxlen=PROBE_WINDOW * PROBE_EVERY)
+        self._caller_stat: dict[int, tuple[int, int]] = {}
+        self._probed: dict[str, deque] = {}
+        self._probers: dict[str, ThreadPoolExecutor] = {}   # drifted member -> its probe thread, pinned there
+        self._probing: dict[str, Future] = {}
         self._seen: dict[tuple, int] = {}             # (member, drifted) -> the gauge count last read
         self._ratios: dict[str, float] = {}
         self._factors: dict[str, float] = {}         # drifted member -> the slowdown its profile is scaled by
@@ -112,6 +121,7 @@ class Live:
         self._lock = threading.Lock()
         self.events: deque[dict] = deque(maxlen=256)
         self.calls = 0
+        self._own_telemetry = not self.pool.telemetry_running   # stopped on close only if started here
         self.pool.start_telemetry(max(s.tick_s, 0.1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dioe-live", daemon=True)
@@ -201,6 +211,7 @@ class Live:
         # the whole machine is as quiet as when its reference was taken
         peers = sorted(r for m, r in self._ratios.items() if m in gen.work and not self._detectors[m].drifted)
         machine = max(1.0, peers[len(peers) // 2]) if peers else 1.0
+        plan_wait = self._callers_wait()
         for m, detector in self._detectors.items():
             # an undisturbed member is read from the runs of its work in the plan; a drifted one from probes of
             # the work it drifted on, whose undisturbed reference is known, wherever the plan has put it since
@@ -213,13 +224,15 @@ class Live:
             if key is None or gauge.count == self._seen.get((m, detector.drifted)):
                 continue
             self._seen[(m, detector.drifted)] = gauge.count
-            relative = self._relative.get(m) if detector.drifted else None
-            if relative is not None and relative.full:
-                # probes against a control: the reading is their ratio, 1.0 when the member is as fast as the plan's
-                ratio = relative.mean()
+            probed = self._probed.get(m) if detector.drifted else None
+            if probed is not None and len(probed) == probed.maxlen and plan_wait is not None:
+                # a drifted member is back when its probes wait for its cores (by `recover`) no more than the plan's
+                # calls wait for theirs: load that slows every core alike does not keep it drifted
+                # the median probe: one probe in a few waits out someone's whole time slice, and says nothing
+                ratio = statistics.median(w / max(r, 1) for w, r in probed) / plan_wait
                 self._ratios[m] = ratio
                 if detector.update(ratio) is not None:
-                    changes.append(self._changed(m, "recovered", ratio, None, None, gen, 1.0))
+                    changes.append(self._changed(m, "recovered", ratio, None, None, gen, plan_wait))
                 continue
             else:
                 if detector.drifted:   # probes alone: against the member's own reference, as fast as the plan's
@@ -240,16 +253,33 @@ class Live:
             if self.settings.replan:
                 self._replan(why)
 
+    def _callers_wait(self) -> float | None:
+        """How long the threads that call the model waited for a core per nanosecond on one, over the last ticks
+        (`waited`); None until they ran 20 ms in all, or where the kernel keeps no schedstat."""
+        for tid in list(self._homes):
+            now = schedstat(tid)
+            if now is None:
+                continue
+            before = self._caller_stat.get(tid)
+            self._caller_stat[tid] = now
+            if before is not None:
+                ran, waited_ = now[0] - before[0], now[1] - before[1]
+                self._callers_ran.append((ran + waited_, ran))
+        if sum(r for _, r in self._callers_ran) < 20e6:
+            return None
+        return waited(self._callers_ran)
+
     def _changed(self, m: str, what: str, ratio: float, now_s: float | None, ref_s: float | None, gen: Generation,
                  machine: float) -> str:
         util = self._utilization(m)
         how = "drifted: ran" if what == "drift" else "recovered: runs"
         why = (f"{m} {how} {ratio:.2f}x its undisturbed time ({now_s * 1e3:.3f} ms against {ref_s * 1e3:.3f} ms, "
                f"mean of its last {self.settings.window} runs) for {self.settings.hold} readings" if now_s is not None
-               else f"{m} recovered: its probes ran {ratio:.2f}x as long as the same work on the cores of the plan's "
-                    f"members, at the same time, for {self.settings.hold} readings")
+               else f"{m} recovered: its probes waited for its cores {ratio:.2f}x as much as the model's callers wait "
+                    f"for theirs ({machine:.2f} ns on or waiting for a core per ns on one), for {self.settings.hold} "
+                    "readings")
         why = (why
-               + (f", with the plan's members at {machine:.2f}x theirs" if what == "recovered" and machine > 1 else "")
+               + (f", with the plan's members at {machine:.2f}x theirs" if what == "recovered" and machine > 1 and now_s is not None else "")
                + (f"; its cores {util:.0f}% busy" if util is not None else ""))
         if what == "drift":
             # the profile is scaled by the larger of the drift and the member's live time over its forecast: the
@@ -259,7 +289,7 @@ class Live:
             self._factors[m] = max(ratio, now_s / planned_s) if now_s is not None and planned_s > 0 else ratio
             self._probe_of[m] = gen
             self._probes[m] = Gauge(PROBE_WINDOW)
-            self._relative.pop(m, None)
+            self._probed.pop(m, None)
         else:
             self._factors.pop(m, None)
             self._probe_of.pop(m, None)
@@ -276,48 +306,27 @@ class Live:
             return None
 
     def _probe(self) -> None:
-        """Probe the work each drifted member drifted on, on its cores and, as a control, on the cores of a member
-        the plan runs on now, every PROBE_EVERY ticks, from this thread. With a control, the probe's reading is the
-        ratio of the two: the same work at the same moment, under the same load of this process (the callers hold
-        the GIL between engine calls; a probe alone ran 1.5 to 2x its reference on a core nobody else wanted)."""
+        """Probe the work each drifted member drifted on, every PROBE_EVERY ticks, on a thread of its own that stays
+        pinned to the member's cores (moving a thread there for each probe would make it wait for the core's next
+        scheduler tick, each time: 4 ms of a 10 ms probe); not while the last probe is still running."""
         self._ticks += 1
         if self._ticks % PROBE_EVERY:
             return
-        home = os.sched_getaffinity(0) if self._pinning else None
-        try:
-            for m, gen in list(self._probe_of.items()):
-                control = self._control(m)
-                t = self._probe_run(m, gen, self._cores[m])
-                if t is None:
-                    continue
-                if control is None:
-                    self._probes[m].add(t)
-                    continue
-                c = self._probe_run(m, gen, control)
-                if c is not None:
-                    self._relative.setdefault(m, Gauge(PROBE_WINDOW)).add(t / c)
-        finally:
-            if home is not None:
-                os.sched_setaffinity(0, home)
+        for m, gen in list(self._probe_of.items()):
+            if m not in self._probers:
+                self._probers[m] = ThreadPoolExecutor(1, thread_name_prefix=f"dioe-live-probe-{m}", initializer=pin,
+                                                      initargs=(self._cores[m],))
+            f = self._probing.get(m)
+            if f is None or f.done():
+                self._probing[m] = self._probers[m].submit(self._probe_run, m, gen)
 
-    def _control(self, member: str) -> set | None:
-        """The cores of a member the plan runs on, undrifted and pinned apart from `member`, or None."""
-        mine = self._cores[member]
-        for m in self._gen.work:
-            cores = self._cores[m]
-            if cores and not cores & mine and not self._detectors[m].drifted:
-                return cores
-        return None
-
-    def _probe_run(self, member: str, gen: Generation, cores: set) -> float | None:
-        """Seconds per run of `member`'s work in `gen` on `cores`, run back to back for PROBE_S: a probe as short as
-        one run is let onto a taken core at once, on credit, and would call the member recovered while it is not.
-        None when the work fails (the member is then no longer probed)."""
+    def _probe_run(self, member: str, gen: Generation) -> None:
+        """`member`'s work in `gen`, run back to back for PROBE_S on its probe thread: a probe as short as one run
+        is let onto a taken core at once, on credit, and would call the member recovered while it is not."""
         opt = gen.opt
         steps = [(opt.runtime.compiled[s.partition], opt.program.partition(s.partition).example_inputs)
                  for m, run in gen.runs if m == member for s in run]
-        t0, runs = time.perf_counter(), 0
-        pin(cores)
+        t0, runs, stat0 = time.perf_counter(), 0, schedstat(threading.get_native_id())
         try:
             while not runs or time.perf_counter() - t0 < PROBE_S:
                 for c, inputs in steps:
@@ -326,8 +335,12 @@ class Live:
         except BackendError as e:   # a probe that cannot run cannot show recovery: stop probing, and say so
             self._probe_of.pop(member, None)
             self._event("probe failed", member=member, why=str(e)[:300])
-            return None
-        return (time.perf_counter() - t0) / runs
+            return
+        wall, stat1 = time.perf_counter() - t0, schedstat(threading.get_native_id())
+        self._probes[member].add(wall / runs)
+        if stat0 is not None and stat1 is not None:
+            ran, waited_ = stat1[0] - stat0[0], stat1[1] - stat0[1]
+            self._probed.setdefault(member, deque(maxlen=PROBE_WINDOW)).append((ran + waited_, ran))
 
     # -- re-planning ---------------------------------------------------------------------------------------------
     def _replan(self, why: str) -> None:
@@ -401,6 +414,10 @@ class Live:
         """Stop watching and end the member workers; calls after this are an error."""
         self._stop.set()
         self._thread.join(timeout=5)
+        for p in self._probers.values():
+            p.shutdown(wait=True)
+        if self._own_telemetry:
+            self.pool.stop_telemetry()
         for g in self._gens.values():
             g.opt.runtime.close()
         for tid, home in self._homes.items():
@@ -421,6 +438,21 @@ class Live:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._gen.opt, name)
+
+
+def waited(samples) -> float:
+    """(Running or waiting, running) samples summed, as a ratio: 1.0 for a thread that had its core all along."""
+    return sum(w for w, _ in samples) / max(sum(c for _, c in samples), 1e-9)
+
+
+def schedstat(tid: int) -> tuple[int, int] | None:
+    """(ns on a core, ns waiting for one) of thread `tid` of this process, from Linux's schedstat; None without."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            ran, waiting, _ = f.read().split()
+        return int(ran), int(waiting)
+    except (OSError, ValueError):
+        return None
 
 
 def sequential(job: Job, plan: Plan, profile: Profile) -> Plan:

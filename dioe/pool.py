@@ -309,6 +309,12 @@ class ResourcePool:
     def stop_telemetry(self) -> None:
         self._telemetry.stop()
 
+    @property
+    def telemetry_running(self) -> bool:
+        """Whether a background thread samples this pool (`start_telemetry`)."""
+        t = self._telemetry._thread
+        return t is not None and t.is_alive()
+
     def telemetry(self, member_id: str | None = None):
         """Latest sample of one member (or a dict of all). Never blocks: samples now if none is running."""
         samples = self._telemetry.latest()

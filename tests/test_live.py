@@ -186,15 +186,13 @@ def test_drift_drill_moves_off_a_taken_core_and_back():
             # no flapping: while its core is taken, no plan puts work on it again
             during = live.stats["live"]["events"]
             assert not [e for e in during if e["event"] == "swap" and f"@{first}/" in e["plan_to"]], _events(live)
-        swapped = live.stats["live"]["swaps"]
         t0 = time.monotonic()
-        while live.plan.members() != (first,) and time.monotonic() - t0 < 30.0:
+        while live.plan.members() != (first,) and time.monotonic() - t0 < 45.0:
             _drive(live, inputs, 0.2)
         assert live.plan.members() == (first,), _events(live)       # back on the plan optimize chose
-        _drive(live, inputs, 2.0)
+        back = [e for e in live.stats["live"]["events"] if e["event"] == "recovered" and e["member"] == first]
+        assert back and "recovered" in back[0]["why"], _events(live)
         stats = live.stats["live"]
-        # back in one swap, or two where the other member drifted too on a machine others load (a plan for that)
-        assert 1 <= stats["swaps"] - swapped <= 2 and live.plan.members() == (first,), _events(live)
         assert stats["calls"] == sum(stats["calls_per_plan"].values())
         with torch.inference_mode():
             assert_matches_eager(model(*inputs), live(*inputs), rtol=1e-4)
