@@ -1,4 +1,5 @@
-"""CPU cores: pin a thread to a member's cores, and take a core away on purpose (a drift drill's background load).
+"""CPU cores: pin a thread to a member's cores, read how long a thread waited for one (`schedstat`), and take a core
+away on purpose (a drift drill's background load).
 
     >>> pin((0,))                                   # this thread runs on core 0 from now on  # doctest: +SKIP
     >>> with Hog(core=0, seconds=10):               # three busy processes on core 0, gone on exit  # doctest: +SKIP
@@ -75,3 +76,18 @@ class Hog:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def waited(samples) -> float:
+    """(Running or waiting, running) samples summed, as a ratio: 1.0 for a thread that had its core all along."""
+    return sum(w for w, _ in samples) / max(sum(c for _, c in samples), 1e-9)
+
+
+def schedstat(tid: int) -> tuple[int, int] | None:
+    """(ns on a core, ns waiting for one) of thread `tid` of this process, from Linux's schedstat; None without."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            ran, waiting, _ = f.read().split()
+        return int(ran), int(waiting)
+    except (OSError, ValueError):
+        return None

@@ -19,7 +19,6 @@ assignment: a call reads the plan once, at its start, and finishes on it.
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import threading
@@ -34,57 +33,24 @@ import torch
 from . import build as building
 from . import partition
 from . import tracing as _trace
-from .cores import pin
+from .cores import pin, schedstat, waited
 from .drift import Detector, Gauge, LiveSettings
 from .errors import BackendError, DIOEError
+from .generation import Generation, plan_key, scale_members, sequential
 from .plan import Plan
-from .planner import inherited_notes, make_plan, unless_split_pays, whole_graph_plan
+from .planner import make_plan, unless_split_pays
 
 if TYPE_CHECKING:
     from .optimized import Optimized
     from .planner import Job
-    from .profile import Profile
 
 
 # A probe runs a drifted member's work back to back for PROBE_S (longer than a time slice of the OS, so that the
-# wait another process makes it shows), once every PROBE_EVERY ticks, and recovery is read from the mean of the
-# last PROBE_WINDOW probes: with the default tick, a tenth of the core for the probes, and a recovery seen within
+# wait another process makes it shows), once every PROBE_EVERY ticks, and recovery is read from the median of the
+# last PROBE_WINDOW probes: with the default tick, a twentieth of the member's core, and a recovery seen within
 # about 3 s. Only while the member drifts. Rarely, not more: a probe is Python between its runs, and a thread the OS
 # keeps off a taken core while it holds the GIL stalls every other thread of the process until it runs again.
 PROBE_S, PROBE_EVERY, PROBE_WINDOW = 0.01, 4, 7
-
-
-def plan_key(plan: Plan) -> tuple:
-    """What a plan runs where: two plans with the same key compute on the same engines in the same places."""
-    return tuple((p.nodes, p.member, p.backend, p.precision) for p in plan.partitions)
-
-
-class Generation:
-    """One built plan as the live model runs it: its steps in order, grouped into runs of one member each."""
-
-    def __init__(self, opt: Optimized):
-        self.opt, self.key = opt, plan_key(opt.plan)
-        compiled = opt.runtime.compiled
-        self.runs: list[tuple[str, list]] = []
-        for step in opt.program.steps:
-            m = compiled[step.partition].member
-            if self.runs and self.runs[-1][0] == m:
-                self.runs[-1][1].append(step)
-            else:
-                self.runs.append((m, [step]))
-        nodes = {p.id: p.nodes for p in opt.plan.partitions}
-        # what each member computes under this plan: its gauge's reference is kept per kind of work
-        self.work: dict[str, tuple] = {}
-        for step in opt.program.steps:
-            c = compiled[step.partition]
-            self.work[c.member] = self.work.get(c.member, ()) + ((nodes[step.partition], c.backend, c.precision),)
-        self.calls = 0
-
-    def members(self) -> list[str]:
-        return list(dict.fromkeys(m for m, _ in self.runs))
-
-    def summary(self) -> str:
-        return ", ".join(f"{p.id} {p.backend}@{p.member}/{p.precision}" for p in self.opt.plan.partitions)
 
 
 class Live:
@@ -438,46 +404,6 @@ class Live:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._gen.opt, name)
-
-
-def waited(samples) -> float:
-    """(Running or waiting, running) samples summed, as a ratio: 1.0 for a thread that had its core all along."""
-    return sum(w for w, _ in samples) / max(sum(c for _, c in samples), 1e-9)
-
-
-def schedstat(tid: int) -> tuple[int, int] | None:
-    """(ns on a core, ns waiting for one) of thread `tid` of this process, from Linux's schedstat; None without."""
-    try:
-        with open(f"/proc/self/task/{tid}/schedstat") as f:
-            ran, waiting, _ = f.read().split()
-        return int(ran), int(waiting)
-    except (OSError, ValueError):
-        return None
-
-
-def sequential(job: Job, plan: Plan, profile: Profile) -> Plan:
-    """`plan`, or the best whole-graph plan where `plan` splits the graph and the sum of its partitions' forecasts
-    does not beat that by the split margin: a live model runs its partitions one after another, so the overlap of
-    partitions on different members that the partitioner counts on is not there."""
-    ranked = partition.whole_graph_options(job.segments, profile, job.pool)
-    if len(plan.partitions) < 2 or not ranked:
-        return plan
-    option, ms = ranked[0]
-    if sum(p.predicted_ms for p in plan.partitions) < ms * (1 - job.settings.split_margin):
-        return plan
-    return whole_graph_plan(job, option, ms, profile=profile, replanned=True,
-                            notes=inherited_notes(plan) + ("live: partitions run one after another; whole graph",))
-
-
-def scale_members(profile: Profile, factors: dict[str, float]) -> Profile:
-    """A copy of `profile` whose times for each member in `factors` are multiplied by its factor."""
-    scaled = copy.deepcopy(profile)
-    for options in scaled.times.values():
-        for option, t in list(options.items()):
-            k = factors.get(option.member)
-            if k is not None:
-                options[option] = type(t)(t.median_ms * k, t.p25_ms * k, t.p75_ms * k, t.runs)
-    return scaled
 
 
 def go_live(opt: Optimized, settings: LiveSettings | None = None, **overrides) -> Live:

@@ -1,6 +1,7 @@
 """Live re-planning: the drift detector's hysteresis, swaps under concurrent callers, and the drift drill on two
 members pinned to cores of their own."""
 
+import json
 import os
 import threading
 import time
@@ -123,6 +124,23 @@ def test_no_call_is_lost_or_answered_twice_across_swaps(tiny_mlp_opt):
         stats = live.stats["live"]
         assert stats["calls"] == per_thread * threads == sum(stats["calls_per_plan"].values())
         assert stats["swaps"] - swapped_before >= 2 and all(e["why"] in ("build", "test") for e in stats["events"])
+    finally:
+        live.close()
+
+
+def test_swaps_are_events_in_the_trace(tiny_mlp_opt, tmp_path):
+    model, inputs, opt = tiny_mlp_opt
+    live = opt.go_live(tick_s=10.0)
+    try:
+        other = next(m for m in ("a", "b") if m not in opt.plan.members())
+        with dioe.trace(tmp_path / "t.json"):
+            live(*inputs)
+            live.swap_to(whole_graph_plan(live.job, Choice(other, "onnxruntime", "fp32"), 0.0), why="trace check")
+            live(*inputs)
+        events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+        swaps = [e for e in events if e.get("name") == "live swap"]
+        assert len(swaps) == 1 and swaps[0]["args"]["why"] == "trace check"
+        assert {e["args"]["member"] for e in events if e.get("cat") == "partition"} == set(opt.plan.members()) | {other}
     finally:
         live.close()
 
