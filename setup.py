@@ -18,6 +18,8 @@ EXTRAS = {
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "httpx>=0.27", "safetensors>=0.4",
               "matplotlib>=3.7"],
     "serve-ray": ["ray[serve]>=2.30"],
+    # safetensors and JSON hold each pruned stage, which reloads without torch-pruning; matplotlib draws the report
+    "prune": ["torch-pruning>=1.5", "safetensors>=0.4", "matplotlib>=3.7"],
     "test": ["pytest>=8", "jsonschema>=4"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

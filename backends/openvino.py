@@ -24,14 +24,15 @@ import collections
 import contextlib
 import threading
 import warnings
+from pathlib import Path
 
 import torch
 
 from ..backend import Backend, Built, Partition, decomposes, host_view, quiet, write_atomically
-from ..cache import reuse
+from ..cache import reuse, touch
 from ..errors import BackendError
 from ..files import private_dir
-from ..integrity import mark
+from ..integrity import check_folder, mark, seal_folder
 from ..masking import guarded_partition
 from ..pool import Member
 from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
@@ -43,6 +44,8 @@ _PRECISION = {v: k for k, v in _HINT.items()}
 _HEAVY = frozenset({"FullyConnected", "Convolution", "GroupConvolution", "Deconvolution", "MatMul",
                     "ScaledDotProductAttention", "ScaledDotProductAttentionWithKVCache", "RNNSeq", "RNNCell"})
 _CONVERTING = threading.Lock()
+_BLOB_FOLDERS = threading.Lock()
+_BLOB_LOCKS: dict[str, threading.Lock] = {}  # blob folder -> the lock held from its check to its seal
 # the modules of OpenVINO's converter that reach its telemetry package, each through its global `tm`
 _TELEMETRY_USERS = ("convert_impl", "telemetry_utils", "utils")
 
@@ -98,11 +101,15 @@ class OpenvinoBackend(Backend):
             import openvino as ov
 
             self._core = ov.Core()
-            # OpenVINO writes its blobs with the process's umask: an owner-only folder keeps them the owner's
             mark(self.cache_dir.parent)
-            private_dir(private_dir(self.cache_dir) / "blobs")
-            self._core.set_property({"CACHE_DIR": str(self.cache_dir / "blobs")})  # OpenVINO's own blob cache
         return self._core
+
+    def blob_folder(self, xml: str):
+        """OpenVINO's own compiled-blob cache (its CACHE_DIR) for the model at `xml`: a folder per IR, so that
+        the blobs checked before a compile are only those it may load. OpenVINO writes its blobs with the
+        process's umask: an owner-only folder keeps them the owner's."""
+        blobs = private_dir(self.cache_dir / "blobs")
+        return private_dir(blobs / Path(xml).name.removesuffix(".xml"))
 
     def op_support(self):
         from openvino.frontend.pytorch.torchdynamo.op_support import OperatorSupport
@@ -138,8 +145,12 @@ class OpenvinoBackend(Backend):
                 return ov.convert_model(str(onnx))
 
         def from_torch():
+            # plain copies of the examples: a segment's inputs were recorded under inference mode, and OpenVINO's
+            # frontend re-runs the program outside it, where an in-place op on one (a residual add_) is refused
+            args = tuple(x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
+                         for x in part.example_inputs)
             with torch.no_grad():
-                ep = torch.export.export(part.gm, tuple(part.example_inputs), strict=False)
+                ep = torch.export.export(part.gm, args, strict=False)
             with _converting():
                 return ov.convert_model(ep)
         # the preferred frontend first; an op one frontend lacks, the other may have. Each one's conversion is
@@ -236,8 +247,15 @@ class OpenvinoBackend(Backend):
         spec = member.descriptor.backend(self.name)
         if spec:
             config.update({k: v for k, v in spec.options.config.items()})
-        compiled = self.core.compile_model(model, device, config)
-        _owner_only(self.cache_dir / "blobs")
+        blobs = self.blob_folder(xml)
+        # OpenVINO compiles again over a truncated blob but loads one with flipped weights and runs them: each
+        # blob is sealed once written, and one that no longer matches its seal is deleted before OpenVINO looks
+        with _blob_lock(blobs):
+            check_folder(blobs, "OpenVINO compiled blob")
+            compiled = self.core.compile_model(model, device, {"CACHE_DIR": str(blobs), **config})
+            _owner_only(blobs)
+            seal_folder(blobs)
+        touch(blobs)  # OpenVINO does not touch a blob it reuses: the folder's time says when it was last used
         ran = _float_precision(compiled)
         if precision in ("bf16", "fp16") and ran != precision:
             caps = self.core.get_property(device, "OPTIMIZATION_CAPABILITIES")
@@ -263,6 +281,13 @@ class OpenvinoBackend(Backend):
             res = req.infer([host_view(xs[i]) for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
         return Built(run, xml, ran, notes)
+
+
+def _blob_lock(folder) -> threading.Lock:
+    """One compile at a time per blob folder in this process, so that no thread deletes as unsealed a blob that
+    another has just written and not yet sealed."""
+    with _BLOB_FOLDERS:
+        return _BLOB_LOCKS.setdefault(str(folder), threading.Lock())
 
 
 def _owner_only(folder) -> None:

@@ -20,6 +20,7 @@ from .live import Live
 from .errors import (BackendError, BackendUnavailable, CaptureError, DescriptorError, DIOEError,
                      IndexRangeError, InputSpecError, PlanError, PoolError, RunError)
 from .plan import Plan
+from .prune import prune  # the function; `from dioe.prune import load_stage` still reaches the module
 from .pool import Member, ResourcePool
 from .settings import Settings
 from .tracing import Trace, trace
@@ -28,5 +29,5 @@ __version__ = "0.1.0"
 
 __all__ = ["BackendError", "BackendUnavailable", "Budget", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
            "DIOEError", "IndexRangeError", "InputSpecError", "Live", "LiveSettings", "Member", "Optimized", "Plan",
-           "PlanError", "PoolError", "ResourcePool", "RunError", "Settings", "TensorSpec", "Trace", "capture", "hardware", "load", "optimize",
-           "trace", "zoo"]
+           "PlanError", "PoolError", "ResourcePool", "RunError", "Settings", "TensorSpec", "Trace", "capture", "hardware",
+           "load", "optimize", "prune", "trace", "zoo"]

@@ -51,8 +51,8 @@ def artifacts(root: Path) -> list[Artifact]:
     for folder in _folders(root):
         for f in folder.iterdir():
             if f.is_dir() and "." not in f.name:
-                # an engine's own cache (OpenVINO's compiled blobs): each file is one compiled model, evicted on
-                # its own; the engine does not touch a blob it reuses, so its age is its creation
+                # an engine's own cache (OpenVINO's compiled blobs): a folder of the blobs compiled from one IR
+                # (each with its seal), or one blob file where an older DIOE kept them all in one folder
                 for blob in f.iterdir():
                     groups.setdefault((folder.name, f"{f.name}/{blob.name.split('.', 1)[0]}"), []).append(blob)
             else:  # <digest>.onnx, <digest>.onnx.data, <digest>.xml, <digest>.bin, or a <digest>.<tmp> scratch dir

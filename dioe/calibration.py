@@ -35,7 +35,7 @@ class Samples:
 
     calibrate: list[tuple]
     holdout: list[tuple]
-    source: Literal["given", "generated"]
+    source: Literal["given", "generated", "live"]   # "live": sampled from served calls
 
 
 def split(calibration: Calibration, example_inputs: Sequence | torch.Tensor, *, n_calibrate: int, n_holdout: int,

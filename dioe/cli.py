@@ -11,6 +11,7 @@
     dioe descriptor schema               # print the descriptor JSON Schema
     dioe serve [MODEL|PLAN] [--port 8000] [batcher knobs]   # HTTP, dynamic batching, /metrics
     dioe loadtest URL|PLAN --rate R --duration S --concurrency N
+    dioe prune MODEL --target-sparsity 0.5 --pruning-strategy magnitude --steps 5 --output-dir DIR
 """
 
 from __future__ import annotations
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.command import add_parsers
 
     add_parsers(sub)
+    from .prune_command import add_parser as add_prune
+
+    add_prune(sub)
     return p
 
 

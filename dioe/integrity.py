@@ -1,10 +1,11 @@
 """Whether what DIOE finds in its cache is what it wrote there, and whether a folder is DIOE's to delete from.
 
-An artifact (an ONNX model and its weights, an OpenVINO IR pair) is sealed once its files are in place: a
-manifest beside it, written last, holds each file's size and sha256. Reuse checks the seal; a file that differs,
-is missing, or has no seal (a crash between the files and the seal, a disk error, an edit) is deleted with a
-warning and built again, so that a damaged file never runs in place of the model. Profiles and verdicts carry a
-sha256 of their own content and are measured or decided again when it does not match.
+An artifact (an ONNX model and its weights, an OpenVINO IR pair, a blob OpenVINO compiled into its own cache
+folder) is sealed once its files are in place: a manifest beside it, written last, holds each file's size and
+sha256. Reuse checks the seal; a file that differs, is missing, or has no seal (a crash between the files and the
+seal, a disk error, an edit) is deleted with a warning and built again, so that a damaged file never runs in place
+of the model. Profiles and verdicts carry a sha256 of their own content and are measured or decided again when it
+does not match.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -153,6 +154,30 @@ def discard(main: Path) -> None:
         _known.pop(str(f), None)
 
 
+# -- an engine's own cache folder: files the engine names and writes itself, each sealed on its own ----------------
+def check_folder(folder: Path, what: str) -> None:
+    """Before the engine reads `folder`: delete, with a warning, each file there that is not as sealed or was never
+    sealed, and each seal whose file is gone, so that the engine finds only intact files and builds the rest.
+    An engine that checks its own files misses bytes changed in place: OpenVINO loads a compiled blob with
+    flipped weights and runs it."""
+    for f in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        if f.name.endswith(SEAL):
+            if not f.with_name(f.name[:-len(SEAL)]).exists():
+                f.unlink(missing_ok=True)
+        elif f.is_file():
+            reusable(f, what)
+
+
+def seal_folder(folder: Path) -> None:
+    """After the engine wrote into `folder`: seal each file there that has no seal yet."""
+    for f in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        if f.is_file() and not f.name.endswith(SEAL) and not seal_path(f).exists():
+            try:
+                seal(f)
+            except FileNotFoundError:
+                pass  # removed meanwhile (another process found it unsealed): built again when next needed
+
+
 def remember(path: Path) -> None:
     """Note that `path`, as it is now, was found intact: the artifact was touched after it was checked."""
     _remember(Path(path))
@@ -227,5 +252,5 @@ def _record_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-__all__ = ["MARKER", "check_owned", "damage", "discard", "dumps_checked", "fingerprints", "forget", "load_checked",
-           "mark", "remember", "reusable", "seal", "seal_path", "side_files"]
+__all__ = ["MARKER", "check_folder", "check_owned", "damage", "discard", "dumps_checked", "fingerprints", "forget",
+           "load_checked", "mark", "remember", "reusable", "seal", "seal_folder", "seal_path", "side_files"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -23,6 +23,8 @@ from .runtime import Runtime
 from .split import Program
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from .live import Live
     from .planner import Job
     from .precision import PrecisionRecord
@@ -87,6 +89,23 @@ class Optimized:
             tr.add("call", call=call, model=self.plan.model, start=t0, end=time.perf_counter(),
                    sequential=tr.ops and self.runtime.concurrent)
             return self.captured.unflatten_outputs(out)
+
+    def submit(self, *args, **kwargs) -> "Future":
+        """`self(*args, **kwargs)` as a Future. A plan with stages on several members pipelines the calls
+        submitted together: batch k+1 enters the first stage while batch k is in the second (see `pipelining`)."""
+        from .pipelining import submit_call
+
+        return submit_call(self, args, kwargs)
+
+    def map(self, batches: Iterable, *, depth: int | None = None) -> Iterator:
+        """The outputs of `self(*batch)` for each batch (a tuple of inputs, or one input), in order, pipelined
+        across the plan's members with up to `depth` batches in flight.
+
+            >>> outs = list(opt.map([(x1,), (x2,)], depth=4))        # doctest: +SKIP
+        """
+        from .pipelining import map_calls
+
+        return map_calls(self, batches, depth)
 
     @property
     def stats(self) -> dict:

@@ -124,7 +124,12 @@ def is_chain(segments: Sequence[Segment], edges: Edges) -> bool:
     return all(ids[i - 1] in edges.preds(ids[i]) for i in range(1, len(ids)))
 
 
-def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: ResourcePool) -> Assignment:
+def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: ResourcePool, *,
+           objective: str = "latency") -> Assignment:
+    """`objective="latency"`: least predicted time of one call. `"throughput"`: least bottleneck of the plan run
+    as a pipeline of stages on distinct members (`bottleneck.pipeline_dp`), the time per batch of a stream."""
+    from .bottleneck import pipeline_dp   # it builds on this module's forecasts
+
     reference = pool.reference.id
     forbidden: set[tuple[str, str]] = set()  # (segment, member) pairs taken away for capacity
     moved: list[str] = []
@@ -136,14 +141,17 @@ def assign(segments: Sequence[Segment], edges: Edges, profile: Profile, pool: Re
         if empty:
             raise PoolError(f"no member can run segment {empty[0]} within its memory capacity and capabilities; "
                             f"failures: {profile.failures.get(empty[0], {})}")
-        if chain:
+        if objective == "throughput":
+            chosen = pipeline_dp(segments, edges, options, profile, reference)
+        elif chain:
             chosen = _dp(segments, edges, options, profile, reference)
         else:
             chosen = _heft(segments, edges, options, profile, reference)
         over = _over_capacity(segments, chosen, pool)
         if not over:
             return Assignment(chosen, simulate(segments, edges, chosen, options, profile, reference),
-                              "dp" if chain else "heft", tuple(moved), edges)
+                              "pipeline dp" if objective == "throughput" else "dp" if chain else "heft",
+                              tuple(moved), edges)
         member, segs = over
         # move the segment whose best alternative elsewhere costs least
         def penalty(s: Segment) -> float:

@@ -20,8 +20,8 @@ import torch
 from . import backends as registry
 from . import build as building
 from . import cache as _cache
-from . import partition
 from . import precision as precisions
+from . import precision_live
 from . import race as racing
 from . import reload
 from . import tracing as _trace
@@ -32,7 +32,7 @@ from .errors import DIOEError
 from .live import Live, go_live
 from .optimized import Optimized
 from .plan import Plan
-from .planner import Job, edges_of, make_plan, unless_split_pays, whole_graph_plan
+from .planner import Job, assign_for, edges_of, make_plan, unless_split_pays, whole_graph_plan
 from .pool import ResourcePool
 from .profile import profile_segments
 from .segment import segment_graph
@@ -50,8 +50,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
 
     `precision`: "auto" tries every precision the member and engine run below fp32, under the `accuracy` budget
     (a `dioe.Budget`; by default one picked from the model's output and documented on `Budget.default_for`);
-    "fp32" keeps every partition fp32; "bf16", "fp16" or "int8" cap the search there. `calibration`: input tuples
-    (or a callable returning them) to calibrate int8 on and to judge accuracy with, held apart; without it, DIOE
+    "fp32" keeps every partition fp32; "bf16", "fp16" or "int8" cap the search there; "live" serves fp32 and
+    switches to a lower precision once served inputs show it meets the budget (`dioe.precision_live`).
+    `calibration`: input tuples (or a callable returning them) to calibrate int8 on and to judge accuracy with,
+    held apart; without it, DIOE
     generates inputs like the example's and says so. `settings` holds every knob (the environment's cache folder
     and cap by default); `cache_dir` and `tolerance`, when given, override its own. `live` (True or a
     `dioe.LiveSettings`) returns the model under live re-planning (`dioe.live`): close it when done."""
@@ -62,6 +64,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     precisions.check_calibration(calibration)
     if not isinstance(live, (bool, LiveSettings)):
         raise DIOEError(f"live must be True, False or a dioe.LiveSettings, got {live!r}")
+    if live and precision == "live":
+        raise DIOEError("live re-planning (live=...) and precision='live' cannot be combined yet: choose one")
+    if precision == "live":
+        precision_live.check_options(calibration=calibration)
     settings = _settings(settings, cache_dir=cache_dir, tolerance=tolerance)  # a bad $DIOE_CACHE_MAX fails here
     pool = _pool(hardware)
     backends = check_backends(backends, settings)
@@ -83,9 +89,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
                                    graph_hash=captured.structure_hash(), cache_dir=settings.cache_dir,
                                    progress=progress)
     job = Job(captured, tuple(segments), edges_of(program, captured), profile, pool, objective, verify, settings)
-    # 4. partition: DP on chains, HEFT on DAGs, within capabilities and memory; no split that would not pay
+    # 4. partition: DP on chains, HEFT on DAGs (for throughput: the least bottleneck of a pipeline of stages),
+    #    within capabilities and memory; no split that would not pay
     with stage("partition"):
-        plan = make_plan(job, partition.assign(job.segments, job.edges, profile, pool))
+        plan = make_plan(job, assign_for(job))
         plan = unless_split_pays(job, plan)
     # a warm run reuses the race's verdict for this very plan: it compiles the winner and skips the rivals
     verdict = racing.Verdict(settings.cache_dir, profile, plan)
@@ -105,7 +112,9 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     with stage("race whole-graph rivals"):
         opt = racing.race(opt, job, verdict)
     # 9. below fp32: each engine's lower precisions that meet the accuracy budget, raced against the winner so far
-    if precision != "fp32":
+    if precision == "live":  # fp32 serves now; a lower precision is built from served inputs in the background
+        opt = precision_live.serve(opt, job, budget=accuracy)
+    elif precision != "fp32":
         with stage("precision", precision=precision):
             opt = precisions.choose(opt, job, precision=precision, budget=accuracy, calibration=calibration)
     # 10. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
@@ -114,7 +123,8 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
                     keep=[c.artifact for c in opt.runtime.compiled.values()])
     except DIOEError as e:  # a cache folder DIOE does not own: the model is optimized all the same
         warnings.warn(f"dioe: the cache was not trimmed to its cap: {e}", RuntimeWarning, stacklevel=2)
-    opt.job = job   # live re-planning runs the planner again on this profile
+    if isinstance(opt, Optimized):
+        opt.job = job   # live re-planning runs the planner again on this profile
     if live:
         return go_live(opt, live if isinstance(live, LiveSettings) else None)
     return opt

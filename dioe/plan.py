@@ -95,6 +95,16 @@ class PlanPartition:
 
 
 @dataclass(frozen=True)
+class PlanStage:
+    """One stage of the plan run as a pipeline (`opt.map`, `opt.submit`): consecutive partitions on one member,
+    run by that member's worker thread while the other members work on other batches."""
+
+    member: str
+    partitions: tuple[str, ...]
+    predicted_ms: float = field(metadata=_TIME)   # its partitions plus the copies into it, per batch
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     graph_hash: str
@@ -110,6 +120,8 @@ class Plan:
     version: int = PLAN_VERSION
     # AccuracyReport dict of the plan against fp32 eager on held-out samples; None where nothing was judged (fp32)
     accuracy: Mapping[str, Any] | None = None
+    # the pipeline's stages, in order; () in plans saved before stages were recorded
+    stages: tuple[PlanStage, ...] = ()
 
     # -- JSON -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -173,6 +185,14 @@ class Plan:
                     raise where.error(path + ("partitions", i, "nodes", j),
                                       f"node {n!r} is already in partition {owner[n]!r}; expected each node once")
                 owner[n] = p.id
+        known = set(ids)
+        for i, st in enumerate(self.stages):
+            for j, pid in enumerate(st.partitions):
+                if pid not in known:
+                    raise where.error(path + ("stages", i, "partitions", j),
+                                      f"{pid!r} is not a partition of this plan (or is in two stages); expected "
+                                      f"one of {', '.join(sorted(known)) or 'none left'}")
+                known.discard(pid)
         for i, spec_ in enumerate(self.inputs):
             if spec_:   # a non-tensor input has no spec
                 _check_input(spec_, where, path + ("inputs", i))
@@ -188,6 +208,15 @@ class Plan:
     # -- reading --------------------------------------------------------------------------------------------
     def members(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p.member for p in self.partitions))
+
+    @property
+    def bottleneck_ms(self) -> float | None:
+        """Predicted time per batch of a stream through the pipeline: its busiest member's stages. None for a plan
+        without recorded stages."""
+        load: dict[str, float] = {}
+        for st in self.stages:
+            load[st.member] = load.get(st.member, 0.0) + st.predicted_ms
+        return max(load.values()) if load else None
 
     def summary(self) -> str:
         """A table a person can read: each partition, where it runs, its share and why it was chosen."""
@@ -211,6 +240,11 @@ class Plan:
         if self.replanned:
             tail += "; re-planned once after measuring"
         lines.append(tail)
+        if len(self.stages) > 1:
+            steps = " -> ".join(f"{st.member} [{', '.join(st.partitions)}] {show_ms(st.predicted_ms)} ms"
+                                for st in self.stages)
+            lines.append(f"pipeline stages: {steps}; a stream takes a batch every {show_ms(self.bottleneck_ms)} ms "
+                         "(predicted bottleneck)")
         if self.accuracy is not None:
             from .accuracy import AccuracyReport   # reading a plan needs no accuracy code until it has a report
 
@@ -265,4 +299,5 @@ def _check_accuracy(report: Mapping, where: LineMap, path: Path_) -> None:
     build(tuple[MetricResult, ...], report["results"], where, path + ("results",))
 
 
-__all__ = ["Choice", "OBJECTIVES", "PRECISIONS", "Plan", "PlanPartition", "round_ms", "safe_name", "show_ms"]
+__all__ = ["Choice", "OBJECTIVES", "PRECISIONS", "Plan", "PlanPartition", "PlanStage", "round_ms", "safe_name",
+           "show_ms"]

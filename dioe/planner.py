@@ -11,9 +11,10 @@ from typing import Sequence
 
 import torch
 
+from .bottleneck import stage_loads
 from .capture import CapturedGraph, TensorSpec
 from .partition import INPUT, OUTPUT, Assignment, Edges, partition_groups, run_as_one_ms, whole_graph_options
-from .plan import Choice, Plan, PlanPartition
+from .plan import Choice, Plan, PlanPartition, PlanStage
 from .pool import ResourcePool
 from .profile import Profile
 from .segment import Segment
@@ -31,8 +32,9 @@ class Job:
     edges: Edges
     profile: Profile
     pool: ResourcePool
-    # "latency" or "throughput": the engines' own hint (OpenVINO's performance mode); the plan records it. The
-    # partitioner minimises latency either way: with one call at a time, the two coincide.
+    # "latency": the partitioner minimises one call's time. "throughput": the time per batch of a stream run as a
+    # pipeline across members (its bottleneck stage); the engines get it as their hint (OpenVINO's performance
+    # mode) either way, and the plan records it.
     objective: str
     verify: bool                  # check every compiled partition against eager before it is used
     settings: Settings
@@ -55,6 +57,17 @@ def edges_of(program: Program, captured: CapturedGraph) -> Edges:
         if v is not None and v in producer:
             out[(producer[v], OUTPUT)] = out.get((producer[v], OUTPUT), 0) + nbytes.get(v, 0)
     return Edges(out)
+
+
+def assign_for(job: Job, profile: Profile | None = None) -> Assignment:
+    """The partitioner's assignment for the job's objective (`partition.assign`), from `profile` (the job's
+    unless given)."""
+    from . import partition   # through the module: a test may stand in for assign
+
+    profile = profile or job.profile
+    if job.objective == "throughput":
+        return partition.assign(job.segments, job.edges, profile, job.pool, objective="throughput")
+    return partition.assign(job.segments, job.edges, profile, job.pool)
 
 
 def make_plan(job: Job, assignment: Assignment, *, profile: Profile | None = None, replanned: bool = False,
@@ -92,7 +105,17 @@ def make_plan(job: Job, assignment: Assignment, *, profile: Profile | None = Non
     return Plan(captured.name, captured.structure_hash(), job.pool.fingerprint(), job.objective, tuple(parts),
                 round_ms(assignment.predicted_ms),
                 inputs=tuple(s.to_dict() if s else {} for s in captured.input_specs),
-                replanned=replanned, notes=tuple(notes))
+                replanned=replanned, notes=tuple(notes), stages=_stages(job, assignment, profile, groups, parts))
+
+
+def _stages(job: Job, assignment: Assignment, profile: Profile, groups, parts) -> tuple[PlanStage, ...]:
+    """The plan's pipeline stages: its partitions grouped by member in order, each with its predicted load."""
+    options = {s.id: {o: t.median_ms for o, t in profile.times[s.id].items()} for s in job.segments}
+    loads = stage_loads(job.segments, assignment.edges or job.edges, assignment.options, options, profile,
+                        job.pool.reference.id)
+    owner = {s.id: p.id for g, p in zip(groups, parts) for s in g}
+    return tuple(PlanStage(ld.member, tuple(dict.fromkeys(owner[s] for s in ld.segments)), round_ms(ld.ms))
+                 for ld in loads)
 
 
 THREADS_NOTE = "thread budget: "
@@ -145,9 +168,12 @@ def unless_split_pays(job: Job, plan: Plan, *, profile: Profile | None = None) -
     if len(plan.partitions) < 2 or not ranked:
         return plan
     option, ms = ranked[0]
-    if plan.predicted_ms < ms * (1 - margin):
+    # a throughput plan is judged by its time per batch in a stream: the bottleneck of its pipeline
+    own = plan.bottleneck_ms if job.objective == "throughput" and plan.stages else plan.predicted_ms
+    if own < ms * (1 - margin):
         return plan
-    note = (f"a split plan of {len(plan.partitions)} partitions was predicted at {show_ms(plan.predicted_ms)} ms "
+    what = "a batch every " if job.objective == "throughput" else ""
+    note = (f"a split plan of {len(plan.partitions)} partitions was predicted at {what}{show_ms(own)} ms "
             f"against {show_ms(ms)} ms for {option} over the whole graph; a split must gain {margin:.0%}, so it "
             "was not built")
     return whole_graph_plan(job, option, ms, profile=profile, replanned=plan.replanned,

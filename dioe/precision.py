@@ -37,12 +37,12 @@ from .plan import Choice
 from .planner import Job, whole_graph_plan
 from .text import round_ms, show_ms
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "live")
 FP32 = "fp32 plan"   # the fp32 winner's name among the precision contenders
 # What each `precision=` lets the search try below fp32: "auto" anything the member and engine run; a precision
 # caps the search there (int8 still allows the 16-bit floats, which lose less).
 _BELOW_FP32 = {"auto": ("int8", "bf16", "fp16"), "int8": ("int8", "bf16", "fp16"), "bf16": ("bf16",),
-               "fp16": ("fp16",), "fp32": ()}
+               "fp16": ("fp16",), "fp32": (), "live": ("int8", "bf16", "fp16")}
 
 
 def check_precision(precision: str) -> str:
@@ -110,7 +110,7 @@ class PrecisionRecord:
 def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, calibration: Any) -> Optimized:
     """The faster of `opt` (the fp32 winner) and every whole-graph lower-precision choice that meets the budget,
     raced side by side; `opt` unchanged when `precision` is "fp32" or nothing below fp32 is legal."""
-    options = _candidates(job, precision)
+    options = candidates(job, precision)
     if not options:
         return opt
     s, captured = job.settings, job.captured
@@ -135,11 +135,47 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         reused = _reuse(opt, job, verdict, samples)
         if reused is not None:
             return reused
-    with torch.inference_mode():
-        reference = [tuple(captured.gm(*x)) for x in holdout]
+    reference = eager_outputs(job, holdout)
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
              f"({samples.source} inputs) against fp32 eager; calibrated on {len(samples.calibrate)} others"]
     fp32_report = evaluate(budget, reference, _outputs(opt, holdout))
+    tried, built = judge(job, options, samples, budget, reference)
+    notes += [f"{c.option}: {c.why}" for c in tried if c.why]
+
+    def record(fast: dict, winner: str) -> PrecisionRecord:
+        rec = PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, winner)
+        verdict.save(rec, notes)
+        return rec
+    if not built:
+        notes.append("no lower precision met the budget on this machine; the plan stays fp32")
+        opt.precision_search = record({}, FP32)
+        return _keep_fp32(opt, fp32_report, notes)
+    best, fast, med, said = pick(opt, built, job)
+    notes += said
+    if best == FP32:
+        opt.precision_search = record(fast, FP32)
+        return _keep_fp32(opt, fp32_report, notes)
+    won = next(c for c in tried if c.option.label() == best)
+    rec = record(fast, best)
+    return _promote(opt, built[best], won, fast, med, notes, rec)
+
+
+def _keep_fp32(opt: Optimized, fp32_report: AccuracyReport, notes: Sequence[str]) -> Optimized:
+    opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
+    return opt
+
+
+def eager_outputs(job: Job, inputs: Sequence[Sequence]) -> list[tuple]:
+    """fp32 eager's outputs on `inputs`: what every candidate is judged against."""
+    with torch.inference_mode():
+        return [tuple(job.captured.gm(*x)) for x in inputs]
+
+
+def judge(job: Job, options: Sequence[Choice], samples: Samples, budget: Budget,
+          reference: Sequence) -> tuple[list[Candidate], dict[str, Optimized]]:
+    """Build every option calibrated on `samples.calibrate` and judge it on `samples.holdout` against `reference`
+    (fp32 eager's outputs on them): what each did, and the built ones that met the budget, by label."""
+    holdout = [list(x) for x in samples.holdout]
     built: dict[str, Optimized] = {}
     tried: list[Candidate] = []
     for option in options:
@@ -157,16 +193,15 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         else:
             built[option.label()] = cand
         tried.append(Candidate(option, report, why))
-    notes += [f"{c.option}: {c.why}" for c in tried if c.why]
+    return tried, built
 
-    def record(fast: dict, winner: str) -> PrecisionRecord:
-        rec = PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, winner)
-        verdict.save(rec, notes)
-        return rec
-    if not built:
-        notes.append("no lower precision met the budget on this machine; the plan stays fp32")
-        opt.precision_search = record({}, FP32)
-        return _keep_fp32(opt, fp32_report, notes)
+
+def pick(opt: Optimized, built: dict[str, Optimized], job: Job) -> tuple[str, dict, dict, list[str]]:
+    """Race `opt` (the fp32 plan) and the `built` candidates side by side: the winner's label (`FP32` unless one
+    gains more than `split_margin`), each one's fast-half and median times, and what the race said. Every loser
+    among `built` is closed."""
+    s = job.settings
+    notes = []
     fast, med = _race({FP32: opt, **built}, job, s.race_rounds + s.race_extra)
     for k in list(built):
         if k not in fast:  # it failed while racing: its times are torch's
@@ -181,17 +216,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         if k != best:
             c.runtime.close()
     notes.append(f"raced against fp32 (faster half of rounds): {report}")
-    if best == FP32:
-        opt.precision_search = record(fast, FP32)
-        return _keep_fp32(opt, fp32_report, notes)
-    won = next(c for c in tried if c.option.label() == best)
-    rec = record(fast, best)
-    return _promote(opt, built[best], won, fast, med, notes, rec)
-
-
-def _keep_fp32(opt: Optimized, fp32_report: AccuracyReport, notes: Sequence[str]) -> Optimized:
-    opt.plan = replace(opt.plan, accuracy=fp32_report.to_dict(), notes=opt.plan.notes + tuple(notes))
-    return opt
+    return best, fast, med, notes
 
 
 def _race(contenders: dict[str, Optimized], job: Job, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -215,6 +240,16 @@ def _promote(opt: Optimized, winner: Optimized, won: Candidate, fast: dict, med:
     """`winner` (a lower precision that met the budget and beat the fp32 plan) in place of `opt`, its plan saying
     why, with the fp32 plan as its runner-up."""
     opt.runtime.close()
+    winner.plan = promoted_plan(opt, winner, won, fast, med, notes)
+    winner.race = opt.race
+    winner.precision_search = record
+    return winner
+
+
+def promoted_plan(opt: Optimized, winner: Optimized, won: Candidate, fast: dict, med: dict,
+                  notes: Sequence[str]):
+    """`winner`'s plan saying why it won over `opt` (the fp32 plan, its runner-up): the budget it met and the times
+    it raced; `opt`'s notes and eager time carried over."""
     best = won.option.label()
     (part,) = winner.plan.partitions
     fp32_parts = opt.plan.partitions
@@ -222,12 +257,9 @@ def _promote(opt: Optimized, winner: Optimized, won: Candidate, fast: dict, med:
     part = replace(part, measured_ms=round_ms(med[best]), runner_up=runner,
                    reason=f"{won.option.precision} met the budget ({won.report.summary()}) and raced "
                           f"{fast[FP32] / fast[best]:.2f}x faster than the fp32 plan")
-    winner.plan = replace(winner.plan, partitions=(part,), predicted_ms=round_ms(med[best]),
-                          measured_ms=round_ms(med[best]), eager_ms=opt.plan.eager_ms,
-                          accuracy=won.report.to_dict(), notes=opt.plan.notes + tuple(notes))
-    winner.race = opt.race
-    winner.precision_search = record
-    return winner
+    return replace(winner.plan, partitions=(part,), predicted_ms=round_ms(med[best]),
+                   measured_ms=round_ms(med[best]), eager_ms=opt.plan.eager_ms,
+                   accuracy=won.report.to_dict(), notes=opt.plan.notes + tuple(notes))
 
 
 # -- the verdict of an earlier precision search ------------------------------------------------------------------------
@@ -303,7 +335,7 @@ def _within(spot: AccuracyReport, judged: AccuracyReport, slack: float = 1e-4) -
     return True
 
 
-def _candidates(job: Job, precision: str) -> list[Choice]:
+def candidates(job: Job, precision: str) -> list[Choice]:
     """Each backend's best whole-graph member, at every lower precision both it and the member run."""
     below = _BELOW_FP32[check_precision(precision)]
     if not below:

@@ -25,7 +25,7 @@ from .backend import cache_root
 from .files import write_text
 from .optimized import Optimized
 from .plan import Choice, Plan
-from .planner import Job, inherited_notes, make_plan, unless_split_pays, whole_graph_plan
+from .planner import Job, assign_for, inherited_notes, make_plan, unless_split_pays, whole_graph_plan
 from .profile import Profile
 from .text import round_ms, show_ms
 
@@ -71,7 +71,7 @@ def measure_plan(opt: Optimized, job: Job, *, replan: bool = True) -> Optimized:
     # The prediction missed: let what the merged partitions measured replace the sums of their segments, in a
     # copy, so that the race below still ranks every option by what its segments measured.
     scaled = _scaled(job.profile, plan)
-    assignment = partition.assign(job.segments, job.edges, scaled, job.pool)
+    assignment = assign_for(job, scaled)
     new_plan = make_plan(job, assignment, profile=scaled, replanned=True,
                          notes=(f"first plan predicted {show_ms(plan.predicted_ms)} ms, measured {show_ms(total_ms)} "
                                 "ms; re-planned with partition-level measurements",))
@@ -217,7 +217,13 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     predicted = {PLAN: opt.plan.predicted_ms, **{k: picks[options[k]] for k in rivals}}
     if eager_as:
         predicted[EAGER] = dict(ranked)[eager_as]
+    stream = job.objective == "throughput" and opt.runtime.pipeline().pipelined
+    if stream:
+        runs[PLAN] = streamed(opt)
+        predicted[PLAN] = opt.plan.bottleneck_ms or opt.plan.predicted_ms
     rounds, again = _rounds(runs, predicted, opt.captured.example_inputs, s, warm=job.verify)
+    if stream:
+        rounds[PLAN] = [ms / STREAM for ms in rounds[PLAN]]
     for k, r in rivals.items():
         if r.runtime.stats["fallbacks"]:
             rounds.pop(k)  # it failed while racing: its times are torch's, not its own
@@ -231,6 +237,9 @@ def race(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
         if runner is not None and fast[runner] <= fast[PLAN] * (1 + s.split_margin):
             best, kept = runner, True
     report = _report(fast, med, own, eager_as, s, again)
+    if stream:
+        report += (f"; the split plan's ms are per batch of a stream of {STREAM}, its stages pipelined across its "
+                   "members")
     record = RaceRecord({k: tuple(v) for k, v in rounds.items()}, dict(fast), dict(med), best, tuple(again), kept,
                         tuple(absent))   # copies: the winner's own entry is added to `med` below
     if best == PLAN:
@@ -281,9 +290,13 @@ def _reuse(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     # verification skips a partition on torch at the reference, and a plan of one such partition has not run
     ran = job.verify and (len(opt.program.steps) > 1 or any(
         (c.backend, c.member) != ("torch", job.pool.reference.id) for c in opt.runtime.compiled.values()))
-    rounds = timing.side_by_side({PLAN: opt.runtime.run, EAGER: lambda xs: opt.captured.gm(*xs)},
+    stream = job.objective == "throughput" and opt.runtime.pipeline().pipelined
+    rounds = timing.side_by_side({PLAN: streamed(opt) if stream else opt.runtime.run,
+                                  EAGER: lambda xs: opt.captured.gm(*xs)},
                                  opt.captured.example_inputs, rounds=s.race_rounds, repeats=s.race_repeats,
                                  budget_s=s.timing_budget_s / s.race_rounds, warm=ran)
+    if stream:
+        rounds[PLAN] = [ms / STREAM for ms in rounds[PLAN]]
     med = {k: statistics.median(v) for k, v in rounds.items()}
     note = (f"race verdict reused from {verdict.path.name} ({verdict.report}); timed again side by side: "
             f"plan {show_ms(med[PLAN])} ms, torch eager {show_ms(med[EAGER])} ms")
@@ -296,6 +309,18 @@ def _reuse(opt: Optimized, job: Job, verdict: Verdict) -> Optimized:
     opt.race = RaceRecord({k: tuple(v) for k, v in rounds.items()}, {k: timing.fast_half(v) for k, v in rounds.items()},
                           med, PLAN, reused=verdict.path.name)
     return opt
+
+
+# Batches per timed run of a pipelined plan when the objective is throughput: enough for a pipeline of a few
+# stages to spend a small share of the time filling and draining. Its times are then per batch of the stream.
+STREAM = 8
+
+
+def streamed(opt: Optimized) -> Callable:
+    """The plan's timed run for objective throughput: a stream of STREAM batches through its pipeline. Every
+    other contender serves a stream one call after another, so one call's time is already its time per batch."""
+    pipe = opt.runtime.pipeline()
+    return lambda xs: list(pipe.map([xs] * STREAM))
 
 
 def _rival_picks(ranked, own: Choice | None, ref: Choice, measured_ms: float | None, s) -> dict[Choice, float]:

@@ -53,6 +53,7 @@ class Runtime(Recovery):
         self.breaker_settings: dict = {}
         self.breakers = {pid: Breaker() for pid in self.compiled}
         self._fallback_engines: dict[str, Compiled] = {}
+        self._pipeline = None   # the stream of batches' stages (pipelining), started on first use
 
     def _direct_outputs(self) -> list | None:
         """For a plan of one partition that reads the graph's inputs in order: where each graph output comes from
@@ -113,7 +114,7 @@ class Runtime(Recovery):
         return any(a not in reach[b] and b not in reach[a] for i, a in enumerate(steps) for b in steps[i + 1:])
 
     # -- one partition ---------------------------------------------------------------------------------------
-    def _run_step(self, step, env: dict, tr: Trace | None = None, call: int = 0) -> None:
+    def _run_step(self, step, env: dict, tr: Trace | None = None, call: int = 0, stage: int | None = None) -> None:
         c = self.compiled[step.partition]
         args = []
         for v in step.inputs:
@@ -143,7 +144,8 @@ class Runtime(Recovery):
             tr.add("partition", call=call, partition=step.partition, member=c.member, backend=c.backend,
                    precision=c.precision, start=t0, end=time.perf_counter(), thread=threading.current_thread().name,
                    ops=self._ops[step.partition], bytes_in=nbytes(args), bytes_out=nbytes(outs),
-                   deps=list(self._deps[step.partition]), fallback=fell_back)
+                   deps=list(self._deps[step.partition]), fallback=fell_back,
+                   **({} if stage is None else {"stage": stage}))
         env.update(zip(step.outputs, outs))
 
     def _member_of(self, value: str, device) -> str:
@@ -167,6 +169,10 @@ class Runtime(Recovery):
                 self._run_step(step, env, tr, call)
         else:
             self._run_concurrent(env, tr, call)
+        return self.outputs(env)
+
+    def outputs(self, env: dict) -> tuple:
+        """The graph's outputs from the values a run computed, on the CPU."""
         outs = []
         for i, v in enumerate(self.program.graph_outputs):
             x = env[v] if v is not None else self.program.constants[i]
@@ -192,6 +198,18 @@ class Runtime(Recovery):
         for f in futures.values():
             f.result()
 
+    def pipeline(self, depth: int | None = None):
+        """This program's pipeline (`pipelining.Pipeline`), made on first use (with `depth` batches in flight at
+        most; the default is two per stage) and closed with the runtime."""
+        from .pipelining import Pipeline
+
+        with self._lock:
+            if self._pipeline is None:
+                self._pipeline = Pipeline(self, depth=depth)
+            return self._pipeline
+
     def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
         for w in self._workers.values():
             w.shutdown(wait=True)

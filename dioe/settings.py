@@ -96,6 +96,21 @@ class Settings:
     # min-max ranges of small models settle within a few dozen; NNCF's own default is 300.
     calibration_samples: int = 32
 
+    # -- live precision (optimize(precision="live")) --------------------------------------------------------------
+    # Calls served before the background build may start (besides full sample reservoirs): reservoirs filled by
+    # the first calls alone would calibrate on whatever traffic came first.
+    live_after_calls: int = 128
+    # Cap on the bytes of sampled inputs held (calibration and shadow parts); optimize refuses a budget that
+    # cannot fit under it rather than sample less than it judges on.
+    live_sample_bytes: int = 256 * 2 ** 20
+    # Once promoted, one call in this many is shadow-checked against fp32 eager, off the caller's path.
+    live_shadow_every: int = 16
+    # Shadow checks waiting beyond this many are dropped (and counted): the queue, and its memory, stay bounded.
+    live_shadow_queue: int = 64
+    # Lower-precision plans built and shadow-tested at most this many times per model: one rejected or demoted is
+    # tried again on fresh samples until then, so a machine where none pays stops paying for builds.
+    live_attempts: int = 3
+
     # -- the disk cache -------------------------------------------------------------------------------------------
     cache_dir: Path = field(default_factory=env_cache_dir)
     # Artifacts beyond this many bytes are evicted, least recently used first; None: no cap.
@@ -105,7 +120,8 @@ class Settings:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "backends", tuple(self.backends))
         positive = ("tolerance", "segment_target", "segment_max", "timing_budget_s", "rival_window", "race_rounds",
-                    "race_repeats", "calibration_samples")
+                    "race_repeats", "calibration_samples", "live_after_calls", "live_sample_bytes", "live_shadow_every",
+                    "live_shadow_queue", "live_attempts")
         share = ("segment_min_share", "split_margin", "race_close")
         for f in fields(self):
             v = getattr(self, f.name)
@@ -115,7 +131,9 @@ class Settings:
                 raise DIOEError(f"Settings.{f.name} must be a share in [0, 1), got {v!r}")
             if f.name == "replan_threshold" and not (isinstance(v, (int, float)) and v >= 0):
                 raise DIOEError(f"Settings.{f.name} must be a share >= 0 (float('inf'): never), got {v!r}")
-            if f.name in ("segment_target", "segment_max", "race_rounds", "race_repeats", "calibration_samples") \
+            if f.name in ("segment_target", "segment_max", "race_rounds", "race_repeats", "calibration_samples",
+                          "live_after_calls", "live_sample_bytes", "live_shadow_every", "live_shadow_queue",
+                          "live_attempts") \
                     and (isinstance(v, bool) or not isinstance(v, int)):
                 raise DIOEError(f"Settings.{f.name} must be a whole number > 0, got {v!r}")
             if f.name in ("rivals", "race_extra") and not (isinstance(v, int) and v >= 0):

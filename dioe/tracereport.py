@@ -163,9 +163,15 @@ def render_report(data: Mapping, *, title: str | None = None) -> str:
                  f"{show_ms(p['runner_up']['predicted_ms'])} ms" if p.get("runner_up") else "-",
                  p.get("reason", "")] for p in plan["partitions"]]
         notes = "".join(f"<li>{e(n)}</li>" for n in plan.get("notes", ()))
+        stages = plan.get("stages") or ()   # absent from traces written before plans recorded them
+        staged = ("<h3>Pipeline stages</h3>" + _table(
+            [[i, st["member"], ", ".join(st["partitions"]), show_ms(st["predicted_ms"])] for i, st in
+             enumerate(stages)], ["stage", "member", "partitions", "predicted ms per batch"], numeric=(3,))
+                  if len(stages) > 1 else "")
         parts.append(f"<h2>Plan for {e(plan['model'])} (objective {e(plan['objective'])})</h2>" +
                      _table(rows, ["partition", "member", "backend", "precision", "ops", "predicted ms", "measured ms",
-                                   "runner-up", "why"], numeric=(4, 5, 6)) + (f"<ul>{notes}</ul>" if notes else ""))
+                                   "runner-up", "why"], numeric=(4, 5, 6)) + staged +
+                     (f"<ul>{notes}</ul>" if notes else ""))
     if s.get("stages"):
         rows = [[x["stage"], f"{x['ms'] / 1e3:.2f}"] for x in s["stages"]]
         parts.append("<h2>Optimize stages</h2>" + _table(rows, ["stage", "seconds"], numeric=(1,)))

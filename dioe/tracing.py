@@ -283,8 +283,11 @@ class ChromeWriter:
         for r in sorted(records, key=lambda r: r.get("start", r.get("time", 0.0))):
             k = r["kind"]
             if k == "call":
-                self.slice(r["model"], "call", DIOE_PID, self.tid(DIOE_PID, "calls", 0), r["start"], r["end"],
+                # pipelined batches overlap: each in-flight slot gets its own lane, so the slices stay apart
+                lane = f"pipelined batches, slot {r['slot']}" if r.get("pipelined") else "calls"
+                self.slice(r["model"], "call", DIOE_PID, self.tid(DIOE_PID, lane, 0), r["start"], r["end"],
                            {"call": r["call"], "model": r["model"],
+                            **({"pipelined": True} if r.get("pipelined") else {}),
                             **({"sequential": "op tracing ran its partitions one after another"}
                                if r.get("sequential") else {})})
             elif k == "stage":
@@ -293,7 +296,7 @@ class ChromeWriter:
             elif k == "partition":
                 pid = self.pid(r["member"])
                 args = {key: r[key] for key in ("call", "partition", "backend", "precision", "ops", "bytes_in",
-                                                "bytes_out", "deps", "thread") if key in r}
+                                                "bytes_out", "deps", "thread", "stage") if key in r}
                 if r.get("fallback"):
                     args["fallback"] = True
                 parts[(r["call"], r["partition"])] = self.slice(
@@ -311,6 +314,12 @@ class ChromeWriter:
                            self.tid(pid, f"profiling: {r['backend']}", 3), r["start"], r["end"],
                            {key: r[key] for key in ("segment", "backend", "precision", "phase", "median_ms", "error")
                             if r.get(key) is not None})
+            elif k == "precision":  # a live precision switch, or an attempt at one, with its reason
+                self.events.append({"name": f"precision {r['event']}", "cat": "precision", "ph": "i", "s": "p",
+                                    "pid": DIOE_PID, "tid": self.tid(DIOE_PID, "precision", 2),
+                                    "ts": self.us(r["start"]),
+                                    "args": {key: r[key] for key in ("model", "event", "why", "serving", "plan")
+                                             if key in r}})
             elif k == "op":
                 ops.append(r)
             elif k == "live":   # a drift, recovery or plan swap of live re-planning: an instant on DIOE's lane

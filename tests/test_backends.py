@@ -270,6 +270,23 @@ def test_in_place_ops_are_legal_where_their_functional_twin_is(cpu):
                          what="onnxruntime, in-place add")
 
 
+@pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
+def test_openvino_compiles_a_partition_that_adds_in_place_to_its_input(cpu, tmp_path):
+    # a segment boundary inside a residual block: the second partition's input, recorded under inference mode
+    # when the graph was split, is what its add_ updates in place
+    model = _Residual().eval()
+    g = dioe.capture(model, (torch.randn(2, 8),))
+    names = [n.name for n in g.gm.graph.nodes]
+    add = next(n.name for n in g.compute_nodes if str(n.target) == "aten.add_.Tensor")
+    prog = split_graph(g.gm, lambda n: "p_fc" if names.index(n.name) < names.index(add) else "p_add",
+                       g.example_inputs)
+    fns = {p.id: backends.get("openvino" if p.id == "p_add" else "torch", tmp_path).compile(p, cpu)
+           for p in prog.partitions}
+    x = torch.randn(2, 8)
+    assert_matches_eager(eager(model, (x,)), g.unflatten_outputs(run_sequential(prog, fns, (x,))),
+                         rtol=RTOL["openvino"], what="openvino, add_ on a partition input")
+
+
 @pytest.mark.skipif(not {"onnxruntime", "openvino"} <= set(AVAILABLE), reason="needs onnxruntime and openvino")
 def test_openvino_converts_from_the_onnx_file_onnxruntime_exported(cpu, tmp_path, monkeypatch):
     model, inputs = _mixed()

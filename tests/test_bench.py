@@ -45,6 +45,19 @@ def test_quick_bench_completes_and_writes_valid_json(tmp_path):
     assert (tmp_path / "quick.png").stat().st_size > 10_000
 
 
+def test_a_plans_precision_reads_lowest_first_and_once_each():
+    from dioe.bench.engines import plan_precision
+    from dioe.plan import Plan, PlanPartition
+
+    def plan(*precisions):
+        parts = tuple(PlanPartition(f"p{i}", (f"s{i}",), (f"n{i}",), "cpu0", "openvino", prec, 1, 0.0, 0.01, 0.01,
+                                    None, "fastest") for i, prec in enumerate(precisions))
+        return Plan("tiny", "h", "", "latency", parts, 0.01, 0.01, 0.01)
+    assert plan_precision(plan("int8", "int8")) == "int8", "one precision when the partitions agree"
+    assert plan_precision(plan("fp32", "int8", "bf16", "int8")) == "int8+bf16+fp32"
+    assert plan_precision(plan("fp8", "fp32", "fp16")) == "fp16+fp32+fp8", "one outside the list goes last"
+
+
 def test_ratios_compare_within_a_precision_class():
     def row(ms, prec="fp32"):
         return {"median_ms": ms, "p90_ms": ms, "precision": prec, "gflops_per_s": 10.0 / (ms / 1e3) / 1e0,

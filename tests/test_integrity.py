@@ -111,13 +111,47 @@ def test_cache_files_are_the_owners_alone(tmp_path):
         _optimize(model, inputs, backend, root).runtime.close()
     found = [root, *root.rglob("*")]
     assert {p.name for p in found} >= {"onnxruntime", "openvino", "blobs", "profiles", ".dioe-cache"}
-    assert any(p.parent.name == "blobs" and p.is_file() for p in found), "OpenVINO's own blobs are checked too"
+    blobs = {p for p in found if p.is_file() and "blobs" in p.relative_to(root).parts}
+    assert any(p.suffix == ".blob" for p in blobs), "OpenVINO's own blobs are checked too"
     assert any(p.suffix == ".onnx" for p in found) and any(p.name.endswith(".race.json") for p in found)
     # DIOE's files are 0600; OpenVINO's blobs keep their owner's read-only bits (0400)
     loose = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in found
              if stat.S_IMODE(p.stat().st_mode) not in ((0o700,) if p.is_dir() else
-                                                       (0o600, 0o400) if p.parent.name == "blobs" else (0o600,))}
+                                                       (0o600, 0o400) if p in blobs else (0o600,))}
     assert not loose, f"folders must be 0700 and files 0600: {loose}"
+
+
+@_needs("openvino")
+def test_a_flipped_openvino_blob_is_deleted_and_compiled_again_not_run(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = dioe.zoo.load("tiny-mlp")
+    want = eager(model, inputs)
+    cache_dir = tmp_path / "cache"
+    opt = _optimize(model, inputs, "openvino", cache_dir)
+    opt.save(tmp_path / "plan.json")
+    opt.runtime.close()
+    # a model read back from its IR hashes apart from the one just converted: this load writes the blob that the
+    # next one reads from OpenVINO's cache
+    dioe.load(tmp_path / "plan.json", model, inputs, cache_dir=cache_dir).runtime.close()
+    blobs = sorted((cache_dir / "openvino" / "blobs").rglob("*.blob"))
+    assert blobs, "OpenVINO cached its compiled blobs"
+    for blob in blobs:
+        blob.chmod(0o600)  # OpenVINO leaves them read-only
+        _flip(blob)  # same size, other weights: OpenVINO would load this blob and run it
+
+    with pytest.warns(RuntimeWarning, match=r"cached OpenVINO compiled blob .*\.blob is damaged: .*\.blob's sha256 "
+                                            r"differs from the manifest's .*building it again"):
+        loaded = dioe.load(tmp_path / "plan.json", model, inputs, cache_dir=cache_dir)
+    assert_matches_eager(want, loaded(*inputs), rtol=1e-4, what="dioe.load after its OpenVINO blob was damaged")
+    _runs_as_planned(loaded, "openvino")
+    (compiled,) = loaded.runtime.compiled.values()
+    loaded.runtime.close()
+    from dioe import integrity
+
+    # the blobs of the IR the plan runs (the other partitions' blobs were not read, so not checked)
+    folder = cache_dir / "openvino" / "blobs" / Path(compiled.artifact).name.removesuffix(".xml")
+    rebuilt = sorted(folder.glob("*.blob"))
+    assert rebuilt and all(integrity.damage(b) is None for b in rebuilt), "the blob compiled again is sealed"
 
 
 def test_a_seal_catches_flipped_and_missing_files_and_a_damaged_artifact_is_deleted(tmp_path):

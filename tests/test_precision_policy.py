@@ -21,7 +21,8 @@ def _mlp():
 
 def test_unknown_precision_and_budget_are_clear_errors():
     model, x = _mlp()
-    with pytest.raises(dioe.DIOEError, match=r"precision must be one of auto, fp32, bf16, fp16, int8; got 'fp64'"):
+    with pytest.raises(dioe.DIOEError,
+                       match=r"precision must be one of auto, fp32, bf16, fp16, int8, live; got 'fp64'"):
         dioe.optimize(model, (x,), precision="fp64")
     with pytest.raises(dioe.DIOEError, match=r"accuracy must be a dioe.Budget"):
         dioe.optimize(model, (x,), accuracy="cosine>=0.999")

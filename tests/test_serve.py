@@ -1,7 +1,9 @@
 """Serving: the dynamic batcher against eager per request, its queue, timeouts and failure isolation; the HTTP
 server (JSON and binary bodies, health, metrics, 4xx and 503); the load generator; Ray Serve replicas."""
 
+import contextlib
 import threading
+import time
 import warnings
 
 import pytest
@@ -127,6 +129,35 @@ def test_a_full_queue_rejects_at_once_and_close_answers_the_queued(tiny_mlp):
         assert_matches_eager(eager(model, (xi,)), f.result(5), rtol=1e-4)
     with pytest.raises(dioe.serve.BatcherClosed, match="closed"):
         b(x[0])
+
+
+def test_queued_requests_are_batched_highest_priority_first_then_in_arrival_order(tiny_mlp):
+    model, _, opt = tiny_mlp
+    # each request carries its number in every element, so a batch's rows say which requests formed it
+    xs = [torch.full((1, 64), float(i)) for i in range(7)]
+    running, release, formed = threading.Event(), threading.Event(), []
+    # no queue delay: the worker takes what is queued at once, so each batch after the held one is formed from the
+    # six requests all queued while it was held
+    with Batcher(opt, model=model, max_batch_size=2, max_queue_delay_ms=0, priorities=3,
+                 optimize_options=OPTIONS) as b:
+        submit = b.buckets.submit   # the worker hands every batch over through submit
+
+        def held_first(requests, shapes=None):   # the real submit, once the first batch is let go
+            formed.append([int(r[0][0, 0]) for r in requests])
+            running.set()
+            assert release.wait(60), "the test never let the first batch go"
+            return submit(requests, shapes)
+        b.buckets.submit = held_first
+        first = b.submit(xs[0])
+        assert running.wait(60), "the worker never took the first request"
+        # while the worker is held, six requests queue: priorities 3, 1, 2, 1, 3, 2 in arrival order
+        queued = [b.submit(x, priority=p) for x, p in zip(xs[1:], (3, 1, 2, 1, 3, 2))]
+        assert b.queue_depth == 6
+        release.set()
+        outs = [f.result(60) for f in [first, *queued]]
+    assert formed == [[0], [2, 4], [3, 6], [1, 5]], "priority 1 first, then 2, then 3; each in arrival order"
+    for x, out in zip(xs, outs):
+        assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
 
 
 def test_a_request_not_answered_in_time_gets_a_clear_timeout(tiny_mlp):
@@ -299,17 +330,18 @@ def test_loadgen_counts_errors_and_refuses_remote_hosts():
 
 
 # -- Ray Serve -----------------------------------------------------------------------------------------------------
-def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _ray_serve(opt, model_spec, tmp_path, monkeypatch, **knobs):
+    """A local Ray cluster of two CPUs serving `opt`'s saved plan as the application "dioe-test"; yields
+    (ray, serve, handle) and shuts it all down."""
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dioe[serve-ray]')")
     from ray import serve
 
     from dioe.serve.http import bind
     from dioe.serve.ray import deployment
 
-    model, _, opt = tiny_mlp
-    plan = opt.save(tmp_path / "mlp.plan.json")
-    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)]
-    with bind() as s:   # a free loopback port for Serve's HTTP proxy, which this test does not use
+    plan = opt.save(tmp_path / "plan.json")
+    with bind() as s:   # a free loopback port for Serve's HTTP proxy, which these tests do not use
         port = s.getsockname()[1]
     # Ray puts the driver's working directory on its workers' sys.path: from a source checkout, its dioe/ (which has
     # no dioe.backends; setup.py maps that from backends/) would shadow the installed package in the replicas
@@ -317,16 +349,76 @@ def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path,
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        handle = serve.run(deployment(plan, model_spec="tiny-mlp", num_replicas=2, threads=1, max_batch_size=4,
-                                      max_queue_delay_ms=20, optimize_options=OPTIONS), name="dioe-test",
-                           route_prefix=None)
+        handle = serve.run(deployment(plan, model_spec=model_spec, optimize_options=OPTIONS, **knobs),
+                           name="dioe-test", route_prefix=None)
+        yield ray, serve, handle
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _running_replicas(serve) -> int:
+    return serve.status().applications["dioe-test"].deployments["dioe"].replica_states.get("RUNNING", 0)
+
+
+def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path, monkeypatch):
+    model, _, opt = tiny_mlp
+    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    with _ray_serve(opt, "tiny-mlp", tmp_path, monkeypatch, num_replicas=2, threads=1, max_batch_size=4,
+                    max_queue_delay_ms=20) as (ray, serve, handle):
         outs = [r.result(timeout_s=120) for r in [handle.infer.remote(x) for x in xs]]
         for x, out in zip(xs, outs):
             assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
         with pytest.raises(Exception, match=r"input 'x' has shape \[1, 3\], expected \[batch, 64\]"):
             handle.infer.remote(torch.randn(1, 3)).result(timeout_s=120)
-        status = serve.status().applications["dioe-test"].deployments["dioe"]
-        assert status.replica_states.get("RUNNING") == 2
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        assert _running_replicas(serve) == 2
+
+
+@pytest.mark.models
+def test_ray_serve_answers_every_request_while_a_replica_is_killed_and_restores_two(tiny_mlp, tmp_path,
+                                                                                    monkeypatch):
+    model, _, opt = tiny_mlp
+    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    with _ray_serve(opt, "tiny-mlp", tmp_path, monkeypatch, num_replicas=2, threads=1, max_batch_size=4,
+                    max_queue_delay_ms=20) as (ray, serve, handle):
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        named = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA::dioe-test#dioe#")]
+        assert len(named) == 2, f"two replica actors, found {named}"
+        victim = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+        resent = []
+
+        def answer(i, response):
+            """The answer to request i; one sent to the killed replica fails with Ray's actor error and is sent
+            again (the handle does not resend it), at most 5 times."""
+            for _ in range(5):
+                try:
+                    return response.result(timeout_s=120)
+                except (RayActorError, ActorUnavailableError) as e:
+                    resent.append((i, type(e).__name__))
+                    response = handle.infer.remote(xs[i])
+            return response.result(timeout_s=120)
+
+        during = [handle.infer.remote(x) for x in xs[:12]]
+        ray.kill(victim, no_restart=True)
+        after = [handle.infer.remote(x) for x in xs[12:]]
+        outs = [answer(i, r) for i, r in enumerate(during + after)]
+        for x, out in zip(xs, outs):
+            assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+
+        # Serve's status counts the killed replica as running until its controller notices (a health check): the
+        # replica actors say when a new one has taken its place, then the status says when that one is running
+        def replicas():
+            return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA::dioe-test#dioe#")}
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (len(replicas() - {named[0]["name"]}) == 2 and
+                                                   _running_replicas(serve) == 2):
+            time.sleep(0.5)
+        assert len(replicas() - {named[0]["name"]}) == 2, f"the killed replica was not replaced: {replicas()}"
+        assert _running_replicas(serve) == 2, serve.status().applications["dioe-test"].deployments["dioe"]
+        again = [handle.infer.remote(x) for x in xs[:8]]
+        for x, r in zip(xs, again):
+            assert_matches_eager(eager(model, (x,)), r.result(timeout_s=120), rtol=1e-4)
+        print(f"requests sent again after the kill: {len(resent)} {sorted(set(n for _, n in resent))}")

@@ -24,6 +24,7 @@ FP32_ENGINES = ("torch", "inductor", "onnxruntime", "openvino-f32", "openvino-de
 PRECISION_ENGINES = ("openvino-int8", "onnxruntime-int8", "torch-bf16", "dioe-auto")
 ENGINES = FP32_ENGINES + PRECISION_ENGINES
 DIOE = ("dioe", "dioe-auto")
+_PRECISION_ORDER = ("int8", "fp16", "bf16", "fp32")   # how plan_precision orders a mixed plan's precisions
 PEERS = tuple(e for e in ENGINES if e not in DIOE)
 # engines called with the model's own inputs; the rest take the captured graph's flat inputs
 MODEL_CALLED = ("torch", "torch-bf16") + DIOE
@@ -93,9 +94,10 @@ def build(engine: str, model, inputs, captured, cache: Path, calibration: list[t
 
 def plan_precision(plan: Plan) -> str:
     """One precision for a plan: its partitions' when they agree ("int8"), else their set ("int8+fp32")."""
-    precisions = sorted({p.precision for p in plan.partitions}, key=lambda p: ("int8", "fp16", "bf16", "fp32").index(
-        p.split("+")[0]) if p.split("+")[0] in ("int8", "fp16", "bf16", "fp32") else 9)
-    return "+".join(precisions)
+    def rank(precision: str) -> int:   # lowest first; a precision outside the list after them
+        head = precision.split("+")[0]
+        return _PRECISION_ORDER.index(head) if head in _PRECISION_ORDER else len(_PRECISION_ORDER)
+    return "+".join(sorted({p.precision for p in plan.partitions}, key=rank))
 
 
 def _flat_calibration(captured, calibration: list[tuple] | None) -> list[tuple]:

@@ -115,6 +115,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
 
     out: dict = {"model": name, "size": size, "batches": {}}
     canary = canary or Canary()
+    calibration_samples = Settings().calibration_samples   # read from the environment once, for every batch
     all_engines = engines
     for batch in batches:
         engines = tuple(e for e in all_engines if e not in PRECISION_ENGINES or precision_batches is None
@@ -130,7 +131,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
         if set(engines) & set(PRECISION_ENGINES) or batch == 1:
             # DIOE's search takes its calibration and held-out inputs from the first `n_dioe`; the bench judges
             # every engine on the rest, which nothing calibrated on
-            n_dioe = Settings().calibration_samples + Budget(cosine=0.999).holdout_inputs(batch)
+            n_dioe = calibration_samples + Budget(cosine=0.999).holdout_inputs(batch)
             items = _samples(name, size, batch, inputs, n_dioe + (HELD_OUT if batch == 1 else 0))
             calibration, held_out = items[:n_dioe], items[n_dioe:]
         for engine in engines:
@@ -141,7 +142,7 @@ def measure_model(name: str, *, size: str, batches: tuple[int, ...], engines: tu
                     warnings.simplefilter("ignore")
                     made = build(engine, model, inputs, captured, cache / f"b{batch}",
                                  calibration=calibration if engine == "dioe-auto" else
-                                 (calibration or [])[:Settings().calibration_samples])
+                                 (calibration or [])[:calibration_samples])
                     args = inputs if engine in MODEL_CALLED else flat
                     with torch.inference_mode():
                         made.fn(*args)  # inductor compiles at its first call

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import queue
 import threading
 import time
 from concurrent.futures import CancelledError, Future
@@ -111,6 +112,8 @@ class Batcher:
         self._closed = False
         self._batch_s = 0.0   # a running mean of batch times, for Retry-After
         self._fallbacks = self.buckets.fallbacks()
+        self._answers: queue.SimpleQueue | None = None   # batches in a pipeline, to answer when done
+        self._answerer: threading.Thread | None = None
         self._worker = threading.Thread(target=self._loop, name=f"dioe-batcher-{self.name}", daemon=True)
         self._worker.start()
 
@@ -205,6 +208,9 @@ class Batcher:
         while True:
             batch = self._next_batch()
             if batch is None:
+                if self._answers is not None:   # the batches in a pipeline are answered before the worker ends
+                    self._answers.put(None)
+                    self._answerer.join()
                 return
             if batch:
                 self._run(batch)
@@ -268,7 +274,33 @@ class Batcher:
     def _run(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
         try:
-            outs = self.buckets.run([r.inputs for r in batch], [(r.rows, r.seq) for r in batch])
+            fut = self.buckets.submit([r.inputs for r in batch], [(r.rows, r.seq) for r in batch])
+        except Exception as e:  # noqa: BLE001 -- answered below, as a batch that failed
+            fut = Future()
+            fut.set_exception(e)
+        if fut.done():
+            self._finish(batch, fut, t0)
+            return
+        # A pipelined plan took the batch and returned: the worker forms the next batch while this one runs, and
+        # the answers thread answers this one when it is done (in order; its retries go through the pipeline too).
+        with self._cond:
+            if self._answers is None:
+                self._answers = queue.SimpleQueue()
+                self._answerer = threading.Thread(target=self._answer_loop, name=f"dioe-answers-{self.name}",
+                                                  daemon=True)
+                self._answerer.start()
+        self._answers.put((batch, fut, t0))
+
+    def _answer_loop(self) -> None:
+        while True:
+            item = self._answers.get()
+            if item is None:
+                return
+            self._finish(*item)
+
+    def _finish(self, batch: list[_Request], fut: Future, t0: float) -> None:
+        try:
+            outs = fut.result()
         except Exception as e:  # noqa: BLE001 -- one bad request must not fail the others: re-run each alone
             if len(batch) == 1:
                 self._answer(batch[0], error=self._failure(e))

@@ -11,6 +11,7 @@ Both the in-process `Batcher` and the Ray Serve replicas run their batches throu
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -77,8 +78,8 @@ class Buckets:
             self.seq_buckets = ()
         self.options = dict(optimize_options or {})
         self.options.setdefault("hardware", opt.runtime.pool)
-        self.options.setdefault("precision", "fp32" if all(p.precision == "fp32" for p in opt.plan.partitions)
-                                else "auto")
+        self.options.setdefault("precision", "live" if hasattr(opt, "live") else "fp32" if all(
+            p.precision == "fp32" for p in opt.plan.partitions) else "auto")
         self.options.setdefault("name", self.name)
         own = Bucket(self.specs[0].shape[0], next(iter(lengths)) if lengths else None)
         self._plans: dict[Bucket, Any] = {own: opt}
@@ -171,6 +172,12 @@ class Buckets:
     def run(self, requests: Sequence[Sequence[torch.Tensor]], shapes: Sequence[tuple] | None = None) -> list:
         """Run requests (each a tuple of input tensors, checked by `check`) as one batch; returns each request's
         outputs, structured like the model's, in order."""
+        return self.submit(requests, shapes).result()
+
+    def submit(self, requests: Sequence[Sequence[torch.Tensor]], shapes: Sequence[tuple] | None = None) -> Future:
+        """`run` as a Future. A bucket whose plan has stages on several members takes the batch into its pipeline
+        and returns at once, so the next batch can enter the first stage while this one is in the second; any
+        other runs the batch now, in the caller's thread."""
         shapes = list(shapes) if shapes is not None else [self.check(r) for r in requests]
         rows = sum(r for r, _ in shapes)
         seqs = [s for _, s in shapes if s is not None]
@@ -184,13 +191,28 @@ class Buckets:
             if rows < bucket.batch:  # the pad rows repeat a real one, so no engine sees values it never saw
                 parts.append(parts[-1][-1:].expand(bucket.batch - rows, *parts[-1].shape[1:]))
             flat.append(torch.cat(parts) if len(parts) > 1 else parts[0])  # (bucket.batch, ...)
-        outs = opt.runtime.run(flat)
-        results, start = [], 0
-        for (k, seq), _ in zip(shapes, requests):
-            mine = [self._cut(o, bucket, start, k, seq) for o in outs]
-            results.append(self.captured.unflatten_outputs(mine))
-            start += k
-        return results
+        out: Future = Future()
+
+        def split(outs) -> None:
+            results, start = [], 0
+            for (k, seq), _ in zip(shapes, requests):
+                mine = [self._cut(o, bucket, start, k, seq) for o in outs]
+                results.append(self.captured.unflatten_outputs(mine))
+                start += k
+            out.set_result(results)
+
+        pipe = opt.runtime.pipeline()
+        if not pipe.pipelined:
+            split(opt.runtime.run(flat))
+            return out
+
+        def done(f: Future) -> None:
+            try:
+                split(f.result())
+            except Exception as e:  # noqa: BLE001 -- the batch's error, for the batcher to answer its requests
+                out.set_exception(e)
+        pipe.submit(flat).add_done_callback(done)
+        return out
 
     @staticmethod
     def _cut(o: Any, bucket: Bucket, start: int, rows: int, seq: int | None) -> Any:
