@@ -154,6 +154,8 @@ def test_go_live_needs_an_optimized_model_with_its_profile(two_member_pool, tiny
         opt.go_live(slowness=2)
     with pytest.raises(DIOEError, match="live must be"):
         dioe.optimize(model, inputs, hardware=two_member_pool, live="yes")
+    with pytest.raises(DIOEError, match="cannot be combined"):
+        dioe.optimize(model, inputs, hardware=two_member_pool, live=True, precision="live")
 
 
 # -- the drill ---------------------------------------------------------------------------------------------------
