@@ -15,6 +15,8 @@ from .optimized import Optimized
 from .pipeline import load, optimize
 from .capture import CapturedGraph, TensorSpec, capture
 from .cost import Cost
+from .drift import LiveSettings
+from .live import Live
 from .errors import (BackendError, BackendUnavailable, CaptureError, DescriptorError, DIOEError,
                      IndexRangeError, InputSpecError, PlanError, PoolError, RunError)
 from .plan import Plan
@@ -26,6 +28,6 @@ from .tracing import Trace, trace
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "BackendUnavailable", "Budget", "CaptureError", "CapturedGraph", "Cost", "DescriptorError",
-           "DIOEError", "IndexRangeError", "InputSpecError", "Member", "Optimized", "Plan", "PlanError", "PoolError",
-           "ResourcePool", "RunError", "Settings", "TensorSpec", "Trace", "capture", "hardware", "load", "optimize",
-           "prune", "rewrite", "trace", "zoo"]
+           "DIOEError", "IndexRangeError", "InputSpecError", "Live", "LiveSettings", "Member", "Optimized", "Plan",
+           "PlanError", "PoolError", "ResourcePool", "RunError", "Settings", "TensorSpec", "Trace", "capture", "hardware",
+           "load", "optimize", "prune", "rewrite", "trace", "zoo"]

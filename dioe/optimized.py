@@ -25,6 +25,8 @@ from .split import Program
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from .live import Live
+    from .planner import Job
     from .precision import PrecisionRecord
     from .race import RaceRecord
 
@@ -36,6 +38,7 @@ class Optimized:
         self.captured, self.plan, self.program, self.runtime = captured, plan, program, runtime
         self.race: RaceRecord | None = None   # what the race measured and decided, when optimize raced this plan
         self.precision_search: PrecisionRecord | None = None   # what the precision stage tried, when it ran
+        self.job: Job | None = None   # what optimize measured and planned from (live re-planning needs it)
         # The common call of a one-partition plan on the CPU is this model's __call__ itself: see _hot_call. Python
         # looks __call__ up on the type, so the instance takes a class of its own while its engine is on the CPU.
         self._base, self._hot_class, self._engine, self._rebuild = type(self), None, None, None
@@ -110,6 +113,12 @@ class Optimized:
         engine, how many calls were retried on their engine, and each partition's circuit breaker."""
         return {"fallback_calls": self.runtime.stats["fallbacks"], "fallbacks": dict(self.runtime.fallbacks),
                 "retries": self.runtime.stats["retries"], "breakers": self.runtime.breaker_states()}
+
+    def go_live(self, **settings) -> Live:
+        """This model under live re-planning (`dioe.live`; `settings` are `dioe.LiveSettings` fields)."""
+        from .live import go_live
+
+        return go_live(self, **settings)
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON (a folder gets `<model>.plan.json`, the model's name made one safe file name)."""

@@ -27,7 +27,9 @@ from . import reload
 from . import tracing as _trace
 from .accuracy import Budget
 from .capture import CapturedGraph, capture
+from .drift import LiveSettings
 from .errors import DIOEError
+from .live import Live, go_live
 from .optimized import Optimized
 from .plan import Plan
 from .planner import Job, assign_for, edges_of, make_plan, unless_split_pays, whole_graph_plan
@@ -42,7 +44,8 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
              hardware: Any = "auto", backends: Sequence[str] | None = None, objective: str = "latency",
              cache_dir: str | Path | None = None, verify: bool = True, tolerance: float | None = None,
              progress: bool = False, name: str | None = None, precision: str = "auto",
-             accuracy: Budget | None = None, calibration: Any = None, settings: Settings | None = None) -> Optimized:
+             accuracy: Budget | None = None, calibration: Any = None, settings: Settings | None = None,
+             live: bool | LiveSettings = False) -> Optimized | Live:
     """Optimize `model` for this machine's pool; see the module docstring.
 
     `precision`: "auto" tries every precision the member and engine run below fp32, under the `accuracy` budget
@@ -52,12 +55,17 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     `calibration`: input tuples (or a callable returning them) to calibrate int8 on and to judge accuracy with,
     held apart; without it, DIOE
     generates inputs like the example's and says so. `settings` holds every knob (the environment's cache folder
-    and cap by default); `cache_dir` and `tolerance`, when given, override its own."""
+    and cap by default); `cache_dir` and `tolerance`, when given, override its own. `live` (True or a
+    `dioe.LiveSettings`) returns the model under live re-planning (`dioe.live`): close it when done."""
     if objective not in ("latency", "throughput"):
         raise DIOEError(f"objective must be 'latency' or 'throughput', got {objective!r}")
     precisions.check_precision(precision)
     precisions.check_budget(accuracy)
     precisions.check_calibration(calibration)
+    if not isinstance(live, (bool, LiveSettings)):
+        raise DIOEError(f"live must be True, False or a dioe.LiveSettings, got {live!r}")
+    if live and precision == "live":
+        raise DIOEError("live re-planning (live=...) and precision='live' cannot be combined yet: choose one")
     if precision == "live":
         precision_live.check_options(calibration=calibration)
     settings = _settings(settings, cache_dir=cache_dir, tolerance=tolerance)  # a bad $DIOE_CACHE_MAX fails here
@@ -115,6 +123,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
                     keep=[c.artifact for c in opt.runtime.compiled.values()])
     except DIOEError as e:  # a cache folder DIOE does not own: the model is optimized all the same
         warnings.warn(f"dioe: the cache was not trimmed to its cap: {e}", RuntimeWarning, stacklevel=2)
+    if isinstance(opt, Optimized):
+        opt.job = job   # live re-planning runs the planner again on this profile
+    if live:
+        return go_live(opt, live if isinstance(live, LiveSettings) else None)
     return opt
 
 

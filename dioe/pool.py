@@ -14,6 +14,7 @@ stand-ins to exercise partitioning, transfers and fallbacks without the hardware
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +47,9 @@ class Member:
     threads: int | None = None
     memory_bytes: int | None = None  # capacity DIOE may fill
     backends: tuple[str, ...] = ()   # usable here, in the descriptor's preference order
+    # CPU cores this member's work is pinned to (its runtime worker thread's affinity); () runs it wherever the
+    # OS schedules it. Pinned members are what let a drift drill take one member's core and not the other's
+    cores: tuple[int, ...] = ()
     unavailable: dict = field(default_factory=dict, compare=False)  # backend -> why it cannot be used
 
     @property
@@ -69,6 +73,8 @@ class PoolEntry:
     memory_gb: float | None = field(default=None, metadata=spec(gt=0, doc="cap on the memory DIOE may use"))
     backends: tuple[hardware.BackendName, ...] | None = field(default=None, metadata=spec(
         doc="restrict to these of the descriptor's backends"))
+    cores: tuple[int, ...] | None = field(default=None, metadata=spec(
+        doc="CPU cores to pin this member's work to (Linux); its thread budget defaults to their count"))
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,7 @@ class ResourcePool:
                         raise where.error(("pool", i, "backends"), f"{b!r} is not among descriptor "
                                           f"{d.name!r}'s backends {list(d.backend_names())}")
             mem = int(e.memory_gb * GiB) if e.memory_gb is not None else None
+            cores = _check_cores(e, where, ("pool", i, "cores"), d)
             if e.stand_in or d.kind == "cpu":
                 if e.stand_in is False and cpu_score(d, cpu) is None:
                     absent.append(_member(e.id, d, d.name, None, present=False,
@@ -248,7 +255,8 @@ class ResourcePool:
                     mem = int(d.memory.capacity_gb * GiB) if d.memory.capacity_gb is not None \
                         else psutil.virtual_memory().total
                 members.append(_member(e.id, d, cpu.name if not e.stand_in else f"stand-in for {d.name}",
-                                       "cpu", stand_in=e.stand_in, threads=e.threads or cpu.usable_cores,
+                                       "cpu", stand_in=e.stand_in,
+                                       threads=e.threads or len(cores) or cpu.usable_cores, cores=cores,
                                        memory_bytes=mem, restrict=e.backends,
                                        reason="stand-in" if e.stand_in else "declared"))
                 continue
@@ -301,6 +309,12 @@ class ResourcePool:
     def stop_telemetry(self) -> None:
         self._telemetry.stop()
 
+    @property
+    def telemetry_running(self) -> bool:
+        """Whether a background thread samples this pool (`start_telemetry`)."""
+        t = self._telemetry._thread
+        return t is not None and t.is_alive()
+
     def telemetry(self, member_id: str | None = None):
         """Latest sample of one member (or a dict of all). Never blocks: samples now if none is running."""
         samples = self._telemetry.latest()
@@ -317,7 +331,8 @@ class ResourcePool:
             s = tel.get(m.id)
             return {"id": m.id, "name": m.name, "descriptor": m.descriptor.name, "kind": m.kind,
                     "device": m.device, "present": m.present, "stand_in": m.stand_in, "reason": m.reason,
-                    "threads": m.threads, "memory_bytes": m.memory_bytes, "backends": list(m.backends),
+                    "threads": m.threads, "cores": list(m.cores), "memory_bytes": m.memory_bytes,
+                    "backends": list(m.backends),
                     "unavailable_backends": dict(m.unavailable),
                     "telemetry": None if s is None else s.__dict__}
 
@@ -328,6 +343,26 @@ class ResourcePool:
 
 def _is_pool(data: Any) -> bool:
     return isinstance(data, dict) and "pool" in data
+
+
+def _check_cores(entry: PoolEntry, where: LineMap, at: tuple, d: Descriptor) -> tuple[int, ...]:
+    """The cores a pool entry pins its member to: each one this process may run on, none twice, and only for a
+    member whose work runs on the CPU."""
+    if entry.cores is None:
+        return ()
+    if not (entry.stand_in or d.kind == "cpu"):
+        raise where.error(at, f"cores pin CPU work; member {entry.id!r} runs on a {d.kind}, not the CPU")
+    if not entry.cores:
+        raise where.error(at, "expected at least one core, got an empty list")
+    if not hasattr(os, "sched_setaffinity"):
+        raise where.error(at, "pinning members to cores needs Linux (os.sched_setaffinity)")
+    usable = os.sched_getaffinity(0)
+    bad = [c for c in entry.cores if c not in usable]
+    if bad:
+        raise where.error(at, f"core(s) {bad} are not among the cores this process may use {sorted(usable)}")
+    if len(set(entry.cores)) != len(entry.cores):
+        raise where.error(at, f"a core is named twice in {list(entry.cores)}")
+    return tuple(entry.cores)
 
 
 def _pool_descriptor(entry: PoolEntry, where: LineMap, at: tuple, cpu: CpuInfo) -> Descriptor:

@@ -17,6 +17,7 @@ import torch
 
 from .backend import Compiled
 from .breaker import Breaker
+from .cores import pin
 from .errors import BackendError
 from .recovery import Recovery
 from .pool import ResourcePool
@@ -39,7 +40,9 @@ class Runtime(Recovery):
                                        if n.op == "call_function") for st in program.steps}
         members = {c.member for c in self.compiled.values()}
         self.concurrent = len(members) > 1 and self._has_parallel_steps()
-        self._workers = {m: ThreadPoolExecutor(1, thread_name_prefix=f"dioe-{m}") for m in members} \
+        # a member pinned to cores runs its partitions on a worker pinned to them
+        self._workers = {m: ThreadPoolExecutor(1, thread_name_prefix=f"dioe-{m}", initializer=pin,
+                                               initargs=(pool[m].cores,)) for m in members} \
             if self.concurrent else {}
         self.direct = self._direct_outputs()  # the one-partition fast path, or None
         # weak references to what to call after a partition's engine is replaced: a model bound to its engine

@@ -42,7 +42,7 @@ class Telemetry:
         if self._thread and self._thread.is_alive():
             return
         self._stop.clear()
-        psutil.cpu_percent(None)  # prime: the first call has no interval to measure over
+        psutil.cpu_percent(None, percpu=True)  # prime: the first call has no interval to measure over
         self._thread = threading.Thread(target=self._loop, args=(interval_s,), name="dioe-telemetry", daemon=True)
         self._thread.start()
 
@@ -72,11 +72,14 @@ class Telemetry:
         now = time.time()
         out: dict[str, Sample] = {}
         vm = psutil.virtual_memory()
-        cpu_util = psutil.cpu_percent(None)
+        per_core = psutil.cpu_percent(None, percpu=True)
+        cpu_util = sum(per_core) / len(per_core) if per_core else 0.0
         nvml = _nvml_handles()
         for m in self._pool.members:
             if m.device == "cpu":
-                out[m.id] = Sample(now, cpu_util, vm.total - vm.available, m.memory_bytes, None)
+                # a member pinned to cores is as busy as those cores, not as the machine
+                util = sum(per_core[c] for c in m.cores if c < len(per_core)) / len(m.cores) if m.cores else cpu_util
+                out[m.id] = Sample(now, util, vm.total - vm.available, m.memory_bytes, None)
             elif m.device and m.device.startswith("cuda") and nvml is not None:
                 out[m.id] = _nvml_sample(nvml, int(m.device.split(":")[1]), now)
             else:

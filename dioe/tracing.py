@@ -322,6 +322,10 @@ class ChromeWriter:
                                              if key in r}})
             elif k == "op":
                 ops.append(r)
+            elif k == "live":   # a drift, recovery or plan swap of live re-planning: an instant on DIOE's lane
+                self.events.append({"name": f"live {r['event']}", "cat": "live", "ph": "i", "s": "p",
+                                    "pid": DIOE_PID, "tid": self.tid(DIOE_PID, "calls", 0), "ts": self.us(r["start"]),
+                                    "args": {key: v for key, v in r.items() if key not in ("kind", "start")}})
             elif k == "sample":
                 pid = self.pid(r["member"])
                 ts = self.us(r["time"])

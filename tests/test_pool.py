@@ -1,5 +1,6 @@
 """The resource pool: live discovery, descriptor matching, absent members with reasons, pool files, telemetry."""
 
+import os
 import platform
 import threading
 import time
@@ -112,3 +113,26 @@ def test_pool_json_view(pool):
     d = pool.to_dict()
     assert d["members"][0]["id"] == pool.members[0].id
     assert isinstance(d["absent"], list)
+
+
+def test_pool_file_pins_members_to_cores(tmp_path):
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs cores 0 and 1")
+    pool = ResourcePool.discover(POOLS / "standin-cores.yaml")
+    assert [(m.id, m.cores, m.threads) for m in pool.members] == [("a", (0,), 1), ("b", (1,), 1)]
+    assert pool.to_dict()["members"][0]["cores"] == [0]
+    assert set(pool.telemetry()) == {"a", "b"}
+
+
+@pytest.mark.parametrize("cores, message", [
+    ("[9999]", r"pool\[0\]\.cores.*core\(s\) \[9999\] are not among the cores"),
+    ("[]", r"pool\[0\]\.cores.*at least one core"),
+    ("[0, 0]", r"pool\[0\]\.cores.*named twice"),
+    ("zero", r"pool\[0\]\.cores.*expected a list of"),
+])
+def test_pool_file_bad_cores_name_file_line_and_key(tmp_path, cores, message):
+    p = tmp_path / "pool.yaml"
+    p.write_text(f"pool:\n  - id: a\n    descriptor: auto\n    cores: {cores}\n")
+    with pytest.raises(DescriptorError, match=message) as info:
+        ResourcePool.discover(p)
+    assert info.value.line == 4 and str(p) in str(info.value)
