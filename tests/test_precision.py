@@ -165,9 +165,9 @@ def test_int8_artifact_is_reused_for_the_same_calibration_only(backend, member, 
     if backend == "onnxruntime":  # static quantization: the one that reads calibration data
         import onnxruntime.quantization as library
         name, fn = "conv", "quantize_static"
-    else:
-        import nncf as library
-        name, fn = "tiny-mlp", "quantize"
+    else:  # NNCF runs in a child process, which this function starts
+        import dioe.backends.openvino as library
+        name, fn = "tiny-mlp", "_quantize_apart"
     real, calls = getattr(library, fn), []
     monkeypatch.setattr(library, fn, lambda *a, **k: calls.append(1) or real(*a, **k))
     _, g, part = _partition(name)
