@@ -37,7 +37,7 @@ import torch
 from ..backend import Backend, Built, Partition, decomposes, host_view, write_atomically
 from ..cache import reuse, touch
 from ..errors import BackendError
-from ..files import private_dir
+from ..files import private_dir, write_text
 from ..integrity import check_folder, mark, seal_folder
 from ..masking import guarded_partition
 from ..pool import Member
@@ -343,6 +343,11 @@ def has_attention(part: Partition) -> bool:
     return part.calls("scaled_dot_product")
 
 
+# NNCF calibrates on a few hundred samples at most: minutes even for a large model on a small CPU. A child still
+# running after this long is stuck, and would hold `optimize` (or a live model's background thread) with it.
+NNCF_TIMEOUT_S = 1800
+
+
 def _quantize_apart(part: Partition, job: dict, samples: list, out: Path) -> None:
     """Run NNCF on `job` (the fp32 IR and NNCF's settings) with `samples` in a child process (`dioe.nncf_worker`)
     that writes the int8 IR to `out`. NNCF compiles the model to collect statistics, and OpenVINO can crash the
@@ -359,11 +364,15 @@ def _quantize_apart(part: Partition, job: dict, samples: list, out: Path) -> Non
                 np.save(path, np.ascontiguousarray(x), allow_pickle=False)
                 files[-1].append(str(path))
         job_file = Path(tmp) / "job.json"
-        job_file.write_text(json.dumps({**job, "samples": files, "out": str(out)}), encoding="utf-8")
+        write_text(job_file, json.dumps({**job, "samples": files, "out": str(out)}))
         # run as a file, from the scratch folder: neither dioe's folder nor the caller's is on the child's path
-        done = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                               "runpy.run_path(sys.argv[0], run_name='__main__')", worker, str(job_file)], cwd=tmp, capture_output=True,
-                              text=True)
+        try:
+            done = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                                   "runpy.run_path(sys.argv[0], run_name='__main__')", worker, str(job_file)],
+                                  cwd=tmp, capture_output=True, text=True, timeout=NNCF_TIMEOUT_S)
+        except subprocess.TimeoutExpired:   # run() has killed the child
+            raise BackendError(f"partition {part.id}: NNCF's int8 quantization did not finish in its own process "
+                               f"within {NNCF_TIMEOUT_S} s; this partition has no OpenVINO int8 candidate") from None
     if done.returncode != 0:
         rc = done.returncode
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else \

@@ -35,7 +35,7 @@ from . import partition
 from . import tracing as _trace
 from .cores import pin, schedstat, waited
 from .drift import Detector, Gauge, LiveSettings
-from .errors import BackendError, DIOEError
+from .errors import DIOEError
 from .generation import Generation, plan_key, scale_members, sequential
 from .plan import Plan
 from .planner import make_plan, unless_split_pays
@@ -85,6 +85,8 @@ class Live:
         self._pending: str | None = None             # why a re-plan waits for the dwell time to pass
         self._swapped_at = time.monotonic()
         self._lock = threading.Lock()
+        self._planning = threading.Lock()   # one re-plan or swap at a time: the reader's, or an operator's
+        self._closed = False
         self.events: deque[dict] = deque(maxlen=256)
         self.calls = 0
         self._own_telemetry = not self.pool.telemetry_running   # stopped on close only if started here
@@ -103,10 +105,23 @@ class Live:
     def plan(self) -> Plan:
         return self._gen.opt.plan
 
+    @property
+    def runtime(self) -> "LiveRuntime":
+        """The current plan's runtime, as `opt.runtime`, except that `run` goes through the live model: a caller
+        of `opt.runtime.run`, such as the batcher, is timed and re-planned for like a call of the model."""
+        return LiveRuntime(self)
+
     def __call__(self, *args, **kwargs) -> Any:
         gen = self._gen   # read once: this call runs on this plan to its end, whatever is swapped in meanwhile
+        flat = gen.opt.captured.flatten_inputs(args, kwargs)
+        return gen.opt.captured.unflatten_outputs(self.run_flat(flat, gen))
+
+    def run_flat(self, flat, gen: Generation | None = None) -> tuple:
+        """One call on flat inputs (checked already), on `gen` or the plan that serves now; flat outputs."""
+        if self._closed:
+            raise DIOEError("this live model is closed: calls after close() are refused")
+        gen = gen or self._gen
         opt = gen.opt
-        flat = opt.captured.flatten_inputs(args, kwargs)
         env = dict(zip(opt.program.graph_inputs, flat))
         tr, call, t0 = _trace.active(), 0, time.perf_counter()
         if tr is not None:
@@ -127,11 +142,7 @@ class Live:
         with self._lock:
             gen.calls += 1
             self.calls += 1
-        outs = []
-        for i, v in enumerate(opt.program.graph_outputs):
-            x = env[v] if v is not None else opt.program.constants[i]
-            outs.append(x.to("cpu") if isinstance(x, torch.Tensor) and x.device.type != "cpu" else x)
-        out = opt.captured.unflatten_outputs(tuple(outs))
+        outs = opt.runtime.outputs(env)
         # Each member's share of the call: from where the last one ended (the call's start, for the first) to the
         # end of its partitions; the call's tail goes to the last. The whole call, not the runs alone: the OS lets
         # a thread that another process keeps off its core run at once, on credit, and the wait falls on the
@@ -141,7 +152,7 @@ class Live:
         shares[-1] = (member, last + time.perf_counter() - start)
         for member, seconds in shares:
             self._gauges[member].add(seconds)
-        return out
+        return outs
 
     def _pin(self, member: str) -> None:
         """Pin the calling thread to `member`'s cores, and leave it there after the call: moving a running thread
@@ -182,9 +193,10 @@ class Live:
             # an undisturbed member is read from the runs of its work in the plan; a drifted one from probes of
             # the work it drifted on, whose undisturbed reference is known, wherever the plan has put it since
             if detector.drifted:
-                if m not in self._probe_of:   # its probe failed: it stays scaled, as it drifted
+                drifted_under = self._probe_of.get(m)   # read once: a failing probe removes it from its own thread
+                if drifted_under is None:   # its probe failed: it stays scaled, as it drifted
                     continue
-                gauge, key = self._probes[m], self._probe_of[m].work[m]
+                gauge, key = self._probes[m], drifted_under.work[m]
             else:
                 gauge, key = self._gauges[m], gen.work.get(m)
             if key is None or gauge.count == self._seen.get((m, detector.drifted)):
@@ -298,9 +310,9 @@ class Live:
                 for c, inputs in steps:
                     c(*[x.to(c.io_device) if isinstance(x, torch.Tensor) else x for x in inputs])
                 runs += 1
-        except BackendError as e:   # a probe that cannot run cannot show recovery: stop probing, and say so
+        except Exception as e:   # a probe that cannot run cannot show recovery: stop probing, and say so
             self._probe_of.pop(member, None)
-            self._event("probe failed", member=member, why=str(e)[:300])
+            self._event("probe failed", member=member, why=f"{type(e).__name__}: {str(e)[:300]}")
             return
         wall, stat1 = time.perf_counter() - t0, schedstat(threading.get_native_id())
         self._probes[member].add(wall / runs)
@@ -310,6 +322,11 @@ class Live:
 
     # -- re-planning ---------------------------------------------------------------------------------------------
     def _replan(self, why: str) -> None:
+        with self._planning:
+            if not self._stop.is_set():
+                self._replan_now(why)
+
+    def _replan_now(self, why: str) -> None:
         t0 = time.perf_counter()
         if not self._factors:   # nothing drifts now: back to the plan optimize chose, raced and verified
             gen = self._origin
@@ -372,14 +389,18 @@ class Live:
     def swap_to(self, plan: Plan, *, why: str) -> None:
         """Build `plan` (or reuse it, when built before) and swap it in now, as a drift would: for drills and for
         an operator who knows better than the detector."""
-        gen = self._gens.get(plan_key(plan)) or self._build(plan)
-        if gen is not self._gen:
-            self._swap(gen, why, 0.0)
+        with self._planning:
+            gen = self._gens.get(plan_key(plan)) or self._build(plan)
+            if gen is not self._gen:
+                self._swap(gen, why, 0.0)
 
     def close(self) -> None:
         """Stop watching and end the member workers; calls after this are an error."""
+        self._closed = True
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join()
+        with self._planning:   # a re-plan under way finishes (and swaps nothing) before its plans are closed
+            pass
         for p in self._probers.values():
             p.shutdown(wait=True)
         if self._own_telemetry:
@@ -404,6 +425,19 @@ class Live:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._gen.opt, name)
+
+
+class LiveRuntime:
+    """`Live.runtime`: the serving plan's runtime, with `run` going through the live model."""
+
+    def __init__(self, live: Live):
+        self._live = live
+
+    def run(self, flat_inputs, tr=None, call: int = 0) -> tuple:
+        return self._live.run_flat(list(flat_inputs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live.current.runtime, name)
 
 
 def go_live(opt: Optimized, settings: LiveSettings | None = None, **overrides) -> Live:

@@ -16,10 +16,11 @@ import collections
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
+from .cores import pin
 from .errors import DIOEError
 from .tracing import Trace
 
@@ -141,9 +142,8 @@ class Pipeline:
             except Exception:  # noqa: BLE001 -- a batch that did not finish in time is failed below
                 break
         for f in list(self._in_flight):
-            if not f.done():
-                f.set_exception(PipelineClosed(f"the pipeline closed before this batch finished "
-                                               f"(waited {timeout_s:g} s)"))
+            _settle(f, error=PipelineClosed(f"the pipeline closed before this batch finished "
+                                            f"(waited {timeout_s:g} s)"))
         for q in self._inbox.values():
             q.put(_STOP)
         for t in self._threads:
@@ -154,6 +154,7 @@ class Pipeline:
     def _work(self, member: str) -> None:
         inbox = self._inbox[member]
         rt = self.runtime
+        pin(rt.pool[member].cores)   # a member's work keeps to its cores, as the runtime's own workers do
         while True:
             item = inbox.get()
             if item is _STOP:
@@ -171,12 +172,10 @@ class Pipeline:
                 outs = rt.outputs(b.env)
             except BaseException as e:  # noqa: BLE001 -- the batch's own error, for its own caller
                 self._record(b)
-                if not b.future.done():
-                    b.future.set_exception(e)
+                _settle(b.future, error=e)
                 continue
             self._record(b)
-            if not b.future.done():
-                b.future.set_result(outs)
+            _settle(b.future, result=outs)
 
     def _record(self, b: _Batch) -> None:
         """The batch's call slice, before its Future frees its place: the next batch's slice on the same slot
@@ -248,3 +247,14 @@ def map_calls(opt, batches: Iterable, depth: int | None) -> Iterator:
     pipe = opt.runtime.pipeline()
     return window(batches, lambda b: submit_call(opt, tuple(b) if isinstance(b, (tuple, list)) else (b,), {}),
                   pipe.depth if depth is None else depth)
+
+
+def _settle(f: Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Answer `f` unless it is answered already: close and a stage's worker may both try, from two threads."""
+    try:
+        if error is not None:
+            f.set_exception(error)
+        else:
+            f.set_result(result)
+    except InvalidStateError:
+        pass

@@ -128,6 +128,27 @@ def test_no_call_is_lost_or_answered_twice_across_swaps(tiny_mlp_opt):
         live.close()
 
 
+def test_the_batcher_serves_a_live_model_through_it_and_a_closed_one_refuses_calls(tiny_mlp_opt):
+    from dioe.serve import Batcher
+
+    model, inputs, opt = tiny_mlp_opt
+    live = opt.go_live(tick_s=10.0)
+    try:
+        with Batcher(live, model=model, max_batch_size=4, max_queue_delay_ms=1) as b:
+            xs = [torch.randn(1, 64) for _ in range(6)]
+            outs = [b(x) for x in xs]
+        with torch.inference_mode():
+            for x, out in zip(xs, outs):
+                assert_matches_eager(model(x), out, rtol=1e-4)
+        # every batch went through the live model: its calls are counted, per plan, as a direct call's would be
+        stats = live.stats["live"]
+        assert stats["calls"] >= 1 and stats["calls"] == sum(stats["calls_per_plan"].values())
+    finally:
+        live.close()
+    with pytest.raises(dioe.DIOEError, match="closed"):
+        live(*inputs)
+
+
 def test_swaps_are_events_in_the_trace(tiny_mlp_opt, tmp_path):
     model, inputs, opt = tiny_mlp_opt
     live = opt.go_live(tick_s=10.0)

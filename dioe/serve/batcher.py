@@ -313,16 +313,18 @@ class Batcher:
                         self._answer(r, error=self._failure(e1))
         else:
             took = time.perf_counter() - t0
-            self._batch_s = took if not self._batch_s else 0.8 * self._batch_s + 0.2 * took
+            with self._cond:   # the worker and the answers thread both finish batches
+                self._batch_s = took if not self._batch_s else 0.8 * self._batch_s + 0.2 * took
             rows = sum(r.rows for r in batch)
             self.metrics.batch(rows, self.buckets.bucket_for(rows, max((r.seq for r in batch if r.seq), default=None)
                                                             ).batch, took)
             for r, out in zip(batch, outs):
                 self._answer(r, out=out)
-        fb = self.buckets.fallbacks()
-        if fb != self._fallbacks:
-            self.metrics.fallbacks(fb - self._fallbacks)
-            self._fallbacks = fb
+        with self._cond:
+            fb = self.buckets.fallbacks()
+            new, self._fallbacks = fb - self._fallbacks, fb
+        if new:
+            self.metrics.fallbacks(new)
 
     def _answer(self, r: _Request, *, out: Any = None, error: Exception | None = None) -> None:
         self.metrics.request(time.monotonic() - r.submitted, "ok" if error is None else "error")

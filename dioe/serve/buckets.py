@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import DIOEError, InputSpecError
+from ..runtime import Runtime
 
 
 @dataclass(frozen=True, order=True)
@@ -201,9 +202,12 @@ class Buckets:
                 start += k
             out.set_result(results)
 
-        pipe = opt.runtime.pipeline()
-        if not pipe.pipelined:
-            split(opt.runtime.run(flat))
+        # a plain runtime whose plan spans members streams the batch through its pipeline; a live model's runtime
+        # runs it through the live model, which times, samples and swaps plans between calls
+        rt = opt.runtime
+        pipe = rt.pipeline() if type(rt) is Runtime and len({c.member for c in rt.compiled.values()}) > 1 else None
+        if pipe is None or not pipe.pipelined:
+            split(rt.run(flat))
             return out
 
         def done(f: Future) -> None:
