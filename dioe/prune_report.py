@@ -244,8 +244,8 @@ def notes(stages: Sequence[Stage]) -> list[str]:
             continue
         falls = all(x > y for x, y in zip(ms, ms[1:]))
         notes.append(f"batch {b}: latency {'falls with every stage' if falls else 'does not fall with every stage'}"
-                     f" ({' > '.join(f'{x:g}' for x in ms)} ms); the last stage runs {ms[0] / ms[-1]:.2f}x faster "
-                     f"than dense for {dense.macs / last.macs:.2f}x fewer MACs")
+                     f" (stage by stage: {' -> '.join(f'{x:g}' for x in ms)} ms); the last stage runs "
+                     f"{ms[0] / ms[-1]:.2f}x faster than dense for {dense.macs / last.macs:.2f}x fewer MACs")
     return notes
 
 
