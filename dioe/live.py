@@ -36,7 +36,7 @@ from . import tracing as _trace
 from .cores import pin, schedstat, waited
 from .drift import Detector, Gauge, LiveSettings
 from .errors import DIOEError
-from .generation import Generation, plan_key, scale_members, sequential
+from .generation import Generation, LiveRuntime, plan_key, scale_members, sequential
 from .plan import Plan
 from .planner import make_plan, unless_split_pays
 
@@ -425,19 +425,6 @@ class Live:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._gen.opt, name)
-
-
-class LiveRuntime:
-    """`Live.runtime`: the serving plan's runtime, with `run` going through the live model."""
-
-    def __init__(self, live: Live):
-        self._live = live
-
-    def run(self, flat_inputs, tr=None, call: int = 0) -> tuple:
-        return self._live.run_flat(list(flat_inputs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._live.current.runtime, name)
 
 
 def go_live(opt: Optimized, settings: LiveSettings | None = None, **overrides) -> Live:
