@@ -1,19 +1,17 @@
-"""What live re-planning swaps: a built plan as the live model runs it (`Generation`), the planner's inputs
-and outputs adjusted for a live model (`scale_members`, `sequential`), and the live model's `runtime`
-(`LiveRuntime`).
+"""What live re-planning swaps: a built plan as the live model runs it (`Generation`), and the planner's inputs
+and outputs adjusted for a live model (`scale_members`, `sequential`).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import partition
 from .plan import Plan
 from .planner import inherited_notes, whole_graph_plan
 
 if TYPE_CHECKING:
-    from .live import Live
     from .optimized import Optimized
     from .planner import Job
     from .profile import Profile
@@ -75,16 +73,3 @@ def scale_members(profile: Profile, factors: dict[str, float]) -> Profile:
             if k is not None:
                 options[option] = type(t)(t.median_ms * k, t.p25_ms * k, t.p75_ms * k, t.runs)
     return scaled
-
-
-class LiveRuntime:
-    """`Live.runtime`: the serving plan's runtime, with `run` going through the live model."""
-
-    def __init__(self, live: "Live"):
-        self._live = live
-
-    def run(self, flat_inputs, tr=None, call: int = 0) -> tuple:
-        return self._live.run_flat(list(flat_inputs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._live.current.runtime, name)

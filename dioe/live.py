@@ -36,9 +36,10 @@ from . import tracing as _trace
 from .cores import pin, schedstat, waited
 from .drift import Detector, Gauge, LiveSettings
 from .errors import DIOEError
-from .generation import Generation, LiveRuntime, plan_key, scale_members, sequential
+from .generation import Generation, plan_key, scale_members, sequential
 from .plan import Plan
 from .planner import make_plan, unless_split_pays
+from .runtime import RoutedRuntime
 
 if TYPE_CHECKING:
     from .optimized import Optimized
@@ -106,10 +107,10 @@ class Live:
         return self._gen.opt.plan
 
     @property
-    def runtime(self) -> "LiveRuntime":
+    def runtime(self) -> RoutedRuntime:
         """The current plan's runtime, as `opt.runtime`, except that `run` goes through the live model: a caller
         of `opt.runtime.run`, such as the batcher, is timed and re-planned for like a call of the model."""
-        return LiveRuntime(self)
+        return RoutedRuntime(self.run_flat, lambda: self.current.runtime)
 
     def __call__(self, *args, **kwargs) -> Any:
         gen = self._gen   # read once: this call runs on this plan to its end, whatever is swapped in meanwhile

@@ -34,6 +34,7 @@ from .errors import DIOEError
 from .optimized import Optimized
 from .planner import Job
 from .reservoir import Reservoir
+from .runtime import RoutedRuntime
 
 SAMPLING, TESTING, PROMOTED, SETTLED, CLOSED = "sampling", "testing", "promoted", "settled", "closed"
 
@@ -65,7 +66,8 @@ class LiveModel:
     def __init__(self, safe: Optimized, job: Job, budget: Budget):
         self.safe, self.captured = safe, safe.captured
         self.live = LivePrecision(safe, job, budget)
-        self._runtime = LiveRuntime(self.live)
+        live = self.live
+        self._runtime = RoutedRuntime(live.run, lambda: live.serving.runtime)  # sampled, shadow-checked, switched
         weakref.finalize(self, self.live.close, timeout_s=0.0)  # a model dropped unclosed stops its thread too
 
     def __call__(self, *args, **kwargs) -> Any:
@@ -76,7 +78,7 @@ class LiveModel:
         return self.live.serving.plan
 
     @property
-    def runtime(self) -> "LiveRuntime":
+    def runtime(self) -> RoutedRuntime:
         return self._runtime
 
     @property
@@ -107,21 +109,6 @@ class LiveModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class LiveRuntime:
-    """The serving plan's runtime, as `opt.runtime`: `run` goes through the live switching (sampled while fp32
-    serves, shadow-checked once promoted), so a caller of `opt.runtime.run`, such as the batcher, is served the
-    same way as a call of the model; anything else is the serving runtime's own."""
-
-    def __init__(self, live: "LivePrecision"):
-        self._live = live
-
-    def run(self, flat_inputs, tr=None, call: int = 0) -> tuple:
-        return self._live.run(list(flat_inputs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._live.serving.runtime, name)
 
 
 class LivePrecision:
@@ -396,4 +383,4 @@ def _label(opt: Optimized) -> str:
     return parts[0].choice.label() if len(parts) == 1 else f"{len(parts)}-partition fp32 plan"
 
 
-__all__ = ["LiveModel", "LivePrecision", "LiveRuntime", "check_options", "serve"]
+__all__ = ["LiveModel", "LivePrecision", "check_options", "serve"]

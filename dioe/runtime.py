@@ -213,3 +213,18 @@ class Runtime(Recovery):
             self._pipeline.close()
         for w in self._workers.values():
             w.shutdown(wait=True)
+
+
+class RoutedRuntime:
+    """A runtime as a live model's callers see it (`opt.runtime`): `run` goes through the live model (`run_flat`,
+    flat inputs to flat outputs), so a caller of `opt.runtime.run`, such as the batcher, is served like a call of
+    the model; anything else is the runtime of the plan serving now (`serving()`)."""
+
+    def __init__(self, run_flat: Callable[[list], tuple], serving: Callable[[], Runtime]):
+        self._run_flat, self._serving = run_flat, serving
+
+    def run(self, flat_inputs: Sequence, tr: Trace | None = None, call: int = 0) -> tuple:
+        return self._run_flat(list(flat_inputs))
+
+    def __getattr__(self, name: str):
+        return getattr(self._serving(), name)
