@@ -20,6 +20,11 @@ at k/N of it. A transformer's prunable Linear loses rows or columns in proportio
 sparsity; a convolution loses input and output channels alike, so its channel ratio is 1 - sqrt(1 - sparsity).
 Each stage's table row gives the sparsity it reached and its parameters against the dense model's.
 
+Each layer keeps its dense width times the stage's channel keep, rounded to the nearest multiple of `round_to` (by
+default this CPU's fp32 vector width, 8 with AVX2 and 16 with AVX-512; passed to torch-pruning as per-layer
+ratios): kernels block channels by that width, and ONNX Runtime's blocked convolution layout needs it, so an odd
+count can run slower than the dense model. Every stage aims from the dense widths, so rounding never compounds.
+
 Strategies rank channels by `magnitude` (L1 norm of their weights), `l2` (L2 norm), or `taylor` (|weight x
 gradient| of a distillation loss against the dense model on calibration inputs, torch-pruning's
 `TaylorImportance`). `recover_steps` K runs K Adam steps of that same distillation after each stage is cut.
@@ -116,11 +121,22 @@ def _importance(tp, strategy: str):
     return tp.importance.MagnitudeImportance(p=1 if strategy == "magnitude" else 2)
 
 
+def vector_width() -> int:
+    """fp32 lanes of this CPU's widest vector unit: the `round_to` that keeps pruned channels whole blocks."""
+    from .devices import CpuInfo
+
+    flags = CpuInfo.read().flags
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
+
+
 def prune_stage(model: torch.nn.Module, example: tuple, *, keep_before: float, keep_after: float, strategy: str,
-                dense_heads: dict[str, int], gradients: Callable[[], None] | None = None) -> None:
+                dense_heads: dict[str, int], gradients: Callable[[], None] | None = None, round_to: int = 1,
+                dense_widths: dict[str, int] | None = None) -> None:
     """Cut `model` in place from `keep_before` to `keep_after` of the dense model's channels. Heads are counted
     exactly: each attention keeps round(dense heads x keep_after), at least one. `dense_heads` maps each query
-    Linear's name to its dense head count. `gradients` fills the weights' .grad that Taylor ranks by."""
+    Linear's name to its dense head count. `gradients` fills the weights' .grad that Taylor ranks by. With
+    `round_to` > 1, every other layer named in `dense_widths` (its dense output width) keeps that width times
+    `keep_after` rounded to the nearest multiple of `round_to`."""
     tp = need_torch_pruning()
     heads = attention_heads(model)
     names = {m: n for n, m in model.named_modules()}
@@ -134,8 +150,11 @@ def prune_stage(model: torch.nn.Module, example: tuple, *, keep_before: float, k
     if strategy == "taylor":
         model.zero_grad(set_to_none=True)
         gradients()
-    common = dict(importance=_importance(tp, strategy), ignored_layers=kept_layers(model),
-                  output_transform=lambda out: sum(t.float().sum() for t in _float_leaves(out)))
+    kept = kept_layers(model)
+    common = dict(importance=_importance(tp, strategy), ignored_layers=kept,
+                  output_transform=lambda out: sum(t.float().sum() for t in _float_leaves(out)),
+                  pruning_ratio_dict=_rounded_ratios(model, dense_widths or {}, keep_after, round_to,
+                                                     skip=set(heads) | set(kept)) if round_to > 1 else None)
     if heads:
         # every attention cuts alike, so one stage's ratios are one head ratio; channel rounding is torch-pruning's
         pruner = tp.pruner.MetaPruner(model, example, pruning_ratio=ratio, num_heads=heads, prune_num_heads=True,
@@ -152,6 +171,31 @@ def prune_stage(model: torch.nn.Module, example: tuple, *, keep_before: float, k
             m.num_attention_heads = m.query.out_features // size
             if hasattr(m, "all_head_size"):
                 m.all_head_size = m.query.out_features
+
+
+def _width(m: torch.nn.Module) -> int | None:
+    return m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features \
+        if isinstance(m, torch.nn.Linear) else None
+
+
+def dense_widths(model: torch.nn.Module) -> dict[str, int]:
+    """Each convolution's and Linear's output width, by module name."""
+    return {n: w for n, m in model.named_modules() if (w := _width(m)) is not None}
+
+
+def _rounded_ratios(model: torch.nn.Module, dense: dict[str, int], keep: float, step: int, *, skip: set
+                    ) -> dict[torch.nn.Module, float]:
+    """torch-pruning's per-layer ratios that leave each layer round(dense width x keep) channels, to the nearest
+    multiple of `step` (at least `step`; a layer narrower than `step` keeps its width). It removes
+    C - int(C x (1 - ratio)) channels, so the half channel added lands the count exactly."""
+    ratios = {}
+    for name, m in model.named_modules():
+        now, was = _width(m), dense.get(name)
+        if now is None or was is None or m in skip:
+            continue
+        want = was if was <= step else max(step, round(was * keep / step) * step)
+        ratios[m] = 1 - (want + 0.5) / now if want < now else 0.0
+    return ratios
 
 
 def dense_head_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -296,7 +340,7 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
           strategy: str = "magnitude", steps: int = 5, output_dir: str | Path, size: str = "full",
           recover_steps: int = 0, calibration: int = 32, budget: Budget | str | None = None,
           batches: Sequence[int] = (1, 8), backends: Sequence[str] | None = None, hardware: Any = "auto",
-          timing_s: float = 3.0, log: Callable[[str], None] = print) -> PruneResult:
+          timing_s: float = 3.0, round_to: int | None = None, log: Callable[[str], None] = print) -> PruneResult:
     """Prune `model` (a zoo name, or an nn.Module with `example_inputs`) in `steps` stages to `target_sparsity`,
     save each stage under `output_dir/stage-K`, and measure every stage; writes pruning.csv, pruning.json and
     pruning.png there and returns the result.
@@ -305,7 +349,8 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
     budget's `samples`, are drawn apart from them. `budget` (a `dioe.Budget` or its text, such as
     "cosine>=0.99"; by default the one `Budget.default_for` picks for the output) decides which stage fits.
     `batches`: the batch sizes DIOE's latency is measured at (a zoo model's; an nn.Module is timed at its example's
-    batch); empty to skip optimizing. `backends`, `hardware`: passed to `dioe.optimize`.
+    batch); empty to skip optimizing. `backends`, `hardware`: passed to `dioe.optimize`. `round_to`: channel
+    counts left are multiples of it (default: this CPU's fp32 vector width; 1 to keep exact ratios).
 
         >>> r = dioe.prune("tiny-bert", target_sparsity=0.5, steps=2, output_dir="out", batches=())  # doctest: +SKIP
         >>> r.stages[-1].sparsity                                                                    # doctest: +SKIP
@@ -314,6 +359,10 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
     check_options(target_sparsity=target_sparsity, strategy=strategy, steps=steps, recover_steps=recover_steps)
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise DIOEError(f"calibration is a count of input rows, an integer >= 1; got {calibration!r}")
+    if round_to is None:
+        round_to = vector_width()
+    elif isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise DIOEError(f"round_to is the multiple channel counts are rounded to, an integer >= 1; got {round_to!r}")
     if isinstance(budget, str):
         budget = Budget.parse(budget)
     elif budget is not None and not isinstance(budget, Budget):
@@ -351,14 +400,16 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
             f"{row['summary']}")
         return stage
 
-    log(f"pruning {name}: {strategy} to sparsity {target_sparsity} in {steps} stages")
+    log(f"pruning {name}: {strategy} to sparsity {target_sparsity} in {steps} stages, channels in multiples of "
+        f"{round_to}")
     stages, models = [measured(0, dense, 0.0)], {0: dense}
-    student, keep = copy.deepcopy(dense), 1.0
+    student, keep, widths = copy.deepcopy(dense), 1.0, dense_widths(dense)
     for k in range(1, steps + 1):
         target = target_sparsity * k / steps
         after = 1 - channel_ratio(target, transformer)
         prune_stage(student, example, keep_before=keep, keep_after=after, strategy=strategy, dense_heads=dense_heads,
-                    gradients=lambda: distill_gradients(student, targets, cal))
+                    gradients=lambda: distill_gradients(student, targets, cal), round_to=round_to,
+                    dense_widths=widths)
         keep = after
         recovery = {}
         if recover_steps:
@@ -429,4 +480,4 @@ def _model_and_data(model, example_inputs, size: str):
 
 
 __all__ = ["PRUNABLE_ZOO", "STRATEGIES", "check_model", "check_options", "load_stage", "prune", "prune_stage",
-           "recover", "save_stage"]
+           "recover", "save_stage", "vector_width", "dense_widths"]

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser, *, model_flag: bool = False) -> No
                    help="batch sizes DIOE's latency is measured at (default 1 8; none: skip optimizing)")
     p.add_argument("--backends", nargs="+", help="restrict DIOE's backends (default: all it finds)")
     p.add_argument("--timing-s", type=float, default=3.0, help="seconds of timed calls per stage and batch")
+    p.add_argument("--round-to", type=int, metavar="N",
+                   help="channel counts left are multiples of N (default: this CPU's fp32 vector width, 8 with "
+                        "AVX2, 16 with AVX-512; 1 for exact ratios)")
     p.add_argument("--small", action="store_true", help="the zoo model's small variant (fewer layers)")
 
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     prune(args.model, target_sparsity=args.target_sparsity, strategy=args.pruning_strategy, steps=args.steps,
           output_dir=args.output_dir, size="small" if args.small else "full", recover_steps=args.recover_steps,
           calibration=args.calibration, budget=args.budget, batches=tuple(args.batches), backends=args.backends,
-          timing_s=args.timing_s)
+          timing_s=args.timing_s, round_to=args.round_to)
     return 0
 
 

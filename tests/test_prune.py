@@ -11,7 +11,7 @@ import torch
 import dioe
 from dioe.accuracy import Budget
 from dioe.errors import DIOEError
-from dioe.prune import dense_head_counts, load_stage, prune_stage, save_stage, architecture
+from dioe.prune import architecture, dense_head_counts, dense_widths, load_stage, prune_stage, save_stage
 from dioe.prune_report import PruneResult
 
 pytest.importorskip("torch_pruning")
@@ -50,6 +50,28 @@ def test_a_pruned_cnn_reloads_without_torch_pruning_and_matches_exactly(tmp_path
     for got, want in zip(_outputs(reloaded, inputs), _outputs(model, inputs)):
         assert torch.equal(got, want)
     assert {n: m.out_channels for n, m in reloaded.named_modules() if isinstance(m, torch.nn.Conv2d)} == after
+
+
+def test_channels_are_rounded_from_the_dense_widths_at_every_stage():
+    """Each stage keeps round(dense width x kept fraction) to the nearest multiple of 8 (at least 8), measured from
+    the dense model each time, so three stages end where one cut to the same fraction would."""
+    model, inputs = tiny_resnet()
+    dense = dense_widths(model)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    keep = 1.0
+    for after in (0.8, 0.65, 0.5):
+        prune_stage(model, inputs, keep_before=keep, keep_after=after, strategy="magnitude", dense_heads={},
+                    round_to=8, dense_widths=dense)
+        keep = after
+    got = dense_widths(model)
+    # the stem's 16 and each block's output width are tied to ones that stay; every cut layer lands on the rule
+    cut = [n for n in convs if got[n] != dense[n]]
+    assert cut, got
+    for n in cut:
+        assert got[n] == max(8, round(dense[n] * 0.5 / 8) * 8), (n, dense[n], got[n])
+    exact, _ = tiny_resnet()
+    prune_stage(exact, inputs, keep_before=1.0, keep_after=0.65, strategy="magnitude", dense_heads={})
+    assert any(w % 8 for n, w in dense_widths(exact).items() if n in convs), "without rounding, odd counts remain"
 
 
 def test_tiny_bert_prunes_in_stages_and_each_stage_reloads(tmp_path):
