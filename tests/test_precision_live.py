@@ -10,11 +10,10 @@ import warnings
 
 import pytest
 import torch
-from helpers import eager
+from helpers import eager, script_int8_faster
 
 import dioe
 from dioe import precision as precisions
-from dioe import timing
 from dioe.accuracy import evaluate
 from dioe.calibration import digest
 from dioe.reservoir import Reservoir
@@ -24,12 +23,7 @@ BUDGET = dict(cosine=0.99, samples=32)
 
 @pytest.fixture
 def int8_is_faster(monkeypatch):
-    real = timing.side_by_side
-
-    def scripted(runs, flat, **kw):
-        got = real(runs, flat, **kw)
-        return {k: [0.1 * t for t in v] if "/int8" in k else v for k, v in got.items()}
-    monkeypatch.setattr(timing, "side_by_side", scripted)
+    script_int8_faster(monkeypatch, 0.1)
 
 
 def _mlp():

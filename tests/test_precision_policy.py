@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_matches_eager, eager
+from helpers import assert_matches_eager, eager, script_int8_faster
 
 import dioe
-from dioe import integrity, timing
+from dioe import integrity
 from dioe.accuracy import AccuracyReport
 from dioe.precision import FP32
 
@@ -51,12 +51,7 @@ def test_an_int8_plan_round_trips_and_reloads_without_calibrating(tmp_path, monk
     """int8 made the winner by scripting the side-by-side timing (its accuracy is real): the plan keeps its
     accuracy report and calibration key, and a reload reuses the quantized artifact instead of calibrating."""
     model, x = _mlp()
-    real = timing.side_by_side
-
-    def int8_is_faster(runs, flat, **kw):
-        got = real(runs, flat, **kw)
-        return {k: [0.5 * t for t in v] if "/int8" in k else v for k, v in got.items()}
-    monkeypatch.setattr(timing, "side_by_side", int8_is_faster)
+    script_int8_faster(monkeypatch)
     calib = [(torch.randn(2, 32),) for _ in range(64)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,12 +129,7 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
 
     from dioe import precision as precisions
     model, x = _mlp()
-    real = timing.side_by_side
-
-    def int8_is_faster(runs, flat, **kw):
-        got = real(runs, flat, **kw)
-        return {k: [0.5 * t for t in v] if "/int8" in k else v for k, v in got.items()}
-    monkeypatch.setattr(timing, "side_by_side", int8_is_faster)
+    script_int8_faster(monkeypatch)
     calib = [(torch.randn(2, 32),) for _ in range(64)]
     kw = dict(backends=["onnxruntime"], precision="int8", cache_dir=tmp_path,
               accuracy=dioe.Budget(cosine=0.99, samples=32), calibration=calib)
