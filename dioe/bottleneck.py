@@ -28,10 +28,6 @@ class StageLoad:
     ms: float           # the stage's partitions, one call each, plus the copies into it and out to the caller
 
 
-def _copy_ms(profile: Profile, a: str, b: str, nbytes: int) -> float:
-    return profile.link(a, b).ms(nbytes) if nbytes and a != b else 0.0
-
-
 def stage_loads(segments: Sequence[Segment], edges: Edges, chosen: Mapping[str, Choice],
                 options: Mapping[str, Mapping[Choice, float]], profile: Profile, reference: str) -> list[StageLoad]:
     """The pipeline's stages of an assignment (runs of consecutive segments on one member) with their loads:
@@ -46,9 +42,9 @@ def stage_loads(segments: Sequence[Segment], edges: Edges, chosen: Mapping[str, 
                  for run in partition_groups(stage, chosen))
         for (a, b), n in edges.bytes.items():
             if b in inside and a not in inside:
-                ms += _copy_ms(profile, reference if a == INPUT else member[a], m, n)
+                ms += profile.copy_ms(reference if a == INPUT else member[a], m, n)
             elif a in inside and b == OUTPUT:
-                ms += _copy_ms(profile, m, reference, n)
+                ms += profile.copy_ms(m, reference, n)
         out.append(StageLoad(m, tuple(s.id for s in stage), ms))
     return out
 

@@ -8,6 +8,7 @@ import copy
 from typing import TYPE_CHECKING
 
 from . import partition
+from .pipelining import group_stages
 from .plan import Plan
 from .planner import inherited_notes, whole_graph_plan
 
@@ -28,13 +29,10 @@ class Generation:
     def __init__(self, opt: Optimized):
         self.opt, self.key = opt, plan_key(opt.plan)
         compiled = opt.runtime.compiled
-        self.runs: list[tuple[str, list]] = []
-        for step in opt.program.steps:
-            m = compiled[step.partition].member
-            if self.runs and self.runs[-1][0] == m:
-                self.runs[-1][1].append(step)
-            else:
-                self.runs.append((m, [step]))
+        def member_of(step) -> str:
+            return compiled[step.partition].member
+        self.runs: list[tuple[str, list]] = [(member_of(run[0]), run)
+                                             for run in group_stages(opt.program.steps, member_of)]
         nodes = {p.id: p.nodes for p in opt.plan.partitions}
         # what each member computes under this plan: its gauge's reference is kept per kind of work
         self.work: dict[str, tuple] = {}

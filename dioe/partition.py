@@ -167,10 +167,6 @@ def _member(option: Choice) -> str:
     return option.member
 
 
-def _copy_ms(profile: Profile, a: str, b: str, nbytes: int) -> float:
-    return profile.link(a, b).ms(nbytes) if nbytes else 0.0
-
-
 def _dp(segments, edges: Edges, options, profile: Profile, reference: str) -> dict[str, Choice]:
     """Exact over a chain: state = option of the current segment; inputs from older segments are charged
     as if they sat where the previous segment ran (exact for pure chains)."""
@@ -180,21 +176,21 @@ def _dp(segments, edges: Edges, options, profile: Profile, reference: str) -> di
         row: dict[str, tuple[float, str | None]] = {}
         for o, t in options[seg.id].items():
             m = _member(o)
-            cost_in = _copy_ms(profile, reference, m, incoming.get(INPUT, 0))
+            cost_in = profile.copy_ms(reference, m, incoming.get(INPUT, 0))
             if i == 0:
                 row[o] = (t + cost_in, None)
                 continue
             cands = []
             for po, (pc, _) in best[-1].items():
                 pm = _member(po)
-                copies = sum(_copy_ms(profile, pm, m, n) for src, n in incoming.items() if src != INPUT)
+                copies = sum(profile.copy_ms(pm, m, n) for src, n in incoming.items() if src != INPUT)
                 # the same option as the segment before: one partition, one call
                 cands.append((pc + copies + (continued_ms(t, o) if po == o else t), po))
             pc, po = min(cands)
             row[o] = (pc + cost_in, po)
         if i == len(segments) - 1:  # results go back to the caller on the reference member
             out = sum(n for (a, b), n in edges.bytes.items() if b == OUTPUT)
-            row = {o: (c + _copy_ms(profile, _member(o), reference, out), p) for o, (c, p) in row.items()}
+            row = {o: (c + profile.copy_ms(_member(o), reference, out), p) for o, (c, p) in row.items()}
         best.append(row)
     chosen: dict[str, Choice] = {}
     o = min(best[-1], key=lambda k: best[-1][k][0])
@@ -224,8 +220,8 @@ def _heft(segments, edges: Edges, options, profile: Profile, reference: str) -> 
         best = None
         for o, t in options[seg.id].items():
             m = _member(o)
-            ready = max([finish[p] + _copy_ms(profile, where[p], m, incoming[p]) for p in incoming if p != INPUT]
-                        + [_copy_ms(profile, reference, m, incoming.get(INPUT, 0))])
+            ready = max([finish[p] + profile.copy_ms(where[p], m, incoming[p]) for p in incoming if p != INPUT]
+                        + [profile.copy_ms(reference, m, incoming.get(INPUT, 0))])
             eft = max(ready, free.get(m, 0.0)) + t
             if best is None or eft < best[0]:
                 best = (eft, o, m)
@@ -246,13 +242,13 @@ def simulate(segments, edges: Edges, chosen: Mapping[str, Choice], options, prof
         o = chosen[seg.id]
         m = _member(o)
         incoming = edges.into(seg.id)
-        ready = max([finish[p] + _copy_ms(profile, _member(chosen[p]), m, incoming[p]) for p in incoming
-                     if p != INPUT] + [_copy_ms(profile, reference, m, incoming.get(INPUT, 0))])
+        ready = max([finish[p] + profile.copy_ms(_member(chosen[p]), m, incoming[p]) for p in incoming
+                     if p != INPUT] + [profile.copy_ms(reference, m, incoming.get(INPUT, 0))])
         t = options[seg.id][o]
         finish[seg.id] = max(ready, free.get(m, 0.0)) + (continued_ms(t, o) if seg.id in continued else t)
         free[m] = finish[seg.id]
     outs = [(a, n) for (a, b), n in edges.bytes.items() if b == OUTPUT]
-    return max([finish[a] + _copy_ms(profile, _member(chosen[a]), reference, n) for a, n in outs]
+    return max([finish[a] + profile.copy_ms(_member(chosen[a]), reference, n) for a, n in outs]
                + list(finish.values()) + [0.0])
 
 

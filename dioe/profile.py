@@ -74,6 +74,10 @@ class Profile:
     def link(self, a: str, b: str) -> LinkCost:
         return LinkCost(0.0, float("inf"), "same member") if a == b else self.links[f"{a}->{b}"]
 
+    def copy_ms(self, a: str, b: str, nbytes: int) -> float:
+        """Predicted ms to move `nbytes` from member `a` to member `b` (nothing within one member)."""
+        return self.link(a, b).ms(nbytes) if nbytes and a != b else 0.0
+
 
 def legal_options(part: Partition, pool: ResourcePool, backends: Sequence[str], *, cache_dir=None,
                   precisions: Sequence[str] = ("fp32",)) -> tuple[list[Choice], dict[Choice, str]]:
