@@ -329,6 +329,16 @@ def test_loadgen_counts_errors_and_refuses_remote_hosts():
         check_loopback("http://example.com:8000")
 
 
+def test_loadgen_throughput_counts_until_the_last_answer():
+    """Calls that start before the end finish after it and are counted: the run lasts until the last answer, so
+    two clients of 0.3 s calls measure about 2 / 0.3 calls per second, not the 4 calls over the nominal 0.5 s."""
+    from dioe.serve.loadgen import closed_loop
+
+    r = closed_loop(lambda x: time.sleep(0.3), [0], concurrency=2, duration_s=0.5)
+    assert len(r.samples) == 4
+    assert r.throughput == pytest.approx(2 / 0.3, rel=0.1), (r.throughput, r.duration_s)
+
+
 # -- Ray Serve -----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _ray_serve(opt, model_spec, tmp_path, monkeypatch, **knobs):
