@@ -45,6 +45,16 @@ def offline(batcher: Batcher, seconds: float) -> list[dict]:
     return rows
 
 
+def eager_at(batcher: Batcher, model: torch.nn.Module, batch: int, seconds: float) -> dict:
+    """torch eager's rows per second at `batch`, on the same inputs: what a torch deployment computes at best, so
+    the most any DIOE server can gain over one is the plan's offline rows per second over this."""
+    bucket = batcher.buckets.bucket_for(batch, batcher.buckets.seq_buckets[-1] if batcher.buckets.seq_buckets else None)
+    x = batcher.buckets.examples(bucket)
+    with torch.inference_mode():
+        lat = _again(lambda *a: model(*a), x, seconds)
+    return {"batch": batch, "rows_per_s": batch * len(lat) / sum(lat), "latency_ms": 1000 * statistics.median(lat)}
+
+
 def external_load(url: str, name: str, args, label: str):
     """A closed loop driven by `dioe loadtest` in a process of its own, so the clients do not share the server's
     interpreter lock."""
@@ -72,6 +82,25 @@ def _again(opt, x, seconds: float) -> list[float]:
     return lat
 
 
+CEILING, PLAIN_RAY = "HTTP alone, no model (ceiling)", "plain Ray Serve, torch"
+
+
+class Echo(torch.nn.Module):
+    """The cheapest model that takes the served model's inputs: its first input as floats. Served over HTTP it
+    measures what the server, the codec and the clients cost on their own, the ceiling of any HTTP row."""
+
+    def forward(self, x, *rest):
+        return x.float() * 1.0
+
+
+def http_ceiling(inputs: tuple, args) -> "object":
+    echo = Echo().eval()
+    opt = dioe.optimize(echo, inputs, name="echo", backends=["torch"])
+    with Batcher(opt, model=echo, max_batch_size=1, queue_size=4 * args.clients) as single, \
+            start(make_app(single)) as url:
+        return external_load(url, single.name, args, CEILING)
+
+
 def ray_rows(args, plan_path: Path, request: tuple, knobs: dict) -> list:
     import ray
     from ray import serve
@@ -89,7 +118,7 @@ def ray_rows(args, plan_path: Path, request: tuple, knobs: dict) -> list:
         for label, app in (("DIOE on Ray Serve", deployment(plan_path, model_spec=args.model, small=args.small,
                                                              optimize_options={"precision": args.precision},
                                                              **common)),
-                           ("plain Ray Serve, torch", plain_torch_deployment(args.model, small=args.small,
+                           (PLAIN_RAY, plain_torch_deployment(args.model, small=args.small,
                                                                              **common))):
             handle = serve.run(app, name=label.replace(" ", "-").replace(",", ""), route_prefix=None)
             handle.infer.remote(*request).result(timeout_s=600)   # replicas up and warm
@@ -127,6 +156,7 @@ def main(argv=None) -> int:
         batcher.buckets.build()
         offline_rows = offline(batcher, 2 * args.duration)
         best = max(offline_rows, key=lambda r: r["rows_per_s"])
+        torch_best = eager_at(batcher, model, best["batch"], args.duration)
         loads.append(closed_loop(lambda x: batcher(*x), [inputs], concurrency=args.clients,
                                  duration_s=args.duration, name="batcher, in-process"))
         with start(make_app(batcher, metrics)) as url:
@@ -136,8 +166,11 @@ def main(argv=None) -> int:
         loads.append(external_load(url, single.name, args, "unbatched, HTTP"))
     if args.ray_replicas:
         loads += ray_rows(args, plan_path, inputs, knobs)
+    loads.append(http_ceiling(tuple(inputs), args))
     rows = [[f"offline, batch {r['batch']}", f"{r['rows_per_s']:.1f}", f"{r['latency_ms']:.1f}", "-", "-", "-"]
             for r in offline_rows]
+    rows.append([f"offline, torch eager, batch {torch_best['batch']}", f"{torch_best['rows_per_s']:.1f}",
+                 f"{torch_best['latency_ms']:.1f}", "-", "-", "-"])
     for r in loads:
         d = r.to_dict()
         rows.append([r.name, f"{d['throughput']:.1f}", "-", f"{d['p50_ms']:.1f}", f"{d['p99_ms']:.1f}", str(d["errors"])])
@@ -145,17 +178,27 @@ def main(argv=None) -> int:
           f"{args.duration:g} s per load row, max_batch_size {args.max_batch_size}, "
           f"max_queue_delay_ms {args.max_queue_delay_ms:g}, torch threads {torch.get_num_threads()}")
     print(table(rows, ["row", "rows/s", "batch latency ms", "p50 ms", "p99 ms", "errors"]))
-    b = loads[0].to_dict()
-    print(f"\nbatcher / offline best (batch {best['batch']}): {b['throughput'] / best['rows_per_s']:.2f}; "
-          f"p99 / that batch's latency: {b['p99_ms'] / best['latency_ms']:.2f}; batched / unbatched HTTP: "
-          f"{loads[1].throughput / loads[2].throughput:.2f}"
-          + (f"; batcher HTTP / plain Ray torch: {loads[1].throughput / loads[-1].throughput:.2f}; DIOE on Ray / "
-             f"plain Ray torch: {loads[-2].throughput / loads[-1].throughput:.2f}" if args.ray_replicas else ""))
+    b, by = loads[0].to_dict(), {r.name: r.throughput for r in loads}
+    ratios = [f"batcher / offline best (batch {best['batch']}): {b['throughput'] / best['rows_per_s']:.2f}",
+              f"p99 / that batch's latency: {b['p99_ms'] / best['latency_ms']:.2f}",
+              # Little's law: N clients in a closed loop at X rows/s wait N/X on average, whatever the server does
+              f"least mean latency at the best offline throughput ({args.clients} clients / its rows per s): "
+              f"{args.clients / best['rows_per_s'] / (best['latency_ms'] / 1000):.2f}x that batch's latency",
+              f"batched / unbatched HTTP: {by['batcher, HTTP'] / by['unbatched, HTTP']:.2f}",
+              f"unbatched HTTP / HTTP ceiling: {by['unbatched, HTTP'] / by[CEILING]:.2f}"]
+    ratios.append(f"DIOE's plan / torch eager offline at batch {best['batch']} (the most a DIOE server gains over a "
+                  f"torch one): {best['rows_per_s'] / torch_best['rows_per_s']:.2f}")
+    if args.ray_replicas:
+        ratios += [f"batcher HTTP / plain Ray torch: {by['batcher, HTTP'] / by[PLAIN_RAY]:.2f}",
+                   f"DIOE on Ray / plain Ray torch: {by['DIOE on Ray Serve'] / by[PLAIN_RAY]:.2f}"]
+    print("\n" + "; ".join(ratios))
     png = out / f"{args.model}.serve.png"
     out.mkdir(parents=True, exist_ok=True)
     plot(loads, png)
-    write_text(out / f"{args.model}.serve.json", json.dumps({"offline": offline_rows,
-                                                              "load": [r.to_dict() for r in loads]}, indent=1))
+    record = {"model": args.model, "small": args.small, "precision": args.precision, "clients": args.clients,
+              "duration_s": args.duration, "knobs": knobs, "ray_replicas": args.ray_replicas,
+              "offline": offline_rows, "torch_eager": torch_best, "load": [r.to_dict() for r in loads]}
+    write_text(out / f"{args.model}.serve.json", json.dumps(record, indent=1))
     print(f"latency over time: {png}")
     return 0
 
