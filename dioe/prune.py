@@ -20,10 +20,12 @@ at k/N of it. A transformer's prunable Linear loses rows or columns in proportio
 sparsity; a convolution loses input and output channels alike, so its channel ratio is 1 - sqrt(1 - sparsity).
 Each stage's table row gives the sparsity it reached and its parameters against the dense model's.
 
-Each layer keeps its dense width times the stage's channel keep, rounded to the nearest multiple of `round_to` (by
-default this CPU's fp32 vector width, 8 with AVX2 and 16 with AVX-512; passed to torch-pruning as per-layer
-ratios): kernels block channels by that width, and ONNX Runtime's blocked convolution layout needs it, so an odd
-count can run slower than the dense model. Every stage aims from the dense widths, so rounding never compounds.
+Each Conv2d and Linear at least twice `round_to` wide keeps its dense width times the stage's channel keep, rounded
+to the nearest multiple of `round_to` (by default this CPU's fp32 vector width, 8 with AVX2 and 16 with AVX-512;
+passed to torch-pruning as per-layer ratios): kernels block channels by that width, and ONNX Runtime's blocked
+convolution layout needs it, so an odd count can run slower than the dense model. Every stage aims from the dense
+widths, so rounding never compounds. Narrower layers keep their width; grouped convolutions, and models with
+GroupNorm, take the exact ratio.
 
 Strategies rank channels by `magnitude` (L1 norm of their weights), `l2` (L2 norm), or `taylor` (|weight x
 gradient| of a distillation loss against the dense model on calibration inputs, torch-pruning's
@@ -154,9 +156,10 @@ def prune_stage(model: torch.nn.Module, example: tuple, *, keep_before: float, k
     common = dict(importance=_importance(tp, strategy), ignored_layers=kept,
                   output_transform=lambda out: sum(t.float().sum() for t in _float_leaves(out)),
                   pruning_ratio_dict=_rounded_ratios(model, dense_widths or {}, keep_after, round_to,
-                                                     skip=set(heads) | set(kept)) if round_to > 1 else None)
+                                                     skip=set(heads) | {s for k in kept for s in k.modules()})
+                  if round_to > 1 else None)
     if heads:
-        # every attention cuts alike, so one stage's ratios are one head ratio; channel rounding is torch-pruning's
+        # every attention cuts alike, so one stage's ratios are one head ratio
         pruner = tp.pruner.MetaPruner(model, example, pruning_ratio=ratio, num_heads=heads, prune_num_heads=True,
                                       prune_head_dims=False, head_pruning_ratio=max(head_ratio.values()), **common)
     else:
@@ -185,15 +188,17 @@ def dense_widths(model: torch.nn.Module) -> dict[str, int]:
 
 def _rounded_ratios(model: torch.nn.Module, dense: dict[str, int], keep: float, step: int, *, skip: set
                     ) -> dict[torch.nn.Module, float]:
-    """torch-pruning's per-layer ratios that leave each layer round(dense width x keep) channels, to the nearest
-    multiple of `step` (at least `step`; a layer narrower than `step` keeps its width). It removes
-    C - int(C x (1 - ratio)) channels, so the half channel added lands the count exactly."""
+    """torch-pruning's per-layer ratios that leave each Conv2d and Linear round(dense width x keep) channels, to
+    the nearest multiple of `step`, at least `step`. A layer narrower than 2 x `step` keeps its width (one step
+    would be too coarse a cut for it), and a grouped convolution is left to the global ratio (torch-pruning cuts it
+    per channel group). torch-pruning removes C - int(C x (1 - ratio)) channels, so the half channel added lands
+    the count exactly."""
     ratios = {}
     for name, m in model.named_modules():
         now, was = _width(m), dense.get(name)
-        if now is None or was is None or m in skip:
+        if now is None or was is None or m in skip or getattr(m, "groups", 1) > 1:
             continue
-        want = was if was <= step else max(step, round(was * keep / step) * step)
+        want = was if was < 2 * step else max(step, round(was * keep / step) * step)
         ratios[m] = 1 - (want + 0.5) / now if want < now else 0.0
     return ratios
 
@@ -384,6 +389,9 @@ def prune(model: str | torch.nn.Module, example_inputs: Any = None, *, target_sp
         targets = [_float_leaves(dense(*x)) for x in cal]
     dense_heads = dense_head_counts(dense)
     transformer = bool(dense_heads)
+    if round_to > 1 and any(isinstance(m, torch.nn.GroupNorm) for m in dense.modules()):
+        log(f"{name} has GroupNorm, whose groups torch-pruning cuts alike: channel counts are not rounded")
+        round_to = 1
 
     def prunable(m: torch.nn.Module) -> int:
         kept = {id(p) for layer in kept_layers(m) for p in layer.parameters()}
