@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
 import dioe
 from dioe.files import write_text
@@ -45,13 +46,19 @@ def offline(batcher: Batcher, seconds: float) -> list[dict]:
     return rows
 
 
+def over(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "n/a (nothing answered)"
+
+
 def eager_at(batcher: Batcher, model: torch.nn.Module, batch: int, seconds: float) -> dict:
     """torch eager's rows per second at `batch`, on the same inputs: what a torch deployment computes at best, so
     the most any DIOE server can gain over one is the plan's offline rows per second over this."""
     bucket = batcher.buckets.bucket_for(batch, batcher.buckets.seq_buckets[-1] if batcher.buckets.seq_buckets else None)
     x = batcher.buckets.examples(bucket)
     with torch.inference_mode():
-        lat = _again(lambda *a: model(*a), x, seconds)
+        model(*x)
+        # the quieter of two passes, as the plan's own rows are taken
+        lat = min(_again(model, x, seconds / 2), _again(model, x, seconds / 2), key=statistics.median)
     return {"batch": batch, "rows_per_s": batch * len(lat) / sum(lat), "latency_ms": 1000 * statistics.median(lat)}
 
 
@@ -86,15 +93,26 @@ CEILING, PLAIN_RAY = "HTTP alone, no model (ceiling)", "plain Ray Serve, torch"
 
 
 class Echo(torch.nn.Module):
-    """The cheapest model that takes the served model's inputs: its first input as floats. Served over HTTP it
-    measures what the server, the codec and the clients cost on their own, the ceiling of any HTTP row."""
+    """The cheapest model with the served model's inputs and outputs: it answers the served model's own outputs
+    (at batch 1) whatever it is asked. Served over HTTP it measures what the server, the codec and the clients
+    cost on their own, the ceiling of any HTTP row."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        for i, t in enumerate(outputs):
+            self.register_buffer(f"out{i}", t.detach().clone())
+        self.n = len(outputs)
 
     def forward(self, x, *rest):
-        return x.float() * 1.0
+        touch = x.float().sum() * 0.0   # an output that does not depend on the input would be a constant
+        return tuple(getattr(self, f"out{i}") + touch for i in range(self.n))
 
 
-def http_ceiling(inputs: tuple, args) -> "object":
-    echo = Echo().eval()
+def http_ceiling(model: torch.nn.Module, inputs: tuple, args) -> "object":
+    with torch.inference_mode():
+        out = model(*inputs)
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    echo = Echo(leaves).eval()
     opt = dioe.optimize(echo, inputs, name="echo", backends=["torch"])
     with Batcher(opt, model=echo, max_batch_size=1, queue_size=4 * args.clients) as single, \
             start(make_app(single)) as url:
@@ -166,7 +184,7 @@ def main(argv=None) -> int:
         loads.append(external_load(url, single.name, args, "unbatched, HTTP"))
     if args.ray_replicas:
         loads += ray_rows(args, plan_path, inputs, knobs)
-    loads.append(http_ceiling(tuple(inputs), args))
+    loads.append(http_ceiling(model, tuple(inputs), args))
     rows = [[f"offline, batch {r['batch']}", f"{r['rows_per_s']:.1f}", f"{r['latency_ms']:.1f}", "-", "-", "-"]
             for r in offline_rows]
     rows.append([f"offline, torch eager, batch {torch_best['batch']}", f"{torch_best['rows_per_s']:.1f}",
@@ -179,18 +197,18 @@ def main(argv=None) -> int:
           f"max_queue_delay_ms {args.max_queue_delay_ms:g}, torch threads {torch.get_num_threads()}")
     print(table(rows, ["row", "rows/s", "batch latency ms", "p50 ms", "p99 ms", "errors"]))
     b, by = loads[0].to_dict(), {r.name: r.throughput for r in loads}
-    ratios = [f"batcher / offline best (batch {best['batch']}): {b['throughput'] / best['rows_per_s']:.2f}",
-              f"p99 / that batch's latency: {b['p99_ms'] / best['latency_ms']:.2f}",
+    ratios = [f"batcher / offline best (batch {best['batch']}): {over(b['throughput'], best['rows_per_s'])}",
+              f"p99 / that batch's latency: {over(b['p99_ms'], best['latency_ms'])}",
               # Little's law: N clients in a closed loop at X rows/s wait N/X on average, whatever the server does
               f"least mean latency at the best offline throughput ({args.clients} clients / its rows per s): "
-              f"{args.clients / best['rows_per_s'] / (best['latency_ms'] / 1000):.2f}x that batch's latency",
-              f"batched / unbatched HTTP: {by['batcher, HTTP'] / by['unbatched, HTTP']:.2f}",
-              f"unbatched HTTP / HTTP ceiling: {by['unbatched, HTTP'] / by[CEILING]:.2f}"]
-    ratios.append(f"DIOE's plan / torch eager offline at batch {best['batch']} (the most a DIOE server gains over a "
-                  f"torch one): {best['rows_per_s'] / torch_best['rows_per_s']:.2f}")
+              f"{over(args.clients / best['rows_per_s'], best['latency_ms'] / 1000)}x that batch's latency",
+              f"batched / unbatched HTTP: {over(by['batcher, HTTP'], by['unbatched, HTTP'])}",
+              f"unbatched HTTP / HTTP ceiling: {over(by['unbatched, HTTP'], by[CEILING])}",
+              f"DIOE's plan / torch eager offline at batch {best['batch']} (the most a DIOE server gains over a "
+              f"torch one): {over(best['rows_per_s'], torch_best['rows_per_s'])}"]
     if args.ray_replicas:
-        ratios += [f"batcher HTTP / plain Ray torch: {by['batcher, HTTP'] / by[PLAIN_RAY]:.2f}",
-                   f"DIOE on Ray / plain Ray torch: {by['DIOE on Ray Serve'] / by[PLAIN_RAY]:.2f}"]
+        ratios += [f"batcher HTTP / plain Ray torch: {over(by['batcher, HTTP'], by[PLAIN_RAY])}",
+                   f"DIOE on Ray / plain Ray torch: {over(by['DIOE on Ray Serve'], by[PLAIN_RAY])}"]
     print("\n" + "; ".join(ratios))
     png = out / f"{args.model}.serve.png"
     out.mkdir(parents=True, exist_ok=True)
