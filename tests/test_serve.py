@@ -160,6 +160,39 @@ def test_queued_requests_are_batched_highest_priority_first_then_in_arrival_orde
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ms_at_8, formed_after", [(8.0, [4, 2]), (4.4, [6])])
+def test_a_batch_is_padded_to_a_bigger_plan_only_when_that_plan_runs_more_rows_per_second(tiny_mlp, ms_at_8,
+                                                                                            formed_after):
+    """Six rows queued, plans for 4 and 8: with time per row flat (4 ms for 4, 8 ms for 8) padding 6 to 8 pays for
+    8, so 4 go now and 2 next; where 8 rows take 4.4 ms, padding wins and all six go."""
+    from dataclasses import replace
+
+    model, _, opt = tiny_mlp
+    xs = [torch.full((1, 64), float(i)) for i in range(7)]
+    running, release, formed = threading.Event(), threading.Event(), []
+    with Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=0, optimize_options=OPTIONS) as b:
+        b.buckets.build()
+        for bucket in b.buckets.built:
+            p = b.buckets.plan(bucket)
+            p.plan = replace(p.plan, measured_ms={1: 1.0, 2: 2.0, 4: 4.0, 8: ms_at_8}[bucket.batch])
+        submit = b.buckets.submit
+
+        def held_first(requests, shapes=None):
+            formed.append(len(requests))
+            running.set()
+            assert release.wait(60), "the test never let the first batch go"
+            return submit(requests, shapes)
+        b.buckets.submit = held_first
+        first = b.submit(xs[0])
+        assert running.wait(60), "the worker never took the first request"
+        queued = [b.submit(x) for x in xs[1:]]
+        release.set()
+        outs = [f.result(60) for f in [first, *queued]]
+    assert formed == [1, *formed_after]
+    for x, out in zip(xs, outs):
+        assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+
+
 def test_a_request_not_answered_in_time_gets_a_clear_timeout(tiny_mlp):
     model, _, opt = tiny_mlp
     rec = Recorder()

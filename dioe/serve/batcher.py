@@ -240,11 +240,14 @@ class Batcher:
 
     def _take(self, available: int) -> list[_Request]:
         """Pop the highest-priority requests, up to `max_batch_size` rows, or up to the largest preferred batch
-        size that the queue fills."""
+        size that the queue fills; without preferred sizes, a batch that would be padded to a slower bucket takes
+        only the rows that fill the one below (`Buckets.rows_to_take`)."""
         cap = min(self.max_batch_size, available)
         fitting = [b for b in self.preferred if b <= cap]
         if fitting and cap not in self.preferred:
             cap = fitting[-1]
+        elif not self.preferred:
+            cap = self.buckets.rows_to_take(cap)
         batch, rows, skipped = [], 0, []
         while self._heap and rows < cap:
             r = heapq.heappop(self._heap)
