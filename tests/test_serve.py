@@ -131,30 +131,40 @@ def test_a_full_queue_rejects_at_once_and_close_answers_the_queued(tiny_mlp):
         b(x[0])
 
 
+def _hold_first_batch(b: Batcher, first: tuple, queue_more) -> tuple[list, list]:
+    """Submit `first`, hold the worker inside that batch while `queue_more()` queues requests (returning their
+    futures), then let it go, so every later batch forms from what was queued meanwhile. Returns each batch's
+    requests, in order, and every answer."""
+    running, release, batches = threading.Event(), threading.Event(), []
+    submit = b.buckets.submit   # the worker hands every batch over through submit
+
+    def held_first(requests, shapes=None):   # the real submit, once the first batch is let go
+        batches.append(list(requests))
+        running.set()
+        assert release.wait(60), "the test never let the first batch go"
+        return submit(requests, shapes)
+    b.buckets.submit = held_first
+    head = b.submit(*first)
+    assert running.wait(60), "the worker never took the first request"
+    queued = queue_more()
+    release.set()
+    return batches, [f.result(60) for f in [head, *queued]]
+
+
 def test_queued_requests_are_batched_highest_priority_first_then_in_arrival_order(tiny_mlp):
     model, _, opt = tiny_mlp
     # each request carries its number in every element, so a batch's rows say which requests formed it
     xs = [torch.full((1, 64), float(i)) for i in range(7)]
-    running, release, formed = threading.Event(), threading.Event(), []
     # no queue delay: the worker takes what is queued at once, so each batch after the held one is formed from the
     # six requests all queued while it was held
     with Batcher(opt, model=model, max_batch_size=2, max_queue_delay_ms=0, priorities=3,
                  optimize_options=OPTIONS) as b:
-        submit = b.buckets.submit   # the worker hands every batch over through submit
-
-        def held_first(requests, shapes=None):   # the real submit, once the first batch is let go
-            formed.append([int(r[0][0, 0]) for r in requests])
-            running.set()
-            assert release.wait(60), "the test never let the first batch go"
-            return submit(requests, shapes)
-        b.buckets.submit = held_first
-        first = b.submit(xs[0])
-        assert running.wait(60), "the worker never took the first request"
-        # while the worker is held, six requests queue: priorities 3, 1, 2, 1, 3, 2 in arrival order
-        queued = [b.submit(x, priority=p) for x, p in zip(xs[1:], (3, 1, 2, 1, 3, 2))]
-        assert b.queue_depth == 6
-        release.set()
-        outs = [f.result(60) for f in [first, *queued]]
+        def queue_six():   # priorities 3, 1, 2, 1, 3, 2 in arrival order
+            queued = [b.submit(x, priority=p) for x, p in zip(xs[1:], (3, 1, 2, 1, 3, 2))]
+            assert b.queue_depth == 6
+            return queued
+        batches, outs = _hold_first_batch(b, (xs[0],), queue_six)
+    formed = [[int(r[0][0, 0]) for r in batch] for batch in batches]
     assert formed == [[0], [2, 4], [3, 6], [1, 5]], "priority 1 first, then 2, then 3; each in arrival order"
     for x, out in zip(xs, outs):
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
@@ -169,25 +179,13 @@ def test_a_batch_is_padded_to_a_bigger_plan_only_when_that_plan_runs_more_rows_p
 
     model, _, opt = tiny_mlp
     xs = [torch.full((1, 64), float(i)) for i in range(7)]
-    running, release, formed = threading.Event(), threading.Event(), []
     with Batcher(opt, model=model, max_batch_size=8, max_queue_delay_ms=0, optimize_options=OPTIONS) as b:
         b.buckets.build()
         for bucket in b.buckets.built:
             p = b.buckets.plan(bucket)
             p.plan = replace(p.plan, measured_ms={1: 1.0, 2: 2.0, 4: 4.0, 8: ms_at_8}[bucket.batch])
-        submit = b.buckets.submit
-
-        def held_first(requests, shapes=None):
-            formed.append(len(requests))
-            running.set()
-            assert release.wait(60), "the test never let the first batch go"
-            return submit(requests, shapes)
-        b.buckets.submit = held_first
-        first = b.submit(xs[0])
-        assert running.wait(60), "the worker never took the first request"
-        queued = [b.submit(x) for x in xs[1:]]
-        release.set()
-        outs = [f.result(60) for f in [first, *queued]]
+        batches, outs = _hold_first_batch(b, (xs[0],), lambda: [b.submit(x) for x in xs[1:]])
+    formed = [len(batch) for batch in batches]
     assert formed == [1, *formed_after]
     for x, out in zip(xs, outs):
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
