@@ -191,6 +191,21 @@ def test_a_batch_is_padded_to_a_bigger_plan_only_when_that_plan_runs_more_rows_p
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
 
 
+def test_requests_of_one_batch_own_their_outputs(tiny_mlp):
+    """Each request's outputs are its own: editing one in place changes no other request's, and a later batch
+    (whose engine may reuse its output buffers) changes neither."""
+    model, _, opt = tiny_mlp
+    xs = [torch.full((1, 64), float(i)) for i in range(4)]
+    with Batcher(opt, model=model, max_batch_size=2, max_queue_delay_ms=60_000, optimize_options=OPTIONS) as b:
+        first, second = [f.result(60) for f in [b.submit(xs[0]), b.submit(xs[1])]]
+        kept = second.clone()
+        first.add_(1.0)
+        [f.result(60) for f in [b.submit(xs[2]), b.submit(xs[3])]]
+    assert torch.equal(second, kept)
+    assert_matches_eager(eager(model, (xs[1],)), second, rtol=1e-4)
+    assert_matches_eager(eager(model, (xs[0],)), first - 1.0, rtol=1e-4)
+
+
 def test_a_request_not_answered_in_time_gets_a_clear_timeout(tiny_mlp):
     model, _, opt = tiny_mlp
     rec = Recorder()
