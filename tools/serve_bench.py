@@ -30,20 +30,20 @@ from dioe.text import table
 
 def offline(batcher: Batcher, seconds: float) -> list[dict]:
     """Rows per second of each batch size's plan, called back to back; and each batch's median latency."""
-    rows = []
     per = seconds / len(batcher.buckets.batch_sizes)
+    rows = []
     for b in batcher.buckets.batch_sizes:
-        bucket = batcher.buckets.bucket_for(b, batcher.buckets.seq_buckets[-1] if batcher.buckets.seq_buckets else None)
-        opt, x = batcher.buckets.plan(bucket), batcher.buckets.examples(bucket)
-        opt(*x)
-        lat, t0 = [], time.perf_counter()
-        while time.perf_counter() - t0 < per or len(lat) < 3:
-            s = time.perf_counter()
-            opt(*x)
-            lat.append(time.perf_counter() - s)
-        lat = min(lat, _again(opt, x, per), key=statistics.median)   # the quieter of two passes: the machine is shared
-        rows.append({"batch": b, "rows_per_s": b * len(lat) / sum(lat), "latency_ms": 1000 * statistics.median(lat)})
+        bucket = batcher.buckets.longest(b)
+        rows.append(quieter(batcher.buckets.plan(bucket), batcher.buckets.examples(bucket), b, per))
     return rows
+
+
+def quieter(fn, x, batch: int, seconds: float) -> dict:
+    """`fn(*x)` warmed once, then called back to back in two passes of `seconds`; rows per second and median latency
+    of the quieter pass (the machine may be shared)."""
+    fn(*x)
+    lat = min(_again(fn, x, seconds), _again(fn, x, seconds), key=statistics.median)
+    return {"batch": batch, "rows_per_s": batch * len(lat) / sum(lat), "latency_ms": 1000 * statistics.median(lat)}
 
 
 def over(a: float, b: float) -> str:
@@ -51,15 +51,11 @@ def over(a: float, b: float) -> str:
 
 
 def eager_at(batcher: Batcher, model: torch.nn.Module, batch: int, seconds: float) -> dict:
-    """torch eager's rows per second at `batch`, on the same inputs: what a torch deployment computes at best, so
-    the most any DIOE server can gain over one is the plan's offline rows per second over this."""
-    bucket = batcher.buckets.bucket_for(batch, batcher.buckets.seq_buckets[-1] if batcher.buckets.seq_buckets else None)
-    x = batcher.buckets.examples(bucket)
+    """torch eager's rows per second at `batch`, on the same inputs, timed like the plan's: what a torch deployment
+    computes at best, so the most any DIOE server can gain over one is the plan's offline rows per second over
+    this."""
     with torch.inference_mode():
-        model(*x)
-        # the quieter of two passes, as the plan's own rows are taken
-        lat = min(_again(model, x, seconds / 2), _again(model, x, seconds / 2), key=statistics.median)
-    return {"batch": batch, "rows_per_s": batch * len(lat) / sum(lat), "latency_ms": 1000 * statistics.median(lat)}
+        return quieter(model, batcher.buckets.examples(batcher.buckets.longest(batch)), batch, seconds / 2)
 
 
 def external_load(url: str, name: str, args, label: str):

@@ -104,8 +104,7 @@ class Batcher:
         self.preferred = tuple(sorted(set(preferred_batch_sizes)))
         self.metrics = metrics or Metrics()
         if build_ahead and self.preferred:
-            seq = self.buckets.seq_buckets[-1] if self.buckets.seq_buckets else None
-            self.buckets.build([self.buckets.bucket_for(b, seq) for b in self.preferred])
+            self.buckets.build([self.buckets.longest(b) for b in self.preferred])
         self._heap: list[_Request] = []
         self._rows = 0   # rows queued in _heap
         self._order = itertools.count()

@@ -128,13 +128,16 @@ class Buckets:
         batch = next(b for b in self.batch_sizes if b >= rows)
         return Bucket(batch, None if seq is None else next(t for t in self.seq_buckets if t >= seq))
 
+    def longest(self, batch: int) -> Bucket:
+        """The bucket of `batch` rows at the longest sequence bucket (what a batch of full-length requests runs)."""
+        return self.bucket_for(batch, self.seq_buckets[-1] if self.seq_buckets else None)
+
     def rows_to_take(self, rows: int) -> int:
         """How many of `rows` queued rows to batch now: all of them, or only as many as fill the largest bucket
         below where that bucket's plan runs at least as many rows per second as the padded one would (12 rows
         padded to a plan for 16 pay for 16; on a CPU whose time per row hardly falls with the batch, 8 now and 4
         next cost less). Decided on the plans' measured times, so only between buckets already built."""
-        seq = self.seq_buckets[-1] if self.seq_buckets else None
-        up = self.bucket_for(rows, seq)
+        up = self.longest(rows)
         down = max((b for b in self.batch_sizes if b <= rows), default=None)
         if up.batch == rows or down is None:
             return rows
@@ -145,9 +148,10 @@ class Buckets:
 
     def _measured_ms(self, bucket: Bucket) -> float | None:
         opt = self._plans.get(bucket)
-        plan = getattr(opt, "plan", None)
-        ms = getattr(plan, "measured_ms", None) or getattr(plan, "predicted_ms", None)
-        return ms if ms and ms > 0 else None
+        if opt is None:
+            return None
+        ms = opt.plan.measured_ms or opt.plan.predicted_ms
+        return ms if ms > 0 else None
 
     # -- plans -------------------------------------------------------------------------------------------------
     def plan(self, bucket: Bucket):
@@ -168,8 +172,7 @@ class Buckets:
 
     def build(self, buckets: Sequence[Bucket] | None = None) -> None:
         """Build the plans of `buckets` now (default: every batch size at the longest sequence bucket)."""
-        seq = self.seq_buckets[-1] if self.seq_buckets else None
-        for b in buckets or [Bucket(n, seq) for n in self.batch_sizes]:
+        for b in buckets or [self.longest(n) for n in self.batch_sizes]:
             self.plan(b)
 
     @property
