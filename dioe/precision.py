@@ -24,6 +24,7 @@ import torch
 from . import backends as registry
 from . import build as building
 from . import integrity
+from . import mixed
 from . import partition
 from . import timing
 from . import tracing as _trace
@@ -32,6 +33,7 @@ from .backend import cache_root
 from .calibration import Samples, fingerprint, split
 from .errors import DIOEError
 from .files import write_text
+from .mixed import Mix
 from .optimized import Optimized
 from .plan import Choice
 from .planner import Job, whole_graph_plan
@@ -74,6 +76,11 @@ class Candidate:
     option: Choice
     report: AccuracyReport | None      # None: it could not be built
     why: str = ""                      # why it is out, if it is
+    mix: Mix | None = None             # a mix of `option` and fp32 over parts of the graph, else the whole graph
+
+    @property
+    def label(self) -> str:
+        return self.mix.label() if self.mix else self.option.label()
 
 
 @dataclass(frozen=True)
@@ -91,12 +98,14 @@ class PrecisionRecord:
     def to_dict(self) -> dict:
         return {"source": self.source, "winner": self.winner, "fp32": self.fp32.to_dict(), "fast_ms": self.fast_ms,
                 "candidates": [{"option": c.option.label(), "why": c.why,
-                                "report": c.report.to_dict() if c.report else None} for c in self.candidates]}
+                                "report": c.report.to_dict() if c.report else None,
+                                **({"mix": c.mix.to_dict()} if c.mix else {})} for c in self.candidates]}
 
     @classmethod
     def from_dict(cls, d: dict, budget: Budget, reused: str) -> "PrecisionRecord":
         return cls(budget, d["source"], tuple(Candidate(Choice.parse(c["option"]), c["report"] and
-                                                        AccuracyReport.from_dict(c["report"]), c["why"])
+                                                        AccuracyReport.from_dict(c["report"]), c["why"],
+                                                        Mix.from_dict(c["mix"]) if c.get("mix") else None)
                                               for c in d["candidates"]),
                    AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
                    str(d["winner"]), reused)
@@ -139,8 +148,10 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
              f"({samples.source} inputs) against fp32 eager; calibrated on {len(samples.calibrate)} others"]
     fp32_report = evaluate(budget, reference, _outputs(opt, holdout))
-    tried, built = judge(job, options, samples, budget, reference)
-    notes += [f"{c.option}: {c.why}" for c in tried if c.why]
+    missed: dict[str, Optimized] = {}
+    tried, built = judge(job, options, samples, budget, reference, missed=missed)
+    tried += mix(job, opt, missed, built, samples, budget, reference)
+    notes += [f"{c.label}: {c.why}" for c in tried if c.why]
 
     def record(fast: dict, winner: str) -> PrecisionRecord:
         rec = PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, winner)
@@ -155,7 +166,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     if best == FP32:
         opt.precision_search = record(fast, FP32)
         return _keep_fp32(opt, fp32_report, notes)
-    won = next(c for c in tried if c.option.label() == best)
+    won = next(c for c in tried if c.label == best)
     rec = record(fast, best)
     return _promote(opt, built[best], won, fast, med, notes, rec)
 
@@ -171,10 +182,11 @@ def eager_outputs(job: Job, inputs: Sequence[Sequence]) -> list[tuple]:
         return [tuple(job.captured.gm(*x)) for x in inputs]
 
 
-def judge(job: Job, options: Sequence[Choice], samples: Samples, budget: Budget,
-          reference: Sequence) -> tuple[list[Candidate], dict[str, Optimized]]:
+def judge(job: Job, options: Sequence[Choice], samples: Samples, budget: Budget, reference: Sequence, *,
+          missed: dict[str, Optimized] | None = None) -> tuple[list[Candidate], dict[str, Optimized]]:
     """Build every option calibrated on `samples.calibrate` and judge it on `samples.holdout` against `reference`
-    (fp32 eager's outputs on them): what each did, and the built ones that met the budget, by label."""
+    (fp32 eager's outputs on them): what each did, and the built ones that met the budget, by label. `missed`,
+    if given, receives the built ones that missed it (else they are closed)."""
     holdout = [list(x) for x in samples.holdout]
     built: dict[str, Optimized] = {}
     tried: list[Candidate] = []
@@ -189,11 +201,42 @@ def judge(job: Job, options: Sequence[Choice], samples: Samples, budget: Budget,
             cand.runtime.close()
         elif not report.met:
             why = f"misses the budget: {report.summary()}"
-            cand.runtime.close()
+            if missed is None:
+                cand.runtime.close()
+            else:
+                missed[option.label()] = cand
         else:
             built[option.label()] = cand
         tried.append(Candidate(option, report, why))
     return tried, built
+
+
+def mix(job: Job, fp32: Optimized, missed: dict[str, Optimized], built: dict[str, Optimized], samples: Samples,
+        budget: Budget, reference: Sequence) -> list[Candidate]:
+    """For each lower precision whose whole graph was built but missed the budget (`missed`, by label, closed
+    here), the mix of it and fp32 over parts of the graph that meets it (`dioe.mixed`), added to `built` by label;
+    what each search found. A precision whose whole graph does not race faster than `fp32` (the fp32 plan) by
+    `split_margin` is not searched: a mix lowers less of the graph, so it gains less."""
+    out = []
+    s = job.settings
+    for label, whole in missed.items():
+        option = Choice.parse(label)
+        fast, _ = _race({FP32: fp32, label: whole}, job, s.race_rounds) if s.mixed_parts >= 2 else ({}, {})
+        whole.runtime.close()
+        if label not in fast:
+            continue   # mixing is off, or it failed while timed
+        if fast[label] > fast[FP32] * (1 - s.split_margin):
+            out.append(Candidate(option, None, f"mixed with fp32: not searched; the whole graph at "
+                                               f"{option.precision} raced {fast[FP32] / fast[label]:.2f}x the fp32 "
+                                               f"plan, and a mix gains less"))
+            continue
+        found, report, opt, why = mixed.search(job, option, samples, budget, reference)
+        if opt is None:
+            out.append(Candidate(option, None, f"mixed with fp32: {why}"))
+            continue
+        built[found.label()] = opt
+        out.append(Candidate(option, report, "", found))
+    return out
 
 
 def pick(opt: Optimized, built: dict[str, Optimized], job: Job) -> tuple[str, dict, dict, list[str]]:
@@ -250,14 +293,18 @@ def promoted_plan(opt: Optimized, winner: Optimized, won: Candidate, fast: dict,
                   notes: Sequence[str]):
     """`winner`'s plan saying why it won over `opt` (the fp32 plan, its runner-up): the budget it met and the times
     it raced; `opt`'s notes and eager time carried over."""
-    best = won.option.label()
-    (part,) = winner.plan.partitions
+    best = won.label
+    said = (f"{won.option.precision} met the budget ({won.report.summary()}) and raced "
+            f"{fast[FP32] / fast[best]:.2f}x faster than the fp32 plan")
     fp32_parts = opt.plan.partitions
-    runner = replace(fp32_parts[0].choice, predicted_ms=round_ms(med[FP32])) if len(fp32_parts) == 1 else None
-    part = replace(part, measured_ms=round_ms(med[best]), runner_up=runner,
-                   reason=f"{won.option.precision} met the budget ({won.report.summary()}) and raced "
-                          f"{fast[FP32] / fast[best]:.2f}x faster than the fp32 plan")
-    return replace(winner.plan, partitions=(part,), predicted_ms=round_ms(med[best]),
+    if won.mix:   # each part says why it runs at its precision; the whole says why the mix won
+        parts = winner.plan.partitions
+        notes = tuple(notes) + (f"mixed precision: {won.label}: {said}",)
+    else:
+        (part,) = winner.plan.partitions
+        runner = replace(fp32_parts[0].choice, predicted_ms=round_ms(med[FP32])) if len(fp32_parts) == 1 else None
+        parts = (replace(part, measured_ms=round_ms(med[best]), runner_up=runner, reason=said),)
+    return replace(winner.plan, partitions=parts, predicted_ms=round_ms(med[best]),
                    measured_ms=round_ms(med[best]), eager_ms=opt.plan.eager_ms,
                    accuracy=won.report.to_dict(), notes=opt.plan.notes + tuple(notes))
 
@@ -273,7 +320,7 @@ class Verdict:
                  options: Sequence[Choice]):
         key = repr(([(p.nodes, p.member, p.backend, p.precision) for p in opt.plan.partitions], precision,
                     repr(budget), fingerprint(samples.calibrate), fingerprint(samples.holdout),
-                    [o.label() for o in options], job.settings.split_margin)).encode()
+                    [o.label() for o in options], job.settings.split_margin, job.settings.mixed_parts)).encode()
         self.key = hashlib.blake2b(key, digest_size=8).hexdigest()
         self.budget = budget
         self.path = cache_root(cache_dir) / "profiles" / \
@@ -304,10 +351,11 @@ def _reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Opti
     if rec.winner == FP32:
         opt.precision_search = rec
         return _keep_fp32(opt, rec.fp32, notes)
-    won = next((c for c in rec.candidates if c.option.label() == rec.winner and c.report), None)
+    won = next((c for c in rec.candidates if c.label == rec.winner and c.report), None)
     if won is None:
         return None
-    cand = _build(job, won.option, samples)  # its calibrated artifact is cached under the same samples' key
+    # its calibrated artifacts are cached under the same samples' key
+    cand = mixed.rebuild(job, won.mix, samples) if won.mix else _build(job, won.option, samples)
     if isinstance(cand, str):
         return None
     first = [list(samples.holdout[0])]

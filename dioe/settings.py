@@ -95,6 +95,10 @@ class Settings:
     # Inputs an int8 engine is calibrated on, apart from the held-out ones it is judged on (Budget.samples): the
     # min-max ranges of small models settle within a few dozen; NNCF's own default is 300.
     calibration_samples: int = 32
+    # A lower precision whose whole graph misses the budget is tried again on up to this many contiguous parts of
+    # about equal time, the sensitive ones kept at fp32 (`dioe.mixed`); each part is compiled at both precisions,
+    # so more parts cost more builds. 0 or 1: whole graphs only.
+    mixed_parts: int = 4
 
     # -- live precision (optimize(precision="live")) --------------------------------------------------------------
     # Calls served before the background build may start (besides full sample reservoirs): reservoirs filled by
@@ -136,7 +140,7 @@ class Settings:
                           "live_attempts") \
                     and (isinstance(v, bool) or not isinstance(v, int)):
                 raise DIOEError(f"Settings.{f.name} must be a whole number > 0, got {v!r}")
-            if f.name in ("rivals", "race_extra") and not (isinstance(v, int) and v >= 0):
+            if f.name in ("rivals", "race_extra", "mixed_parts") and not (isinstance(v, int) and v >= 0):
                 raise DIOEError(f"Settings.{f.name} must be an integer >= 0, got {v!r}")
         if self.cache_max_bytes is not None and self.cache_max_bytes < 0:
             raise DIOEError(f"Settings.cache_max_bytes must be >= 0 or None, got {self.cache_max_bytes!r}")

@@ -40,8 +40,11 @@ def test_a_budget_no_lower_precision_meets_keeps_fp32_and_says_why(tmp_path):
     search = opt.precision_search
     assert search is not None and search.source == "given" and search.winner == FP32
     assert search.candidates and not search.kept, search
-    for c in search.candidates:
+    whole = [c for c in search.candidates if not c.why.startswith("mixed with fp32: ")]
+    for c in whole:
         assert c.report is not None and not c.report.met and c.why.startswith("misses the budget"), c
+    # each whole graph that missed was also tried mixed with fp32 (or skipped, having raced no faster): no mix met it
+    assert len(search.candidates) == 2 * len(whole) and all(c.mix is None for c in search.candidates), search
     assert [p.precision for p in opt.plan.partitions] == ["fp32"]
     assert AccuracyReport.from_dict(opt.plan.accuracy).met, "the fp32 plan itself meets it"
     assert_matches_eager(eager(model, (x,)), opt(x))

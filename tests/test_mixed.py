@@ -1,0 +1,134 @@
+"""Mixed precision (`dioe.mixed`): when the whole graph in int8 misses the budget, the parts that can afford it
+run in int8 and the sensitive ones stay fp32; the mix round-trips through JSON and reloads without calibrating."""
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import eager, script_int8_faster
+
+import dioe
+from dioe import mixed
+from dioe.accuracy import AccuracyReport, MetricResult
+from dioe.plan import Choice
+from dioe.settings import Settings
+
+
+class Block(torch.nn.Module):
+    """relu(fc(x * scale)) + x. With `outlier`, one input channel is scaled 1000x up and its weights 1000x down:
+    the same kind of function, but the activation's range is 1000x wider than its other channels, so a per-tensor
+    int8 scale crushes them."""
+
+    def __init__(self, d: int, outlier: bool = False):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+        scale = torch.ones(d)
+        if outlier:
+            scale[0] = 1000.0
+            with torch.no_grad():
+                self.fc.weight[:, 0] /= 1000.0
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x * self.scale)) + x
+
+
+def _model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[Block(64, outlier=i == 2) for i in range(4)], torch.nn.Linear(64, 8)).eval()
+    return model, torch.randn(2, 64), [(torch.randn(2, 64),) for _ in range(64)]
+
+
+def _optimize(model, x, calib, tmp_path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dioe.optimize(model, (x,), backends=["onnxruntime"], precision="int8", cache_dir=tmp_path,
+                             accuracy=dioe.Budget(cosine=0.999, samples=32), calibration=calib, **kw)
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min().item()
+
+
+def test_the_sensitive_part_stays_fp32_and_the_mix_reloads_without_calibrating(tmp_path, monkeypatch):
+    """int8 is made to win the timing (its accuracy is real): the whole graph in int8 misses the budget, the
+    part holding the wide-range block stays fp32, the others run int8, and the plan says why for each."""
+    model, x, calib = _model()
+    script_int8_faster(monkeypatch)
+    opt = _optimize(model, x, calib, tmp_path)
+    whole, mix = opt.precision_search.candidates
+    assert whole.mix is None and whole.why.startswith("misses the budget"), whole
+    assert mix.mix is not None and not mix.why and mix.report.met, mix
+    assert opt.precision_search.winner == mix.label
+    parts = opt.plan.partitions
+    assert len(parts) == len(mix.mix.parts) >= 2 and all((p.member, p.backend) == ("cpu0", "onnxruntime")
+                                                         for p in parts), opt.plan.summary()
+    sensitive = next(p for p in parts if any(s.endswith(":2.fc") for s in p.segments))
+    assert sensitive.precision == "fp32" and sensitive.reason.startswith("fp32: at int8 it missed"), sensitive
+    low = [p for p in parts if p.precision == "int8"]
+    assert low and all(p.calibration and p.reason.startswith("int8: alone it used") for p in low), parts
+    assert [c.precision for c in opt.runtime.compiled.values()] == [p.precision for p in parts]
+    assert AccuracyReport.from_dict(opt.plan.accuracy).met
+    assert any(n.startswith("mixed precision: ") for n in opt.plan.notes), opt.plan.notes
+    y = opt(x)
+    assert _cosine(y, eager(model, (x,))) > 0.999
+    # round trip, and a reload that finds every int8 part by its calibration key
+    plan = dioe.Plan.from_dict(opt.plan.to_dict())
+    assert plan == opt.plan
+    path = opt.save(tmp_path / "mix.plan.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = dioe.load(path, model, (x,), hardware=opt.runtime.pool, cache_dir=tmp_path)
+    assert [(c.precision, c.notes.get("calibration_samples", 0)) for c in again.runtime.compiled.values()] == \
+        [(p.precision, 0) for p in parts]
+    torch.testing.assert_close(again(x), y, rtol=0, atol=0)
+    # a warm optimize reuses the verdict and rebuilds the same mix from the cache
+    warm = _optimize(model, x, calib, tmp_path)
+    assert warm.precision_search.reused and [p.precision for p in warm.plan.partitions] == \
+        [p.precision for p in parts]
+    torch.testing.assert_close(warm(x), y, rtol=0, atol=0)
+
+
+def test_no_mix_is_searched_when_the_whole_graph_does_not_gain_or_mixing_is_off(tmp_path, monkeypatch):
+    model, x, calib = _model()
+    script_int8_faster(monkeypatch, factor=3.0)   # int8 three times slower than anything else
+    opt = _optimize(model, x, calib, tmp_path)
+    whole, mix = opt.precision_search.candidates
+    assert mix.mix is None and mix.why.startswith("mixed with fp32: not searched; the whole graph at int8 raced"), mix
+    assert [p.precision for p in opt.plan.partitions] == ["fp32"]
+    off = _optimize(model, x, calib, tmp_path / "off", settings=Settings(cache_dir=tmp_path / "off", mixed_parts=0))
+    assert [c.mix for c in off.precision_search.candidates] == [None]
+
+
+def _job(times):
+    segs = [SimpleNamespace(id=f"s{i}") for i in range(len(times))]
+    fp32 = Choice("cpu0", "onnxruntime")
+    profile = SimpleNamespace(times={s.id: {fp32: SimpleNamespace(median_ms=t)} for s, t in zip(segs, times)})
+    return SimpleNamespace(segments=segs, profile=profile), fp32
+
+
+@pytest.mark.parametrize("times, n, want", [
+    ([1, 1, 1, 1, 1, 1, 1, 1], 4, [["s0", "s1"], ["s2", "s3"], ["s4", "s5"], ["s6", "s7"]]),
+    ([8, 1, 1, 1, 1, 1, 1, 1, 1], 2, [["s0"], ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"]]),
+    ([1, 1, 1], 4, [["s0"], ["s1"], ["s2"]]),
+    ([0, 0, 5], 3, [["s0", "s1", "s2"]]),   # segments that take no time join the part that does
+])
+def test_parts_are_contiguous_cover_every_segment_and_split_the_time(times, n, want):
+    job, fp32 = _job(times)
+    assert [list(p) for p in mixed.cut(job, fp32, n)] == want
+
+
+def test_budget_used_is_the_largest_share_of_any_allowance():
+    def r(metric, value, threshold):
+        return MetricResult(metric, 0, value, value, value, threshold, 10, 10, True)
+    report = AccuracyReport((r("cosine", 0.9995, 0.999), r("rel_l2", 0.01, 0.05), r("top1", 0.995, 0.99)), 0.95)
+    assert mixed.budget_used(report) == pytest.approx(0.5)
+    assert mixed.budget_used(AccuracyReport((r("rel_l2", 0.1, 0.05),), 0.95)) == pytest.approx(2.0)
+
+
+def test_a_mix_record_round_trips_and_a_bad_one_is_a_clear_error():
+    m = mixed.Mix(Choice("cpu0", "openvino", "int8"), (("s0", "s1"), ("s2",)), (True, False))
+    assert mixed.Mix.from_dict(m.to_dict()) == m and m.label() == "openvino@cpu0/int8 on p0 of 2 parts"
+    with pytest.raises(dioe.DIOEError, match="names 2 parts but 1 precisions"):
+        mixed.Mix.from_dict({**m.to_dict(), "low": [True]})
