@@ -50,44 +50,52 @@ class Mix:
     option: Choice                          # the lower precision's (member, backend, precision)
     parts: tuple[tuple[str, ...], ...]      # segment ids of each part
     low: tuple[bool, ...]                   # per part: at option.precision
+    # what the search measured, for the plan: each part's time alone at its precision, and why it runs at it
+    part_ms: tuple[float, ...] = ()
+    reasons: tuple[str, ...] = ()
 
     def label(self) -> str:
         low = [f"p{i}" for i, x in enumerate(self.low) if x]
         return f"{self.option.label()} on {'+'.join(low) or 'none'} of {len(self.parts)} parts"
 
     def to_dict(self) -> dict:
-        return {"option": self.option.label(), "parts": [list(p) for p in self.parts], "low": list(self.low)}
+        return {"option": self.option.label(), "parts": [list(p) for p in self.parts], "low": list(self.low),
+                "part_ms": list(self.part_ms), "reasons": list(self.reasons)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Mix":
         parts = tuple(tuple(str(s) for s in p) for p in d["parts"])
         low = tuple(bool(x) for x in d["low"])
-        if len(parts) != len(low):
-            raise DIOEError(f"a mixed-precision record names {len(parts)} parts but {len(low)} precisions")
-        return cls(Choice.parse(d["option"]), parts, low)
+        part_ms = tuple(float(x) for x in d.get("part_ms", ()))
+        reasons = tuple(str(x) for x in d.get("reasons", ()))
+        if len(parts) != len(low) or any(len(x) not in (0, len(parts)) for x in (part_ms, reasons)):
+            raise DIOEError(f"a mixed-precision record names {len(parts)} parts but {len(low)} precisions, "
+                            f"{len(part_ms)} times and {len(reasons)} reasons")
+        return cls(Choice.parse(d["option"]), parts, low, part_ms, reasons)
 
 
 def cut(job: Job, fp32: Choice, n: int) -> tuple[tuple[str, ...], ...]:
     """The job's segments in at most `n` contiguous parts of about equal time at `fp32` (from the profile): a part
-    per share of the time, so that each part is worth lowering on its own."""
+    per share of the time, so that each part is worth lowering on its own. A segment heavier than a share (a
+    model's large head) makes a part of its own."""
     times = [job.profile.times[s.id][fp32].median_ms for s in job.segments]
     n = min(n, len(times))
     total = sum(times) or 1.0
     parts: list[list[str]] = [[]]
     done = 0.0
     for s, t in zip(job.segments, times):
-        # a new part starts once the parts so far hold their share of the time
-        if parts[-1] and done >= total * len(parts) / n and len(parts) < n:
+        # a segment whose middle lies past the parts' shares so far starts a new part
+        if parts[-1] and done + t / 2 >= total * len(parts) / n and len(parts) < n:
             parts.append([])
         parts[-1].append(s.id)
         done += t
     return tuple(tuple(p) for p in parts)
 
 
-def mixed_plan(job: Job, mix: Mix, *, part_ms: Sequence[float] | None = None,
-               reasons: Sequence[str] | None = None) -> Plan:
+def mixed_plan(job: Job, mix: Mix) -> Plan:
     """The plan that runs each part of `mix` as one partition on the option's member and engine, low or fp32;
-    neighbours at the same precision stay apart, so that every mix runs the same compiled engines."""
+    neighbours at the same precision stay apart, so that every mix runs the same compiled engines. Each part's
+    forecast is its measured time at its precision where the search measured it, else the profile's fp32 sum."""
     fp32 = replace(mix.option, precision="fp32")
     base = whole_graph_plan(job, fp32, 0.0)
     seg = {s.id: s for s in job.segments}
@@ -95,11 +103,12 @@ def mixed_plan(job: Job, mix: Mix, *, part_ms: Sequence[float] | None = None,
     for i, (ids, low) in enumerate(zip(mix.parts, mix.low)):
         ss = [seg[x] for x in ids]
         nodes = tuple(n for s in ss for n in s.nodes)
-        ms = part_ms[i] if part_ms else run_as_one_ms([job.profile.times[x][fp32].median_ms for x in ids], fp32)
+        ms = mix.part_ms[i] if mix.part_ms else \
+            run_as_one_ms([job.profile.times[x][fp32].median_ms for x in ids], fp32)
         parts.append(PlanPartition(f"p{i}", ids, nodes, fp32.member, fp32.backend,
                                    mix.option.precision if low else "fp32", len(nodes),
                                    round(sum(s.cost.flops for s in ss) / 1e9, 4), round_ms(ms),
-                                   reason=reasons[i] if reasons else ""))
+                                   reason=mix.reasons[i] if mix.reasons else ""))
     total = round_ms(sum(p.predicted_ms for p in parts))
     return replace(base, partitions=tuple(parts), predicted_ms=total,
                    stages=(PlanStage(fp32.member, tuple(p.id for p in parts), total),))
@@ -123,47 +132,68 @@ def search(job: Job, option: Choice, samples: Samples, budget: Budget,
     """The mix of `option` (a lower precision whose whole graph missed the budget) and fp32 found as the module
     docstring says: (mix, its report on every held-out sample, the model, what happened); the model is None,
     with the reason, when no part can run low within the budget, or the parts could not be built."""
-    s = job.settings
-    fp32 = replace(option, precision="fp32")
-    parts = cut(job, fp32, s.mixed_parts)
+    parts = cut(job, replace(option, precision="fp32"), job.settings.mixed_parts)
     if len(parts) < 2:
         return None, None, None, "the graph makes one part only: nothing to mix"
-    holdout = [list(x) for x in samples.holdout]
     with _trace.stage("precision: mixed", option=option.label(), parts=len(parts)):
-        engines, why = _engines(job, option, parts, samples)
-        if engines is None:
-            return None, None, None, why
-        low, high, program = engines
-        pids = [f"p{i}" for i in range(len(parts))]
-        gain = _gains(program, pids, low, high, job)
-        rank = max(1, min(RANK_SAMPLES, len(holdout)))
-        used: dict[int, float] = {}
-        for i in (i for i in range(len(parts)) if gain[i] > 0):
-            mix = Mix(option, parts, tuple(j == i for j in range(len(parts))))
-            used[i] = budget_used(evaluate(budget, reference[:rank], _outputs(_assemble(job, program, mix, low, high),
-                                                                               holdout[:rank])))
-        chosen: list[int] = []
-        report = None
-        # a part that alone spends the whole budget cannot join any mix that keeps it (errors seldom cancel)
-        for i in sorted((i for i in used if used[i] < 1), key=lambda i: (used[i] / gain[i], i)):
-            trial = Mix(option, parts, tuple(j in chosen or j == i for j in range(len(parts))))
-            got = evaluate(budget, reference, _outputs(_assemble(job, program, trial, low, high), holdout))
-            if got.met:
-                chosen.append(i)
-                report = got
-    if not gain or max(gain) <= 0:
-        return None, None, None, f"no part ran faster at {option.precision} than at fp32 on its own"
+        low, high, broken = _engines(job, option, parts, samples)
+        if low is None:
+            return None, None, None, broken   # why the parts could not be built
+        try:
+            return _greedy(job, option, parts, low, high, budget, reference, [list(x) for x in samples.holdout],
+                           broken)
+        finally:
+            low.runtime.close()
+            high.runtime.close()
+
+
+def _greedy(job: Job, option: Choice, parts, low: Optimized, high: Optimized, budget: Budget, reference: Sequence,
+            holdout: list, broken: dict[int, str]):
+    """Steps 1-3 of the module docstring over the compiled parts; `broken`: parts whose low engine failed to
+    compile, by index, with why."""
+    n, prec = len(parts), option.precision
+    fp32_ms, low_ms, broken = _times(job, n, low, high, broken)
+    gain = {i: fp32_ms[i] - low_ms[i] for i in low_ms}
+    rank = max(1, min(RANK_SAMPLES, len(holdout)))
+    used: dict[int, float] = {}
+    for i in sorted(i for i in gain if gain[i] > 0):
+        got = _judge(job, Mix(option, parts, tuple(j == i for j in range(n))), low, high, budget,
+                     reference[:rank], holdout[:rank])
+        if got is None:
+            broken[i] = "fell back to torch while judged"
+        else:
+            used[i] = budget_used(got)
+    if not used:
+        return None, None, None, f"no part ran faster at {prec} than at fp32 on its own" if not broken else \
+            f"no part ran faster at {prec} than at fp32 on its own, or its {prec} engine failed: " + \
+            "; ".join(f"p{i} {w}" for i, w in broken.items())
+    chosen: list[int] = []
+    report = None
+    # a part that alone spends the whole budget cannot join a mix that keeps it (errors seldom cancel)
+    for i in sorted((i for i in used if used[i] < 1), key=lambda i: (used[i] / gain[i], i)):
+        got = _judge(job, Mix(option, parts, tuple(j in chosen or j == i for j in range(n))), low, high, budget,
+                     reference, holdout)
+        if got is not None and got.met:
+            chosen.append(i)
+            report = got
     if not chosen:
-        return None, None, None, f"no part at {option.precision} kept the model within the budget"
-    mix = Mix(option, parts, tuple(j in chosen for j in range(len(parts))))
-    reasons = [(f"{option.precision}: alone it used {used[i]:.0%} of the budget for {show_ms(gain[i])} ms gained"
-                if i in chosen else
-                f"fp32: at {option.precision} it missed the budget with the others (alone it used {used[i]:.0%} of "
-                f"it, for {show_ms(gain[i])} ms gained)" if i in used else
-                f"fp32: not faster at {option.precision} ({show_ms(-gain[i])} ms slower)")
-               for i in range(len(parts))]
-    opt = _assemble(job, program, mix, low, high, reasons=reasons)
-    return mix, report, opt, ""
+        return None, None, None, f"no part at {prec} kept the model within the budget"
+
+    def reason(i: int) -> str:
+        if i in broken:
+            return f"fp32: its {prec} engine {broken[i]}"
+        if i in chosen:
+            return f"{prec}: alone it used {used[i]:.0%} of the budget, for {show_ms(gain[i])} ms gained"
+        if i in used and used[i] >= 1:
+            return f"fp32: at {prec} alone it used {used[i]:.0%} of the budget"
+        if i in used:
+            return (f"fp32: at {prec} it missed the budget with the parts lowered before it (alone it used "
+                    f"{used[i]:.0%} of it, for {show_ms(gain[i])} ms gained)")
+        return f"fp32: not faster at {prec} alone ({show_ms(-gain[i])} ms slower)"
+    mix = Mix(option, parts, tuple(j in chosen for j in range(n)),
+              tuple(round_ms(low_ms[i] if i in chosen else fp32_ms[i]) for i in range(n)),
+              tuple(reason(i) for i in range(n)))
+    return mix, report, _assemble(job, mix, low, high), ""
 
 
 def rebuild(job: Job, mix: Mix, samples: Samples) -> Optimized | str:
@@ -177,15 +207,16 @@ def rebuild(job: Job, mix: Mix, samples: Samples) -> Optimized | str:
                                  objective=job.objective, calibration=calib)
     except DIOEError as e:
         return f"could not be built: {str(e)[:300]}"
-    if not _runs_as_planned(opt):
+    if _fell_back(opt):
         opt.runtime.close()
         return "a part fell back while compiling"
     return opt
 
 
 def _engines(job: Job, option: Choice, parts, samples: Samples):
-    """Every part compiled at `option`'s precision (calibrated) and at fp32, from one build each: (low engines,
-    fp32 engines, the program), or None and why."""
+    """Every part compiled at `option`'s precision (calibrated) and at fp32, from one build each: (the low model,
+    the fp32 model, the low parts that fell back to torch while compiling, by index, with why); or (None, None,
+    why) when a build failed or an fp32 part fell back (then no mix can run the engines it was timed with)."""
     calib = [list(x) for x in samples.calibrate]
     built = {}
     for low in (True, False):
@@ -195,55 +226,80 @@ def _engines(job: Job, option: Choice, parts, samples: Samples):
             # plan's: what falls back is checked below, and a mix that keeps the budget is judged end to end
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                opt = building.build(job.captured, mixed_plan(job, mix), job.pool, settings=job.settings,
-                                     objective=job.objective, calibration=calib if low else None)
+                built[low] = building.build(job.captured, mixed_plan(job, mix), job.pool, settings=job.settings,
+                                            objective=job.objective, calibration=calib if low else None)
         except DIOEError as e:
-            return None, f"its parts could not be built: {str(e)[:300]}"
-        if not _runs_as_planned(opt):
-            opt.runtime.close()
-            return None, "a part fell back to torch while compiling"
-        opt.runtime.close()
-        built[low] = opt
-    return (built[True], built[False], built[True].program), ""
+            for o in built.values():
+                o.runtime.close()
+            return None, None, f"its parts could not be built: {str(e)[:300]}"
+    low, high = built[True], built[False]
+    if _fell_back(high):
+        low.runtime.close()
+        high.runtime.close()
+        return None, None, "a part fell back to torch while compiling at fp32"
+    return low, high, {int(pid[1:]): "fell back to torch while compiling" for pid in _fell_back(low)}
 
 
-def _runs_as_planned(opt: Optimized) -> bool:
+def _fell_back(opt: Optimized) -> list[str]:
+    """The partitions of `opt` that do not run as its plan says (one that failed to compile runs on torch)."""
     want = {p.id: (p.member, p.backend, p.precision) for p in opt.plan.partitions}
-    return all((c.member, c.backend, c.precision) == want[pid] for pid, c in opt.runtime.compiled.items())
+    return [pid for pid, c in opt.runtime.compiled.items() if (c.member, c.backend, c.precision) != want[pid]]
 
 
-def _gains(program, pids: Sequence[str], low: Optimized, high: Optimized, job: Job) -> list[float]:
-    """Per part, its fp32 engine's time less its low engine's, timed side by side on the part's own inputs."""
+def _times(job: Job, n: int, low: Optimized, high: Optimized, broken: dict[int, str]):
+    """Each part's fp32 and low engines timed side by side on the part's own inputs (mean of the faster half of
+    rounds): (fp32 ms by part, low ms by the parts whose low engine ran, `broken` with those that failed)."""
+    from . import backends as registry
+
     s = job.settings
+    broken = dict(broken)
     runs = {}
-    for pid in pids:
-        args = program.partition(pid).example_inputs
-        for name, opt in (("fp32", high), (low.plan.partitions[0].precision, low)):
+    for i in range(n):
+        pid = f"p{i}"
+        for tag, opt in (("fp32", high), ("low", low)):
             c = opt.runtime.compiled[pid]
-            runs[f"{pid} {c.member}/{c.backend}/{name}"] = lambda _, c=c, args=args: c(*args)
-    times = timing.side_by_side(runs, (), rounds=s.race_rounds, repeats=s.race_repeats,
-                                budget_s=s.timing_budget_s / s.race_rounds / len(pids))
+            if tag == "low" and i in broken:
+                continue
+            args = registry.get(c.backend, s.cache_dir).to_io(low.program.partition(pid).example_inputs,
+                                                              job.pool[c.member])
+            try:
+                c(*args)   # a failing engine is out before the timing, which would not survive it
+            except Exception as e:  # noqa: BLE001 -- any engine error: the part stays fp32, and says why
+                if tag == "fp32":
+                    raise DIOEError(f"partition {pid} failed at fp32 while timed: {type(e).__name__}: {e}") from e
+                broken[i] = f"failed while timed: {type(e).__name__}: {str(e)[:200]}"
+                continue
+            # keys carry the engine's label, which the timing reports as it does any contender's
+            runs[f"{pid} {Choice(c.member, c.backend, c.precision).label()}"] = lambda _, c=c, a=args: c(*a)
+    times = timing.side_by_side(runs, (), rounds=s.race_rounds, repeats=s.race_repeats, warm=True,
+                                budget_s=s.timing_budget_s / s.race_rounds / n)
     fast = {k: timing.fast_half(v) for k, v in times.items()}
-    out = []
-    for pid in pids:
-        mine = {k.rsplit("/", 1)[1]: v for k, v in fast.items() if k.split(" ", 1)[0] == pid}
-        lowp = next(k for k in mine if k != "fp32")
-        out.append(mine["fp32"] - mine[lowp])
-    return out
+    fp32_ms, low_ms = {}, {}
+    for k, ms in fast.items():
+        pid, label = k.split(" ", 1)
+        (fp32_ms if Choice.parse(label).precision == "fp32" else low_ms)[int(pid[1:])] = ms
+    return fp32_ms, low_ms, broken
 
 
-def _assemble(job: Job, program, mix: Mix, low: Optimized, high: Optimized, *,
-              reasons: Sequence[str] | None = None) -> Optimized:
+def _judge(job: Job, mix: Mix, low: Optimized, high: Optimized, budget: Budget, reference: Sequence,
+           inputs: Sequence) -> AccuracyReport | None:
+    """`mix`, assembled from the compiled parts, judged on `inputs` against `reference`; None when a part fell
+    back to torch on the way (its outputs would be torch's fp32, not the mix's)."""
+    opt = _assemble(job, mix, low, high)
+    try:
+        with torch.inference_mode():
+            got = [tuple(opt.runtime.run(x)) for x in inputs]
+        return None if opt.runtime.stats["fallbacks"] else evaluate(budget, reference, got)
+    finally:
+        opt.runtime.close()
+
+
+def _assemble(job: Job, mix: Mix, low: Optimized, high: Optimized) -> Optimized:
     """The model that runs each part of `mix` on the engine already compiled for its precision."""
     compiled = {f"p{i}": (low if x else high).runtime.compiled[f"p{i}"] for i, x in enumerate(mix.low)}
     keys = {p.id: p.calibration for p in low.plan.partitions}
-    plan = mixed_plan(job, mix, reasons=reasons)
+    plan = mixed_plan(job, mix)
     plan = replace(plan, partitions=tuple(replace(p, calibration=keys[p.id] if x else None)
                                           for p, x in zip(plan.partitions, mix.low)))
-    return Optimized(job.captured, plan, program,
-                     Runtime(program, compiled, job.pool, cache_dir=job.settings.cache_dir))
-
-
-def _outputs(opt: Optimized, inputs: Sequence[Sequence]) -> list[tuple]:
-    with torch.inference_mode():
-        return [tuple(opt.runtime.run(x)) for x in inputs]
+    return Optimized(job.captured, plan, low.program,
+                     Runtime(low.program, compiled, job.pool, cache_dir=job.settings.cache_dir))

@@ -221,10 +221,16 @@ def mix(job: Job, fp32: Optimized, missed: dict[str, Optimized], built: dict[str
     s = job.settings
     for label, whole in missed.items():
         option = Choice.parse(label)
-        fast, _ = _race({FP32: fp32, label: whole}, job, s.race_rounds) if s.mixed_parts >= 2 else ({}, {})
-        whole.runtime.close()
+        try:
+            if s.mixed_parts < 2:
+                continue
+            fast, _ = _race({FP32: fp32, label: whole}, job, s.race_rounds)
+        finally:
+            whole.runtime.close()
         if label not in fast:
-            continue   # mixing is off, or it failed while timed
+            out.append(Candidate(option, None, "mixed with fp32: not searched; the whole graph fell back to torch "
+                                               "while timed"))
+            continue
         if fast[label] > fast[FP32] * (1 - s.split_margin):
             out.append(Candidate(option, None, f"mixed with fp32: not searched; the whole graph at "
                                                f"{option.precision} raced {fast[FP32] / fast[label]:.2f}x the fp32 "

@@ -2,6 +2,7 @@
 run in int8 and the sensitive ones stay fp32; the mix round-trips through JSON and reloads without calibrating."""
 
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ import dioe
 from dioe import mixed
 from dioe.accuracy import AccuracyReport, MetricResult
 from dioe.plan import Choice
+from dioe.precision import FP32, Candidate, PrecisionRecord
 from dioe.settings import Settings
 
 
@@ -65,10 +67,12 @@ def test_the_sensitive_part_stays_fp32_and_the_mix_reloads_without_calibrating(t
     assert len(parts) == len(mix.mix.parts) >= 2 and all((p.member, p.backend) == ("cpu0", "onnxruntime")
                                                          for p in parts), opt.plan.summary()
     sensitive = next(p for p in parts if any(s.endswith(":2.fc") for s in p.segments))
-    assert sensitive.precision == "fp32" and sensitive.reason.startswith("fp32: at int8 it missed"), sensitive
+    assert sensitive.precision == "fp32" and sensitive.reason.startswith("fp32: at int8 alone it used"), sensitive
     low = [p for p in parts if p.precision == "int8"]
     assert low and all(p.calibration and p.reason.startswith("int8: alone it used") for p in low), parts
-    assert [c.precision for c in opt.runtime.compiled.values()] == [p.precision for p in parts]
+    # what each engine applied, read back from it
+    assert [c.applied.split()[0] for c in opt.runtime.compiled.values()] == [p.precision for p in parts], \
+        [c.applied for c in opt.runtime.compiled.values()]
     assert AccuracyReport.from_dict(opt.plan.accuracy).met
     assert any(n.startswith("mixed precision: ") for n in opt.plan.notes), opt.plan.notes
     y = opt(x)
@@ -85,9 +89,34 @@ def test_the_sensitive_part_stays_fp32_and_the_mix_reloads_without_calibrating(t
     torch.testing.assert_close(again(x), y, rtol=0, atol=0)
     # a warm optimize reuses the verdict and rebuilds the same mix from the cache
     warm = _optimize(model, x, calib, tmp_path)
-    assert warm.precision_search.reused and [p.precision for p in warm.plan.partitions] == \
-        [p.precision for p in parts]
+    assert warm.precision_search.reused
+    assert [(p.precision, p.reason, p.calibration) for p in warm.plan.partitions] == \
+        [(p.precision, p.reason, p.calibration) for p in parts]
     torch.testing.assert_close(warm(x), y, rtol=0, atol=0)
+
+
+def test_a_part_whose_int8_engine_fails_stays_fp32_and_says_why(tmp_path, monkeypatch):
+    """The int8 engine of the first part raises on every call: the search goes on without it, and the mix it
+    keeps runs that part in fp32, saying why; nothing fails and no call falls back."""
+    model, x, calib = _model()
+    script_int8_faster(monkeypatch)
+    real = mixed._engines
+
+    def first_int8_part_fails(*args):
+        low, high, broken = real(*args)
+        c = low.runtime.compiled["p0"]
+
+        def boom(*_):
+            raise RuntimeError("engine lost")
+        low.runtime.compiled["p0"] = replace(c, fn=boom)
+        return low, high, broken
+    monkeypatch.setattr(mixed, "_engines", first_int8_part_fails)
+    opt = _optimize(model, x, calib, tmp_path)
+    p0 = opt.plan.partitions[0]
+    assert p0.precision == "fp32" and p0.reason.startswith("fp32: its int8 engine failed while timed: BackendError"), \
+        p0
+    assert "int8" in [p.precision for p in opt.plan.partitions], opt.plan.summary()
+    assert _cosine(opt(x), eager(model, (x,))) > 0.999 and not opt.runtime.stats["fallbacks"]
 
 
 def test_no_mix_is_searched_when_the_whole_graph_does_not_gain_or_mixing_is_off(tmp_path, monkeypatch):
@@ -112,7 +141,8 @@ def _job(times):
     ([1, 1, 1, 1, 1, 1, 1, 1], 4, [["s0", "s1"], ["s2", "s3"], ["s4", "s5"], ["s6", "s7"]]),
     ([8, 1, 1, 1, 1, 1, 1, 1, 1], 2, [["s0"], ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"]]),
     ([1, 1, 1], 4, [["s0"], ["s1"], ["s2"]]),
-    ([0, 0, 5], 3, [["s0", "s1", "s2"]]),   # segments that take no time join the part that does
+    ([0, 0, 5], 3, [["s0", "s1"], ["s2"]]),
+    ([1, 1, 1, 10], 4, [["s0", "s1", "s2"], ["s3"]]),   # a heavy head makes a part of its own
 ])
 def test_parts_are_contiguous_cover_every_segment_and_split_the_time(times, n, want):
     job, fp32 = _job(times)
@@ -128,7 +158,14 @@ def test_budget_used_is_the_largest_share_of_any_allowance():
 
 
 def test_a_mix_record_round_trips_and_a_bad_one_is_a_clear_error():
-    m = mixed.Mix(Choice("cpu0", "openvino", "int8"), (("s0", "s1"), ("s2",)), (True, False))
+    m = mixed.Mix(Choice("cpu0", "openvino", "int8"), (("s0", "s1"), ("s2",)), (True, False), (1.5, 2.0),
+                  ("int8: cheap", "fp32: sensitive"))
     assert mixed.Mix.from_dict(m.to_dict()) == m and m.label() == "openvino@cpu0/int8 on p0 of 2 parts"
     with pytest.raises(dioe.DIOEError, match="names 2 parts but 1 precisions"):
         mixed.Mix.from_dict({**m.to_dict(), "low": [True]})
+    report = AccuracyReport((MetricResult("cosine", 0, 0.9995, 0.9994, 0.999, 0.999, 8, 8, True),), 0.95)
+    record = PrecisionRecord(dioe.Budget(cosine=0.999), "given",
+                             (Candidate(m.option, report, "misses the budget: x"), Candidate(m.option, report, "", m)),
+                             report, {FP32: 2.0, m.label(): 1.0}, m.label())
+    again = PrecisionRecord.from_dict(record.to_dict(), record.budget, "verdict.json")
+    assert again == replace(record, reused="verdict.json") and again.candidates[1].label == m.label()
