@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .live import Live
     from .planner import Job
-    from .precision import PrecisionRecord
+    from .precision_record import PrecisionRecord
     from .race import RaceRecord
 
 

@@ -13,34 +13,29 @@ not kept where it was not.
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from . import backends as registry
 from . import build as building
-from . import integrity
 from . import mixed
 from . import partition
 from . import timing
 from . import tracing as _trace
 from .accuracy import METRICS, AccuracyReport, Budget, evaluate
-from .backend import cache_root
-from .calibration import Samples, fingerprint, split
+from .calibration import Samples, split
 from .errors import DIOEError
-from .files import write_text
-from .mixed import Mix
 from .optimized import Optimized
+from .precision_record import FP32, Candidate, PrecisionRecord, Verdict
 from .plan import Choice
 from .planner import Job, whole_graph_plan
 from .text import round_ms, show_ms
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "live")
-FP32 = "fp32 plan"   # the fp32 winner's name among the precision contenders
 # What each `precision=` lets the search try below fp32: "auto" anything the member and engine run; a precision
 # caps the search there (int8 still allows the 16-bit floats, which lose less).
 _BELOW_FP32 = {"auto": ("int8", "bf16", "fp16"), "int8": ("int8", "bf16", "fp16"), "bf16": ("bf16",),
@@ -67,53 +62,6 @@ def check_budget(accuracy: Any) -> Budget | None:
         return accuracy
     raise DIOEError(f"accuracy must be a dioe.Budget (e.g. dioe.Budget(cosine=0.999)) or None; got "
                     f"{type(accuracy).__name__}")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One lower-precision contender: what it is, and how it fared on the held-out samples."""
-
-    option: Choice
-    report: AccuracyReport | None      # None: it could not be built
-    why: str = ""                      # why it is out, if it is
-    mix: Mix | None = None             # a mix of `option` and fp32 over parts of the graph, else the whole graph
-
-    @property
-    def label(self) -> str:
-        return self.mix.label() if self.mix else self.option.label()
-
-
-@dataclass(frozen=True)
-class PrecisionRecord:
-    """What the precision stage tried and decided (`opt.precision_search`); the plan's notes say it in words."""
-
-    budget: Budget
-    source: str                                  # "given" or "generated" calibration and held-out inputs
-    candidates: tuple[Candidate, ...]
-    fp32: AccuracyReport                         # the fp32 winner on the same held-out samples
-    fast_ms: dict[str, float]                    # contender -> mean of its faster half of rounds ("fp32 plan", labels)
-    winner: str                                  # "fp32 plan" or the winning option's label
-    reused: str | None = None                    # the verdict file a warm optimize took this from, if it did
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "winner": self.winner, "fp32": self.fp32.to_dict(), "fast_ms": self.fast_ms,
-                "candidates": [{"option": c.option.label(), "why": c.why,
-                                "report": c.report.to_dict() if c.report else None,
-                                **({"mix": c.mix.to_dict()} if c.mix else {})} for c in self.candidates]}
-
-    @classmethod
-    def from_dict(cls, d: dict, budget: Budget, reused: str) -> "PrecisionRecord":
-        return cls(budget, d["source"], tuple(Candidate(Choice.parse(c["option"]), c["report"] and
-                                                        AccuracyReport.from_dict(c["report"]), c["why"],
-                                                        Mix.from_dict(c["mix"]) if c.get("mix") else None)
-                                              for c in d["candidates"]),
-                   AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
-                   str(d["winner"]), reused)
-
-    @property
-    def kept(self) -> tuple[Candidate, ...]:
-        """The candidates that met the budget."""
-        return tuple(c for c in self.candidates if not c.why)
 
 
 def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, calibration: Any) -> Optimized:
@@ -148,9 +96,14 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
              f"({samples.source} inputs) against fp32 eager; calibrated on {len(samples.calibrate)} others"]
     fp32_report = evaluate(budget, reference, _outputs(opt, holdout))
+    # a candidate that does not race faster than the fp32 plan loses whatever its accuracy: judging it (64 held-out
+    # inputs through it) would only cost time
+    tried, fast_ones = screen(opt, job, options, samples)
     missed: dict[str, Optimized] = {}
-    tried, built = judge(job, options, samples, budget, reference, missed=missed)
-    tried += mix(job, opt, missed, built, samples, budget, reference)
+    built: dict[str, Optimized] = {}
+    for label, cand in fast_ones.items():
+        tried.append(_judge_built(Choice.parse(label), cand, budget, reference, holdout, built, missed))
+    tried += mix(job, missed, built, samples, budget, reference)
     notes += [f"{c.label}: {c.why}" for c in tried if c.why]
 
     def record(fast: dict, winner: str) -> PrecisionRecord:
@@ -158,7 +111,8 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         verdict.save(rec, notes)
         return rec
     if not built:
-        notes.append("no lower precision met the budget on this machine; the plan stays fp32")
+        notes.append("no lower precision both gained over the fp32 plan and met the budget on this machine; the plan "
+                     "stays fp32")
         opt.precision_search = record({}, FP32)
         return _keep_fp32(opt, fp32_report, notes)
     best, fast, med, said = pick(opt, built, job)
@@ -191,51 +145,76 @@ def judge(job: Job, options: Sequence[Choice], samples: Samples, budget: Budget,
     built: dict[str, Optimized] = {}
     tried: list[Candidate] = []
     for option in options:
-        cand, why = _build(job, option, samples), ""
+        cand = _build(job, option, samples)
         if isinstance(cand, str):
             tried.append(Candidate(option, None, cand))
             continue
-        report = evaluate(budget, reference, _outputs(cand, holdout))
-        if cand.runtime.stats["fallbacks"]:  # its outputs were torch's fp32, not its own
-            why = f"failed while judged and fell back to torch: {next(iter(cand.runtime.fallbacks.values()))[:300]}"
-            cand.runtime.close()
-        elif not report.met:
-            why = f"misses the budget: {report.summary()}"
-            if missed is None:
-                cand.runtime.close()
-            else:
-                missed[option.label()] = cand
-        else:
-            built[option.label()] = cand
-        tried.append(Candidate(option, report, why))
+        tried.append(_judge_built(option, cand, budget, reference, holdout, built, missed))
     return tried, built
 
 
-def mix(job: Job, fp32: Optimized, missed: dict[str, Optimized], built: dict[str, Optimized], samples: Samples,
-        budget: Budget, reference: Sequence) -> list[Candidate]:
-    """For each lower precision whose whole graph was built but missed the budget (`missed`, by label, closed
-    here), the mix of it and fp32 over parts of the graph that meets it (`dioe.mixed`), added to `built` by label;
-    what each search found. A precision whose whole graph does not race faster than `fp32` (the fp32 plan) by
-    `split_margin` is not searched: a mix lowers less of the graph, so it gains less."""
-    out = []
+def _judge_built(option: Choice, cand: Optimized, budget: Budget, reference: Sequence, holdout: Sequence,
+                 built: dict[str, Optimized], missed: dict[str, Optimized] | None) -> Candidate:
+    """`cand` (`option`, built) judged on `holdout`: into `built` when it met the budget, into `missed` (if given,
+    else closed) when it missed it, closed when it fell back to torch on the way."""
+    why = ""
+    report = evaluate(budget, reference, _outputs(cand, holdout))
+    if cand.runtime.stats["fallbacks"]:  # its outputs were torch's fp32, not its own
+        why = f"failed while judged and fell back to torch: {next(iter(cand.runtime.fallbacks.values()))[:300]}"
+        cand.runtime.close()
+    elif not report.met:
+        why = f"misses the budget: {report.summary()}"
+        if missed is None:
+            cand.runtime.close()
+        else:
+            missed[option.label()] = cand
+    else:
+        built[option.label()] = cand
+    return Candidate(option, report, why)
+
+
+def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
+           samples: Samples) -> tuple[list[Candidate], dict[str, Optimized]]:
+    """Build every option (calibrated) and race it against `fp32` (the fp32 plan): those that gain `split_margin`
+    go on to be judged, by label; the others are out, closed, each saying why."""
     s = job.settings
-    for label, whole in missed.items():
-        option = Choice.parse(label)
-        try:
-            if s.mixed_parts < 2:
-                continue
-            fast, _ = _race({FP32: fp32, label: whole}, job, s.race_rounds)
-        finally:
-            whole.runtime.close()
+    tried: list[Candidate] = []
+    built: dict[str, Optimized] = {}
+    for option in options:
+        cand = _build(job, option, samples)
+        if isinstance(cand, str):
+            tried.append(Candidate(option, None, cand))
+        else:
+            built[option.label()] = cand
+    if not built:
+        return tried, {}
+    fast, _ = _race({FP32: fp32, **built}, job, s.race_rounds)
+    keep = {}
+    for label, cand in built.items():
         if label not in fast:
-            out.append(Candidate(option, None, "mixed with fp32: not searched; the whole graph fell back to torch "
-                                               "while timed"))
+            why = f"fell back to torch while timed: {next(iter(cand.runtime.fallbacks.values()), '')[:300]}"
+        elif fast[label] > fast[FP32] * (1 - s.split_margin):
+            why = (f"not judged: raced {fast[FP32] / fast[label]:.2f}x the fp32 plan's speed, and a lower precision "
+                   f"must gain {s.split_margin:.0%}")
+        else:
+            keep[label] = cand
             continue
-        if fast[label] > fast[FP32] * (1 - s.split_margin):
-            out.append(Candidate(option, None, f"mixed with fp32: not searched; the whole graph at "
-                                               f"{option.precision} raced {fast[FP32] / fast[label]:.2f}x the fp32 "
-                                               f"plan, and a mix gains less"))
+        cand.runtime.close()
+        tried.append(Candidate(Choice.parse(label), None, why))
+    return tried, keep
+
+
+def mix(job: Job, missed: dict[str, Optimized], built: dict[str, Optimized], samples: Samples, budget: Budget,
+        reference: Sequence) -> list[Candidate]:
+    """For each lower precision whose whole graph raced faster than the fp32 plan but missed the budget (`missed`,
+    by label, closed here), the mix of it and fp32 over parts of the graph that meets it (`dioe.mixed`), added to
+    `built` by label; what each search found."""
+    out = []
+    for label, whole in missed.items():
+        whole.runtime.close()
+        if job.settings.mixed_parts < 2:
             continue
+        option = Choice.parse(label)
         found, report, opt, why = mixed.search(job, option, samples, budget, reference)
         if opt is None:
             out.append(Candidate(option, None, f"mixed with fp32: {why}"))
@@ -313,39 +292,6 @@ def promoted_plan(opt: Optimized, winner: Optimized, won: Candidate, fast: dict,
     return replace(winner.plan, partitions=parts, predicted_ms=round_ms(med[best]),
                    measured_ms=round_ms(med[best]), eager_ms=opt.plan.eager_ms,
                    accuracy=won.report.to_dict(), notes=opt.plan.notes + tuple(notes))
-
-
-# -- the verdict of an earlier precision search ------------------------------------------------------------------------
-class Verdict:
-    """What the precision stage decided for one fp32 plan, budget, precision cap, candidate list and set of
-    calibration and held-out inputs, cached beside the profile: a warm optimize then judges nothing again (64
-    held-out inputs through eager and every candidate take longer than the rest of a warm optimize on a large
-    model). Any change to one of those keys searches again."""
-
-    def __init__(self, cache_dir, job: Job, opt: Optimized, precision: str, budget: Budget, samples: Samples,
-                 options: Sequence[Choice]):
-        key = repr(([(p.nodes, p.member, p.backend, p.precision) for p in opt.plan.partitions], precision,
-                    repr(budget), fingerprint(samples.calibrate), fingerprint(samples.holdout),
-                    [o.label() for o in options], job.settings.split_margin, job.settings.mixed_parts)).encode()
-        self.key = hashlib.blake2b(key, digest_size=8).hexdigest()
-        self.budget = budget
-        self.path = cache_root(cache_dir) / "profiles" / \
-            f"{job.profile.graph_hash}-{job.profile.fingerprint}.precision.json"
-        self.record: PrecisionRecord | None = None
-        self.notes: tuple[str, ...] = ()
-        data = integrity.load_checked(self.path, "precision verdict") or {}
-        if data.get("key") != self.key:
-            return  # none, or one for other keys: search again
-        try:
-            self.record = PrecisionRecord.from_dict(data["record"], budget, self.path.name)
-            self.notes = tuple(str(n) for n in data["notes"])
-        except (ValueError, KeyError, TypeError, AttributeError, DIOEError) as e:
-            self.record = None
-            integrity.forget(self.path, "precision verdict", f"it does not read as one ({type(e).__name__}: {e})")
-
-    def save(self, record: PrecisionRecord, notes: Sequence[str]) -> None:
-        write_text(self.path, integrity.dumps_checked({"key": self.key, "record": record.to_dict(),
-                                                       "notes": list(notes)}))
 
 
 def _reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Optimized | None:

@@ -119,15 +119,21 @@ def test_a_part_whose_int8_engine_fails_stays_fp32_and_says_why(tmp_path, monkey
     assert _cosine(opt(x), eager(model, (x,))) > 0.999 and not opt.runtime.stats["fallbacks"]
 
 
-def test_no_mix_is_searched_when_the_whole_graph_does_not_gain_or_mixing_is_off(tmp_path, monkeypatch):
+def test_a_slower_precision_is_neither_judged_nor_mixed_and_mixing_can_be_off(tmp_path, monkeypatch):
     model, x, calib = _model()
     script_int8_faster(monkeypatch, factor=3.0)   # int8 three times slower than anything else
+    judged = []
+    real = mixed.evaluate
+    monkeypatch.setattr("dioe.precision.evaluate", lambda b, ref, got: judged.append(len(ref)) or real(b, ref, got))
     opt = _optimize(model, x, calib, tmp_path)
-    whole, mix = opt.precision_search.candidates
-    assert mix.mix is None and mix.why.startswith("mixed with fp32: not searched; the whole graph at int8 raced"), mix
+    (whole,) = opt.precision_search.candidates
+    assert whole.report is None and whole.why.startswith("not judged: raced 0.3"), whole
+    assert len(judged) == 1, "only the fp32 plan is judged, for the plan's own report"
     assert [p.precision for p in opt.plan.partitions] == ["fp32"]
+    script_int8_faster(monkeypatch)
     off = _optimize(model, x, calib, tmp_path / "off", settings=Settings(cache_dir=tmp_path / "off", mixed_parts=0))
-    assert [c.mix for c in off.precision_search.candidates] == [None]
+    (whole,) = off.precision_search.candidates
+    assert whole.mix is None and whole.why.startswith("misses the budget"), whole
 
 
 def _job(times):

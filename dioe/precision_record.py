@@ -1,0 +1,105 @@
+"""What the precision stage tried and decided (`PrecisionRecord`, one `Candidate` per contender), and its verdict
+cached beside the profile (`Verdict`), so that a warm optimize judges nothing again.
+
+    >>> PrecisionRecord.from_dict(rec.to_dict(), rec.budget, "x.precision.json").winner == rec.winner  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import integrity
+from .accuracy import AccuracyReport, Budget
+from .backend import cache_root
+from .calibration import Samples, fingerprint
+from .errors import DIOEError
+from .files import write_text
+from .mixed import Mix
+from .optimized import Optimized
+from .plan import Choice
+from .planner import Job
+
+FP32 = "fp32 plan"   # the fp32 winner's name among the precision contenders
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One lower-precision contender: what it is, and how it fared on the held-out samples."""
+
+    option: Choice
+    report: AccuracyReport | None      # None: it could not be built
+    why: str = ""                      # why it is out, if it is
+    mix: Mix | None = None             # a mix of `option` and fp32 over parts of the graph, else the whole graph
+
+    @property
+    def label(self) -> str:
+        return self.mix.label() if self.mix else self.option.label()
+
+
+@dataclass(frozen=True)
+class PrecisionRecord:
+    """What the precision stage tried and decided (`opt.precision_search`); the plan's notes say it in words."""
+
+    budget: Budget
+    source: str                                  # "given" or "generated" calibration and held-out inputs
+    candidates: tuple[Candidate, ...]
+    fp32: AccuracyReport                         # the fp32 winner on the same held-out samples
+    fast_ms: dict[str, float]                    # contender -> mean of its faster half of rounds ("fp32 plan", labels)
+    winner: str                                  # "fp32 plan" or the winning option's label
+    reused: str | None = None                    # the verdict file a warm optimize took this from, if it did
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "winner": self.winner, "fp32": self.fp32.to_dict(), "fast_ms": self.fast_ms,
+                "candidates": [{"option": c.option.label(), "why": c.why,
+                                "report": c.report.to_dict() if c.report else None,
+                                **({"mix": c.mix.to_dict()} if c.mix else {})} for c in self.candidates]}
+
+    @classmethod
+    def from_dict(cls, d: dict, budget: Budget, reused: str) -> "PrecisionRecord":
+        return cls(budget, d["source"], tuple(Candidate(Choice.parse(c["option"]), c["report"] and
+                                                        AccuracyReport.from_dict(c["report"]), c["why"],
+                                                        Mix.from_dict(c["mix"]) if c.get("mix") else None)
+                                              for c in d["candidates"]),
+                   AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
+                   str(d["winner"]), reused)
+
+    @property
+    def kept(self) -> tuple[Candidate, ...]:
+        """The candidates that met the budget."""
+        return tuple(c for c in self.candidates if not c.why)
+
+
+# -- the verdict of an earlier precision search ------------------------------------------------------------------------
+class Verdict:
+    """What the precision stage decided for one fp32 plan, budget, precision cap, candidate list and set of
+    calibration and held-out inputs, cached beside the profile: a warm optimize then judges nothing again (64
+    held-out inputs through eager and every candidate take longer than the rest of a warm optimize on a large
+    model). Any change to one of those keys searches again."""
+
+    def __init__(self, cache_dir, job: Job, opt: Optimized, precision: str, budget: Budget, samples: Samples,
+                 options: Sequence[Choice]):
+        key = repr(([(p.nodes, p.member, p.backend, p.precision) for p in opt.plan.partitions], precision,
+                    repr(budget), fingerprint(samples.calibrate), fingerprint(samples.holdout),
+                    [o.label() for o in options], job.settings.split_margin, job.settings.mixed_parts)).encode()
+        self.key = hashlib.blake2b(key, digest_size=8).hexdigest()
+        self.budget = budget
+        self.path = cache_root(cache_dir) / "profiles" / \
+            f"{job.profile.graph_hash}-{job.profile.fingerprint}.precision.json"
+        self.record: PrecisionRecord | None = None
+        self.notes: tuple[str, ...] = ()
+        data = integrity.load_checked(self.path, "precision verdict") or {}
+        if data.get("key") != self.key:
+            return  # none, or one for other keys: search again
+        try:
+            self.record = PrecisionRecord.from_dict(data["record"], budget, self.path.name)
+            self.notes = tuple(str(n) for n in data["notes"])
+        except (ValueError, KeyError, TypeError, AttributeError, DIOEError) as e:
+            self.record = None
+            integrity.forget(self.path, "precision verdict", f"it does not read as one ({type(e).__name__}: {e})")
+
+    def save(self, record: PrecisionRecord, notes: Sequence[str]) -> None:
+        write_text(self.path, integrity.dumps_checked({"key": self.key, "record": record.to_dict(),
+                                                       "notes": list(notes)}))
