@@ -18,6 +18,7 @@ import torch
 
 from ..backend import Backend, Built, Partition, cast_io, placed_module, quiet, write_atomically
 from ..cache import reuse
+from ..integrity import discard
 from ..errors import BackendError
 from ..pool import Member
 from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
@@ -28,6 +29,9 @@ _HEAVY = ("aten.linear.default", "aten.conv2d.default", "aten.conv1d.default", "
           "aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten.baddbmm.default",
           "aten.scaled_dot_product_attention.default")   # attention stays float: activation by activation
 _DEQUANT_WEIGHT = "quantized_decomposed.dequantize_per_channel.default"
+# Inductor's counters of the int8 linear and convolution patterns it lowered to oneDNN while compiling
+_INT8_MATCHES = ("qlinear_weight_prepack_matcher_count", "qconv_weight_prepack_matcher_count")
+_FORMAT = 1   # of the cached qparams file
 
 
 class InductorBackend(Backend):
@@ -45,43 +49,65 @@ class InductorBackend(Backend):
             return f"Inductor generates code only for {', '.join(_CODEGEN_DEVICES)}"
         return super().member_reason(member)
 
+    @classmethod
+    def precision_reason(cls, member: Member, precision: str) -> str | None:
+        if precision == "int8" and not _x86_cpu(member):
+            return "int8 with Inductor goes through PT2E's X86InductorQuantizer, which targets x86 CPUs"
+        return None
+
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
                    alone: bool = False, calibration: Calibration | None = None):
         device = self.io_device(member)
+        spec = member.descriptor.backend(self.name)
+        mode = spec.options.mode if spec else None
         notes: dict = {}
         if precision == "int8":
-            gm, notes = self.quantized(part, device, calibration)
-            low, ran = None, applied("int8", "fp32", lowered=notes["quantized_ops"], kept=notes["float_ops"])
-            artifact = notes.pop("artifact")
+            why = self.precision_reason(member, precision)
+            if why:
+                raise BackendError(f"partition {part.id}: {why}; member {member.id} computes on {device} "
+                                   f"({platform.machine()})")
+            gm, notes = self.quantized(part, calibration)
+            low, artifact = None, notes.pop("artifact")
         else:
             gm, low = placed_module(part, device, precision)
             # Inductor compiles the graph with its weights and float inputs cast to `low`: every float op runs in it
-            ran, artifact = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low], ""
-        spec = member.descriptor.backend(self.name)
-        compiled = torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True,
-                                 mode=spec.options.mode if spec else None)
-        body = cast_io(compiled, low)
+            artifact = ""
+        body = cast_io(torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True, mode=mode), low)
+        if precision == "int8":
+            import torch._inductor.config as inductor_config
 
-        def run(*inputs):
-            with torch.inference_mode():
-                return body(*inputs)
+            def run(*inputs):
+                # freezing folds the weights into the graph, so that Inductor's int8 patterns match them. Set
+                # around every call (the setting is per thread), so that a recompile in a serving thread keeps it.
+                # The FX graph cache is off: a cached graph skips the matchers whose counts say what runs int8.
+                with torch.inference_mode(), inductor_config.patch(freezing=True, fx_graph_cache=False):
+                    return body(*inputs)
+        else:
+            def run(*inputs):
+                with torch.inference_mode():
+                    return body(*inputs)
 
-        # compile now, so that compile time is not charged to the first request; int8 with freezing, which folds
-        # the weights into the graph and lets Inductor match its int8 patterns
-        import torch._inductor.config as inductor_config
+        # compile now, so that compile time is not charged to the first request
+        from torch._dynamo.utils import counters
 
-        with inductor_config.patch(freezing=precision == "int8"), warnings.catch_warnings():
+        before = sum(counters["inductor"][k] for k in _INT8_MATCHES)
+        with warnings.catch_warnings():
             # its int8 lowering copies zero points with torch.tensor(tensor), which torch itself warns about
             warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
             run(*[x.to(device) if isinstance(x, torch.Tensor) else x for x in part.example_inputs])
-        return Built(run, artifact, ran, notes)
+        if precision != "int8":
+            return Built(run, artifact, {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low])
+        lowered = sum(counters["inductor"][k] for k in _INT8_MATCHES) - before
+        notes.update(quantized_ops=lowered, float_ops=max(0, notes["heavy_ops"] - lowered))
+        if not lowered:
+            raise BackendError(f"partition {part.id}: PT2E quantized nothing that Inductor lowered to int8 "
+                               f"({notes['recipe']}; {notes['heavy_ops']} matmul/conv/attention ops, "
+                               f"{notes['dequantized_weights']} with weights quantized)")
+        return Built(run, artifact, applied("int8", "fp32", lowered=lowered, kept=notes["float_ops"]), notes)
 
-    def quantized(self, part: Partition, device: str, calibration: Calibration | CalibrationKey | None):
+    def quantized(self, part: Partition, calibration: Calibration | CalibrationKey | None):
         """`part` quantized by PT2E for x86 (see the module docstring): the converted module and notes (the
-        recipe, counts of what runs in int8, the qparams file as "artifact")."""
-        if torch.device(device).type != "cpu" or platform.machine() not in ("x86_64", "AMD64"):
-            raise BackendError(f"partition {part.id}: int8 with Inductor goes through PT2E's X86InductorQuantizer, "
-                               f"which targets x86 CPUs; this member computes on {device} ({platform.machine()})")
+        recipe, the graph's heavy ops and those with quantized weights, the qparams file as "artifact")."""
         if calibration is None:
             raise BackendError(f"partition {part.id}: int8 with Inductor quantizes statically, which needs "
                                "calibration data: pass calibration=[input tuples shaped like its example inputs]")
@@ -89,46 +115,73 @@ class InductorBackend(Backend):
             with quiet("torchao", "torch.utils._pytree"):   # it reports the GPU kernels it cannot load here
                 import torchao
                 import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+                from torchao.quantization.pt2e import UniformQuantizationObserverBase
                 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         except ImportError as e:
             raise BackendError(f"partition {part.id}: int8 with Inductor needs torchao ({e}); install "
                                "dioe[inductor]") from e
-        # u8 x s8 products saturate on an x86 CPU without VNNI: 7-bit activations there, as ONNX Runtime's answer
+        # u8 x s8 products saturate on an x86 CPU without VNNI: torchao's answer is 7-bit activations
         reduce_range = u8s8_saturates()
-        recipe = (f"torchao {torchao.__version__} pt2e X86InductorQuantizer static u8 per-tensor activations "
-                  f"s8 per-channel weights reduce_range={reduce_range}")
+        # the torch version too: the observers' order follows the export, which a torch release may change
+        recipe = (f"torchao {torchao.__version__} torch {torch.__version__} pt2e X86InductorQuantizer static u8 "
+                  f"per-tensor activations s8 per-channel weights reduce_range={reduce_range} qparams v{_FORMAT}")
         keyed = isinstance(calibration, CalibrationKey)
         path = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.qparams.json"
+        cached = reuse(path, "int8 quantization parameters")
+        if keyed and not cached:
+            raise missing(part, calibration, "Inductor")
         quantizer = x86.X86InductorQuantizer().set_global(
             x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
         with quiet("torch.utils._pytree"):
             exported = torch.export.export(part.gm, tuple(part.example_inputs), strict=False).module()
             prepared = prepare_pt2e(exported, quantizer)
-        observers = {n: m for n, m in prepared.named_modules() if hasattr(m, "calculate_qparams")}
-        if reuse(path, "int8 quantization parameters"):
-            qparams = json.loads(path.read_text())
-            if set(qparams) != set(observers):
-                raise BackendError(f"partition {part.id}: the cached int8 parameters {path.name} name other "
-                                   "observers than this graph has; clear the cache")
-        elif keyed:
-            raise missing(part, calibration, "Inductor")
-        else:
+        observers = _observers(prepared, UniformQuantizationObserverBase)
+        qparams = json.loads(path.read_text()) if cached else None
+        if qparams is not None and not _fits(qparams, observers):
+            if keyed:
+                raise BackendError(f"partition {part.id}: the cached int8 parameters {path.name} do not fit this "
+                                   "graph's observers; optimize again to recalibrate")
+            discard(path)
+            qparams = None
+        if qparams is None:
             with torch.no_grad():
                 for item in calibration:
                     prepared(*item)
-            qparams = {n: _qparams(o) for n, o in observers.items()}
+            qparams = {name: {"observes": observes, **_qparams(o)} for name, (observes, o) in observers.items()}
             write_atomically(self.cache_dir, path.name, lambda p: Path(p).write_text(json.dumps(qparams)))
         # convert from the stored values, calibrated now or loaded: a reload builds the very model judged
-        for n, o in observers.items():
-            o.calculate_qparams = _pinned(qparams[n])
+        for name, (_, o) in observers.items():
+            o.calculate_qparams = _pinned(qparams[name])
         converted = convert_pt2e(prepared)
-        counts = _int8_counts(converted)
-        if not counts["quantized_ops"]:
-            raise BackendError(f"partition {part.id}: PT2E quantized nothing that Inductor runs in int8 ({recipe}; "
-                               f"{counts['float_ops']} float matmul/conv ops)")
-        return converted, {"recipe": recipe, "calibration_samples": 0 if keyed else len(calibration), **counts,
-                           "read_from": "the converted graph: heavy ops whose weight is dequantized per channel, "
-                                        "the pattern Inductor lowers to int8", "artifact": str(path)}
+        return converted, {"recipe": recipe, "calibration_samples": 0 if cached else len(calibration),
+                           **_heavy_ops(converted), "read_from": "Inductor's int8 pattern matches while compiling",
+                           "artifact": str(path)}
+
+
+def _x86_cpu(member: Member) -> bool:
+    """Whether `member` computes on this machine's CPU (a stand-in does), and that CPU is x86."""
+    on_cpu = member.stand_in or torch.device(member.device or "cpu").type == "cpu"
+    return on_cpu and platform.machine() in ("x86_64", "AMD64")
+
+
+def _observers(prepared: torch.fx.GraphModule, base) -> dict:
+    """Each calibrating observer by module name, with what it observes: the node it reads, and the op reading
+    it. The names are positions in the graph; what they observe says whether cached values belong to them."""
+    mods = dict(prepared.named_modules())
+    out = {}
+    for n in prepared.graph.nodes:
+        if n.op == "call_module" and isinstance(mods.get(n.target), base):
+            src = n.args[0].name if n.args and isinstance(n.args[0], torch.fx.Node) else ""
+            users = ",".join(sorted(str(u.target) for u in n.users))
+            out[n.target] = (f"{src} -> {users}", mods[n.target])
+    return out
+
+
+def _fits(qparams: dict, observers: dict) -> bool:
+    """Whether cached `qparams` were calibrated for these observers: the same ones, observing the same nodes."""
+    return set(qparams) == set(observers) and all(
+        isinstance(qparams[k], dict) and qparams[k].get("observes") == observes for k, (observes, _) in
+        observers.items())
 
 
 def _qparams(observer) -> dict:
@@ -144,11 +197,12 @@ def _pinned(q: dict):
     return lambda: (scale, zero_point)
 
 
-def _int8_counts(gm: torch.fx.GraphModule) -> dict:
-    """Heavy ops whose weight comes through a per-channel dequantize (what Inductor runs in int8) and the rest."""
-    lowered = kept = 0
+def _heavy_ops(gm: torch.fx.GraphModule) -> dict:
+    """The converted graph's heavy ops, and those whose weight comes through a per-channel dequantize (what
+    Inductor's int8 patterns can take)."""
+    heavy = dequantized = 0
     for n in gm.graph.nodes:
         if n.op == "call_function" and str(n.target) in _HEAVY:
-            fed = any(isinstance(a, torch.fx.Node) and str(a.target) == _DEQUANT_WEIGHT for a in n.args)
-            lowered, kept = lowered + fed, kept + (not fed)
-    return {"quantized_ops": lowered, "float_ops": kept}
+            heavy += 1
+            dequantized += any(isinstance(a, torch.fx.Node) and str(a.target) == _DEQUANT_WEIGHT for a in n.args)
+    return {"heavy_ops": heavy, "dequantized_weights": dequantized}

@@ -277,6 +277,12 @@ class Backend:
             return member.unavailable.get(self.name, f"{self.name} is not among {member.id}'s backends")
         return None
 
+    @classmethod
+    def precision_reason(cls, member: Member, precision: str) -> str | None:
+        """Why this backend cannot run `precision` (one of its `precisions`) on `member`, or None when it can: the
+        precision search leaves such pairs out rather than build a candidate bound to fail."""
+        return None
+
     def op_support(self) -> OperatorSupportBase | None:
         """The backend's own knowledge of which nodes it can run; None means all of them."""
         return None

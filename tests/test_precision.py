@@ -3,6 +3,7 @@ autocast, OpenVINO's hint), each matching fp32 eager within a stated tolerance, 
 from the engine and int8 artifacts keyed by their calibration data."""
 
 import importlib.util
+import platform
 import textwrap
 
 import pytest
@@ -17,7 +18,8 @@ from helpers import eager
 
 AVAILABLE = [b for b in ("onnxruntime", "openvino") if backends.unavailable_reason(b) is None]
 # Inductor's int8 goes through torchao's PT2E quantizer
-INT8 = AVAILABLE + (["inductor"] if importlib.util.find_spec("torchao") else [])
+INT8 = AVAILABLE + (["inductor"] if importlib.util.find_spec("torchao") and platform.machine() in ("x86_64", "AMD64")
+                    else [])
 needs_int8_engine = pytest.mark.skipif(not AVAILABLE, reason="needs onnxruntime or openvino")
 
 # Tolerances against fp32 eager, per output and per evaluation input: cosine similarity, and the largest
@@ -210,8 +212,22 @@ def test_inductor_int8_keeps_its_calibrated_parameters_and_reloads_them_by_key(m
     assert first.artifact == again.artifact == keyed.artifact and first.artifact.endswith(".qparams.json")
     x = _samples(g.example_inputs, 1, 5)[0]
     torch.testing.assert_close(keyed(*x), first(*x), rtol=0, atol=0)
+    assert first.notes["calibration_samples"] == 4 and again.notes["calibration_samples"] == 0
+    other = be.compile(part, member, "int8", calibration=_samples(g.example_inputs, 4, 3))
+    assert len(calls) > n and other.artifact != first.artifact, "other calibration data must calibrate anew"
+    # what Inductor lowered to int8 is counted while it compiles, not assumed from the graph
+    assert first.notes["quantized_ops"] == 3 and first.notes["float_ops"] == 0, first.notes
     with pytest.raises(BackendError, match="Inductor int8 model this plan was calibrated for .* is not in the cache"):
         backends.get("inductor", tmp_path / "empty").compile(part, member, "int8", calibration=CalibrationKey("0" * 16))
+
+
+def test_inductor_int8_is_left_out_where_pt2e_cannot_run_it():
+    from types import SimpleNamespace
+
+    from dioe.backends.inductor import InductorBackend
+    gpu = SimpleNamespace(stand_in=False, device="cuda:0")
+    assert "x86 CPUs" in InductorBackend.precision_reason(gpu, "int8")
+    assert InductorBackend.precision_reason(gpu, "fp16") is None
 
 
 def test_torch_bf16_runs_under_autocast_and_reads_back_what_ran(member):
