@@ -136,6 +136,28 @@ def test_a_slower_precision_is_neither_judged_nor_mixed_and_mixing_can_be_off(tm
     assert whole.mix is None and whole.why.startswith("misses the budget"), whole
 
 
+def test_a_precision_close_to_the_bar_is_timed_again_over_more_rounds(tmp_path, monkeypatch):
+    """int8 scripted 1% faster than the fp32 plan: inside `race_close` of the 3% a lower precision must gain, so
+    the screen times it again over `race_rounds + race_extra` rounds before leaving it unjudged."""
+    from dioe import timing
+    model, x, calib = _model()
+    real, rounds = timing.side_by_side, []
+
+    def scripted(runs, flat, **kw):
+        got = real(runs, flat, **kw)
+        if "fp32 plan" not in got:
+            return got
+        rounds.append(kw["rounds"])
+        return {k: [0.99 if "/int8" in k else 1.0] * len(v) if k == "fp32 plan" or "/int8" in k else v
+                for k, v in got.items()}
+    monkeypatch.setattr(timing, "side_by_side", scripted)
+    opt = _optimize(model, x, calib, tmp_path)
+    s = Settings()
+    assert rounds == [s.race_rounds, s.race_rounds + s.race_extra], rounds
+    (whole,) = opt.precision_search.candidates
+    assert whole.why.startswith("not judged: raced 1.01x the fp32 plan's speed"), whole
+
+
 def _job(times):
     segs = [SimpleNamespace(id=f"s{i}") for i in range(len(times))]
     fp32 = Choice("cpu0", "onnxruntime")
