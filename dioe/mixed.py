@@ -207,7 +207,7 @@ def rebuild(job: Job, mix: Mix, samples: Samples) -> Optimized | str:
                                  objective=job.objective, calibration=calib)
     except DIOEError as e:
         return f"could not be built: {str(e)[:300]}"
-    if _fell_back(opt):
+    if _fell_back(opt, mix):
         opt.runtime.close()
         return "a part fell back while compiling"
     return opt
@@ -233,16 +233,19 @@ def _engines(job: Job, option: Choice, parts, samples: Samples):
                 o.runtime.close()
             return None, None, f"its parts could not be built: {str(e)[:300]}"
     low, high = built[True], built[False]
-    if _fell_back(high):
+    if _fell_back(high, Mix(option, parts, (False,) * len(parts))):
         low.runtime.close()
         high.runtime.close()
         return None, None, "a part fell back to torch while compiling at fp32"
-    return low, high, {int(pid[1:]): "fell back to torch while compiling" for pid in _fell_back(low)}
+    return low, high, {int(pid[1:]): "fell back to torch while compiling"
+                       for pid in _fell_back(low, Mix(option, parts, (True,) * len(parts)))}
 
 
-def _fell_back(opt: Optimized) -> list[str]:
-    """The partitions of `opt` that do not run as its plan says (one that failed to compile runs on torch)."""
-    want = {p.id: (p.member, p.backend, p.precision) for p in opt.plan.partitions}
+def _fell_back(opt: Optimized, mix: Mix) -> list[str]:
+    """The partitions of `opt`, built for `mix`, that do not run as `mix` says. Not read from `opt.plan`: the build
+    rewrites a partition that failed to compile as the torch partition it became."""
+    want = {f"p{i}": (mix.option.member, mix.option.backend, mix.option.precision if x else "fp32")
+            for i, x in enumerate(mix.low)}
     return [pid for pid, c in opt.runtime.compiled.items() if (c.member, c.backend, c.precision) != want[pid]]
 
 

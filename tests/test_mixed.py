@@ -119,6 +119,30 @@ def test_a_part_whose_int8_engine_fails_stays_fp32_and_says_why(tmp_path, monkey
     assert _cosine(opt(x), eager(model, (x,))) > 0.999 and not opt.runtime.stats["fallbacks"]
 
 
+def test_a_part_whose_int8_engine_fails_to_compile_stays_fp32_and_says_why(tmp_path, monkeypatch):
+    """The build runs a part that failed to compile on torch, and writes its plan as such: the search must see
+    that from what it asked for, not from that plan, or it would time and judge torch fp32 as the part's int8."""
+    from dioe.backends.onnxruntime import OnnxruntimeBackend
+    from dioe.errors import BackendError
+
+    model, x, calib = _model()
+    script_int8_faster(monkeypatch)
+    real = OnnxruntimeBackend.compile_fn
+
+    def p1_int8_fails(self, part, member, precision, **kw):
+        if precision == "int8" and part.id == "p1":
+            raise BackendError("injected: no int8 kernel for this part")
+        return real(self, part, member, precision, **kw)
+    monkeypatch.setattr(OnnxruntimeBackend, "compile_fn", p1_int8_fails)
+    opt = _optimize(model, x, calib, tmp_path)
+    p1 = opt.plan.partitions[1]
+    assert (p1.backend, p1.precision) == ("onnxruntime", "fp32"), p1
+    assert p1.reason == "fp32: its int8 engine fell back to torch while compiling", p1
+    assert "int8" in [p.precision for p in opt.plan.partitions], opt.plan.summary()
+    assert [(c.backend, c.precision) for c in opt.runtime.compiled.values()] == \
+        [(p.backend, p.precision) for p in opt.plan.partitions]
+
+
 def test_a_slower_precision_is_neither_judged_nor_mixed_and_mixing_can_be_off(tmp_path, monkeypatch):
     model, x, calib = _model()
     script_int8_faster(monkeypatch, factor=3.0)   # int8 three times slower than anything else
