@@ -49,6 +49,9 @@ _PRECISION = {v: k for k, v in _HINT.items()}
 # Runtime layers that do the heavy work, by the CPU plugin's names: their runtime precision is what "int8" means.
 _HEAVY = frozenset({"FullyConnected", "Convolution", "GroupConvolution", "Deconvolution", "MatMul",
                     "ScaledDotProductAttention", "ScaledDotProductAttentionWithKVCache", "RNNSeq", "RNNCell"})
+# The same ops in the model before the plugin compiles it, by OpenVINO's op type names.
+_HEAVY_MODEL = frozenset({"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData",
+                          "GroupConvolutionBackpropData", "ScaledDotProductAttention"})
 _CONVERTING = threading.Lock()
 _BLOB_FOLDERS = threading.Lock()
 _BLOB_LOCKS: dict[str, threading.Lock] = {}  # blob folder -> the lock held from its check to its seal
@@ -313,22 +316,29 @@ def _int8_counts(compiled, model) -> dict:
     layer's runtime precision), with the types of the int8 ones and the FakeQuantize ops NNCF put in `model`.
     Where a device's runtime graph does not say, the FakeQuantize ops stand for what is quantized."""
     int8, kept, said = collections.Counter(), collections.Counter(), False
+    # the model's own heavy ops by name: a Subgraph names the layers it fused, and on AVX-512 the CPU plugin fuses
+    # whole chains of small int8 matmuls into one
+    heavy = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() in _HEAVY_MODEL}
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
         if "layerType" not in info or "runtimePrecision" not in info:
             continue
         said = True
         layer, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        n = 1
         if layer == "Subgraph":
             # A kernel the CPU plugin generated for fused ops: attention left in float lands in one (tiny-bert:
             # Transpose, Softmax and ScaledDotProductAttention), reported "u8" for its mask input while its
-            # kernel, named in primitiveType ("jit_avx2_f32"), runs f32.
-            if not any(k in info["originalLayersNames"].astype(str) for k in ("MatMul", "DotProductAttention")):
+            # kernel, named in primitiveType ("jit_avx2_f32"), runs f32; on AVX-512, a chain of int8 matmuls
+            # ("jit_avx512_i8"). It counts as many heavy layers as it fused.
+            names = info["originalLayersNames"].astype(str)
+            n = sum(x in heavy for x in names.split(","))
+            if not n and not any(k in names for k in ("MatMul", "DotProductAttention")):
                 continue
             precision = info["primitiveType"].astype(str).rsplit("_", 1)[-1].lower()
         elif layer not in _HEAVY:
             continue
-        (int8 if precision in ("i8", "u8") else kept)[layer] += 1
+        (int8 if precision in ("i8", "u8") else kept)[layer] += max(n, 1)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
     counts = {"quantized_ops": sum(int8.values()), "float_ops": sum(kept.values()), "quantized_op_types": dict(int8),
               "float_op_types": dict(kept), "fake_quantize": fq}
