@@ -132,8 +132,12 @@ class InductorBackend(Backend):
             raise missing(part, calibration, "Inductor")
         quantizer = x86.X86InductorQuantizer().set_global(
             x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
+        # export traces with autograd on, which refuses inference tensors: a partition past the first gets its
+        # example inputs from the graph before it, computed in inference mode
+        example = tuple(x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
+                        for x in part.example_inputs)
         with quiet("torch.utils._pytree"):
-            exported = torch.export.export(part.gm, tuple(part.example_inputs), strict=False).module()
+            exported = torch.export.export(part.gm, example, strict=False).module()
             prepared = prepare_pt2e(exported, quantizer)
         observers = _observers(prepared, UniformQuantizationObserverBase)
         qparams = json.loads(path.read_text()) if cached else None
