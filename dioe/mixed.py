@@ -1,12 +1,13 @@
 """Mixed precision: when the whole graph at a lower precision misses the accuracy budget, run only the parts that
-can afford it in that precision and keep the rest at fp32, on the same member and engine.
+can afford it in that precision and keep the rest higher, on the same member and engine: at a 16-bit float that met
+the budget over the whole graph where there is one (int8 with bf16 on a CPU that has both), else at fp32.
 
     >>> mix, opt = search(job, Choice("cpu0", "onnxruntime", "int8"), samples, budget, reference)  # doctest: +SKIP
     >>> [p.precision for p in opt.plan.partitions]                                                 # doctest: +SKIP
     ['int8', 'fp32', 'int8', 'int8']
 
 The graph's segments are cut into `Settings.mixed_parts` contiguous parts of about equal fp32 time. Each part is
-compiled once at each precision, so every mix assembles from those engines without compiling again. Then:
+compiled once at each of the two precisions, so every mix assembles from those engines without compiling again. Then:
 
 1. each part's gain is its two engines timed side by side on its own inputs (so the quantize and dequantize
    at its boundaries are inside what is timed);
@@ -41,11 +42,13 @@ from .runtime import Runtime
 from .text import round_ms, show_ms
 
 RANK_SAMPLES = 16   # held-out inputs each part's sensitivity is ranked on; acceptance judges on all of them
+HIGH = ("fp32", "bf16", "fp16")   # what the parts that stay higher may run at
 
 
 @dataclass(frozen=True)
 class Mix:
-    """Which contiguous parts of the graph (segment ids, in order) run at `option`'s precision; the rest fp32."""
+    """Which contiguous parts of the graph (segment ids, in order) run at `option`'s precision; the rest at
+    `high`."""
 
     option: Choice                          # the lower precision's (member, backend, precision)
     parts: tuple[tuple[str, ...], ...]      # segment ids of each part
@@ -53,14 +56,16 @@ class Mix:
     # what the search measured, for the plan: each part's time alone at its precision, and why it runs at it
     part_ms: tuple[float, ...] = ()
     reasons: tuple[str, ...] = ()
+    high: str = "fp32"                      # the precision of the parts not at option.precision
 
     def label(self) -> str:
         low = [f"p{i}" for i, x in enumerate(self.low) if x]
-        return f"{self.option.label()} on {'+'.join(low) or 'none'} of {len(self.parts)} parts"
+        rest = "" if self.high == "fp32" else f", the rest {self.high}"
+        return f"{self.option.label()} on {'+'.join(low) or 'none'} of {len(self.parts)} parts{rest}"
 
     def to_dict(self) -> dict:
         return {"option": self.option.label(), "parts": [list(p) for p in self.parts], "low": list(self.low),
-                "part_ms": list(self.part_ms), "reasons": list(self.reasons)}
+                "part_ms": list(self.part_ms), "reasons": list(self.reasons), "high": self.high}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Mix":
@@ -68,10 +73,14 @@ class Mix:
         low = tuple(bool(x) for x in d["low"])
         part_ms = tuple(float(x) for x in d.get("part_ms", ()))
         reasons = tuple(str(x) for x in d.get("reasons", ()))
+        high = str(d.get("high", "fp32"))
         if len(parts) != len(low) or any(len(x) not in (0, len(parts)) for x in (part_ms, reasons)):
             raise DIOEError(f"a mixed-precision record names {len(parts)} parts but {len(low)} precisions, "
                             f"{len(part_ms)} times and {len(reasons)} reasons")
-        return cls(Choice.parse(d["option"]), parts, low, part_ms, reasons)
+        if high not in HIGH:
+            raise DIOEError(f"a mixed-precision record's higher precision must be one of {', '.join(HIGH)}; got "
+                            f"{high!r}")
+        return cls(Choice.parse(d["option"]), parts, low, part_ms, reasons, high)
 
 
 def cut(job: Job, fp32: Choice, n: int) -> tuple[tuple[str, ...], ...]:
@@ -93,7 +102,7 @@ def cut(job: Job, fp32: Choice, n: int) -> tuple[tuple[str, ...], ...]:
 
 
 def mixed_plan(job: Job, mix: Mix) -> Plan:
-    """The plan that runs each part of `mix` as one partition on the option's member and engine, low or fp32;
+    """The plan that runs each part of `mix` as one partition on the option's member and engine, low or high;
     neighbours at the same precision stay apart, so that every mix runs the same compiled engines. Each part's
     forecast is its measured time at its precision where the search measured it, else the profile's fp32 sum."""
     fp32 = replace(mix.option, precision="fp32")
@@ -106,7 +115,7 @@ def mixed_plan(job: Job, mix: Mix) -> Plan:
         ms = mix.part_ms[i] if mix.part_ms else \
             run_as_one_ms([job.profile.times[x][fp32].median_ms for x in ids], fp32)
         parts.append(PlanPartition(f"p{i}", ids, nodes, fp32.member, fp32.backend,
-                                   mix.option.precision if low else "fp32", len(nodes),
+                                   mix.option.precision if low else mix.high, len(nodes),
                                    round(sum(s.cost.flops for s in ss) / 1e9, 4), round_ms(ms),
                                    reason=mix.reasons[i] if mix.reasons else ""))
     total = round_ms(sum(p.predicted_ms for p in parts))
@@ -127,52 +136,53 @@ def budget_used(report: AccuracyReport) -> float:
     return used
 
 
-def search(job: Job, option: Choice, samples: Samples, budget: Budget,
-           reference: Sequence) -> tuple[Mix | None, AccuracyReport | None, Optimized | None, str]:
-    """The mix of `option` (a lower precision whose whole graph missed the budget) and fp32 found as the module
+def search(job: Job, option: Choice, samples: Samples, budget: Budget, reference: Sequence,
+           high: str = "fp32") -> tuple[Mix | None, AccuracyReport | None, Optimized | None, str]:
+    """The mix of `option` (a lower precision whose whole graph missed the budget) and `high` found as the module
     docstring says: (mix, its report on every held-out sample, the model, what happened); the model is None,
     with the reason, when no part can run low within the budget, or the parts could not be built."""
     parts = cut(job, replace(option, precision="fp32"), job.settings.mixed_parts)
     if len(parts) < 2:
         return None, None, None, "the graph makes one part only: nothing to mix"
-    with _trace.stage("precision: mixed", option=option.label(), parts=len(parts)):
-        low, high, broken = _engines(job, option, parts, samples)
+    none = Mix(option, parts, (False,) * len(parts), high=high)
+    with _trace.stage("precision: mixed", option=none.label(), parts=len(parts)):
+        low, up, broken = _engines(job, none, samples)
         if low is None:
             return None, None, None, broken   # why the parts could not be built
         try:
-            return _greedy(job, option, parts, low, high, budget, reference, [list(x) for x in samples.holdout],
-                           broken)
+            return _greedy(job, none, low, up, budget, reference, [list(x) for x in samples.holdout], broken)
         finally:
             low.runtime.close()
-            high.runtime.close()
+            up.runtime.close()
 
 
-def _greedy(job: Job, option: Choice, parts, low: Optimized, high: Optimized, budget: Budget, reference: Sequence,
+def _greedy(job: Job, none: Mix, low: Optimized, up: Optimized, budget: Budget, reference: Sequence,
             holdout: list, broken: dict[int, str]):
-    """Steps 1-3 of the module docstring over the compiled parts; `broken`: parts whose low engine failed to
-    compile, by index, with why."""
-    n, prec = len(parts), option.precision
-    fp32_ms, low_ms, broken = _times(job, n, low, high, broken)
-    gain = {i: fp32_ms[i] - low_ms[i] for i in low_ms}
+    """Steps 1-3 of the module docstring over the compiled parts, from `none` (no part low); `broken`: parts whose
+    low engine failed to compile, by index, with why."""
+    n, prec, high = len(none.parts), none.option.precision, none.high
+
+    def lowered(chosen) -> Mix:
+        return replace(none, low=tuple(j in chosen for j in range(n)))
+    high_ms, low_ms, broken = _times(job, none, low, up, broken)
+    gain = {i: high_ms[i] - low_ms[i] for i in low_ms}
     rank = max(1, min(RANK_SAMPLES, len(holdout)))
     used: dict[int, float] = {}
     for i in sorted(i for i in gain if gain[i] > 0):
-        got = _judge(job, Mix(option, parts, tuple(j == i for j in range(n))), low, high, budget,
-                     reference[:rank], holdout[:rank])
+        got = _judge(job, lowered({i}), low, up, budget, reference[:rank], holdout[:rank])
         if got is None:
             broken[i] = "fell back to torch while judged"
         else:
             used[i] = budget_used(got)
     if not used:
-        return None, None, None, f"no part ran faster at {prec} than at fp32 on its own" if not broken else \
-            f"no part ran faster at {prec} than at fp32 on its own, or its {prec} engine failed: " + \
+        return None, None, None, f"no part ran faster at {prec} than at {high} on its own" if not broken else \
+            f"no part ran faster at {prec} than at {high} on its own, or its {prec} engine failed: " + \
             "; ".join(f"p{i} {w}" for i, w in broken.items())
     chosen: list[int] = []
     report = None
     # a part that alone spends the whole budget cannot join a mix that keeps it (errors seldom cancel)
     for i in sorted((i for i in used if used[i] < 1), key=lambda i: (used[i] / gain[i], i)):
-        got = _judge(job, Mix(option, parts, tuple(j in chosen or j == i for j in range(n))), low, high, budget,
-                     reference, holdout)
+        got = _judge(job, lowered({*chosen, i}), low, up, budget, reference, holdout)
         if got is not None and got.met:
             chosen.append(i)
             report = got
@@ -181,19 +191,18 @@ def _greedy(job: Job, option: Choice, parts, low: Optimized, high: Optimized, bu
 
     def reason(i: int) -> str:
         if i in broken:
-            return f"fp32: its {prec} engine {broken[i]}"
+            return f"{high}: its {prec} engine {broken[i]}"
         if i in chosen:
             return f"{prec}: alone it used {used[i]:.0%} of the budget, for {show_ms(gain[i])} ms gained"
         if i in used and used[i] >= 1:
-            return f"fp32: at {prec} alone it used {used[i]:.0%} of the budget"
+            return f"{high}: at {prec} alone it used {used[i]:.0%} of the budget"
         if i in used:
-            return (f"fp32: at {prec} it missed the budget with the parts lowered before it (alone it used "
+            return (f"{high}: at {prec} it missed the budget with the parts lowered before it (alone it used "
                     f"{used[i]:.0%} of it, for {show_ms(gain[i])} ms gained)")
-        return f"fp32: not faster at {prec} alone ({show_ms(-gain[i])} ms slower)"
-    mix = Mix(option, parts, tuple(j in chosen for j in range(n)),
-              tuple(round_ms(low_ms[i] if i in chosen else fp32_ms[i]) for i in range(n)),
-              tuple(reason(i) for i in range(n)))
-    return mix, report, _assemble(job, mix, low, high), ""
+        return f"{high}: not faster at {prec} alone ({show_ms(-gain[i])} ms slower)"
+    mix = replace(lowered(chosen), part_ms=tuple(round_ms(low_ms[i] if i in chosen else high_ms[i]) for i in range(n)),
+                  reasons=tuple(reason(i) for i in range(n)))
+    return mix, report, _assemble(job, mix, low, up), ""
 
 
 def rebuild(job: Job, mix: Mix, samples: Samples) -> Optimized | str:
@@ -213,53 +222,55 @@ def rebuild(job: Job, mix: Mix, samples: Samples) -> Optimized | str:
     return opt
 
 
-def _engines(job: Job, option: Choice, parts, samples: Samples):
-    """Every part compiled at `option`'s precision (calibrated) and at fp32, from one build each: (the low model,
-    the fp32 model, the low parts that fell back to torch while compiling, by index, with why); or (None, None,
-    why) when a build failed or an fp32 part fell back (then no mix can run the engines it was timed with)."""
+def _engines(job: Job, none: Mix, samples: Samples):
+    """Every part of `none` compiled at its option's precision (calibrated) and at its high precision, from one
+    build each: (the low model, the high model, the low parts that fell back to torch while compiling, by index,
+    with why); or (None, None, why) when a build failed or a high part fell back (then no mix can run the engines
+    it was timed with)."""
     calib = [list(x) for x in samples.calibrate]
+    every = replace(none, low=(True,) * len(none.parts))
     built = {}
-    for low in (True, False):
-        mix = Mix(option, parts, (low,) * len(parts))
+    for mix in (every, none):
         try:
             # the engines' warnings (a quantizer's pre-processing that failed on a part) are the parts', not the
             # plan's: what falls back is checked below, and a mix that keeps the budget is judged end to end
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                built[low] = building.build(job.captured, mixed_plan(job, mix), job.pool, settings=job.settings,
-                                            objective=job.objective, calibration=calib if low else None)
+                built[mix is every] = building.build(job.captured, mixed_plan(job, mix), job.pool,
+                                                     settings=job.settings, objective=job.objective,
+                                                     calibration=calib if mix is every else None)
         except DIOEError as e:
             for o in built.values():
                 o.runtime.close()
             return None, None, f"its parts could not be built: {str(e)[:300]}"
-    low, high = built[True], built[False]
-    if _fell_back(high, Mix(option, parts, (False,) * len(parts))):
+    low, up = built[True], built[False]
+    if _fell_back(up, none):
         low.runtime.close()
-        high.runtime.close()
-        return None, None, "a part fell back to torch while compiling at fp32"
-    return low, high, {int(pid[1:]): "fell back to torch while compiling"
-                       for pid in _fell_back(low, Mix(option, parts, (True,) * len(parts)))}
+        up.runtime.close()
+        return None, None, f"a part fell back to torch while compiling at {none.high}"
+    return low, up, {int(pid[1:]): "fell back to torch while compiling" for pid in _fell_back(low, every)}
 
 
 def _fell_back(opt: Optimized, mix: Mix) -> list[str]:
     """The partitions of `opt`, built for `mix`, that do not run as `mix` says. Not read from `opt.plan`: the build
     rewrites a partition that failed to compile as the torch partition it became."""
-    want = {f"p{i}": (mix.option.member, mix.option.backend, mix.option.precision if x else "fp32")
+    want = {f"p{i}": (mix.option.member, mix.option.backend, mix.option.precision if x else mix.high)
             for i, x in enumerate(mix.low)}
     return [pid for pid, c in opt.runtime.compiled.items() if (c.member, c.backend, c.precision) != want[pid]]
 
 
-def _times(job: Job, n: int, low: Optimized, high: Optimized, broken: dict[int, str]):
-    """Each part's fp32 and low engines timed side by side on the part's own inputs (mean of the faster half of
-    rounds): (fp32 ms by part, low ms by the parts whose low engine ran, `broken` with those that failed)."""
+def _times(job: Job, none: Mix, low: Optimized, up: Optimized, broken: dict[int, str]):
+    """Each part's high and low engines timed side by side on the part's own inputs (mean of the faster half of
+    rounds): (high ms by part, low ms by the parts whose low engine ran, `broken` with those that failed)."""
     from . import backends as registry
 
     s = job.settings
+    n = len(none.parts)
     broken = dict(broken)
     runs = {}
     for i in range(n):
         pid = f"p{i}"
-        for tag, opt in (("fp32", high), ("low", low)):
+        for tag, opt in (("high", up), ("low", low)):
             c = opt.runtime.compiled[pid]
             if tag == "low" and i in broken:
                 continue
@@ -267,9 +278,10 @@ def _times(job: Job, n: int, low: Optimized, high: Optimized, broken: dict[int, 
                                                               job.pool[c.member])
             try:
                 c(*args)   # a failing engine is out before the timing, which would not survive it
-            except Exception as e:  # noqa: BLE001 -- any engine error: the part stays fp32, and says why
-                if tag == "fp32":
-                    raise DIOEError(f"partition {pid} failed at fp32 while timed: {type(e).__name__}: {e}") from e
+            except Exception as e:  # noqa: BLE001 -- any engine error: the part stays high, and says why
+                if tag == "high":
+                    raise DIOEError(f"partition {pid} failed at {none.high} while timed: {type(e).__name__}: "
+                                    f"{e}") from e
                 broken[i] = f"failed while timed: {type(e).__name__}: {str(e)[:200]}"
                 continue
             # keys carry the engine's label, which the timing reports as it does any contender's
@@ -277,18 +289,18 @@ def _times(job: Job, n: int, low: Optimized, high: Optimized, broken: dict[int, 
     times = timing.side_by_side(runs, (), rounds=s.race_rounds, repeats=s.race_repeats, warm=True,
                                 budget_s=s.timing_budget_s / s.race_rounds / n)
     fast = {k: timing.fast_half(v) for k, v in times.items()}
-    fp32_ms, low_ms = {}, {}
+    high_ms, low_ms = {}, {}
     for k, ms in fast.items():
         pid, label = k.split(" ", 1)
-        (fp32_ms if Choice.parse(label).precision == "fp32" else low_ms)[int(pid[1:])] = ms
-    return fp32_ms, low_ms, broken
+        (low_ms if Choice.parse(label).precision == none.option.precision else high_ms)[int(pid[1:])] = ms
+    return high_ms, low_ms, broken
 
 
-def _judge(job: Job, mix: Mix, low: Optimized, high: Optimized, budget: Budget, reference: Sequence,
+def _judge(job: Job, mix: Mix, low: Optimized, up: Optimized, budget: Budget, reference: Sequence,
            inputs: Sequence) -> AccuracyReport | None:
     """`mix`, assembled from the compiled parts, judged on `inputs` against `reference`; None when a part fell
     back to torch on the way (its outputs would be torch's fp32, not the mix's)."""
-    opt = _assemble(job, mix, low, high)
+    opt = _assemble(job, mix, low, up)
     try:
         with torch.inference_mode():
             got = [tuple(opt.runtime.run(x)) for x in inputs]
@@ -297,9 +309,9 @@ def _judge(job: Job, mix: Mix, low: Optimized, high: Optimized, budget: Budget, 
         opt.runtime.close()
 
 
-def _assemble(job: Job, mix: Mix, low: Optimized, high: Optimized) -> Optimized:
+def _assemble(job: Job, mix: Mix, low: Optimized, up: Optimized) -> Optimized:
     """The model that runs each part of `mix` on the engine already compiled for its precision."""
-    compiled = {f"p{i}": (low if x else high).runtime.compiled[f"p{i}"] for i, x in enumerate(mix.low)}
+    compiled = {f"p{i}": (low if x else up).runtime.compiled[f"p{i}"] for i, x in enumerate(mix.low)}
     keys = {p.id: p.calibration for p in low.plan.partitions}
     plan = mixed_plan(job, mix)
     plan = replace(plan, partitions=tuple(replace(p, calibration=keys[p.id] if x else None)

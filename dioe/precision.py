@@ -93,36 +93,44 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         reused = _reuse(opt, job, verdict, samples)
         if reused is not None:
             return reused
-    reference = eager_outputs(job, holdout)
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
              f"({samples.source} inputs) against fp32 eager; calibrated on {len(samples.calibrate)} others"]
-    fp32_report = evaluate(budget, reference, _outputs(opt, holdout))
     # a candidate that does not race faster than the fp32 plan loses whatever its accuracy: judging it (64 held-out
     # inputs through it) would only cost time
-    tried, fast_ones = screen(opt, job, options, samples)
+    tried, fast_ones, speed = screen(opt, job, options, samples)
+    reference = eager_outputs(job, holdout)
     missed: dict[str, Optimized] = {}
     built: dict[str, Optimized] = {}
-    for label, cand in fast_ones.items():
+    # fastest first: once one meets the budget, those that raced clearly slower cannot win the final race, and
+    # judging them (or mixing them) would only cost time
+    for label in sorted(fast_ones, key=speed.get):
+        cand, met = fast_ones[label], min((speed[k] for k in built), default=None)
+        if met is not None and speed[label] > met * (1 + s.race_close):
+            cand.runtime.close()
+            tried.append(Candidate(Choice.parse(label), None, f"not judged: raced {speed[label] / met:.2f}x the time "
+                                   f"of {_fastest(built, speed)}, which met the budget"))
+            continue
         tried.append(_judge_built(Choice.parse(label), cand, budget, reference, holdout, built, missed))
-    tried += mix(job, missed, built, samples, budget, reference)
+    tried += mix(job, missed, built, samples, budget, reference, speed)
     notes += [f"{c.label}: {c.why}" for c in tried if c.why]
 
-    def record(fast: dict, winner: str) -> PrecisionRecord:
-        rec = PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, winner)
-        verdict.save(rec, notes)
-        return rec
+    def keep_fp32(fast: dict) -> Optimized:
+        # the fp32 plan's own agreement is measured only where it stays the plan; elsewhere the winner's is reported
+        fp32_report = evaluate(budget, reference, _outputs(opt, holdout))
+        opt.precision_search = PrecisionRecord(budget, samples.source, tuple(tried), fp32_report, fast, FP32)
+        verdict.save(opt.precision_search, notes)
+        return _keep_fp32(opt, fp32_report, notes)
     if not built:
         notes.append("no lower precision both gained over the fp32 plan and met the budget on this machine; the plan "
                      "stays fp32")
-        opt.precision_search = record({}, FP32)
-        return _keep_fp32(opt, fp32_report, notes)
+        return keep_fp32({})
     best, fast, med, said = pick(opt, built, job)
     notes += said
     if best == FP32:
-        opt.precision_search = record(fast, FP32)
-        return _keep_fp32(opt, fp32_report, notes)
+        return keep_fp32(fast)
     won = next(c for c in tried if c.label == best)
-    rec = record(fast, best)
+    rec = PrecisionRecord(budget, samples.source, tuple(tried), None, fast, best)
+    verdict.save(rec, notes)
     return _promote(opt, built[best], won, fast, med, notes, rec)
 
 
@@ -174,10 +182,15 @@ def _judge_built(option: Choice, cand: Optimized, budget: Budget, reference: Seq
     return Candidate(option, report, why)
 
 
+def _fastest(labels: Iterable[str], speed: dict[str, float]) -> str:
+    return min(labels, key=speed.get)
+
+
 def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
-           samples: Samples) -> tuple[list[Candidate], dict[str, Optimized]]:
+           samples: Samples) -> tuple[list[Candidate], dict[str, Optimized], dict[str, float]]:
     """Build every option (calibrated) and race it against `fp32` (the fp32 plan): those that gain `split_margin`
-    go on to be judged, by label; the others are out, closed, each saying why."""
+    go on to be judged, by label; the others are out, closed, each saying why. Also each one's time over the fp32
+    plan's in the race it was timed in, by label."""
     s = job.settings
     tried: list[Candidate] = []
     built: dict[str, Optimized] = {}
@@ -188,7 +201,7 @@ def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
         else:
             built[option.label()] = cand
     if not built:
-        return tried, {}
+        return tried, {}, {}
     fast, _ = _race({FP32: fp32, **built}, job, s.race_rounds)
     vs = {k: (v, fast[FP32]) for k, v in fast.items()}   # each candidate's time and the fp32 plan's, same race
     bar = 1 - s.split_margin
@@ -214,23 +227,37 @@ def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
             continue
         cand.runtime.close()
         tried.append(Candidate(Choice.parse(label), None, why))
-    return tried, keep
+    return tried, keep, {k: t / t32 for k, (t, t32) in vs.items()}
 
 
 def mix(job: Job, missed: dict[str, Optimized], built: dict[str, Optimized], samples: Samples, budget: Budget,
-        reference: Sequence) -> list[Candidate]:
+        reference: Sequence, speed: dict[str, float]) -> list[Candidate]:
     """For each lower precision whose whole graph raced faster than the fp32 plan but missed the budget (`missed`,
-    by label, closed here), the mix of it and fp32 over parts of the graph that meets it (`dioe.mixed`), added to
-    `built` by label; what each search found."""
+    by label, closed here), the mix of it and a higher precision over parts of the graph that meets it
+    (`dioe.mixed`), added to `built` by label; what each search found. The higher precision is the fastest 16-bit
+    float of the same member and engine that met the budget whole, else fp32. `speed`: each label's time over the
+    fp32 plan's, as screened."""
     out = []
-    for label, whole in missed.items():
+    margin = job.settings.split_margin
+    for label, whole in sorted(missed.items(), key=lambda kv: speed[kv[0]]):
         whole.runtime.close()
         if job.settings.mixed_parts < 2:
             continue
         option = Choice.parse(label)
-        found, report, opt, why = mixed.search(job, option, samples, budget, reference)
+        # a mix runs no faster than its whole graph low: one that cannot beat what already met the budget is out
+        met = [k for k in built if speed.get(k) is not None]
+        first = _fastest(met, speed) if met else None
+        if first and speed[label] > speed[first] * (1 - margin):
+            out.append(Candidate(option, None, f"not mixed: its whole graph raced {speed[label] / speed[first]:.2f}x "
+                                 f"the time of {first}, which met the budget whole"))
+            continue
+        high = min((Choice.parse(k) for k in met if Choice.parse(k).precision in ("bf16", "fp16")
+                    and (Choice.parse(k).member, Choice.parse(k).backend) == (option.member, option.backend)),
+                   key=lambda c: speed[c.label()], default=None)
+        high = high.precision if high else "fp32"
+        found, report, opt, why = mixed.search(job, option, samples, budget, reference, high=high)
         if opt is None:
-            out.append(Candidate(option, None, f"mixed with fp32: {why}"))
+            out.append(Candidate(option, None, f"mixed with {high}: {why}"))
             continue
         built[found.label()] = opt
         out.append(Candidate(option, report, "", found))

@@ -46,13 +46,15 @@ class PrecisionRecord:
     budget: Budget
     source: str                                  # "given" or "generated" calibration and held-out inputs
     candidates: tuple[Candidate, ...]
-    fp32: AccuracyReport                         # the fp32 winner on the same held-out samples
+    # the fp32 plan on the same held-out samples, where it won; None where a lower precision did (its report is
+    # the plan's, and the fp32 plan's would cost 64 more calls for nothing the plan shows)
+    fp32: AccuracyReport | None
     fast_ms: dict[str, float]                    # contender -> mean of its faster half of rounds ("fp32 plan", labels)
     winner: str                                  # "fp32 plan" or the winning option's label
     reused: str | None = None                    # the verdict file a warm optimize took this from, if it did
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "winner": self.winner, "fp32": self.fp32.to_dict(), "fast_ms": self.fast_ms,
+        return {"source": self.source, "winner": self.winner, "fp32": self.fp32 and self.fp32.to_dict(), "fast_ms": self.fast_ms,
                 "candidates": [{"option": c.option.label(), "why": c.why,
                                 "report": c.report.to_dict() if c.report else None,
                                 **({"mix": c.mix.to_dict()} if c.mix else {})} for c in self.candidates]}
@@ -63,7 +65,7 @@ class PrecisionRecord:
                                                         AccuracyReport.from_dict(c["report"]), c["why"],
                                                         Mix.from_dict(c["mix"]) if c.get("mix") else None)
                                               for c in d["candidates"]),
-                   AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
+                   d["fp32"] and AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
                    str(d["winner"]), reused)
 
     @property
