@@ -60,7 +60,7 @@ class Mix:
 
     def label(self) -> str:
         low = [f"p{i}" for i, x in enumerate(self.low) if x]
-        rest = "" if self.high == "fp32" else f", the rest {self.high}"
+        rest = "" if self.high == "fp32" else f" (rest {self.high})"
         return f"{self.option.label()} on {'+'.join(low) or 'none'} of {len(self.parts)} parts{rest}"
 
     def to_dict(self) -> dict:
@@ -145,12 +145,14 @@ def search(job: Job, option: Choice, samples: Samples, budget: Budget, reference
     if len(parts) < 2:
         return None, None, None, "the graph makes one part only: nothing to mix"
     none = Mix(option, parts, (False,) * len(parts), high=high)
-    with _trace.stage("precision: mixed", option=none.label(), parts=len(parts)):
+    with _trace.stage("precision: mixed", option=option.label(), high=high, parts=len(parts)):
         low, up, broken = _engines(job, none, samples)
         if low is None:
             return None, None, None, broken   # why the parts could not be built
         try:
             return _greedy(job, none, low, up, budget, reference, [list(x) for x in samples.holdout], broken)
+        except DIOEError as e:   # a high part failed while timed: no mix can run without it
+            return None, None, None, str(e)[:300]
         finally:
             low.runtime.close()
             up.runtime.close()

@@ -1,15 +1,17 @@
 """Precision policies: after the fp32 race, try the whole graph at the lower precisions each engine really runs on
 its member (int8 through NNCF, ONNX Runtime's quantizer or PT2E for Inductor, bf16 through an engine's own hint or
 torch's autocast): race each against the fp32 winner, judge those that gain on held-out samples against the
-accuracy budget, try those that miss it mixed with fp32 (`dioe.mixed`), and race what meets it again.
+accuracy budget, try those that miss it mixed with a higher precision (`dioe.mixed`), and race what meets it
+again.
 
     >>> opt = dioe.optimize(model, inputs, precision="auto", accuracy=dioe.Budget(cosine=0.999))  # doctest: +SKIP
     >>> opt.plan.partitions[0].precision, opt.plan.accuracy["met"]                               # doctest: +SKIP
     ('int8', True)
 
-Every candidate that races faster is judged against fp32 eager on samples held apart from those it was calibrated
-on; the plan keeps the report (each metric's estimate, its confidence bound and the worst sample), and says why a
-lower precision was not kept where it was not.
+Candidates that race faster are judged, fastest first, against fp32 eager on samples held apart from those they
+were calibrated on (one clearly slower than a candidate that already met the budget is not); the plan keeps the
+report (each metric's estimate, its confidence bound and the worst sample), and says why a lower precision was not
+kept where it was not.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     # judging them (or mixing them) would only cost time
     for label in sorted(fast_ones, key=speed.get):
         cand, met = fast_ones[label], min((speed[k] for k in built), default=None)
-        if met is not None and speed[label] > met * (1 + s.race_close):
+        if met is not None and speed[label] > met * (1 + s.race_close) and not _may_be_high(label, missed):
             cand.runtime.close()
             tried.append(Candidate(Choice.parse(label), None, f"not judged: raced {speed[label] / met:.2f}x the time "
                                    f"of {_fastest(built, speed)}, which met the budget"))
@@ -186,6 +188,14 @@ def _fastest(labels: Iterable[str], speed: dict[str, float]) -> str:
     return min(labels, key=speed.get)
 
 
+def _may_be_high(label: str, missed: Iterable[str]) -> bool:
+    """Whether `label` is a 16-bit float that a faster candidate of the same member and engine, which missed the
+    budget, could be mixed with (`mix`): then it is judged whatever its speed."""
+    c = Choice.parse(label)
+    return c.precision in mixed.HIGH[1:] and any(
+        (m.member, m.backend) == (c.member, c.backend) for m in map(Choice.parse, missed))
+
+
 def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
            samples: Samples) -> tuple[list[Candidate], dict[str, Optimized], dict[str, float]]:
     """Build every option (calibrated) and race it against `fp32` (the fp32 plan): those that gain `split_margin`
@@ -235,8 +245,9 @@ def mix(job: Job, missed: dict[str, Optimized], built: dict[str, Optimized], sam
     """For each lower precision whose whole graph raced faster than the fp32 plan but missed the budget (`missed`,
     by label, closed here), the mix of it and a higher precision over parts of the graph that meets it
     (`dioe.mixed`), added to `built` by label; what each search found. The higher precision is the fastest 16-bit
-    float of the same member and engine that met the budget whole, else fp32. `speed`: each label's time over the
-    fp32 plan's, as screened."""
+    float of the same member and engine that met the budget whole, else (or where that finds no mix) fp32. One whose
+    whole graph did not race `split_margin` faster than a candidate that met the budget is not mixed: a mix is
+    slower than its whole graph. `speed`: each label's time over the fp32 plan's, as screened."""
     out = []
     margin = job.settings.split_margin
     for label, whole in sorted(missed.items(), key=lambda kv: speed[kv[0]]):
@@ -249,15 +260,20 @@ def mix(job: Job, missed: dict[str, Optimized], built: dict[str, Optimized], sam
         first = _fastest(met, speed) if met else None
         if first and speed[label] > speed[first] * (1 - margin):
             out.append(Candidate(option, None, f"not mixed: its whole graph raced {speed[label] / speed[first]:.2f}x "
-                                 f"the time of {first}, which met the budget whole"))
+                                 f"the time of {first}, which met the budget whole, and a mix must gain "
+                                 f"{margin:.0%} on it"))
             continue
-        high = min((Choice.parse(k) for k in met if Choice.parse(k).precision in ("bf16", "fp16")
-                    and (Choice.parse(k).member, Choice.parse(k).backend) == (option.member, option.backend)),
+        high = min((c for c in map(Choice.parse, met) if c.precision in mixed.HIGH[1:]
+                    and (c.member, c.backend) == (option.member, option.backend)),
                    key=lambda c: speed[c.label()], default=None)
-        high = high.precision if high else "fp32"
-        found, report, opt, why = mixed.search(job, option, samples, budget, reference, high=high)
+        # with fp32 as the rest too where the 16-bit float's mix found nothing: its own error leaves the int8 parts
+        # less of the budget, and one of its engines may fail where fp32's does not
+        for rest in dict.fromkeys((high.precision if high else "fp32", "fp32")):
+            found, report, opt, why = mixed.search(job, option, samples, budget, reference, high=rest)
+            if opt is not None:
+                break
+            out.append(Candidate(option, None, f"mixed with {rest}: {why}"))
         if opt is None:
-            out.append(Candidate(option, None, f"mixed with {high}: {why}"))
             continue
         built[found.label()] = opt
         out.append(Candidate(option, report, "", found))

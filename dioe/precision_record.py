@@ -32,7 +32,7 @@ class Candidate:
     option: Choice
     report: AccuracyReport | None      # None: it could not be built
     why: str = ""                      # why it is out, if it is
-    mix: Mix | None = None             # a mix of `option` and fp32 over parts of the graph, else the whole graph
+    mix: Mix | None = None             # a mix of `option` and a higher precision over parts, else the whole graph
 
     @property
     def label(self) -> str:
@@ -54,13 +54,16 @@ class PrecisionRecord:
     reused: str | None = None                    # the verdict file a warm optimize took this from, if it did
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "winner": self.winner, "fp32": self.fp32 and self.fp32.to_dict(), "fast_ms": self.fast_ms,
+        return {"source": self.source, "winner": self.winner, "fp32": self.fp32 and self.fp32.to_dict(),
+                "fast_ms": self.fast_ms,
                 "candidates": [{"option": c.option.label(), "why": c.why,
                                 "report": c.report.to_dict() if c.report else None,
                                 **({"mix": c.mix.to_dict()} if c.mix else {})} for c in self.candidates]}
 
     @classmethod
     def from_dict(cls, d: dict, budget: Budget, reused: str) -> "PrecisionRecord":
+        if d["winner"] == FP32 and d["fp32"] is None:
+            raise DIOEError("the fp32 plan won but the record has no accuracy report for it")
         return cls(budget, d["source"], tuple(Candidate(Choice.parse(c["option"]), c["report"] and
                                                         AccuracyReport.from_dict(c["report"]), c["why"],
                                                         Mix.from_dict(c["mix"]) if c.get("mix") else None)
@@ -75,6 +78,11 @@ class PrecisionRecord:
 
 
 # -- the verdict of an earlier precision search ------------------------------------------------------------------------
+# What the search does with the same inputs; a verdict cached by an earlier way of searching is searched again.
+# 2: judged fastest first, int8 mixed with the bf16 that met the budget.
+SEARCH_VERSION = 2
+
+
 class Verdict:
     """What the precision stage decided for one fp32 plan, budget, precision cap, candidate list and set of
     calibration and held-out inputs, cached beside the profile: a warm optimize then judges nothing again (64
@@ -85,7 +93,8 @@ class Verdict:
                  options: Sequence[Choice]):
         key = repr(([(p.nodes, p.member, p.backend, p.precision) for p in opt.plan.partitions], precision,
                     repr(budget), fingerprint(samples.calibrate), fingerprint(samples.holdout),
-                    [o.label() for o in options], job.settings.split_margin, job.settings.mixed_parts)).encode()
+                    [o.label() for o in options], job.settings.split_margin, job.settings.race_close,
+                    job.settings.mixed_parts, SEARCH_VERSION)).encode()
         self.key = hashlib.blake2b(key, digest_size=8).hexdigest()
         self.budget = budget
         self.path = cache_root(cache_dir) / "profiles" / \

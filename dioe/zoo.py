@@ -14,10 +14,8 @@ inputs to calibrate int8 on: real sentences for the text models where a tokenize
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import itertools
-import logging
 import os
 from typing import Callable, Literal
 
@@ -36,24 +34,13 @@ def _need_transformers():
 
     # building a model imports transformers' quantizers, which import torchao where it is installed (the
     # `inductor` extra); torchao then warns about each GPU kernel library it cannot load on this machine
-    with _loggers_at_error("torchao", "torch.utils._pytree"):
+    from .backend import quiet
+
+    with quiet("torchao", "torch.utils._pytree"):
         import transformers.quantizers  # noqa: F401
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
-
-
-@contextlib.contextmanager
-def _loggers_at_error(*names: str):
-    found = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in found]
-    for lg in found:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(found, levels):
-            lg.setLevel(level)
 
 
 _TEXT_SEQ = 128  # the sequence length of bert-base, gpt2 and minilm examples

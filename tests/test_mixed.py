@@ -224,7 +224,7 @@ def test_int8_mixes_with_bf16_where_bf16_met_the_budget_whole(tmp_path, monkeypa
     assert by["inductor@cpu0/int8"].why.startswith("misses the budget"), by
     assert by["inductor@cpu0/bf16"].report.met, by
     mix = next(c for c in by.values() if c.mix)
-    assert mix.mix.high == "bf16" and mix.label.endswith("of 2 parts, the rest bf16"), mix
+    assert mix.mix.high == "bf16" and mix.label.endswith("of 2 parts (rest bf16)"), mix
     assert opt.precision_search.winner == mix.label, opt.plan.summary()
     parts = opt.plan.partitions
     assert sorted(p.precision for p in parts) == ["bf16", "int8"], opt.plan.summary()
@@ -291,3 +291,20 @@ def test_a_mix_record_round_trips_and_a_bad_one_is_a_clear_error():
                              report, {FP32: 2.0, m.label(): 1.0}, m.label())
     again = PrecisionRecord.from_dict(record.to_dict(), record.budget, "verdict.json")
     assert again == replace(record, reused="verdict.json") and again.candidates[1].label == m.label()
+    # the rest at bf16; a low precision that won keeps no fp32 report, and the fp32 plan cannot win without one
+    bf = replace(m, high="bf16")
+    assert mixed.Mix.from_dict(bf.to_dict()) == bf and bf.label() == "openvino@cpu0/int8 on p0 of 2 parts (rest bf16)"
+    with pytest.raises(dioe.DIOEError, match="higher precision must be one of fp32, bf16, fp16; got 'int8'"):
+        mixed.Mix.from_dict({**m.to_dict(), "high": "int8"})
+    won = replace(record, fp32=None)
+    assert PrecisionRecord.from_dict(won.to_dict(), record.budget, "v.json") == replace(won, reused="v.json")
+    with pytest.raises(dioe.DIOEError, match="the fp32 plan won but the record has no accuracy report"):
+        PrecisionRecord.from_dict(replace(won, winner=FP32).to_dict(), record.budget, "v.json")
+
+
+def test_a_16_bit_float_that_a_missed_int8_of_its_engine_could_mix_with_is_judged_whatever_its_speed():
+    from dioe.precision import _may_be_high
+    assert _may_be_high("openvino@cpu0/bf16", ["openvino@cpu0/int8"])
+    assert not _may_be_high("openvino@cpu0/bf16", ["onnxruntime@cpu0/int8"])   # another engine: no mix
+    assert not _may_be_high("torch@cpu0/bf16", [])
+    assert not _may_be_high("onnxruntime@cpu0/int8", ["onnxruntime@cpu0/int8"])

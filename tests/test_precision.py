@@ -29,8 +29,9 @@ needs_int8_engine = pytest.mark.skipif(not AVAILABLE, reason="needs onnxruntime 
 # (torch autocast, tiny-bert) >= 0.99999 and <= 0.005. OpenVINO's bf16 runs every float op in bf16 and could not
 # run here (no bf16 on this CPU): it gets the 0.05 that test_backends allows it. On an AVX-512 CPU with VNNI,
 # OpenVINO also runs tiny-bert's attention in int8, and its pooled output's cosine fell to 0.9900 on one input
-# (relative error 0.18), hence 0.98.
-MIN_COSINE = 0.98
+# (relative error 0.18), hence 0.98 for that pair.
+MIN_COSINE = 0.99
+MIN_COSINE_INT8 = {("openvino", "tiny-bert"): 0.98}
 MAX_REL = {"int8": 0.2, "bf16": 0.05}
 # What each engine reports running, per model: tiny-bert's attention (activation x activation matmuls) stays
 # float in both engines, so its partition runs a mix.
@@ -113,7 +114,7 @@ def member(tmp_path_factory):
     return m
 
 
-def _check_against_eager(name, model, compiled, g, inputs, precision):
+def _check_against_eager(name, model, compiled, g, inputs, precision, min_cosine=MIN_COSINE):
     for k, x in enumerate(inputs):
         expected = eager(model, x)
         got = g.unflatten_outputs(compiled(*x))
@@ -123,7 +124,7 @@ def _check_against_eager(name, model, compiled, g, inputs, precision):
             e, a = e.double().flatten(), a.double().flatten()
             cos = torch.nn.functional.cosine_similarity(e, a, dim=0).item()
             rel = ((a - e).abs().max() / e.abs().max()).item()
-            assert cos >= MIN_COSINE and rel <= MAX_REL[precision], \
+            assert cos >= min_cosine and rel <= MAX_REL[precision], \
                 f"{name} {precision}, input {k}, output {i}: cosine {cos:.5f}, relative error {rel:.3f}"
 
 
@@ -137,7 +138,8 @@ def test_int8_matches_fp32_and_says_what_it_quantized(backend, name, member):
     assert compiled.precision == "int8" and compiled.applied in want, compiled.notes
     assert compiled.notes["quantized_ops"] > 0, compiled.notes
     assert ".int8." in compiled.artifact, compiled.artifact
-    _check_against_eager(name, model, compiled, g, _samples(g.example_inputs, 4, 2), "int8")
+    _check_against_eager(name, model, compiled, g, _samples(g.example_inputs, 4, 2), "int8",
+                         MIN_COSINE_INT8.get((backend, name), MIN_COSINE))
 
 
 @needs_int8_engine
