@@ -79,6 +79,21 @@ def test_ratios_compare_within_a_precision_class():
     assert "| m | 10.00 | openvino-f32 | 10.00 | 8.00 | **0.80** | - | +5.0% (bare 7.60 ms) |" in md
 
 
+def test_zoo_wide_precision_figures_are_geometric_means_per_batch():
+    from dioe.bench.report import geomeans
+    results = {"models": [
+        {"model": "a", "batches": {"1": {"engines": {"dioe-auto": {"speedup_over_openvino_default": 2.0,
+                                                                   "speedup_over_eager": 4.0}}},
+                                   "8": {"engines": {"dioe-auto": {"speedup_over_openvino_default": 1.5}}}}},
+        {"model": "b", "batches": {"1": {"engines": {"dioe-auto": {"speedup_over_openvino_default": 0.5,
+                                                                   "paired_over_openvino_default": 0.8,
+                                                                   "speedup_over_eager": 9.0}}}}}]}
+    assert geomeans(results) == ["batch 1, dioe-auto over OpenVINO's default: 1.00x (2 models)",
+                                 "batch 1, dioe-auto over OpenVINO's default, paired: 0.80x (1 models)",
+                                 "batch 1, dioe-auto over torch eager: 6.00x (2 models)",
+                                 "batch 8, dioe-auto over OpenVINO's default: 1.50x (1 models)"]
+
+
 def test_the_paired_ratio_compares_blocks_of_the_same_round():
     """Two overall medians can pair one engine's quiet rounds with the other's busy ones; the paired ratio divides
     each round's blocks, timed seconds apart, and takes the median of those."""

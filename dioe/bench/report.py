@@ -199,7 +199,26 @@ def precision_table(results: dict) -> list[str]:
         if rows:
             lines += ["", f"Throughput over OpenVINO's default at batch {batch}: " + "; ".join(
                 f"{model} {e} {r['speedup_over_openvino_default']:.2f}x" for model, e, r in rows) + "."]
+    geo = geomeans(results)
+    if geo:
+        lines += ["", "Geometric means over the models where both were measured: " + "; ".join(geo) + "."]
     return lines + [""]
+
+
+def geomeans(results: dict, engine: str = "dioe-auto") -> list[str]:
+    """`engine`'s speed over OpenVINO's default (median and paired) and over torch eager, per batch, as a geometric
+    mean over the models that have both: the zoo-wide figures a precision target is stated in."""
+    out = []
+    for batch in sorted({k for m in results["models"] for k in m["batches"]}, key=int):
+        rows = [m["batches"][batch]["engines"].get(engine) or {} for m in results["models"] if batch in m["batches"]]
+        for key, what in (("speedup_over_openvino_default", "OpenVINO's default"),
+                          ("paired_over_openvino_default", "OpenVINO's default, paired"),
+                          ("speedup_over_eager", "torch eager")):
+            xs = [r[key] for r in rows if r.get(key)]
+            if xs:
+                out.append(f"batch {batch}, {engine} over {what}: {statistics.geometric_mean(xs):.2f}x "
+                           f"({len(xs)} models)")
+    return out
 
 
 def _paired_text(row: dict) -> str:
