@@ -5,6 +5,9 @@ import json
 import subprocess
 import time
 
+import torch
+
+import dioe
 from dioe.bench import (ENGINES, FP32_ENGINES, Canary, canary_text, derive, markdown, merge_roofs, paired_ratio, ratio_changes,
                         reproducibility)
 
@@ -77,6 +80,24 @@ def test_ratios_compare_within_a_precision_class():
     assert rows["openvino-default"]["roof_fraction"] == round(10.0 / 0.004 / 400.0, 3)
     md = markdown(results)
     assert "| m | 10.00 | openvino-f32 | 10.00 | 8.00 | **0.80** | - | +5.0% (bare 7.60 ms) |" in md
+
+
+def test_accuracy_is_judged_by_the_budget_optimize_picks_for_the_output():
+    """A model returning one named hidden state (batch, seq, width) is judged by cosine and relative L2, as
+    optimize judges it, not by argmax agreement as a bare 3-D tensor would be."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from dioe.bench.measurement import _accuracy
+
+    class Hidden(torch.nn.Module):
+        def forward(self, x):
+            return BaseModelOutput(last_hidden_state=x * 2)
+    x = torch.randn(1, 4, 8)
+    model = Hidden().eval()
+    captured = dioe.capture(model, (x,))
+    held_out = [(torch.randn(1, 4, 8),) for _ in range(4)]
+    row = _accuracy({"dioe": (lambda *a: model(*a), None)}, captured, held_out)["dioe"]
+    assert row["budget"].startswith("cosine>=0.999, rel_l2<=0.05") and row["met"] and "top1" not in row, row
 
 
 def test_zoo_wide_precision_figures_are_geometric_means_per_batch():

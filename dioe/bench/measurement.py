@@ -75,7 +75,9 @@ def _accuracy(built: dict, captured, held_out: list[tuple]) -> dict[str, dict]:
     flat_in = [tuple(captured.flatten_inputs(tuple(x), {})) for x in held_out]
     with torch.no_grad():
         reference = [tuple(captured.gm(*x)) for x in flat_in]
-    budget = Budget.default_for(reference[0])
+    # by the model's own output, names kept, as optimize picks it: a bare tuple would read a model's one hidden
+    # state, (batch, seq, width), as token logits and judge it by argmax
+    budget = Budget.default_for(captured.unflatten_outputs(reference[0]))
     out = {}
     for engine, (fn, _) in built.items():
         if engine in ("torch", PARTS):
