@@ -134,10 +134,9 @@ class InductorBackend(Backend):
             x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
         # export traces with autograd on, which refuses inference tensors: a partition past the first gets its
         # example inputs from the graph before it, computed in inference mode
-        with torch.inference_mode(False):
+        with quiet("torch.utils._pytree"), torch.inference_mode(False):
             example = tuple(x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
                             for x in part.example_inputs)
-        with quiet("torch.utils._pytree"), torch.inference_mode(False):
             exported = torch.export.export(part.gm, example, strict=False).module()
             prepared = prepare_pt2e(exported, quantizer)
         observers = _observers(prepared, UniformQuantizationObserverBase)

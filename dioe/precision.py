@@ -106,11 +106,11 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     # fastest first: once one meets the budget, those that raced clearly slower cannot win the final race, and
     # judging them (or mixing them) would only cost time
     for label in sorted(fast_ones, key=speed.get):
-        cand, met = fast_ones[label], min((speed[k] for k in built), default=None)
-        if met is not None and speed[label] > met * (1 + s.race_close) and not _may_be_high(label, missed):
+        cand, first = fast_ones[label], _fastest(built, speed) if built else None
+        if first and speed[label] > speed[first] * (1 + s.race_close) and not _may_be_high(label, missed):
             cand.runtime.close()
-            tried.append(Candidate(Choice.parse(label), None, f"not judged: raced {speed[label] / met:.2f}x the time "
-                                   f"of {_fastest(built, speed)}, which met the budget"))
+            tried.append(Candidate(Choice.parse(label), None, f"not judged: raced {speed[label] / speed[first]:.2f}x "
+                                   f"the time of {first}, which met the budget"))
             continue
         tried.append(_judge_built(Choice.parse(label), cand, budget, reference, holdout, built, missed))
     tried += mix(job, missed, built, samples, budget, reference, speed)
@@ -188,12 +188,16 @@ def _fastest(labels: Iterable[str], speed: dict[str, float]) -> str:
     return min(labels, key=speed.get)
 
 
+def _rest_for(low: Choice, c: Choice) -> bool:
+    """Whether `c` could run the parts of a mix of `low` that stay out of it: a 16-bit float on the same member and
+    engine."""
+    return c.precision in mixed.HIGH[1:] and (c.member, c.backend) == (low.member, low.backend)
+
+
 def _may_be_high(label: str, missed: Iterable[str]) -> bool:
     """Whether `label` is a 16-bit float that a faster candidate of the same member and engine, which missed the
     budget, could be mixed with (`mix`): then it is judged whatever its speed."""
-    c = Choice.parse(label)
-    return c.precision in mixed.HIGH[1:] and any(
-        (m.member, m.backend) == (c.member, c.backend) for m in map(Choice.parse, missed))
+    return any(_rest_for(m, Choice.parse(label)) for m in map(Choice.parse, missed))
 
 
 def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
@@ -263,9 +267,8 @@ def mix(job: Job, missed: dict[str, Optimized], built: dict[str, Optimized], sam
                                  f"the time of {first}, which met the budget whole, and a mix must gain "
                                  f"{margin:.0%} on it"))
             continue
-        high = min((c for c in map(Choice.parse, met) if c.precision in mixed.HIGH[1:]
-                    and (c.member, c.backend) == (option.member, option.backend)),
-                   key=lambda c: speed[c.label()], default=None)
+        high = min((c for c in map(Choice.parse, met) if _rest_for(option, c)), key=lambda c: speed[c.label()],
+                   default=None)
         # with fp32 as the rest too where the 16-bit float's mix found nothing: its own error leaves the int8 parts
         # less of the budget, and one of its engines may fail where fp32's does not
         for rest in dict.fromkeys((high.precision if high else "fp32", "fp32")):
