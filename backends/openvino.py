@@ -25,11 +25,14 @@ import contextlib
 import importlib.util
 import json
 import signal
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -41,7 +44,8 @@ from ..files import private_dir, write_text
 from ..integrity import check_folder, mark, seal_folder
 from ..masking import guarded_partition
 from ..pool import Member
-from ..quantization import Calibration, CalibrationKey, applied, artifact_key, missing, u8s8_saturates
+from ..quantization import (Calibration, CalibrationKey, applied, artifact_key, check_calibration, missing,
+                            u8s8_saturates)
 from ..settings import openvino_telemetry
 
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -103,6 +107,7 @@ class OpenvinoBackend(Backend):
     def __init__(self, cache_dir=None):
         super().__init__(cache_dir)
         self._core = None
+        self._pending: dict[str, _NncfChild] = {}   # int8 IR path -> NNCF running for it (`prepare`)
 
     @property
     def core(self):
@@ -192,9 +197,27 @@ class OpenvinoBackend(Backend):
                                lambda p: ov.save_model(model, str(p), compress_to_fp16=False))  # fp32 stays fp32
         return model, str(xml)
 
-    def quantize(self, part: Partition, member: Member, calibration: Calibration | None):
-        """`part`'s converted model quantized to int8 by NNCF, or read from the cache, with its IR's path and
-        how it was built. Keyed by the recipe and the calibration data."""
+    def prepare(self, part: Partition, member: Member, precision: str = "fp32", *, calibration=None) -> bool:
+        """int8: start NNCF on `part` in its own process now; `quantize` collects it. NNCF spends its time in
+        OpenVINO's inference and in its own graph work, and the candidates built meanwhile overlap it."""
+        if precision != "int8" or calibration is None or isinstance(calibration, CalibrationKey):
+            return False
+        try:
+            part = guarded_partition(part)  # as `compile` hands it over
+            xml, job, _ = self._nncf_job(part, member, check_calibration(part, calibration))
+            if job is not None and str(xml) not in self._pending:
+                self._pending[str(xml)] = _NncfChild(part, *job)
+            return job is not None
+        except Exception:  # noqa: BLE001 - compile meets the same failure and reports it
+            return False
+
+    def release_prepared(self) -> None:
+        while self._pending:
+            self._pending.popitem()[1].close()
+
+    def _nncf_job(self, part: Partition, member: Member, calibration: Calibration | CalibrationKey | None):
+        """The path of `part`'s int8 IR, with NNCF's job and samples for building it, or None where the cache has
+        it (or, `calibration` being a key, where it cannot be built); and how it is built (`notes`)."""
         if calibration is None:
             raise BackendError(f"partition {part.id}: int8 with OpenVINO is NNCF post-training quantization, "
                                "which needs calibration data: pass calibration=[input tuples shaped like its "
@@ -221,16 +244,29 @@ class OpenvinoBackend(Backend):
         keyed = isinstance(calibration, CalibrationKey)
         notes = {"recipe": recipe, "calibration_samples": 0 if keyed else len(calibration)}
         xml = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.xml"
-        if reuse(xml, "int8 OpenVINO IR"):
-            return self.core.read_model(str(xml)), str(xml), notes
-        if keyed:
-            raise missing(part, calibration, "OpenVINO")
+        if reuse(xml, "int8 OpenVINO IR") or keyed:
+            return xml, None, notes
         model, fp32_xml = self.convert(part)
         order = [i for _, i in part.input_order([p.get_any_name() for p in model.inputs], renamed=True)]
         samples = [[host_view(sample[i]) for i in order] for sample in calibration]
         job = {"model": fp32_xml, "model_type": model_type.value if model_type else None, "target": target.value,
                **advanced}
-        write_atomically(self.cache_dir, xml.name, lambda p: _quantize_apart(part, job, samples, p))
+        return xml, (job, samples), notes
+
+    def quantize(self, part: Partition, member: Member, calibration: Calibration | None):
+        """`part`'s converted model quantized to int8 by NNCF (collected from `prepare` where it started it), or
+        read from the cache, with its IR's path and how it was built. Keyed by the recipe and the calibration
+        data."""
+        xml, job, notes = self._nncf_job(part, member, calibration)
+        child = self._pending.pop(str(xml), None)
+        if job is None and not xml.exists():
+            raise missing(part, calibration, "OpenVINO")
+        if job is not None:
+            child = child or _NncfChild(part, *job)
+            try:
+                write_atomically(self.cache_dir, xml.name, child.collect)
+            finally:
+                child.close()
         return self.core.read_model(str(xml)), str(xml), notes
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
@@ -358,35 +394,62 @@ def has_attention(part: Partition) -> bool:
 NNCF_TIMEOUT_S = 1800
 
 
-def _quantize_apart(part: Partition, job: dict, samples: list, out: Path) -> None:
-    """Run NNCF on `job` (the fp32 IR and NNCF's settings) with `samples` in a child process (`dioe.nncf_worker`)
-    that writes the int8 IR to `out`. NNCF compiles the model to collect statistics, and OpenVINO can crash the
-    process there: a child that dies costs this partition its int8 candidate, with the reason, and nothing else."""
-    import numpy as np
+class _NncfChild:
+    """NNCF run on `job` (the fp32 IR and NNCF's settings) with `samples` in a child process (`dioe.nncf_worker`),
+    started at once; `collect(out)` waits for it and moves the int8 IR it wrote to `out`. NNCF compiles the model
+    to collect statistics, and OpenVINO can crash the process there: a child that dies costs this partition its
+    int8 candidate, with the reason, and nothing else. `close()` stops it and removes its scratch folder."""
 
-    worker = importlib.util.find_spec("dioe.nncf_worker").origin
-    with tempfile.TemporaryDirectory(prefix="dioe-nncf.") as tmp:   # owner-only, gone when done
+    def __init__(self, part: Partition, job: dict, samples: list):
+        import numpy as np
+
+        self.part_id = part.id
+        self.tmp = Path(tempfile.mkdtemp(prefix="dioe-nncf."))  # owner-only
+        self.out = self.tmp / "int8.xml"
+        self.started = time.monotonic()
         files = []
         for k, sample in enumerate(samples):
             files.append([])
             for j, x in enumerate(sample):
-                path = Path(tmp) / f"s{k}.{j}.npy"
+                path = self.tmp / f"s{k}.{j}.npy"
                 np.save(path, np.ascontiguousarray(x), allow_pickle=False)
                 files[-1].append(str(path))
-        job_file = Path(tmp) / "job.json"
-        write_text(job_file, json.dumps({**job, "samples": files, "out": str(out)}))
+        job_file = self.tmp / "job.json"
+        write_text(job_file, json.dumps({**job, "samples": files, "out": str(self.out)}))
+        worker = importlib.util.find_spec("dioe.nncf_worker").origin
+        # its words go to a file: a pipe nobody reads while the caller builds other things would fill and stall it
+        self.log = open(self.tmp / "child.log", "w+", encoding="utf-8")
         # run as a file, from the scratch folder: neither dioe's folder nor the caller's is on the child's path
+        self.proc = subprocess.Popen([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                                      "runpy.run_path(sys.argv[0], run_name='__main__')", worker, str(job_file)],
+                                     cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        # a child nobody collects (its optimize failed on the way) is stopped at the latest when this process ends
+        self._stop = weakref.finalize(self, _stop_child, self.proc, self.log, self.tmp)
+
+    def collect(self, out: Path) -> None:
         try:
-            done = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                                   "runpy.run_path(sys.argv[0], run_name='__main__')", worker, str(job_file)],
-                                  cwd=tmp, capture_output=True, text=True, timeout=NNCF_TIMEOUT_S)
-        except subprocess.TimeoutExpired:   # run() has killed the child
-            raise BackendError(f"partition {part.id}: NNCF's int8 quantization did not finish in its own process "
-                               f"within {NNCF_TIMEOUT_S} s; this partition has no OpenVINO int8 candidate") from None
-    if done.returncode != 0:
-        rc = done.returncode
-        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else \
-            f"exit status {rc}"
-        last = " | ".join(line.strip() for line in done.stderr.strip().splitlines()[-3:]) or "no message"
-        raise BackendError(f"partition {part.id}: NNCF's int8 quantization failed in its own process ({how}; "
-                           f"{last[:400]}); this partition has no OpenVINO int8 candidate")
+            rc = self.proc.wait(timeout=max(1.0, NNCF_TIMEOUT_S - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"partition {self.part_id}: NNCF's int8 quantization did not finish in its own "
+                               f"process within {NNCF_TIMEOUT_S} s; this partition has no OpenVINO int8 "
+                               "candidate") from None
+        if rc != 0:
+            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else \
+                f"exit status {rc}"
+            self.log.seek(0)
+            last = " | ".join(line.strip() for line in self.log.read().strip().splitlines()[-3:]) or "no message"
+            raise BackendError(f"partition {self.part_id}: NNCF's int8 quantization failed in its own process "
+                               f"({how}; {last[:400]}); this partition has no OpenVINO int8 candidate")
+        shutil.move(self.out.with_suffix(".bin"), out.with_suffix(".bin"))
+        shutil.move(self.out, out)
+
+    def close(self) -> None:
+        self._stop()
+
+
+def _stop_child(proc: subprocess.Popen, log, tmp: Path) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -84,9 +84,8 @@ class Partition:
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             if id(t) not in seen:
                 seen.add(id(t))
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                         if t.numel() else b"")
-        return h.hexdigest()
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        return h.hexdigest()[:32]
 
     @functools.cached_property
     def structure(self) -> str:
@@ -340,6 +339,16 @@ class Backend:
             built = Built(*built)
         return Compiled(built.fn, part.id, self.name, member.id, precision, self.io_device(member),
                         time.perf_counter() - start, built.artifact, dict(built.notes), built.applied)
+
+    def prepare(self, part: Partition, member: Member, precision: str = "fp32", *,
+                calibration: Calibration | None = None) -> bool:
+        """Start the slow part of a `compile` to come that can run in a process of its own, so that other work
+        overlaps it; `compile` of the same partition, precision and calibration collects it. Whether it started
+        anything. Never raises: where starting fails, `compile` does the work itself and says what failed."""
+        return False
+
+    def release_prepared(self) -> None:
+        """Stop what `prepare` started and no `compile` collected."""
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
                    alone: bool = False, calibration: Calibration | None = None) -> Built | tuple[Fn, str]:

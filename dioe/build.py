@@ -69,6 +69,23 @@ def build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: 
     return Optimized(captured, plan, program, Runtime(program, compiled, pool, cache_dir=settings.cache_dir))
 
 
+def prepare(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: Settings,
+            calibration: Sequence[Sequence]) -> tuple[bool, Callable[[], None]]:
+    """Start the out-of-process work of `plan`'s calibrated partitions (`Backend.prepare`), for a later `build` of
+    the same plan and calibration to collect: whether any started, and what stops any that no build collected."""
+    low = [p for p in plan.partitions if p.precision == "int8"]
+    engines = {p.backend: registry.get(p.backend, settings.cache_dir) for p in low}
+    started = False
+    if low and calibration:
+        where = {n: p.id for p in plan.partitions for n in p.nodes}
+        program = split_graph(captured.gm, lambda n: where[n.name], captured.example_inputs)
+        data = _partition_inputs(captured, program, [p.id for p in low], calibration)
+        for p in low:
+            started |= engines[p.backend].prepare(program.partition(p.id), pool[p.member], p.precision,
+                                                  calibration=data[p.id])
+    return started, lambda: [e.release_prepared() for e in engines.values()]
+
+
 def _partition_inputs(captured: CapturedGraph, program, pids: Sequence[str],
                       calibration: Sequence[Sequence]) -> dict[str, list[tuple]]:
     """For each partition in `pids`, its inputs for every calibration item, as the fp32 graph computes them."""

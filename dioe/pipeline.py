@@ -22,6 +22,7 @@ from . import build as building
 from . import cache as _cache
 from . import precision as precisions
 from . import precision_live
+from . import precision_warm
 from . import race as racing
 from . import reload
 from . import tracing as _trace
@@ -98,25 +99,14 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     verdict = racing.Verdict(settings.cache_dir, profile, plan)
     if verdict.winner not in (None, racing.PLAN):
         plan = whole_graph_plan(job, verdict.winner, plan.predicted_ms)
-    # 5. compile the merged partitions
-    with stage("compile", partitions=len(plan.partitions)):
-        opt = building.build(captured, plan, pool, settings=settings, objective=objective)
-    # 6. verify against eager; a failing partition goes to the reference backend
-    if verify:
-        with stage("verify"):
-            opt = building.verify(opt, settings=settings)
-    # 7. measure; re-plan once if the prediction was off (not when the verdict chose the plan)
-    with stage("measure"):
-        opt = racing.measure_plan(opt, job, replan=verdict.winner is None)
-    # 8. never lose to a single backend it profiled: race the plan, eager and the best whole-graph choices
-    with stage("race whole-graph rivals"):
-        opt = racing.race(opt, job, verdict)
-    # 9. below fp32: each engine's lower precisions that meet the accuracy budget, raced against the winner so far
-    if precision == "live":  # fp32 serves now; a lower precision is built from served inputs in the background
-        opt = precision_live.serve(opt, job, budget=accuracy)
-    elif precision != "fp32":
-        with stage("precision", precision=precision):
-            opt = precisions.choose(opt, job, precision=precision, budget=accuracy, calibration=calibration)
+    # a warm optimize whose precision verdict for this plan is cached builds what it chose, and not the fp32 plan
+    opt = None
+    if precision not in ("fp32", "live") and verdict.winner is not None:
+        with stage("precision: warm start", precision=precision):
+            opt = precision_warm.warm_start(job, plan, verdict, precision=precision, budget=accuracy,
+                                            calibration=calibration)
+    if opt is None:
+        opt = _fp32_then_lower(job, plan, verdict, precision=precision, budget=accuracy, calibration=calibration)
     # 10. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
     try:
         _cache.trim(settings.cache_dir, max_bytes=settings.cache_max_bytes,
@@ -127,6 +117,32 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
         opt.job = job   # live re-planning runs the planner again on this profile
     if live:
         return go_live(opt, live if isinstance(live, LiveSettings) else None)
+    return opt
+
+
+def _fp32_then_lower(job: Job, plan: Plan, verdict: racing.Verdict, *, precision: str, budget: Budget | None,
+                     calibration: Any) -> Optimized:
+    """Steps 5-9 of optimize: the fp32 plan compiled, verified, measured and raced; then the lower precisions."""
+    stage, settings = _trace.stage, job.settings
+    # 5. compile the merged partitions
+    with stage("compile", partitions=len(plan.partitions)):
+        opt = building.build(job.captured, plan, job.pool, settings=settings, objective=job.objective)
+    # 6. verify against eager; a failing partition goes to the reference backend
+    if job.verify:
+        with stage("verify"):
+            opt = building.verify(opt, settings=settings)
+    # 7. measure; re-plan once if the prediction was off (not when the verdict chose the plan)
+    with stage("measure"):
+        opt = racing.measure_plan(opt, job, replan=verdict.winner is None)
+    # 8. never lose to a single backend it profiled: race the plan, eager and the best whole-graph choices
+    with stage("race whole-graph rivals"):
+        opt = racing.race(opt, job, verdict)
+    # 9. below fp32: each engine's lower precisions that meet the accuracy budget, raced against the winner so far
+    if precision == "live":  # fp32 serves now; a lower precision is built from served inputs in the background
+        opt = precision_live.serve(opt, job, budget=budget)
+    elif precision != "fp32":
+        with stage("precision", precision=precision):
+            opt = precisions.choose(opt, job, precision=precision, budget=budget, calibration=calibration)
     return opt
 
 

@@ -29,12 +29,12 @@ from . import mixed
 from . import partition
 from . import timing
 from . import tracing as _trace
-from .accuracy import METRICS, AccuracyReport, Budget, evaluate
+from .accuracy import AccuracyReport, Budget, evaluate
 from .calibration import Samples, split
 from .errors import DIOEError
 from .optimized import Optimized
 from .precision_record import FP32, Candidate, PrecisionRecord, Verdict
-from .plan import Choice
+from .plan import Choice, Plan
 from .planner import Job, whole_graph_plan
 from .text import round_ms, show_ms
 
@@ -75,12 +75,9 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         return opt
     s, captured = job.settings, job.captured
     chosen = budget
-    batch = next((x.shape[0] for x in captured.example_inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
+    batch = _batch(captured)
     try:
-        budget = budget or Budget.default_for(captured.unflatten_outputs(captured.reference_outputs()))
-        with _trace.stage("precision: samples"):
-            samples = split(calibration, captured.example_inputs, n_calibrate=s.calibration_samples,
-                            n_holdout=budget.holdout_inputs(batch))
+        budget, samples = prepare(job, budget, calibration)
     except DIOEError as e:
         if chosen is not None or calibration is not None:
             raise  # what the caller gave is wrong: say so
@@ -90,16 +87,17 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         opt.plan = replace(opt.plan, notes=opt.plan.notes + (f"precision {precision} not tried: {str(e)[:300]}",))
         return opt
     holdout = [list(x) for x in samples.holdout]
-    verdict = Verdict(s.cache_dir, job, opt, precision, budget, samples, options)
+    verdict = Verdict(s.cache_dir, job, opt.plan, precision, budget, samples, options)
     if verdict.record is not None:
-        reused = _reuse(opt, job, verdict, samples)
+        from .precision_warm import reuse   # it builds on this module's search
+        reused = reuse(opt, job, verdict, samples)
         if reused is not None:
             return reused
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
              f"({samples.source} inputs) against fp32 eager; calibrated on {len(samples.calibrate)} others"]
     # a candidate that does not race faster than the fp32 plan loses whatever its accuracy: judging it (64 held-out
     # inputs through it) would only cost time
-    tried, fast_ones, speed = screen(opt, job, options, samples)
+    tried, fast_ones, speed, raced = screen(opt, job, options, samples)
     reference = eager_outputs(job, holdout)
     missed: dict[str, Optimized] = {}
     built: dict[str, Optimized] = {}
@@ -126,7 +124,15 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
         notes.append("no lower precision both gained over the fp32 plan and met the budget on this machine; the plan "
                      "stays fp32")
         return keep_fp32({})
-    best, fast, med, said = pick(opt, built, job)
+    (only, *more) = built
+    if not more and only in raced and speed[only] <= (1 - s.split_margin) / (1 + s.race_close):
+        # one contender, clear of the fp32 plan by more than a close race's extra rounds could move it: the
+        # screen's race stands (on bert-base, racing it again cost 5 s of a cold optimize)
+        best, (fast, med) = only, raced[only]
+        said = [f"raced against fp32 (faster half of rounds): {_race_report(fast)}; the only one to meet the "
+                f"budget, and clear of the split margin by more than {s.race_close:.0%}: not raced again"]
+    else:
+        best, fast, med, said = pick(opt, built, job)
     notes += said
     if best == FP32:
         return keep_fp32(fast)
@@ -134,6 +140,21 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     rec = PrecisionRecord(budget, samples.source, tuple(tried), None, fast, best)
     verdict.save(rec, notes)
     return _promote(opt, built[best], won, fast, med, notes, rec)
+
+
+def prepare(job: Job, budget: Budget | None, calibration: Any) -> tuple[Budget, Samples]:
+    """The budget (the caller's, or the default for the model's output) and the calibration and held-out samples;
+    a DIOEError where either does not fit the model."""
+    captured = job.captured
+    budget = budget or Budget.default_for(captured.unflatten_outputs(captured.reference_outputs()))
+    with _trace.stage("precision: samples"):
+        samples = split(calibration, captured.example_inputs, n_calibrate=job.settings.calibration_samples,
+                        n_holdout=budget.holdout_inputs(_batch(captured)))
+    return budget, samples
+
+
+def _batch(captured) -> int:
+    return next((x.shape[0] for x in captured.example_inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
 
 
 def _keep_fp32(opt: Optimized, fp32_report: AccuracyReport, notes: Sequence[str]) -> Optimized:
@@ -204,31 +225,45 @@ def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
            samples: Samples) -> tuple[list[Candidate], dict[str, Optimized], dict[str, float]]:
     """Build every option (calibrated) and race it against `fp32` (the fp32 plan): those that gain `split_margin`
     go on to be judged, by label; the others are out, closed, each saying why. Also each one's time over the fp32
-    plan's in the race it was timed in, by label."""
+    plan's in the race it was timed in, by label, and the times of both in that race (fast half, median)."""
     s = job.settings
     tried: list[Candidate] = []
     built: dict[str, Optimized] = {}
+    # work an engine does in a process of its own (NNCF's calibration) starts first, and its candidate is built
+    # last: the others build meanwhile
+    calib = [list(x) for x in samples.calibrate]
+    started, stops = {}, []
     for option in options:
-        cand = _build(job, option, samples)
-        if isinstance(cand, str):
-            tried.append(Candidate(option, None, cand))
-        else:
-            built[option.label()] = cand
+        started[option], stop = building.prepare(job.captured, _plan_for(job, option), job.pool,
+                                                 settings=s, calibration=calib)
+        stops.append(stop)
+    try:
+        for option in sorted(options, key=started.get):
+            cand = _build(job, option, samples)
+            if isinstance(cand, str):
+                tried.append(Candidate(option, None, cand))
+            else:
+                built[option.label()] = cand
+    finally:
+        for stop in stops:
+            stop()
     if not built:
-        return tried, {}, {}
-    fast, _ = _race({FP32: fp32, **built}, job, s.race_rounds)
-    vs = {k: (v, fast[FP32]) for k, v in fast.items()}   # each candidate's time and the fp32 plan's, same race
+        return tried, {}, {}, {}
+    fast, med = _race({FP32: fp32, **built}, job, s.race_rounds)
+    # each candidate's times and the fp32 plan's, from the same race (fast half, median)
+    raced = {k: ({FP32: fast[FP32], k: v}, {FP32: med[FP32], k: med[k]}) for k, v in fast.items() if k != FP32}
     bar = 1 - s.split_margin
     # one within `race_close` of the bar is timed again over more rounds, as the race does for close contenders:
     # the verdict is cached, so one noisy spell would otherwise keep fp32 for as long as it lasts
     close = {k: c for k, c in built.items() if k in fast and bar < fast[k] / fast[FP32] <= bar * (1 + s.race_close)}
     if close and s.race_extra:
-        again, _ = _race({FP32: fp32, **close}, job, s.race_rounds + s.race_extra)
+        again, again_med = _race({FP32: fp32, **close}, job, s.race_rounds + s.race_extra)
         for k in close:
             if k in again:
-                vs[k] = (again[k], again[FP32])
+                raced[k] = ({FP32: again[FP32], k: again[k]}, {FP32: again_med[FP32], k: again_med[k]})
             else:
-                vs.pop(k, None)   # it fell back while timed again
+                raced.pop(k, None)   # it fell back while timed again
+    vs = {k: (f[k], f[FP32]) for k, (f, _) in raced.items()}
     keep = {}
     for label, cand in built.items():
         if label not in vs:
@@ -241,7 +276,7 @@ def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
             continue
         cand.runtime.close()
         tried.append(Candidate(Choice.parse(label), None, why))
-    return tried, keep, {k: t / t32 for k, (t, t32) in vs.items()}
+    return tried, keep, {k: t / t32 for k, (t, t32) in vs.items()}, raced
 
 
 def mix(job: Job, missed: dict[str, Optimized], built: dict[str, Optimized], samples: Samples, budget: Budget,
@@ -327,20 +362,19 @@ def _promote(opt: Optimized, winner: Optimized, won: Candidate, fast: dict, med:
     """`winner` (a lower precision that met the budget and beat the fp32 plan) in place of `opt`, its plan saying
     why, with the fp32 plan as its runner-up."""
     opt.runtime.close()
-    winner.plan = promoted_plan(opt, winner, won, fast, med, notes)
+    winner.plan = promoted_plan(opt.plan, winner, won, fast, med, notes)
     winner.race = opt.race
     winner.precision_search = record
     return winner
 
 
-def promoted_plan(opt: Optimized, winner: Optimized, won: Candidate, fast: dict, med: dict,
-                  notes: Sequence[str]):
-    """`winner`'s plan saying why it won over `opt` (the fp32 plan, its runner-up): the budget it met and the times
-    it raced; `opt`'s notes and eager time carried over."""
+def promoted_plan(fp32: Plan, winner: Optimized, won: Candidate, fast: dict, med: dict, notes: Sequence[str]):
+    """`winner`'s plan saying why it won over the `fp32` plan (its runner-up): the budget it met and the times it
+    raced; the fp32 plan's notes and eager time carried over."""
     best = won.label
     said = (f"{won.option.precision} met the budget ({won.report.summary()}) and raced "
             f"{fast[FP32] / fast[best]:.2f}x faster than the fp32 plan")
-    fp32_parts = opt.plan.partitions
+    fp32_parts = fp32.partitions
     if won.mix:   # each part says why it runs at its precision; the whole says why the mix won
         parts = winner.plan.partitions
         notes = tuple(notes) + (f"mixed precision: {won.label}: {said}",)
@@ -349,49 +383,8 @@ def promoted_plan(opt: Optimized, winner: Optimized, won: Candidate, fast: dict,
         runner = replace(fp32_parts[0].choice, predicted_ms=round_ms(med[FP32])) if len(fp32_parts) == 1 else None
         parts = (replace(part, measured_ms=round_ms(med[best]), runner_up=runner, reason=said),)
     return replace(winner.plan, partitions=parts, predicted_ms=round_ms(med[best]),
-                   measured_ms=round_ms(med[best]), eager_ms=opt.plan.eager_ms,
-                   accuracy=won.report.to_dict(), notes=opt.plan.notes + tuple(notes))
-
-
-def _reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Optimized | None:
-    """A warm optimize: the precision an earlier search chose, rebuilt from its cached artifact and checked on one
-    held-out input against what the search measured, then timed again against the fp32 plan. None when the check
-    fails (the engine or its artifact no longer computes what was judged): the caller searches again."""
-    rec = verdict.record
-    notes = list(verdict.notes) + [f"precision verdict reused from {verdict.path.name}"]
-    if rec.winner == FP32:
-        opt.precision_search = rec
-        return _keep_fp32(opt, rec.fp32, notes)
-    won = next((c for c in rec.candidates if c.label == rec.winner and c.report), None)
-    if won is None:
-        return None
-    # its calibrated artifacts are cached under the same samples' key
-    cand = mixed.rebuild(job, won.mix, samples) if won.mix else _build(job, won.option, samples)
-    if isinstance(cand, str):
-        return None
-    first = [list(samples.holdout[0])]
-    with torch.inference_mode():
-        spot = evaluate(verdict.budget, [tuple(job.captured.gm(*first[0]))], _outputs(cand, first))
-    if not _within(spot, won.report) or cand.runtime.stats["fallbacks"]:
-        cand.runtime.close()
-        return None
-    fast, med = _race({FP32: opt, rec.winner: cand}, job, job.settings.race_rounds)
-    if rec.winner not in fast or fast[rec.winner] > fast[FP32] * (1 - job.settings.split_margin):
-        cand.runtime.close()
-        return None  # it no longer wins here (another load on the machine, a changed engine): search again
-    notes.append(f"timed again against fp32 (faster half of rounds): {_race_report(fast)}")
-    return _promote(opt, cand, won, fast, med, notes, replace(rec, fast_ms=fast))
-
-
-def _within(spot: AccuracyReport, judged: AccuracyReport, slack: float = 1e-4) -> bool:
-    """Whether one held-out input, judged again, is no worse than the worst sample the search saw: it was one of
-    them, so a deterministic engine gives the same values; `slack` allows a threaded reduction's reordering."""
-    worst = {(r.metric, r.output): r.worst for r in judged.results}
-    for r in spot.results:
-        w = worst.get((r.metric, r.output))
-        if w is None or (r.worst < w - slack if METRICS[r.metric] else r.worst > w + slack):
-            return False
-    return True
+                   measured_ms=round_ms(med[best]), eager_ms=fp32.eager_ms,
+                   accuracy=won.report.to_dict(), notes=fp32.notes + tuple(notes))
 
 
 def candidates(job: Job, precision: str) -> list[Choice]:
@@ -415,15 +408,19 @@ def candidates(job: Job, precision: str) -> list[Choice]:
 
 def _build(job: Job, option: Choice, samples: Samples) -> Optimized | str:
     """The whole graph compiled at `option`'s precision, calibrated on the calibration samples; or why not."""
-    # the fp32 plan of the same engine and member, at the lower precision: the profile timed fp32 only, so the
-    # forecast is fp32's until the race below measures it
-    fp32 = whole_graph_plan(job, replace(option, precision="fp32"), 0.0)
-    plan = replace(fp32, partitions=tuple(replace(p, precision=option.precision) for p in fp32.partitions))
+    plan = _plan_for(job, option)
     calib = [list(x) for x in samples.calibrate]
     attempt = building.build_as(option, lambda: building.build(job.captured, plan, job.pool, settings=job.settings,
                                                                objective=job.objective, calibration=calib),
                                 stage="precision: build")
     return attempt.built if attempt.built is not None else f"could not be built: {attempt.why}"
+
+
+def _plan_for(job: Job, option: Choice):
+    """The fp32 plan of the same engine and member, at `option`'s precision: the profile timed fp32 only, so the
+    forecast is fp32's until a race measures it."""
+    fp32 = whole_graph_plan(job, replace(option, precision="fp32"), 0.0)
+    return replace(fp32, partitions=tuple(replace(p, precision=option.precision) for p in fp32.partitions))
 
 
 def _outputs(opt: Optimized, holdout: Sequence[Sequence]) -> list[tuple]:

@@ -303,7 +303,7 @@ class LivePrecision:
         cand = built[best]
         notes = [f"precision live: budget {self.budget}, judged on {len(holdout) * self.batch} shadow samples of "
                  f"served inputs against fp32 eager; calibrated on {len(samples.calibrate)} others"] + said
-        cand.plan = precisions.promoted_plan(self.safe, cand, won, fast, med, notes)
+        cand.plan = precisions.promoted_plan(self.safe.plan, cand, won, fast, med, notes)
         with self._cv:
             if self.state == CLOSED:
                 cand.runtime.close()

@@ -18,8 +18,7 @@ from .calibration import Samples, fingerprint
 from .errors import DIOEError
 from .files import write_text
 from .mixed import Mix
-from .optimized import Optimized
-from .plan import Choice
+from .plan import Choice, Plan
 from .planner import Job
 
 FP32 = "fp32 plan"   # the fp32 winner's name among the precision contenders
@@ -89,9 +88,9 @@ class Verdict:
     held-out inputs through eager and every candidate take longer than the rest of a warm optimize on a large
     model). Any change to one of those keys searches again."""
 
-    def __init__(self, cache_dir, job: Job, opt: Optimized, precision: str, budget: Budget, samples: Samples,
+    def __init__(self, cache_dir, job: Job, plan: Plan, precision: str, budget: Budget, samples: Samples,
                  options: Sequence[Choice]):
-        key = repr(([(p.nodes, p.member, p.backend, p.precision) for p in opt.plan.partitions], precision,
+        key = repr(([(p.nodes, p.member, p.backend, p.precision) for p in plan.partitions], precision,
                     repr(budget), fingerprint(samples.calibrate), fingerprint(samples.holdout),
                     [o.label() for o in options], job.settings.split_margin, job.settings.race_close,
                     job.settings.mixed_parts, SEARCH_VERSION)).encode()

@@ -219,7 +219,7 @@ def test_onnxruntime_on_the_cpu_calls_below_the_public_run(cpu, monkeypatch):
 
 @pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
 def test_nncf_runs_in_its_own_process_so_its_failure_costs_the_int8_candidate_not_the_caller(cpu, tmp_path):
-    from dioe.backends.openvino import _quantize_apart
+    from dioe.backends.openvino import _NncfChild
     from dioe.calibration import generate
 
     model, inputs = dioe.zoo.load("tiny-bert", batch=8)
@@ -228,8 +228,13 @@ def test_nncf_runs_in_its_own_process_so_its_failure_costs_the_int8_candidate_no
     # a job that fails in the child: reported with the child's exit and its last words
     with pytest.raises(BackendError, match=r"partition whole: NNCF's int8 quantization failed in its own process "
                                            r"\(exit status 1; .*missing\.xml"):
-        _quantize_apart(whole(g), {"model": str(tmp_path / "missing.xml"), "model_type": None, "target": "CPU",
-                                   "overflow_fix": False, "smooth_quant_off": False}, [], tmp_path / "q.xml")
+        child = _NncfChild(whole(g), {"model": str(tmp_path / "missing.xml"), "model_type": None, "target": "CPU",
+                                      "overflow_fix": False, "smooth_quant_off": False}, [])
+        try:
+            child.collect(tmp_path / "q.xml")
+        finally:
+            child.close()
+    assert not child.tmp.exists(), "the child's scratch folder was left behind"
     # tiny-bert at batch 8: OpenVINO crashes in NNCF's statistics pass on some CPUs (SIGSEGV on AVX2 without VNNI),
     # which took the whole process down when NNCF ran in it; either way this process goes on
     try:

@@ -179,9 +179,9 @@ def test_int8_artifact_is_reused_for_the_same_calibration_only(backend, member, 
     if backend == "onnxruntime":  # static quantization: the one that reads calibration data
         import onnxruntime.quantization as library
         name, fn = "conv", "quantize_static"
-    else:  # NNCF runs in a child process, which this function starts
+    else:  # NNCF runs in a child process, which this class starts
         import dioe.backends.openvino as library
-        name, fn = "tiny-mlp", "_quantize_apart"
+        name, fn = "tiny-mlp", "_NncfChild"
     real, calls = getattr(library, fn), []
     monkeypatch.setattr(library, fn, lambda *a, **k: calls.append(1) or real(*a, **k))
     _, g, part = _partition(name)
@@ -196,6 +196,31 @@ def test_int8_artifact_is_reused_for_the_same_calibration_only(backend, member, 
     # OpenVINO's blob folders are named for their IR; a scratch folder sits beside the files it was written for
     assert not [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.startswith(part.digest)
                 and "blobs" not in p.relative_to(tmp_path).parts], "a scratch folder was left behind"
+
+
+@pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
+def test_nncf_started_ahead_is_collected_by_compile_and_stopped_when_nobody_collects_it(member, tmp_path,
+                                                                                        monkeypatch):
+    """`prepare` starts NNCF in its own process and returns; the compile that follows collects that very child
+    (no second one), and what no compile collects is stopped, its scratch folder removed."""
+    import dioe.backends.openvino as library
+
+    real, children = library._NncfChild, []
+    monkeypatch.setattr(library, "_NncfChild", lambda *a, **k: children.append(real(*a, **k)) or children[-1])
+    _, g, part = _partition("tiny-mlp")
+    be = backends.get("openvino", tmp_path)
+    calib = _samples(g.example_inputs, 4, 1)
+    assert be.prepare(part, member, "int8", calibration=calib) and len(children) == 1
+    assert not be.prepare(part, member, "fp32") and not be.prepare(part, member, "int8"), \
+        "nothing to start without calibration, or at fp32"
+    compiled = be.compile(part, member, "int8", calibration=calib)
+    assert len(children) == 1 and compiled.applied.startswith("int8"), (len(children), compiled.applied)
+    assert not children[0].tmp.exists()
+    # the same calibration again: the artifact is cached, so there is nothing to start
+    assert not be.prepare(part, member, "int8", calibration=calib) and len(children) == 1
+    assert be.prepare(part, member, "int8", calibration=_samples(g.example_inputs, 4, 2)) and len(children) == 2
+    be.release_prepared()
+    assert children[1].proc.poll() is not None and not children[1].tmp.exists()
 
 
 @pytest.mark.skipif("inductor" not in INT8, reason="needs torchao")

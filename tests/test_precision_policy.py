@@ -136,6 +136,7 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
     import json
 
     from dioe import precision as precisions
+    from dioe import precision_warm
     model, x = _mlp()
     script_int8_faster(monkeypatch)
     calib = [(torch.randn(2, 32),) for _ in range(64)]
@@ -143,12 +144,18 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
               accuracy=dioe.Budget(cosine=0.99, samples=32), calibration=calib)
     judged = []
     real_evaluate = precisions.evaluate
-    monkeypatch.setattr(precisions, "evaluate", lambda b, ref, got: judged.append(len(ref)) or real_evaluate(b, ref, got))
+    for module in (precisions, precision_warm):
+        monkeypatch.setattr(module, "evaluate",
+                            lambda b, ref, got: judged.append(len(ref)) or real_evaluate(b, ref, got))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cold = dioe.optimize(model, (x,), **kw)
         cold_judged, judged[:] = list(judged), []
-        warm = dioe.optimize(model, (x,), **kw)
+        with dioe.trace(None) as tr:
+            warm = dioe.optimize(model, (x,), **kw)
+    stages = [r["name"] for r in tr.records if r["kind"] == "stage"]
+    assert "precision: warm start" in stages and "compile" not in stages, f"the fp32 plan was built again: {stages}"
+    assert warm.plan.eager_ms and warm.plan.measured_ms and warm.race.reused
     assert cold.precision_search.reused is None and max(cold_judged) > 1
     assert warm.precision_search.reused and warm.precision_search.winner == cold.precision_search.winner
     assert judged == [1], "a warm optimize judges one held-out input, not the held-out set"

@@ -1,0 +1,142 @@
+"""A warm optimize whose precision verdict is cached: the precision the search chose is rebuilt from its cached
+artifacts, checked on one held-out input against what the search measured, and timed again. `warm_start` runs
+before the fp32 plan is compiled, and where the verdict holds, the fp32 plan is never compiled: on bert-base,
+compiling, verifying and timing it took more than half of a warm optimize, to produce a runner-up the verdict had
+already beaten. `reuse` runs after it (the precision stage of a plan that fell back while verified, or of a
+verdict that kept fp32).
+
+    >>> opt = dioe.optimize(model, inputs, precision="auto")    # doctest: +SKIP   (searches, caches the verdict)
+    >>> opt = dioe.optimize(model, inputs, precision="auto")    # doctest: +SKIP   (this module: no search)
+    >>> opt.precision_search.reused                             # doctest: +SKIP
+    'f00d...precision.json'
+
+Whatever does not hold (no verdict for these keys, fp32 won it, the artifact is gone, the engine no longer
+reproduces the judged values, the winner falls back to torch) returns None, and optimize takes its usual path:
+fp32 plan, race, and the precision stage, which searches again where the verdict does not hold.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from . import mixed
+from . import precision as precisions
+from . import race as racing
+from . import timing
+from . import tracing as _trace
+from .accuracy import METRICS, AccuracyReport, Budget, evaluate
+from .calibration import Samples
+from .errors import DIOEError
+from .optimized import Optimized
+from .plan import Plan
+from .planner import Job
+from .precision_record import FP32, Candidate, Verdict
+from .text import round_ms, show_ms
+
+
+def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision: str, budget: Budget | None,
+               calibration: Any) -> Optimized | None:
+    """The model the cached precision verdict for `plan` (the fp32 plan an earlier race chose, not compiled) names,
+    built and timed beside eager; None where the verdict is missing, kept fp32, or does not hold here."""
+    options = precisions.candidates(job, precision)
+    if not options or race_verdict.winner is None:
+        return None
+    try:
+        budget, samples = precisions.prepare(job, budget, calibration)
+    except DIOEError:
+        return None  # the usual path says what is wrong with the budget or the calibration data
+    verdict = Verdict(job.settings.cache_dir, job, plan, precision, budget, samples, options)
+    rec = verdict.record
+    if rec is None or rec.winner == FP32 or FP32 not in rec.fast_ms:
+        return None
+    got = _rebuilt(job, verdict, samples)
+    if got is None:
+        return None
+    won, cand = got
+    s = job.settings
+    with _trace.stage("precision: time beside eager", contenders=[won.label, racing.EAGER]):
+        rounds = timing.side_by_side({won.label: cand.runtime.run, racing.EAGER: lambda xs: job.captured.gm(*xs)},
+                                     job.captured.example_inputs, rounds=s.race_rounds, repeats=s.race_repeats,
+                                     budget_s=s.timing_budget_s / s.race_rounds, warm=True)
+    if cand.runtime.stats["fallbacks"]:
+        cand.runtime.close()
+        return None
+    (won_rounds, eager_rounds) = (rounds[won.label], rounds[racing.EAGER])
+    rounds = {racing.PLAN: won_rounds, racing.EAGER: eager_rounds}
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    fast = {k: timing.fast_half(v) for k, v in rounds.items()}
+    # the fp32 plan's time is the search's: it was not built, and the verdict says by how much it lost
+    searched = {FP32: rec.fast_ms[FP32], won.label: rec.fast_ms.get(won.label, fast[racing.PLAN])}
+    notes = list(verdict.notes) + [
+        f"race verdict reused from {race_verdict.path.name} ({race_verdict.report}) and precision verdict reused "
+        f"from {verdict.path.name}: the fp32 plan was not built, and its time is the search's "
+        f"({precisions._race_report(searched)})",
+        f"timed again side by side: {won.label} {show_ms(med[racing.PLAN])} ms, torch eager "
+        f"{show_ms(med[racing.EAGER])} ms"]
+    promoted = precisions.promoted_plan(plan, cand, won, searched, {**searched, won.label: med[racing.PLAN]}, notes)
+    cand.plan = replace(promoted, eager_ms=round_ms(med[racing.EAGER]))
+    cand.race = racing.RaceRecord({k: tuple(v) for k, v in rounds.items()}, fast, med, racing.PLAN,
+                                  reused=race_verdict.path.name)
+    cand.precision_search = rec
+    return cand
+
+
+def reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Optimized | None:
+    """A warm optimize: the precision an earlier search chose, rebuilt from its cached artifact and checked on one
+    held-out input against what the search measured, then timed again against the fp32 plan. None when the check
+    fails (the engine or its artifact no longer computes what was judged): the caller searches again."""
+    rec = verdict.record
+    notes = list(verdict.notes) + [f"precision verdict reused from {verdict.path.name}"]
+    if rec.winner == FP32:
+        opt.precision_search = rec
+        return precisions._keep_fp32(opt, rec.fp32, notes)
+    got = _rebuilt(job, verdict, samples)
+    if got is None:
+        return None
+    won, cand = got
+    fast, med = precisions._race({FP32: opt, rec.winner: cand}, job, job.settings.race_rounds)
+    if rec.winner not in fast or fast[rec.winner] > fast[FP32] * (1 - job.settings.split_margin):
+        cand.runtime.close()
+        return None  # it no longer wins here (another load on the machine, a changed engine): search again
+    notes.append(f"timed again against fp32 (faster half of rounds): {precisions._race_report(fast)}")
+    return precisions._promote(opt, cand, won, fast, med, notes, replace(rec, fast_ms=fast))
+
+
+def _rebuilt(job: Job, verdict: Verdict, samples: Samples) -> tuple[Candidate, Optimized] | None:
+    """The verdict's winner (not fp32) and its model, rebuilt from the artifacts cached under the same samples'
+    key and checked on one held-out input (`reproduces`); None where that fails."""
+    rec = verdict.record
+    won = next((c for c in rec.candidates if c.label == rec.winner and c.report), None)
+    if won is None:
+        return None
+    cand = mixed.rebuild(job, won.mix, samples) if won.mix else precisions._build(job, won.option, samples)
+    if isinstance(cand, str) or not reproduces(job, verdict, won, cand, samples):
+        return None
+    return won, cand
+
+
+def reproduces(job: Job, verdict: Verdict, won: Candidate, cand: Optimized, samples: Samples) -> bool:
+    """Whether `cand`, rebuilt for a reused verdict, computes on one held-out input what the search judged (`won`)
+    without falling back; it is closed where not."""
+    first = [list(samples.holdout[0])]
+    with torch.inference_mode():
+        spot = evaluate(verdict.budget, [tuple(job.captured.gm(*first[0]))], precisions._outputs(cand, first))
+    if _within(spot, won.report) and not cand.runtime.stats["fallbacks"]:
+        return True
+    cand.runtime.close()
+    return False
+
+
+def _within(spot: AccuracyReport, judged: AccuracyReport, slack: float = 1e-4) -> bool:
+    """Whether one held-out input, judged again, is no worse than the worst sample the search saw: it was one of
+    them, so a deterministic engine gives the same values; `slack` allows a threaded reduction's reordering."""
+    worst = {(r.metric, r.output): r.worst for r in judged.results}
+    for r in spot.results:
+        w = worst.get((r.metric, r.output))
+        if w is None or (r.worst < w - slack if METRICS[r.metric] else r.worst > w + slack):
+            return False
+    return True
