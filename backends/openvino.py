@@ -108,6 +108,7 @@ class OpenvinoBackend(Backend):
         super().__init__(cache_dir)
         self._core = None
         self._pending: dict[str, _NncfChild] = {}   # int8 IR path -> NNCF running for it (`prepare`)
+        self._pending_lock = threading.Lock()      # one instance serves every optimize in the process
 
     @property
     def core(self):
@@ -197,23 +198,29 @@ class OpenvinoBackend(Backend):
                                lambda p: ov.save_model(model, str(p), compress_to_fp16=False))  # fp32 stays fp32
         return model, str(xml)
 
-    def prepare(self, part: Partition, member: Member, precision: str = "fp32", *, calibration=None) -> bool:
+    def prepare(self, part: Partition, member: Member, precision: str = "fp32", *, calibration=None) -> str | None:
         """int8: start NNCF on `part` in its own process now; `quantize` collects it. NNCF spends its time in
-        OpenVINO's inference and in its own graph work, and the candidates built meanwhile overlap it."""
+        OpenVINO's inference and in its own graph work, and the candidates built meanwhile overlap it. The token
+        is the int8 IR's path."""
         if precision != "int8" or calibration is None or isinstance(calibration, CalibrationKey):
-            return False
+            return None
         try:
             part = guarded_partition(part)  # as `compile` hands it over
             xml, job, _ = self._nncf_job(part, member, check_calibration(part, calibration))
-            if job is not None and str(xml) not in self._pending:
-                self._pending[str(xml)] = _NncfChild(part, *job)
-            return job is not None
+            if job is None:
+                return None
+            with self._pending_lock:
+                if str(xml) not in self._pending:
+                    self._pending[str(xml)] = _NncfChild(part, *job)
+            return str(xml)
         except Exception:  # noqa: BLE001 - compile meets the same failure and reports it
-            return False
+            return None
 
-    def release_prepared(self) -> None:
-        while self._pending:
-            self._pending.popitem()[1].close()
+    def release_prepared(self, token: str) -> None:
+        with self._pending_lock:
+            child = self._pending.pop(token, None)
+        if child is not None:
+            child.close()
 
     def _nncf_job(self, part: Partition, member: Member, calibration: Calibration | CalibrationKey | None):
         """The path of `part`'s int8 IR, with NNCF's job and samples for building it, or None where the cache has
@@ -244,8 +251,10 @@ class OpenvinoBackend(Backend):
         keyed = isinstance(calibration, CalibrationKey)
         notes = {"recipe": recipe, "calibration_samples": 0 if keyed else len(calibration)}
         xml = self.cache_dir / f"{part.digest}.{artifact_key('int8', recipe, calibration)}.xml"
-        if reuse(xml, "int8 OpenVINO IR") or keyed:
+        if reuse(xml, "int8 OpenVINO IR"):
             return xml, None, notes
+        if keyed:
+            raise missing(part, calibration, "OpenVINO")
         model, fp32_xml = self.convert(part)
         order = [i for _, i in part.input_order([p.get_any_name() for p in model.inputs], renamed=True)]
         samples = [[host_view(sample[i]) for i in order] for sample in calibration]
@@ -258,10 +267,11 @@ class OpenvinoBackend(Backend):
         read from the cache, with its IR's path and how it was built. Keyed by the recipe and the calibration
         data."""
         xml, job, notes = self._nncf_job(part, member, calibration)
-        child = self._pending.pop(str(xml), None)
-        if job is None and not xml.exists():
-            raise missing(part, calibration, "OpenVINO")
-        if job is not None:
+        with self._pending_lock:
+            child = self._pending.pop(str(xml), None)
+        if job is None and child is not None:   # another build cached it meanwhile
+            child.close()
+        elif job is not None:
             child = child or _NncfChild(part, *job)
             try:
                 write_atomically(self.cache_dir, xml.name, child.collect)
@@ -401,12 +411,21 @@ class _NncfChild:
     int8 candidate, with the reason, and nothing else. `close()` stops it and removes its scratch folder."""
 
     def __init__(self, part: Partition, job: dict, samples: list):
-        import numpy as np
-
         self.part_id = part.id
-        self.tmp = Path(tempfile.mkdtemp(prefix="dioe-nncf."))  # owner-only
+        self.tmp = Path(tempfile.mkdtemp(prefix="dioe-nncf."))  # owner-only where the OS has modes
         self.out = self.tmp / "int8.xml"
         self.started = time.monotonic()
+        try:
+            self._start(job, samples)
+        except BaseException:   # the samples written so far are the caller's data: none stays behind
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        # a child nobody collects (its optimize failed on the way) is stopped at the latest when this process ends
+        self._stop = weakref.finalize(self, _stop_child, self.proc, self.log, self.tmp)
+
+    def _start(self, job: dict, samples: list) -> None:
+        import numpy as np
+
         files = []
         for k, sample in enumerate(samples):
             files.append([])
@@ -419,12 +438,14 @@ class _NncfChild:
         worker = importlib.util.find_spec("dioe.nncf_worker").origin
         # its words go to a file: a pipe nobody reads while the caller builds other things would fill and stall it
         self.log = open(self.tmp / "child.log", "w+", encoding="utf-8")
-        # run as a file, from the scratch folder: neither dioe's folder nor the caller's is on the child's path
-        self.proc = subprocess.Popen([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                                      "runpy.run_path(sys.argv[0], run_name='__main__')", worker, str(job_file)],
-                                     cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        # a child nobody collects (its optimize failed on the way) is stopped at the latest when this process ends
-        self._stop = weakref.finalize(self, _stop_child, self.proc, self.log, self.tmp)
+        try:
+            # run as a file, from the scratch folder: neither dioe's folder nor the caller's is on the child's path
+            self.proc = subprocess.Popen([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                                          "runpy.run_path(sys.argv[0], run_name='__main__')", worker, str(job_file)],
+                                         cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        except BaseException:
+            self.log.close()
+            raise
 
     def collect(self, out: Path) -> None:
         try:

@@ -341,14 +341,15 @@ class Backend:
                         time.perf_counter() - start, built.artifact, dict(built.notes), built.applied)
 
     def prepare(self, part: Partition, member: Member, precision: str = "fp32", *,
-                calibration: Calibration | None = None) -> bool:
+                calibration: Calibration | None = None) -> str | None:
         """Start the slow part of a `compile` to come that can run in a process of its own, so that other work
-        overlaps it; `compile` of the same partition, precision and calibration collects it. Whether it started
-        anything. Never raises: where starting fails, `compile` does the work itself and says what failed."""
-        return False
+        overlaps it; `compile` of the same partition, precision and calibration collects it. A token for what it
+        started (for `release_prepared`), or None. Never raises: where starting fails, `compile` does the work
+        itself and says what failed."""
+        return None
 
-    def release_prepared(self) -> None:
-        """Stop what `prepare` started and no `compile` collected."""
+    def release_prepared(self, token: str) -> None:
+        """Stop what `prepare` started under `token`, if no `compile` collected it."""
 
     def compile_fn(self, part: Partition, member: Member, precision: str, *, objective: str = "latency",
                    alone: bool = False, calibration: Calibration | None = None) -> Built | tuple[Fn, str]:

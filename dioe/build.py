@@ -15,7 +15,7 @@ import torch
 
 from . import backends as registry
 from . import tracing as _trace
-from .backend import Compiled
+from .backend import Backend, Compiled
 from .calibration import fingerprint
 from .capture import CapturedGraph
 from .errors import BackendError, DIOEError
@@ -72,18 +72,22 @@ def build(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: 
 def prepare(captured: CapturedGraph, plan: Plan, pool: ResourcePool, *, settings: Settings,
             calibration: Sequence[Sequence]) -> tuple[bool, Callable[[], None]]:
     """Start the out-of-process work of `plan`'s calibrated partitions (`Backend.prepare`), for a later `build` of
-    the same plan and calibration to collect: whether any started, and what stops any that no build collected."""
-    low = [p for p in plan.partitions if p.precision == "int8"]
-    engines = {p.backend: registry.get(p.backend, settings.cache_dir) for p in low}
-    started = False
+    the same plan and calibration to collect: whether any started, and what stops those that no build collected."""
+    engines = {p.backend: registry.get(p.backend, settings.cache_dir) for p in plan.partitions}
+    # only engines that do work apart: the partitions' inputs are the fp32 graph run over every calibration item
+    low = [p for p in plan.partitions if p.precision == "int8" and type(engines[p.backend]).prepare is not
+           Backend.prepare]
+    started: list[tuple] = []
     if low and calibration:
         where = {n: p.id for p in plan.partitions for n in p.nodes}
         program = split_graph(captured.gm, lambda n: where[n.name], captured.example_inputs)
         data = _partition_inputs(captured, program, [p.id for p in low], calibration)
         for p in low:
-            started |= engines[p.backend].prepare(program.partition(p.id), pool[p.member], p.precision,
-                                                  calibration=data[p.id])
-    return started, lambda: [e.release_prepared() for e in engines.values()]
+            token = engines[p.backend].prepare(program.partition(p.id), pool[p.member], p.precision,
+                                               calibration=data[p.id])
+            if token is not None:
+                started.append((engines[p.backend], token))
+    return bool(started), lambda: [engine.release_prepared(token) for engine, token in started]
 
 
 def _partition_inputs(captured: CapturedGraph, program, pids: Sequence[str],

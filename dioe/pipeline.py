@@ -100,13 +100,13 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
     if verdict.winner not in (None, racing.PLAN):
         plan = whole_graph_plan(job, verdict.winner, plan.predicted_ms)
     # a warm optimize whose precision verdict for this plan is cached builds what it chose, and not the fp32 plan
-    opt = None
+    opt, inputs = None, precisions.Inputs(job, accuracy, calibration)
     if precision not in ("fp32", "live") and verdict.winner is not None:
         with stage("precision: warm start", precision=precision):
-            opt = precision_warm.warm_start(job, plan, verdict, precision=precision, budget=accuracy,
-                                            calibration=calibration)
+            opt = precision_warm.warm_start(job, plan, verdict, precision=precision, inputs=inputs)
     if opt is None:
-        opt = _fp32_then_lower(job, plan, verdict, precision=precision, budget=accuracy, calibration=calibration)
+        opt = _fp32_then_lower(job, plan, verdict, precision=precision, budget=accuracy, calibration=calibration,
+                               inputs=inputs)
     # 10. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
     try:
         _cache.trim(settings.cache_dir, max_bytes=settings.cache_max_bytes,
@@ -121,7 +121,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
 
 
 def _fp32_then_lower(job: Job, plan: Plan, verdict: racing.Verdict, *, precision: str, budget: Budget | None,
-                     calibration: Any) -> Optimized:
+                     calibration: Any, inputs: precisions.Inputs) -> Optimized:
     """Steps 5-9 of optimize: the fp32 plan compiled, verified, measured and raced; then the lower precisions."""
     stage, settings = _trace.stage, job.settings
     # 5. compile the merged partitions
@@ -142,7 +142,8 @@ def _fp32_then_lower(job: Job, plan: Plan, verdict: racing.Verdict, *, precision
         opt = precision_live.serve(opt, job, budget=budget)
     elif precision != "fp32":
         with stage("precision", precision=precision):
-            opt = precisions.choose(opt, job, precision=precision, budget=budget, calibration=calibration)
+            opt = precisions.choose(opt, job, precision=precision, budget=budget, calibration=calibration,
+                                    inputs=inputs)
     return opt
 
 

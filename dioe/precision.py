@@ -67,9 +67,11 @@ def check_budget(accuracy: Any) -> Budget | None:
                     f"{type(accuracy).__name__}")
 
 
-def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, calibration: Any) -> Optimized:
+def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, calibration: Any,
+           inputs: Inputs | None = None) -> Optimized:
     """The faster of `opt` (the fp32 winner) and every whole-graph lower-precision choice that meets the budget,
-    raced side by side; `opt` unchanged when `precision` is "fp32" or nothing below fp32 is legal."""
+    raced side by side; `opt` unchanged when `precision` is "fp32" or nothing below fp32 is legal. `inputs`: the
+    budget and samples drawn already from `budget` and `calibration`, if they were."""
     options = candidates(job, precision)
     if not options:
         return opt
@@ -77,7 +79,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     chosen = budget
     batch = _batch(captured)
     try:
-        budget, samples = prepare(job, budget, calibration)
+        budget, samples = (inputs or Inputs(job, budget, calibration)).get()
     except DIOEError as e:
         if chosen is not None or calibration is not None:
             raise  # what the caller gave is wrong: say so
@@ -153,6 +155,25 @@ def prepare(job: Job, budget: Budget | None, calibration: Any) -> tuple[Budget, 
     return budget, samples
 
 
+class Inputs:
+    """`prepare`'s budget and samples, drawn once per optimize: a one-shot calibration iterator (or a callable that
+    draws anew each call) is read once, whichever of the warm start and the search asks first. A DIOEError that
+    drawing raised is raised again to each."""
+
+    def __init__(self, job: Job, budget: Budget | None, calibration: Any):
+        self._args, self._got = (job, budget, calibration), None
+
+    def get(self) -> tuple[Budget, Samples]:
+        if self._got is None:
+            try:
+                self._got = prepare(*self._args)
+            except DIOEError as e:
+                self._got = e
+        if isinstance(self._got, DIOEError):
+            raise self._got
+        return self._got
+
+
 def _batch(captured) -> int:
     return next((x.shape[0] for x in captured.example_inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
 
@@ -222,7 +243,7 @@ def _may_be_high(label: str, missed: Iterable[str]) -> bool:
 
 
 def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
-           samples: Samples) -> tuple[list[Candidate], dict[str, Optimized], dict[str, float]]:
+           samples: Samples) -> tuple[list[Candidate], dict[str, Optimized], dict[str, float], dict[str, tuple]]:
     """Build every option (calibrated) and race it against `fp32` (the fp32 plan): those that gain `split_margin`
     go on to be judged, by label; the others are out, closed, each saying why. Also each one's time over the fp32
     plan's in the race it was timed in, by label, and the times of both in that race (fast half, median)."""
@@ -233,11 +254,11 @@ def screen(fp32: Optimized, job: Job, options: Sequence[Choice],
     # last: the others build meanwhile
     calib = [list(x) for x in samples.calibrate]
     started, stops = {}, []
-    for option in options:
-        started[option], stop = building.prepare(job.captured, _plan_for(job, option), job.pool,
-                                                 settings=s, calibration=calib)
-        stops.append(stop)
     try:
+        for option in options:
+            started[option], stop = building.prepare(job.captured, _plan_for(job, option), job.pool,
+                                                     settings=s, calibration=calib)
+            stops.append(stop)
         for option in sorted(options, key=started.get):
             cand = _build(job, option, samples)
             if isinstance(cand, str):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -28,7 +27,7 @@ from . import precision as precisions
 from . import race as racing
 from . import timing
 from . import tracing as _trace
-from .accuracy import METRICS, AccuracyReport, Budget, evaluate
+from .accuracy import METRICS, AccuracyReport, evaluate
 from .calibration import Samples
 from .errors import DIOEError
 from .optimized import Optimized
@@ -38,20 +37,21 @@ from .precision_record import FP32, Candidate, Verdict
 from .text import round_ms, show_ms
 
 
-def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision: str, budget: Budget | None,
-               calibration: Any) -> Optimized | None:
+def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision: str,
+               inputs: precisions.Inputs) -> Optimized | None:
     """The model the cached precision verdict for `plan` (the fp32 plan an earlier race chose, not compiled) names,
-    built and timed beside eager; None where the verdict is missing, kept fp32, or does not hold here."""
+    built and timed beside eager; None where the verdict is missing, kept fp32, or does not hold here. `inputs`:
+    the budget and samples, drawn once for this optimize."""
     options = precisions.candidates(job, precision)
     if not options or race_verdict.winner is None:
         return None
     try:
-        budget, samples = precisions.prepare(job, budget, calibration)
+        budget, samples = inputs.get()
     except DIOEError:
         return None  # the usual path says what is wrong with the budget or the calibration data
     verdict = Verdict(job.settings.cache_dir, job, plan, precision, budget, samples, options)
     rec = verdict.record
-    if rec is None or rec.winner == FP32 or FP32 not in rec.fast_ms:
+    if rec is None or rec.winner == FP32 or not {FP32, rec.winner} <= set(rec.fast_ms):
         return None
     got = _rebuilt(job, verdict, samples)
     if got is None:
@@ -62,21 +62,22 @@ def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision:
         rounds = timing.side_by_side({won.label: cand.runtime.run, racing.EAGER: lambda xs: job.captured.gm(*xs)},
                                      job.captured.example_inputs, rounds=s.race_rounds, repeats=s.race_repeats,
                                      budget_s=s.timing_budget_s / s.race_rounds, warm=True)
-    if cand.runtime.stats["fallbacks"]:
-        cand.runtime.close()
-        return None
-    (won_rounds, eager_rounds) = (rounds[won.label], rounds[racing.EAGER])
-    rounds = {racing.PLAN: won_rounds, racing.EAGER: eager_rounds}
+    rounds = {racing.PLAN: rounds[won.label], racing.EAGER: rounds[racing.EAGER]}
     med = {k: statistics.median(v) for k, v in rounds.items()}
     fast = {k: timing.fast_half(v) for k, v in rounds.items()}
-    # the fp32 plan's time is the search's: it was not built, and the verdict says by how much it lost
-    searched = {FP32: rec.fast_ms[FP32], won.label: rec.fast_ms.get(won.label, fast[racing.PLAN])}
+    # the fp32 plan's time is the search's: it was not built, and the verdict says by how much it lost. The winner
+    # must still beat that time by the split margin (another load on the machine, a changed engine): else search
+    searched = {FP32: rec.fast_ms[FP32], won.label: rec.fast_ms[won.label]}
+    if cand.runtime.stats["fallbacks"] or fast[racing.PLAN] > searched[FP32] * (1 - s.split_margin):
+        cand.runtime.close()
+        return None
     notes = list(verdict.notes) + [
         f"race verdict reused from {race_verdict.path.name} ({race_verdict.report}) and precision verdict reused "
         f"from {verdict.path.name}: the fp32 plan was not built, and its time is the search's "
         f"({precisions._race_report(searched)})",
         f"timed again side by side: {won.label} {show_ms(med[racing.PLAN])} ms, torch eager "
         f"{show_ms(med[racing.EAGER])} ms"]
+    # the search kept fast-half times only: the fp32 plan's stands for its median as the runner-up's time
     promoted = precisions.promoted_plan(plan, cand, won, searched, {**searched, won.label: med[racing.PLAN]}, notes)
     cand.plan = replace(promoted, eager_ms=round_ms(med[racing.EAGER]))
     cand.race = racing.RaceRecord({k: tuple(v) for k, v in rounds.items()}, fast, med, racing.PLAN,

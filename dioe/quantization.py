@@ -71,7 +71,8 @@ class CalibrationKey(str):
 def missing(part: Partition, key: CalibrationKey, engine: str) -> BackendError:
     """The error for a plan's int8 artifact that is no longer in the cache."""
     return BackendError(f"partition {part.id}: the {engine} int8 model this plan was calibrated for "
-                        f"(calibration {key}) is not in the cache (cleared, or another cache folder); optimize again to rebuild it")
+                        f"(calibration {key}) is not in the cache (cleared, another cache folder, or keyed anew by a newer "
+                        "DIOE); optimize again to rebuild it")
 
 
 @functools.cache

@@ -218,8 +218,9 @@ def test_nncf_started_ahead_is_collected_by_compile_and_stopped_when_nobody_coll
     assert not children[0].tmp.exists()
     # the same calibration again: the artifact is cached, so there is nothing to start
     assert not be.prepare(part, member, "int8", calibration=calib) and len(children) == 1
-    assert be.prepare(part, member, "int8", calibration=_samples(g.example_inputs, 4, 2)) and len(children) == 2
-    be.release_prepared()
+    token = be.prepare(part, member, "int8", calibration=_samples(g.example_inputs, 4, 2))
+    assert token and len(children) == 2
+    be.release_prepared(token)
     assert children[1].proc.poll() is not None and not children[1].tmp.exists()
 
 

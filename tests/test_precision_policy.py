@@ -138,7 +138,8 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
     from dioe import precision as precisions
     from dioe import precision_warm
     model, x = _mlp()
-    script_int8_faster(monkeypatch)
+    # far faster: the warm start times the winner beside eager and checks it against the fp32 plan's searched time
+    script_int8_faster(monkeypatch, factor=0.01)
     calib = [(torch.randn(2, 32),) for _ in range(64)]
     kw = dict(backends=["onnxruntime"], precision="int8", cache_dir=tmp_path,
               accuracy=dioe.Budget(cosine=0.99, samples=32), calibration=calib)
@@ -174,3 +175,20 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
         warnings.simplefilter("ignore")
         again = dioe.optimize(model, (x,), **kw)
     assert again.precision_search.reused is None and max(judged) > 1
+
+
+def test_a_one_shot_calibration_iterator_is_read_once_when_the_warm_start_steps_aside(tmp_path):
+    """A warm optimize draws its samples once, whether the warm start or the search asks first: here the cached
+    verdict kept fp32 (a budget int8 cannot meet), so the warm start steps aside and the search reuses the verdict
+    from the same samples, not from the iterator's next items."""
+    from dioe.precision_record import FP32
+    model, x = _mlp()
+    calib = [(torch.randn(2, 32),) for _ in range(64)]
+    kw = dict(backends=["onnxruntime"], precision="int8", cache_dir=tmp_path,
+              accuracy=dioe.Budget(cosine=0.9999999, samples=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cold = dioe.optimize(model, (x,), calibration=iter(calib), **kw)
+        warm = dioe.optimize(model, (x,), calibration=iter(calib), **kw)
+    assert cold.precision_search.winner == FP32 and cold.precision_search.reused is None
+    assert warm.precision_search.winner == FP32 and warm.precision_search.reused
