@@ -293,6 +293,15 @@ class ResourcePool:
             raise PoolError("the pool has no CPU member to serve as the reference")
         return (real or cpus)[0]
 
+    def with_threads(self, threads: int) -> "ResourcePool":
+        """This pool with every CPU member's thread budget capped at `threads`: a process given fewer cores than
+        the machine has (a Ray replica with one CPU) keeps its engines to them, rather than run threads for cores
+        its neighbours use."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise PoolError(f"threads must be a whole number >= 1, got {threads!r}")
+        return ResourcePool([replace(m, threads=min(m.threads or threads, threads)) if m.device == "cpu" else m
+                             for m in self.members], self.absent, self.cpu)
+
     def fingerprint(self) -> str:
         """Stable text that changes when the machine or the pool changes (keys profile caches)."""
         import torch

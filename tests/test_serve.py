@@ -478,3 +478,22 @@ def test_ray_serve_answers_every_request_while_a_replica_is_killed_and_restores_
         for x, r in zip(xs, again):
             assert_matches_eager(eager(model, (x,)), r.result(timeout_s=120), rtol=1e-4)
         print(f"requests sent again after the kill: {len(resent)} {sorted(set(n for _, n in resent))}")
+
+
+def test_a_ray_replica_keeps_its_engines_to_its_share_of_the_cpu(tiny_mlp, tmp_path):
+    """A replica given one CPU of several plans for one thread: the saved plan, made for the whole machine, would
+    run an engine thread per core in every replica at once."""
+    from dioe.serve.ray import load_for_replica
+
+    model, inputs, opt = tiny_mlp
+    plan = opt.save(tmp_path / "tiny-mlp.plan.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, one = load_for_replica(str(plan), "tiny-mlp", small=False, cache_dir=str(tmp_path / "cache"),
+                                  options=OPTIONS, threads=1)
+    assert {m.threads for m in one.runtime.pool.members if m.device == "cpu"} == {1}
+    whole = {m.threads for m in opt.runtime.pool.members if m.device == "cpu"}
+    assert (one.plan.pool_fingerprint != opt.plan.pool_fingerprint) == (whole != {1})
+    assert_matches_eager(eager(model, inputs), one(*inputs))
+    with pytest.raises(dioe.DIOEError, match=r"threads must be a whole number >= 1, got 0"):
+        opt.runtime.pool.with_threads(0)

@@ -49,9 +49,11 @@ class RayMetrics(Instruments):
 
 
 def load_for_replica(plan_path: str, model_spec: str | None, *, small: bool, cache_dir: str | None,
-                     options: dict) -> tuple[Any, Any]:
-    """(model, optimized) on this replica: the saved plan where this machine's pool is the plan's, else a fresh
-    optimize for this pool (the cached profile makes it a short one)."""
+                     options: dict, threads: int | None = None) -> tuple[Any, Any]:
+    """(model, optimized) on this replica: the saved plan where this replica's pool is the plan's, else a fresh
+    optimize for this pool (the cached profile and engine artifacts make it a short one). `threads`: the replica's
+    share of the CPU, which its engines keep to (the plan's, made for the whole machine, would run a thread per
+    core in every replica at once)."""
     from .. import zoo
     from ..pipeline import load, optimize
     from ..plan import Plan
@@ -61,6 +63,8 @@ def load_for_replica(plan_path: str, model_spec: str | None, *, small: bool, cac
     plan = Plan.load(plan_path)
     model, inputs = zoo.resolve(model_spec or plan.model, size="small" if small else "full")
     pool = ResourcePool.discover()
+    if threads:
+        pool = pool.with_threads(threads)
     settings = Settings(cache_dir=Path(cache_dir)) if cache_dir else Settings()
     if pool.fingerprint() == plan.pool_fingerprint and set(plan.members()) <= {m.id for m in pool.members}:
         return model, load(plan_path, model, hardware=pool, settings=settings)
@@ -92,7 +96,8 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
             from .buckets import Buckets
 
             torch.set_num_threads(threads)
-            model, opt = load_for_replica(plan_path, model_spec, small=small, cache_dir=cache_dir, options=options)
+            model, opt = load_for_replica(plan_path, model_spec, small=small, cache_dir=cache_dir, options=options,
+                                          threads=threads)
             self.buckets = Buckets(opt, model=model, max_batch_size=max_batch_size,
                                    preferred_batch_sizes=preferred_batch_sizes, optimize_options=options)
             self.buckets.build()   # every bucket's plan before the first request, not in the middle of a load
