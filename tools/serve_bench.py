@@ -34,8 +34,14 @@ def offline(batcher: Batcher, seconds: float) -> list[dict]:
     rows = []
     for b in batcher.buckets.batch_sizes:
         bucket = batcher.buckets.longest(b)
-        rows.append(quieter(batcher.buckets.plan(bucket), batcher.buckets.examples(bucket), b, per))
+        opt = batcher.buckets.plan(bucket)
+        rows.append({**quieter(opt, batcher.buckets.examples(bucket), b, per), "plan": _engines(opt)})
     return rows
+
+
+def _engines(opt) -> str:
+    """What a plan runs: each distinct engine and precision, in partition order."""
+    return ", ".join(dict.fromkeys(f"{p.backend} {p.precision}" for p in opt.plan.partitions))
 
 
 def quieter(fn, x, batch: int, seconds: float) -> dict:
@@ -181,8 +187,8 @@ def main(argv=None) -> int:
     if args.ray_replicas:
         loads += ray_rows(args, plan_path, inputs, knobs)
     loads.append(http_ceiling(model, tuple(inputs), args))
-    rows = [[f"offline, batch {r['batch']}", f"{r['rows_per_s']:.1f}", f"{r['latency_ms']:.1f}", "-", "-", "-"]
-            for r in offline_rows]
+    rows = [[f"offline, batch {r['batch']} ({r['plan']})", f"{r['rows_per_s']:.1f}", f"{r['latency_ms']:.1f}", "-",
+             "-", "-"] for r in offline_rows]
     rows.append([f"offline, torch eager, batch {torch_best['batch']}", f"{torch_best['rows_per_s']:.1f}",
                  f"{torch_best['latency_ms']:.1f}", "-", "-", "-"])
     for r in loads:
