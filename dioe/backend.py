@@ -73,8 +73,8 @@ class Partition:
     @functools.cached_property
     def digest(self) -> str:
         """Hash of the code, input specs and weight bytes: the key of on-disk compiled artifacts. SHA-256 (cut to
-        128 bits), read from the weights in place: most current x86 and ARM CPUs hash it in hardware, at twice BLAKE2's speed,
-        and a warm optimize of a large model hashes every weight once."""
+        128 bits), read from the weights in place: most current x86 and ARM CPUs hash it in hardware, at twice
+        BLAKE2's speed, and a warm optimize of a large model hashes every weight once."""
         h = hashlib.sha256()
         h.update(self.gm.code.encode())
         for x in self.example_inputs:

@@ -39,11 +39,11 @@ from .text import round_ms, show_ms
 
 def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision: str,
                inputs: precisions.Inputs) -> Optimized | None:
-    """The model the cached precision verdict for `plan` (the fp32 plan an earlier race chose, not compiled) names,
-    built and timed beside eager; None where the verdict is missing, kept fp32, or does not hold here. `inputs`:
-    the budget and samples, drawn once for this optimize."""
+    """The model the cached precision verdict for `plan` (the fp32 plan the cached `race_verdict` chose, not
+    compiled) names, built and timed beside eager; None where the verdict is missing, kept fp32, or does not hold
+    here. `inputs`: the budget and samples, drawn once for this optimize."""
     options = precisions.candidates(job, precision)
-    if not options or race_verdict.winner is None:
+    if not options:
         return None
     try:
         budget, samples = inputs.get()
