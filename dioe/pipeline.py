@@ -164,7 +164,7 @@ def load(path: str | Path, model: torch.nn.Module, example_inputs: Any = None, *
     if missing:
         raise DIOEError(f"{path}: plan uses member(s) {missing} that this pool lacks "
                         f"(pool: {[m.id for m in pool.members]})")
-    if plan.pool_fingerprint != pool.fingerprint():
+    if not pool.same_machine(plan.pool_fingerprint):   # a share of the plan's machine's cores runs it as planned
         warnings.warn(f"dioe: {path} was made for another pool ({plan.pool_fingerprint}, this one is "
                       f"{pool.fingerprint()}): it runs as planned, but its timings and choices were measured there; "
                       "optimize again for the best plan here.", RuntimeWarning, stacklevel=2)

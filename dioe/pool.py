@@ -310,6 +310,12 @@ class ResourcePool:
         parts += [f"{m.id}={m.descriptor.name}/{m.name}/{m.threads}/{','.join(m.backends)}" for m in self.members]
         return "|".join(parts)
 
+    def same_machine(self, fingerprint: str) -> bool:
+        """Whether `fingerprint` (a plan's) names this pool's machine, members and engines, whatever each CPU
+        member's thread budget: a process that keeps to a share of the cores (`with_threads`) still runs on the
+        machine the plan was measured on, and a plan made there runs as planned."""
+        return _without_threads(fingerprint) == _without_threads(self.fingerprint())
+
     # -- telemetry ------------------------------------------------------------------------------------------
     def start_telemetry(self, interval_s: float = 0.5) -> None:
         """Sample every member in a background thread; `telemetry()` then returns the latest readings."""
@@ -392,3 +398,11 @@ def _pool_descriptor(entry: PoolEntry, where: LineMap, at: tuple, cpu: CpuInfo) 
     except DescriptorError as err:
         raise DescriptorError(err.file, err.line, err.key, f"{err.message} (the descriptor of member "
                               f"{entry.id!r}, {where.file}:{where.line(at)})") from None
+
+
+def _without_threads(fingerprint: str) -> str:
+    """A pool fingerprint with each member's thread budget left out (see `ResourcePool.fingerprint`: a member reads
+    id=descriptor/name/threads/backends, and backends hold no slash)."""
+    parts = fingerprint.split("|")
+    return "|".join(parts[:4] + ["/".join(p.rsplit("/", 2)[:1] + p.rsplit("/", 2)[2:]) if "=" in p else p
+                                 for p in parts[4:]])

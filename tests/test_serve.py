@@ -362,6 +362,70 @@ def test_loadtest_serves_a_plan_and_reports_percentiles_and_a_png(tiny_mlp, tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_serve_writes_bucket_plans_and_loads_them_the_next_time(tmp_path):
+    import subprocess
+
+    from helpers import dioe_command
+
+    folder = tmp_path / "buckets"
+    cmd = dioe_command() + ["serve", "tiny-mlp", "--backends", "torch", "--max-batch-size", "4", "--bucket-plans",
+                            str(folder), "--prepare-only"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "0 loaded, 3 optimized here (batch sizes 1, 2, 4)" in first.stdout, first.stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["b1.plan.json", "b2.plan.json", "b4.plan.json"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0 and "2 loaded, 1 optimized here" in again.stdout, (again.stdout, again.stderr[-2000:])
+    bad = subprocess.run(dioe_command() + ["serve", "tiny-mlp", "--prepare-only"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert bad.returncode != 0 and "--prepare-only writes the plans of --bucket-plans DIR" in bad.stderr, bad.stderr
+
+
+def test_saved_bucket_plans_load_on_a_share_of_the_cores_without_optimizing(tiny_bert, tmp_path, monkeypatch):
+    """What a Ray replica does: the plans of every batch size, made for the whole machine, load onto a pool capped
+    at one thread; a plan from another machine is passed over (its bucket optimized here), loudly."""
+    import json
+    import shutil
+
+    from dioe.serve.buckets import Buckets
+
+    model, _, opt = tiny_bert
+    settings = dioe.Settings(cache_dir=tmp_path / "cache")
+    made = Buckets(opt, model=model, max_batch_size=4, optimize_options={**OPTIONS, "settings": settings})
+    made.build()
+    files = made.save(tmp_path / "b")
+    assert [f.name for f in files] == ["b1-s32.plan.json", "b2-s32.plan.json", "b4-s32.plan.json"]
+
+    def no_optimize(*a, **k):
+        raise AssertionError("a bucket with a saved plan from this machine was optimized again")
+    monkeypatch.setattr("dioe.pipeline.optimize", no_optimize)
+    one = opt.runtime.pool.with_threads(1)
+    share = Buckets(opt, model=model, max_batch_size=4, optimize_options={**OPTIONS, "hardware": one,
+                                                                         "settings": settings})
+    assert [b.batch for b in share.load(tmp_path / "b")] == [2, 4]
+    for b in share.built[1:]:
+        assert {m.threads for m in share.plan(b).runtime.pool.members if m.device == "cpu"} == {1}
+    requests = _token_requests(3)
+    for req, out in zip(requests, share.run(requests)):
+        assert_matches_eager(eager(model, req), out, rtol=1e-4)
+
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "b", other)
+    plan = json.loads((other / "b4-s32.plan.json").read_text())
+    plan["pool_fingerprint"] = "another machine|x86_64|64|" + plan["pool_fingerprint"].split("|", 3)[3]
+    (other / "b4-s32.plan.json").write_text(json.dumps(plan))
+    fresh = Buckets(opt, model=model, max_batch_size=4, optimize_options={**OPTIONS, "settings": settings})
+    with pytest.warns(RuntimeWarning, match=r"b4-s32.plan.json was made on another machine \(another machine"):
+        assert [b.batch for b in fresh.load(other)] == [2]
+    shutil.copy(other / "b2-s32.plan.json", other / "b4-s32.plan.json")
+    with pytest.raises(dioe.DIOEError, match=r"b4-s32.plan.json: the plan is for batch=2, seq=32, where its file "
+                                             r"name says batch=4, seq=32"):
+        Buckets(opt, model=model, max_batch_size=4, optimize_options=OPTIONS).load(other)
+    with pytest.raises(dioe.DIOEError, match=r"nowhere: no folder of bucket plans there \(Buckets.save writes one\)"):
+        fresh.load(tmp_path / "nowhere")
+
+
 def test_loadgen_counts_errors_and_refuses_remote_hosts():
     from dioe.serve.loadgen import check_loopback, closed_loop
 
@@ -388,8 +452,8 @@ def test_loadgen_throughput_counts_until_the_last_answer():
 # -- Ray Serve -----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _ray_serve(opt, model_spec, tmp_path, monkeypatch, **knobs):
-    """A local Ray cluster of two CPUs serving `opt`'s saved plan as the application "dioe-test"; yields
-    (ray, serve, handle) and shuts it all down."""
+    """A local Ray cluster of two CPUs serving `opt`'s saved plan as the application "dioe-test" (`knobs` go to
+    `deployment`); yields (ray, serve, handle) and shuts it all down."""
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dioe[serve-ray]')")
     from ray import serve
 
@@ -420,8 +484,11 @@ def _running_replicas(serve) -> int:
 def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path, monkeypatch):
     model, _, opt = tiny_mlp
     xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    with Batcher(opt, model=model, max_batch_size=4, optimize_options=OPTIONS) as made:   # the driver's plans
+        made.buckets.build()
+        made.buckets.save(tmp_path / "buckets")
     with _ray_serve(opt, "tiny-mlp", tmp_path, monkeypatch, num_replicas=2, threads=1, max_batch_size=4,
-                    max_queue_delay_ms=20) as (ray, serve, handle):
+                    max_queue_delay_ms=20, bucket_plans=tmp_path / "buckets") as (ray, serve, handle):
         outs = [r.result(timeout_s=120) for r in [handle.infer.remote(x) for x in xs]]
         for x, out in zip(xs, outs):
             assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
@@ -480,20 +547,23 @@ def test_ray_serve_answers_every_request_while_a_replica_is_killed_and_restores_
         print(f"requests sent again after the kill: {len(resent)} {sorted(set(n for _, n in resent))}")
 
 
-def test_a_ray_replica_keeps_its_engines_to_its_share_of_the_cpu(tiny_mlp, tmp_path):
+def test_a_ray_replica_keeps_its_engines_to_its_share_of_the_cpu(tiny_mlp, tmp_path, monkeypatch):
     """A replica given one CPU of several plans for one thread: the saved plan, made for the whole machine, would
     run an engine thread per core in every replica at once."""
     from dioe.serve.ray import load_for_replica
 
     model, inputs, opt = tiny_mlp
     plan = opt.save(tmp_path / "tiny-mlp.plan.json")
+
+    def no_optimize(*a, **k):
+        raise AssertionError("a replica on the plan's machine optimized again instead of loading the plan")
+    monkeypatch.setattr("dioe.pipeline.optimize", no_optimize)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, one = load_for_replica(str(plan), "tiny-mlp", small=False, cache_dir=str(tmp_path / "cache"),
+        warnings.simplefilter("error")   # a share of the plan's own machine is not "another pool"
+        _, one = load_for_replica(str(plan), "tiny-mlp", small=False, settings=dioe.Settings(cache_dir=tmp_path),
                                   options=OPTIONS, threads=1)
     assert {m.threads for m in one.runtime.pool.members if m.device == "cpu"} == {1}
-    whole = {m.threads for m in opt.runtime.pool.members if m.device == "cpu"}
-    assert (one.plan.pool_fingerprint != opt.plan.pool_fingerprint) == (whole != {1})
+    assert one.plan.to_dict() == opt.plan.to_dict()
     assert_matches_eager(eager(model, inputs), one(*inputs))
     with pytest.raises(dioe.DIOEError, match=r"threads must be a whole number >= 1, got 0"):
         opt.runtime.pool.with_threads(0)

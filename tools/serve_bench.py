@@ -121,7 +121,9 @@ def http_ceiling(model: torch.nn.Module, inputs: tuple, args) -> "object":
         return external_load(url, single.name, args, CEILING)
 
 
-def ray_rows(args, plan_path: Path, request: tuple, knobs: dict) -> list:
+def ray_rows(args, plan_path: Path, buckets: Path, request: tuple, knobs: dict, started: dict) -> list:
+    """The two Ray rows; `started` gets each deployment's seconds from `serve.run` to its first answer (its
+    replicas loading or building their plans)."""
     import ray
     from ray import serve
 
@@ -137,11 +139,13 @@ def ray_rows(args, plan_path: Path, request: tuple, knobs: dict) -> list:
         common = {"num_replicas": args.ray_replicas, "threads": 1, **knobs}
         for label, app in (("DIOE on Ray Serve", deployment(plan_path, model_spec=args.model, small=args.small,
                                                              optimize_options={"precision": args.precision},
-                                                             **common)),
+                                                             bucket_plans=buckets, **common)),
                            (PLAIN_RAY, plain_torch_deployment(args.model, small=args.small,
                                                                              **common))):
+            t0 = time.perf_counter()
             handle = serve.run(app, name=label.replace(" ", "-").replace(",", ""), route_prefix=None)
             handle.infer.remote(*request).result(timeout_s=600)   # replicas up and warm
+            started[label] = time.perf_counter() - t0
             results.append(closed_loop(lambda x, h=handle: h.infer.remote(*x).result(timeout_s=120), [request],
                                        concurrency=args.clients, duration_s=args.duration, name=label))
             serve.delete(label.replace(" ", "-").replace(",", ""))
@@ -174,6 +178,8 @@ def main(argv=None) -> int:
     with Batcher(opt, model=model, queue_size=4 * args.clients, metrics=metrics,
                  optimize_options={"precision": args.precision}, **knobs) as batcher:
         batcher.buckets.build()
+        buckets = plan_path.parent / "buckets"
+        batcher.buckets.save(buckets)   # what the Ray replicas load
         offline_rows = offline(batcher, 2 * args.duration)
         best = max(offline_rows, key=lambda r: r["rows_per_s"])
         torch_best = eager_at(batcher, model, best["batch"], args.duration)
@@ -184,8 +190,9 @@ def main(argv=None) -> int:
     with Batcher(opt, model=model, max_batch_size=1, queue_size=4 * args.clients) as single, \
             start(make_app(single)) as url:
         loads.append(external_load(url, single.name, args, "unbatched, HTTP"))
+    started: dict = {}
     if args.ray_replicas:
-        loads += ray_rows(args, plan_path, inputs, knobs)
+        loads += ray_rows(args, plan_path, buckets, inputs, knobs, started)
     loads.append(http_ceiling(model, tuple(inputs), args))
     rows = [[f"offline, batch {r['batch']} ({r['plan']})", f"{r['rows_per_s']:.1f}", f"{r['latency_ms']:.1f}", "-",
              "-", "-"] for r in offline_rows]
@@ -210,13 +217,14 @@ def main(argv=None) -> int:
               f"torch one): {over(best['rows_per_s'], torch_best['rows_per_s'])}"]
     if args.ray_replicas:
         ratios += [f"batcher HTTP / plain Ray torch: {over(by['batcher, HTTP'], by[PLAIN_RAY])}",
-                   f"DIOE on Ray / plain Ray torch: {over(by['DIOE on Ray Serve'], by[PLAIN_RAY])}"]
+                   f"DIOE on Ray / plain Ray torch: {over(by['DIOE on Ray Serve'], by[PLAIN_RAY])}",
+                   "Ray deployments up and answering after " + ", ".join(f"{k} {v:.1f} s" for k, v in started.items())]
     print("\n" + "; ".join(ratios))
     png = out / f"{args.model}.serve.png"
     out.mkdir(parents=True, exist_ok=True)
     plot(loads, png)
     record = {"model": args.model, "small": args.small, "precision": args.precision, "clients": args.clients,
-              "duration_s": args.duration, "knobs": knobs, "ray_replicas": args.ray_replicas,
+              "duration_s": args.duration, "knobs": knobs, "ray_replicas": args.ray_replicas, "ray_start_s": started,
               "offline": offline_rows, "torch_eager": torch_best, "load": [r.to_dict() for r in loads]}
     write_text(out / f"{args.model}.serve.json", json.dumps(record, indent=1))
     print(f"latency over time: {png}")

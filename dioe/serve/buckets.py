@@ -11,8 +11,10 @@ Both the in-process `Batcher` and the Ray Serve replicas run their batches throu
 from __future__ import annotations
 
 import threading
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -175,6 +177,54 @@ class Buckets:
         for b in buckets or [self.longest(n) for n in self.batch_sizes]:
             self.plan(b)
 
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write every built bucket's plan into `folder`, one `b<batch>[-s<seq>].plan.json` each, for `load` in
+        another process on this machine: a Ray replica loads them in seconds, where building one is an optimize."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return [self._plans[b].save(folder / plan_file(b)) for b in self.built]
+
+    def load(self, folder: str | Path, **load_options) -> tuple[Bucket, ...]:
+        """Take the plans that `save` wrote into `folder` for this batcher's buckets, each through `dioe.load`
+        (checked against eager on one call) on this batcher's pool unless `load_options` name another. A plan
+        made on another machine is passed over, with a warning, and its bucket optimized here when first needed,
+        as is a bucket with no plan in `folder`. Returns the buckets loaded."""
+        from ..pipeline import load
+        from ..plan import Plan
+        from ..pool import ResourcePool
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DIOEError(f"{folder}: no folder of bucket plans there (Buckets.save writes one)")
+        if self.model is None:
+            raise DIOEError(f"{self.name}: loading bucket plans needs the model: pass model= to the batcher")
+        for key in ("hardware", "settings", "cache_dir"):
+            if key in self.options:
+                load_options.setdefault(key, self.options[key])
+        pool = load_options["hardware"]
+        if not isinstance(pool, ResourcePool):
+            pool = load_options["hardware"] = ResourcePool.discover(pool)
+        got = []
+        for bucket in [self.longest(n) for n in self.batch_sizes]:
+            path = folder / plan_file(bucket)
+            if bucket in self._plans or not path.is_file():
+                continue
+            made_for = Plan.load(path).pool_fingerprint
+            if not pool.same_machine(made_for):
+                warnings.warn(f"dioe: {path} was made on another machine ({made_for}); this one "
+                              f"({pool.fingerprint()}) optimizes that bucket for itself", RuntimeWarning, stacklevel=2)
+                continue
+            opt = load(path, self.model, **load_options)
+            specs = opt.captured.input_specs
+            found = Bucket(specs[0].shape[0], specs[self.seq_inputs[0]].shape[1] if self.seq_inputs else None)
+            if found != bucket:
+                raise DIOEError(f"{path}: the plan is for batch={found.batch}, seq={found.seq}, where its file name "
+                                f"says batch={bucket.batch}, seq={bucket.seq}")
+            with self._lock:
+                self._plans.setdefault(bucket, opt)
+            got.append(bucket)
+        return tuple(got)
+
     @property
     def built(self) -> tuple[Bucket, ...]:
         return tuple(sorted(self._plans, key=lambda b: (b.batch, b.seq or 0)))
@@ -255,6 +305,11 @@ class Buckets:
         if seq is not None and seq != bucket.seq and o.dim() >= 3 and o.shape[1] == bucket.seq:
             return o[:, :seq]
         return o
+
+
+def plan_file(bucket: Bucket) -> str:
+    """The file name of `bucket`'s plan in a folder written by `Buckets.save`."""
+    return f"b{bucket.batch}{'' if bucket.seq is None else f'-s{bucket.seq}'}.plan.json"
 
 
 def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """`dioe serve` and `dioe loadtest`: their arguments and bodies (cli.py registers them).
 
     dioe serve [MODEL|PLAN] [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] [--max-queue-delay-ms 2] ...
+    dioe serve MODEL --bucket-plans DIR --prepare-only      (the plans a Ray deployment's replicas load)
     dioe loadtest URL|PLAN [--model NAME] [--rate R] [--duration 10] [--concurrency 16] [--png latency.png]
 """
 
@@ -41,6 +42,10 @@ def add_parsers(sub) -> None:
                    help="for a MODEL: the precision search of each bucket's optimize (default fp32)")
     s.add_argument("--backends", nargs="+", help="for a MODEL: restrict the backends")
     s.add_argument("--max-body-bytes", type=int, default=64 << 20, help="larger bodies get 413 (default 64 MiB)")
+    s.add_argument("--bucket-plans", metavar="DIR",
+                   help="load each batch size's plan from DIR where this machine made one, build the others before "
+                        "serving, and write them all there (a Ray deployment's bucket_plans)")
+    s.add_argument("--prepare-only", action="store_true", help="with --bucket-plans: write them, then exit")
     add_knobs(s)
     s.set_defaults(fn=cmd_serve)
 
@@ -99,10 +104,21 @@ def cmd_serve(args) -> int:
     from .http import make_app, serve_forever
     from .metrics import PrometheusMetrics
 
+    if args.prepare_only and not args.bucket_plans:
+        raise DIOEError("--prepare-only writes the plans of --bucket-plans DIR; name the folder")
     model, _, opt, options = load_model(args.model, small=args.small, model_spec=args.model_spec,
                                         precision=args.precision, backends=args.backends)
     metrics = PrometheusMetrics(opt.captured.name)
     with make_batcher(opt, model, options, args, metrics) as batcher:
+        if args.bucket_plans:
+            folder = Path(args.bucket_plans)
+            loaded = batcher.buckets.load(folder) if folder.is_dir() else ()
+            batcher.buckets.build()
+            saved = batcher.buckets.save(folder)
+            print(f"bucket plans in {folder}: {len(loaded)} loaded, {len(saved) - len(loaded)} optimized here "
+                  f"(batch sizes {', '.join(str(b.batch) for b in batcher.buckets.built)})", flush=True)
+            if args.prepare_only:
+                return 0
         app = make_app(batcher, metrics, max_body_bytes=args.max_body_bytes)
         print(f"serving {batcher.name} at http://{args.host}:{args.port}/v1/models/{batcher.name}/infer "
               "(/health, /metrics; Ctrl-C stops)", flush=True)

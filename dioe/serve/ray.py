@@ -1,11 +1,14 @@
 """Scale-out on Ray Serve: a deployment whose replicas each load a saved plan, batch with the batcher's knobs
 through `@serve.batch`, run each batch under the plan of its bucket, and export the batcher's metrics through Ray's
-metrics. A replica on a machine whose pool differs from the plan's optimizes again for its own pool, from the
-model and the profile cached on disk (shared cache folder: no re-measuring what was measured).
+metrics. A replica on the plan's machine loads the plan, and the plan of each batch size from a folder written by
+the batcher's `buckets.save`, whatever share of the cores it is given; a replica on a machine whose pool differs
+optimizes again for its own pool, from the model and the profile cached on disk (shared cache folder: no
+re-measuring what was measured).
 
     >>> import ray; from ray import serve                                        # doctest: +SKIP
     >>> ray.init(num_cpus=2)
-    >>> app = deployment("minilm.plan.json", num_replicas=2, threads=1, max_batch_size=8)
+    >>> app = deployment("minilm.plan.json", bucket_plans="minilm-buckets", num_replicas=2, threads=1,
+    ...                  max_batch_size=8)
     >>> handle = serve.run(app)
     >>> out = handle.infer.remote(ids, mask).result()
 
@@ -48,25 +51,23 @@ class RayMetrics(Instruments):
         self._requests.inc(1, tags={"model": self.model, "outcome": outcome})
 
 
-def load_for_replica(plan_path: str, model_spec: str | None, *, small: bool, cache_dir: str | None,
-                     options: dict, threads: int | None = None) -> tuple[Any, Any]:
-    """(model, optimized) on this replica: the saved plan where this replica's pool is the plan's, else a fresh
-    optimize for this pool (the cached profile and engine artifacts make it a short one). `threads`: the replica's
-    share of the CPU, which its engines keep to (the plan's, made for the whole machine, would run a thread per
-    core in every replica at once)."""
+def load_for_replica(plan_path: str, model_spec: str | None, *, small: bool, settings: Any, options: dict,
+                     threads: int | None = None) -> tuple[Any, Any]:
+    """(model, optimized) on this replica: the saved plan where this replica runs on the plan's machine, else a
+    fresh optimize for this pool (the cached profile and engine artifacts make it a short one). `threads`: the
+    replica's share of the CPU, which its engines keep to (the plan's, made for the whole machine, would run a
+    thread per core in every replica at once); a share of the plan's machine still loads the plan."""
     from .. import zoo
     from ..pipeline import load, optimize
     from ..plan import Plan
     from ..pool import ResourcePool
-    from ..settings import Settings
 
     plan = Plan.load(plan_path)
     model, inputs = zoo.resolve(model_spec or plan.model, size="small" if small else "full")
     pool = ResourcePool.discover()
     if threads:
         pool = pool.with_threads(threads)
-    settings = Settings(cache_dir=Path(cache_dir)) if cache_dir else Settings()
-    if pool.fingerprint() == plan.pool_fingerprint and set(plan.members()) <= {m.id for m in pool.members}:
+    if pool.same_machine(plan.pool_fingerprint) and set(plan.members()) <= {m.id for m in pool.members}:
         return model, load(plan_path, model, hardware=pool, settings=settings)
     return model, optimize(model, inputs, hardware=pool, settings=settings, name=plan.model, **options)
 
@@ -74,9 +75,11 @@ def load_for_replica(plan_path: str, model_spec: str | None, *, small: bool, cac
 def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: bool = False, num_replicas: int = 2,
                threads: int = 1, max_batch_size: int = 8, max_queue_delay_ms: float = 2.0,
                preferred_batch_sizes: Sequence[int] = (), queue_size: int = 64, cache_dir: str | None = None,
-               optimize_options: dict | None = None, name: str = "dioe"):
+               optimize_options: dict | None = None, bucket_plans: str | Path | None = None, name: str = "dioe"):
     """A bound Ray Serve application serving the plan at `plan_path` (pass it to `serve.run`). Each replica uses
-    `threads` torch threads and one Ray CPU each."""
+    `threads` torch threads and one Ray CPU each. `bucket_plans`: a folder written by `Buckets.save` (the batcher's
+    `buckets.save(folder)`) with a plan for each batch size: a replica on the machine they were made on loads them,
+    where without them it optimizes one plan per batch size as it starts."""
     require("serve-ray", "ray")
     from ray import serve
 
@@ -86,6 +89,10 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
     plan = Plan.load(plan_path)   # a bad path or plan fails here, not in every replica
     options = dict(optimize_options or {})
     options.setdefault("precision", "fp32" if all(p.precision == "fp32" for p in plan.partitions) else "auto")
+    if bucket_plans is not None:
+        bucket_plans = str(Path(bucket_plans).resolve())
+        if not Path(bucket_plans).is_dir():   # here, not in every replica
+            raise DIOEError(f"bucket_plans={bucket_plans}: no such folder (Buckets.save writes one)")
 
     @serve.deployment(name=name, num_replicas=num_replicas, max_ongoing_requests=queue_size,
                       ray_actor_options={"num_cpus": threads})
@@ -95,11 +102,17 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
 
             from .buckets import Buckets
 
+            from ..settings import Settings
+
             torch.set_num_threads(threads)
-            model, opt = load_for_replica(plan_path, model_spec, small=small, cache_dir=cache_dir, options=options,
+            settings = Settings(cache_dir=Path(cache_dir)) if cache_dir else Settings()
+            model, opt = load_for_replica(plan_path, model_spec, small=small, settings=settings, options=options,
                                           threads=threads)
             self.buckets = Buckets(opt, model=model, max_batch_size=max_batch_size,
-                                   preferred_batch_sizes=preferred_batch_sizes, optimize_options=options)
+                                   preferred_batch_sizes=preferred_batch_sizes,
+                                   optimize_options={**options, "settings": settings})
+            if bucket_plans is not None:
+                self.buckets.load(bucket_plans)
             self.buckets.build()   # every bucket's plan before the first request, not in the middle of a load
             self.metrics = RayMetrics(self.buckets.name)
             self._fallbacks = self.buckets.fallbacks()
