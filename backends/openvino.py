@@ -24,6 +24,7 @@ import collections
 import contextlib
 import importlib.util
 import json
+import os
 import signal
 import shutil
 import subprocess
@@ -292,6 +293,10 @@ class OpenvinoBackend(Backend):
                   "PERFORMANCE_HINT": "THROUGHPUT" if objective == "throughput" else "LATENCY"}
         if device.startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = self.threads(member)
+            if self.threads(member) < _usable_cores():
+                # OpenVINO pins its threads to the first cores of the process's mask: two processes each given
+                # a share of the cores (Ray replicas with one thread each) would all run on core 0, at half speed
+                config["ENABLE_CPU_PINNING"] = False
         spec = member.descriptor.backend(self.name)
         if spec:
             config.update({k: v for k, v in spec.options.config.items()})
@@ -304,6 +309,8 @@ class OpenvinoBackend(Backend):
             _owner_only(blobs)
             seal_folder(blobs)
         touch(blobs)  # OpenVINO does not touch a blob it reuses: the folder's time says when it was last used
+        if device.startswith("CPU"):
+            notes["cpu_pinning"] = bool(compiled.get_property("ENABLE_CPU_PINNING"))   # read back, not assumed
         ran = _float_precision(compiled)
         if precision in ("bf16", "fp16") and ran != precision:
             caps = self.core.get_property(device, "OPTIMIZATION_CAPABILITIES")
@@ -329,6 +336,13 @@ class OpenvinoBackend(Backend):
             res = req.infer([host_view(xs[i]) for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
         return Built(run, xml, ran, notes)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
 
 
 def _blob_lock(folder) -> threading.Lock:

@@ -162,6 +162,23 @@ def test_onnxruntime_workers_spin_only_when_the_partition_runs_alone(cpu):
     assert spinning(be.compile(whole(g), cpu)) == "0"
 
 
+@pytest.mark.skipif("openvino" not in AVAILABLE, reason="needs openvino")
+def test_openvino_leaves_threads_unpinned_on_a_share_of_the_cores(cpu, monkeypatch):
+    """OpenVINO pins its threads to the first cores of the process's mask: one-thread processes beside each other
+    (Ray replicas) would all share core 0. A member given fewer threads than the process has cores runs unpinned,
+    as OpenVINO reads it back."""
+    from dataclasses import replace
+
+    from dioe.backends import openvino as ov_backend
+
+    monkeypatch.setattr(ov_backend, "_usable_cores", lambda: 4)
+    g = dioe.capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    be = backends.get("openvino")
+    share = be.compile(whole(g), replace(cpu, threads=1))
+    assert share.notes["cpu_pinning"] is False, share.notes
+    assert_matches_eager(eager(g.gm, g.example_inputs), share(*g.example_inputs), rtol=RTOL["openvino"])
+
+
 @pytest.mark.parametrize("backend", [b for b in ("onnxruntime", "openvino") if b in AVAILABLE])
 def test_numpy_fed_engines_take_inputs_that_require_grad(backend, cpu):
     """An input computed outside no_grad reaches the engine as it is: numpy() refuses it unless detached, and a
