@@ -567,3 +567,14 @@ def test_a_ray_replica_keeps_its_engines_to_its_share_of_the_cpu(tiny_mlp, tmp_p
     assert_matches_eager(eager(model, inputs), one(*inputs))
     with pytest.raises(dioe.DIOEError, match=r"threads must be a whole number >= 1, got 0"):
         opt.runtime.pool.with_threads(0)
+
+
+def test_a_ray_deployment_refuses_optimize_options_its_replicas_set_and_a_missing_bucket_folder(tiny_mlp, tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'dioe[serve-ray]')")
+    from dioe.serve.ray import deployment
+
+    plan = tiny_mlp[2].save(tmp_path / "tiny-mlp.plan.json")
+    with pytest.raises(dioe.DIOEError, match=r"optimize_options may not name hardware, settings: each replica sets"):
+        deployment(plan, optimize_options={"settings": dioe.Settings(), "hardware": "auto", "precision": "fp32"})
+    with pytest.raises(dioe.DIOEError, match=r"bucket_plans=.*nowhere: no such folder \(Buckets.save writes one\)"):
+        deployment(plan, bucket_plans=tmp_path / "nowhere")

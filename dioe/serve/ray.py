@@ -88,6 +88,10 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
     plan_path = str(Path(plan_path).resolve())
     plan = Plan.load(plan_path)   # a bad path or plan fails here, not in every replica
     options = dict(optimize_options or {})
+    taken = sorted(set(options) & {"hardware", "settings", "name"})
+    if taken:
+        raise DIOEError(f"optimize_options may not name {', '.join(taken)}: each replica sets them itself (its own "
+                        "pool, capped at threads; cache_dir= for the cache folder; the plan's model name)")
     options.setdefault("precision", "fp32" if all(p.precision == "fp32" for p in plan.partitions) else "auto")
     if bucket_plans is not None:
         bucket_plans = str(Path(bucket_plans).resolve())
