@@ -24,7 +24,6 @@ import collections
 import contextlib
 import importlib.util
 import json
-import os
 import signal
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cores
 from ..backend import Backend, Built, Partition, decomposes, host_view, write_atomically
 from ..cache import reuse, touch
 from ..errors import BackendError
@@ -293,7 +293,7 @@ class OpenvinoBackend(Backend):
                   "PERFORMANCE_HINT": "THROUGHPUT" if objective == "throughput" else "LATENCY"}
         if device.startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = self.threads(member)
-            if self.threads(member) < _usable_cores():
+            if self.threads(member) < cores.usable_cores():
                 # OpenVINO pins its threads to the first cores of the process's mask: two processes each given
                 # a share of the cores (Ray replicas with one thread each) would all run on core 0, at half speed
                 config["ENABLE_CPU_PINNING"] = False
@@ -336,13 +336,6 @@ class OpenvinoBackend(Backend):
             res = req.infer([host_view(xs[i]) for i in order], share_inputs=True)
             return tuple(torch.from_numpy(v) for v in res.values())
         return Built(run, xml, ran, notes)
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks on this platform
-        return os.cpu_count() or 1
 
 
 def _blob_lock(folder) -> threading.Lock:

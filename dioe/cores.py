@@ -24,6 +24,14 @@ _BUSY = ("import os, sys, time\n"
          "    pass\n")
 
 
+def usable_cores() -> int:
+    """How many cores this process may run on: its affinity mask, or every core where the platform has none."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def pin(cores: Sequence[int]) -> None:
     """Pin the calling thread to `cores` (Linux applies `sched_setaffinity(0, ...)` to the calling thread only);
     nothing to do for an empty list."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Iterable
 
 import psutil
 
+from .cores import usable_cores
 from .hardware import Descriptor
 
 # ARM does not print a model name; /proc/cpuinfo gives the core's part number instead.
@@ -52,13 +52,9 @@ class CpuInfo:
             elif key == "CPU part" and value in _ARM_PARTS and not name.startswith("ARM"):
                 name = f"ARM {_ARM_PARTS[value]}"
         logical = psutil.cpu_count(logical=True) or 1
-        try:
-            usable = len(os.sched_getaffinity(0))
-        except AttributeError:
-            usable = logical
         return cls(name=name, machine=platform.machine(), flags=frozenset(flags),
                    physical_cores=psutil.cpu_count(logical=False) or logical, logical_cores=logical,
-                   usable_cores=usable)
+                   usable_cores=usable_cores())
 
 
 def cpu_score(d: Descriptor, cpu: CpuInfo) -> int | None:

@@ -403,6 +403,8 @@ def _pool_descriptor(entry: PoolEntry, where: LineMap, at: tuple, cpu: CpuInfo) 
 def _without_threads(fingerprint: str) -> str:
     """A pool fingerprint with each member's thread budget left out (see `ResourcePool.fingerprint`: a member reads
     id=descriptor/name/threads/backends, and backends hold no slash)."""
+    def member(part: str) -> str:
+        head, _threads, backends = part.rsplit("/", 2)
+        return f"{head}/{backends}"
     parts = fingerprint.split("|")
-    return "|".join(parts[:4] + ["/".join(p.rsplit("/", 2)[:1] + p.rsplit("/", 2)[2:]) if "=" in p else p
-                                 for p in parts[4:]])
+    return "|".join(parts[:4] + [member(p) if "=" in p and p.count("/") >= 2 else p for p in parts[4:]])

@@ -169,9 +169,9 @@ def test_openvino_leaves_threads_unpinned_on_a_share_of_the_cores(cpu, monkeypat
     as OpenVINO reads it back."""
     from dataclasses import replace
 
-    from dioe.backends import openvino as ov_backend
+    from dioe import cores
 
-    monkeypatch.setattr(ov_backend, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 4)
     g = dioe.capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
     be = backends.get("openvino")
     share = be.compile(whole(g), replace(cpu, threads=1))

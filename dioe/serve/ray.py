@@ -104,9 +104,8 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
         def __init__(self):
             import torch
 
-            from .buckets import Buckets
-
             from ..settings import Settings
+            from .buckets import Buckets
 
             torch.set_num_threads(threads)
             settings = Settings(cache_dir=Path(cache_dir)) if cache_dir else Settings()
