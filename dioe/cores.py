@@ -25,9 +25,10 @@ _BUSY = ("import os, sys, time\n"
 
 
 def usable_cores() -> int:
-    """How many cores this process may run on: its affinity mask, or every core where the platform has none."""
+    """How many cores this process may run on: its main thread's affinity mask (a thread `pin`ned to a member's
+    cores does not narrow it), or every core where the platform has none."""
     try:
-        return len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(os.getpid()))
     except AttributeError:
         return os.cpu_count() or 1
 

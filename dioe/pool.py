@@ -311,9 +311,10 @@ class ResourcePool:
         return "|".join(parts)
 
     def same_machine(self, fingerprint: str) -> bool:
-        """Whether `fingerprint` (a plan's) names this pool's machine, members and engines, whatever each CPU
-        member's thread budget: a process that keeps to a share of the cores (`with_threads`) still runs on the
-        machine the plan was measured on, and a plan made there runs as planned."""
+        """Whether `fingerprint` (a plan's) names this pool's machine, members and engines, whatever each member's
+        thread budget: a process whose engines keep to fewer threads (`with_threads`, a Ray replica) still runs on
+        the machine the plan was measured on, and a plan made there runs as planned. A process given fewer cores
+        (an affinity mask) is another machine: the fingerprint counts the usable cores."""
         return _without_threads(fingerprint) == _without_threads(self.fingerprint())
 
     # -- telemetry ------------------------------------------------------------------------------------------

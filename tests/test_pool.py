@@ -136,3 +136,17 @@ def test_pool_file_bad_cores_name_file_line_and_key(tmp_path, cores, message):
     with pytest.raises(DescriptorError, match=message) as info:
         ResourcePool.discover(p)
     assert info.value.line == 4 and str(p) in str(info.value)
+
+
+def test_a_thread_budget_is_a_share_of_the_same_machine_and_anything_else_is_another():
+    from dioe.pool import _without_threads
+
+    pool = dioe.ResourcePool.discover()
+    assert pool.same_machine(pool.with_threads(1).fingerprint()) and pool.with_threads(1).same_machine(
+        pool.fingerprint())
+    other = pool.fingerprint().split("|")
+    assert not pool.same_machine("|".join(["another CPU"] + other[1:]))
+    assert not pool.same_machine("|".join(other[:2] + [str(int(other[2]) + 64)] + other[3:]))   # more cores
+    base = "CPU|x86_64|2|2.13.0|cpu0=x86-64/Vendor 9/4 Model/{}/openvino,torch"
+    assert _without_threads(base.format(2)) == _without_threads(base.format(1))   # a slash in the name
+    assert _without_threads(base.format(2)) != _without_threads(base.format(1).replace("openvino,", ""))

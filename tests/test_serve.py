@@ -372,13 +372,19 @@ def test_serve_writes_bucket_plans_and_loads_them_the_next_time(tmp_path):
                             str(folder), "--prepare-only"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "0 loaded, 3 optimized here (batch sizes 1, 2, 4)" in first.stdout, first.stdout
+    assert "0 loaded, 3 built here and written (batch sizes 1, 2, 4)" in first.stdout, first.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["b1.plan.json", "b2.plan.json", "b4.plan.json"]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode == 0 and "2 loaded, 1 optimized here" in again.stdout, (again.stdout, again.stderr[-2000:])
+    assert again.returncode == 0 and "2 loaded, 1 built here and written" in again.stdout, \
+        (again.stdout, again.stderr[-2000:])
     bad = subprocess.run(dioe_command() + ["serve", "tiny-mlp", "--prepare-only"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "--prepare-only writes the plans of --bucket-plans DIR" in bad.stderr, bad.stderr
+    (tmp_path / "a-file").write_text("")
+    bad = subprocess.run(dioe_command() + ["serve", "tiny-mlp", "--bucket-plans", "a-file"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode != 0 and "--bucket-plans a-file: a file is there; expected a folder" in bad.stderr, \
+        bad.stderr
 
 
 def test_saved_bucket_plans_load_on_a_share_of_the_cores_without_optimizing(tiny_bert, tmp_path, monkeypatch):
@@ -405,6 +411,9 @@ def test_saved_bucket_plans_load_on_a_share_of_the_cores_without_optimizing(tiny
     assert [b.batch for b in share.load(tmp_path / "b")] == [2, 4]
     for b in share.built[1:]:
         assert {m.threads for m in share.plan(b).runtime.pool.members if m.device == "cpu"} == {1}
+    assert [(d["batch"], d["seq"], d["source"]) for d in share.describe()] == [
+        (1, 32, "given"), (2, 32, f"loaded from {tmp_path / 'b' / 'b2-s32.plan.json'}"),
+        (4, 32, f"loaded from {tmp_path / 'b' / 'b4-s32.plan.json'}")]
     requests = _token_requests(3)
     for req, out in zip(requests, share.run(requests)):
         assert_matches_eager(eager(model, req), out, rtol=1e-4)
@@ -424,6 +433,9 @@ def test_saved_bucket_plans_load_on_a_share_of_the_cores_without_optimizing(tiny
         Buckets(opt, model=model, max_batch_size=4, optimize_options=OPTIONS).load(other)
     with pytest.raises(dioe.DIOEError, match=r"nowhere: no folder of bucket plans there \(Buckets.save writes one\)"):
         fresh.load(tmp_path / "nowhere")
+    live = Buckets(opt, model=model, max_batch_size=4, optimize_options={**OPTIONS, "precision": "live"})
+    with pytest.raises(dioe.DIOEError, match=r"a live batcher's buckets adapt from their own optimize"):
+        live.load(tmp_path / "b")
 
 
 def test_loadgen_counts_errors_and_refuses_remote_hosts():
@@ -490,6 +502,9 @@ def test_ray_serve_two_one_thread_replicas_from_a_saved_plan(tiny_mlp, tmp_path,
     with _ray_serve(opt, "tiny-mlp", tmp_path, monkeypatch, num_replicas=2, threads=1, max_batch_size=4,
                     max_queue_delay_ms=20, bucket_plans=tmp_path / "buckets") as (ray, serve, handle):
         outs = [r.result(timeout_s=120) for r in [handle.infer.remote(x) for x in xs]]
+        loaded = handle.describe.remote().result(timeout_s=120)
+        assert [(d["batch"], d["source"].split(" from ")[0]) for d in loaded] == [
+            (1, "given"), (2, "loaded"), (4, "loaded")], loaded
         for x, out in zip(xs, outs):
             assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
         with pytest.raises(Exception, match=r"input 'x' has shape \[1, 3\], expected \[batch, 64\]"):
@@ -559,7 +574,7 @@ def test_a_ray_replica_keeps_its_engines_to_its_share_of_the_cpu(tiny_mlp, tmp_p
         raise AssertionError("a replica on the plan's machine optimized again instead of loading the plan")
     monkeypatch.setattr("dioe.pipeline.optimize", no_optimize)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # a share of the plan's own machine is not "another pool"
+        warnings.simplefilter("error", RuntimeWarning)   # a share of the plan's own machine is not "another pool"
         _, one = load_for_replica(str(plan), "tiny-mlp", small=False, settings=dioe.Settings(cache_dir=tmp_path),
                                   options=OPTIONS, threads=1)
     assert {m.threads for m in one.runtime.pool.members if m.device == "cpu"} == {1}

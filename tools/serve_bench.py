@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 import dioe
 from dioe.files import write_text
 from dioe.serve import Batcher
+from dioe.serve.buckets import engines
 from dioe.serve.http import make_app, start
 from dioe.serve.loadgen import closed_loop, plot
 from dioe.serve.metrics import PrometheusMetrics
@@ -35,13 +36,8 @@ def offline(batcher: Batcher, seconds: float) -> list[dict]:
     for b in batcher.buckets.batch_sizes:
         bucket = batcher.buckets.longest(b)
         opt = batcher.buckets.plan(bucket)
-        rows.append({**quieter(opt, batcher.buckets.examples(bucket), b, per), "plan": _engines(opt)})
+        rows.append({**quieter(opt, batcher.buckets.examples(bucket), b, per), "plan": engines(opt.plan)})
     return rows
-
-
-def _engines(opt) -> str:
-    """What a plan runs: each distinct engine and precision, in partition order."""
-    return ", ".join(dict.fromkeys(f"{p.backend} {p.precision}" for p in opt.plan.partitions))
 
 
 def quieter(fn, x, batch: int, seconds: float) -> dict:

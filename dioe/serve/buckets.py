@@ -86,6 +86,7 @@ class Buckets:
         self.options.setdefault("name", self.name)
         own = Bucket(self.specs[0].shape[0], next(iter(lengths)) if lengths else None)
         self._plans: dict[Bucket, Any] = {own: opt}
+        self.sources: dict[Bucket, str] = {own: "given"}   # where each bucket's plan came from
         self._lock = threading.Lock()
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class Buckets:
                 from ..pipeline import optimize
 
                 self._plans[bucket] = optimize(self.model, self.examples(bucket), **self.options)
+                self.sources[bucket] = "optimized"
             return self._plans[bucket]
 
     def build(self, buckets: Sequence[Bucket] | None = None) -> None:
@@ -177,35 +179,40 @@ class Buckets:
         for b in buckets or [self.longest(n) for n in self.batch_sizes]:
             self.plan(b)
 
-    def save(self, folder: str | Path) -> list[Path]:
-        """Write every built bucket's plan into `folder`, one `b<batch>[-s<seq>].plan.json` each, for `load` in
-        another process on this machine: a Ray replica loads them in seconds, where building one is an optimize."""
+    def save(self, folder: str | Path, buckets: Sequence[Bucket] | None = None) -> list[Path]:
+        """Write the plans of `buckets` (default: every built one) into `folder`, one `b<batch>[-s<seq>].plan.json`
+        each, for `load` in another process on this machine: a Ray replica loads them in seconds, where building
+        one is an optimize."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        return [self._plans[b].save(folder / plan_file(b)) for b in self.built]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DIOEError(f"{folder}: cannot write bucket plans there ({e.strerror or e})") from None
+        return [self._plans[b].save(folder / plan_file(b)) for b in (self.built if buckets is None else buckets)]
 
     def load(self, folder: str | Path, **load_options) -> tuple[Bucket, ...]:
-        """Take the plans that `save` wrote into `folder` for this batcher's buckets, each through `dioe.load`
-        (checked against eager on one call) on this batcher's pool unless `load_options` name another. A plan
-        made on another machine is passed over, with a warning, and its bucket optimized here when first needed,
-        as is a bucket with no plan in `folder`. Returns the buckets loaded."""
-        from ..pipeline import load
+        """Take the plans that `save` wrote into `folder` for this batcher's buckets (each batch size at each
+        sequence bucket), each through `dioe.load` (checked against eager on one call) on this batcher's pool
+        unless `load_options` name another. A plan made on another machine is passed over, with a warning, and its
+        bucket optimized here when first needed, as is a bucket with no plan in `folder`. Returns the buckets
+        loaded; `sources` says where each plan came from."""
+        from ..pipeline import _pool, load
         from ..plan import Plan
-        from ..pool import ResourcePool
 
         folder = Path(folder)
         if not folder.is_dir():
             raise DIOEError(f"{folder}: no folder of bucket plans there (Buckets.save writes one)")
         if self.model is None:
             raise DIOEError(f"{self.name}: loading bucket plans needs the model: pass model= to the batcher")
+        if self.options.get("precision") == "live":
+            raise DIOEError(f"{self.name}: a live batcher's buckets adapt from their own optimize; saved plans would "
+                            "stop them adapting (save and load them with precision='auto' or a fixed precision)")
         for key in ("hardware", "settings", "cache_dir"):
             if key in self.options:
                 load_options.setdefault(key, self.options[key])
-        pool = load_options["hardware"]
-        if not isinstance(pool, ResourcePool):
-            pool = load_options["hardware"] = ResourcePool.discover(pool)
+        pool = load_options["hardware"] = _pool(load_options["hardware"])
         got = []
-        for bucket in [self.longest(n) for n in self.batch_sizes]:
+        for bucket in [Bucket(b, t) for b in self.batch_sizes for t in (self.seq_buckets or (None,))]:
             path = folder / plan_file(bucket)
             if bucket in self._plans or not path.is_file():
                 continue
@@ -218,12 +225,24 @@ class Buckets:
             specs = opt.captured.input_specs
             found = Bucket(specs[0].shape[0], specs[self.seq_inputs[0]].shape[1] if self.seq_inputs else None)
             if found != bucket:
+                opt.runtime.close()
                 raise DIOEError(f"{path}: the plan is for batch={found.batch}, seq={found.seq}, where its file name "
                                 f"says batch={bucket.batch}, seq={bucket.seq}")
             with self._lock:
-                self._plans.setdefault(bucket, opt)
-            got.append(bucket)
+                kept = self._plans.setdefault(bucket, opt) is opt   # not if a caller's build got there first
+                if kept:
+                    self.sources[bucket] = f"loaded from {path}"
+            if kept:
+                got.append(bucket)
+            else:
+                opt.runtime.close()
         return tuple(got)
+
+    def describe(self) -> list[dict]:
+        """Each built bucket: its batch and sequence length, what its plan runs (each engine and precision, in
+        partition order) and where the plan came from (`sources`)."""
+        return [{"batch": b.batch, "seq": b.seq, "source": self.sources.get(b, ""),
+                 "engines": engines(self._plans[b].plan)} for b in self.built]
 
     @property
     def built(self) -> tuple[Bucket, ...]:
@@ -305,6 +324,11 @@ class Buckets:
         if seq is not None and seq != bucket.seq and o.dim() >= 3 and o.shape[1] == bucket.seq:
             return o[:, :seq]
         return o
+
+
+def engines(plan) -> str:
+    """What a plan runs: each distinct engine and precision, in partition order ("openvino int8, openvino bf16")."""
+    return ", ".join(dict.fromkeys(f"{p.backend} {p.precision}" for p in plan.partitions))
 
 
 def plan_file(bucket: Bucket) -> str:

@@ -106,6 +106,9 @@ def cmd_serve(args) -> int:
 
     if args.prepare_only and not args.bucket_plans:
         raise DIOEError("--prepare-only writes the plans of --bucket-plans DIR; name the folder")
+    if args.bucket_plans and Path(args.bucket_plans).exists() and not Path(args.bucket_plans).is_dir():
+        raise DIOEError(f"--bucket-plans {args.bucket_plans}: a file is there; expected a folder (new or written by "
+                        "an earlier --bucket-plans)")
     model, _, opt, options = load_model(args.model, small=args.small, model_spec=args.model_spec,
                                         precision=args.precision, backends=args.backends)
     metrics = PrometheusMetrics(opt.captured.name)
@@ -114,8 +117,11 @@ def cmd_serve(args) -> int:
             folder = Path(args.bucket_plans)
             loaded = batcher.buckets.load(folder) if folder.is_dir() else ()
             batcher.buckets.build()
-            saved = batcher.buckets.save(folder)
-            print(f"bucket plans in {folder}: {len(loaded)} loaded, {len(saved) - len(loaded)} optimized here "
+            # what was loaded stays as it was written: a plan that fell back at its load check would otherwise
+            # replace the file of the plan it fell back from
+            built = [b for b in batcher.buckets.built if b not in loaded]
+            batcher.buckets.save(folder, built)
+            print(f"bucket plans in {folder}: {len(loaded)} loaded, {len(built)} built here and written "
                   f"(batch sizes {', '.join(str(b.batch) for b in batcher.buckets.built)})", flush=True)
             if args.prepare_only:
                 return 0

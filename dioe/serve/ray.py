@@ -1,7 +1,7 @@
 """Scale-out on Ray Serve: a deployment whose replicas each load a saved plan, batch with the batcher's knobs
 through `@serve.batch`, run each batch under the plan of its bucket, and export the batcher's metrics through Ray's
 metrics. A replica on the plan's machine loads the plan, and the plan of each batch size from a folder written by
-the batcher's `buckets.save`, whatever share of the cores it is given; a replica on a machine whose pool differs
+the batcher's `buckets.save`, whatever thread budget it is given; a replica on a machine whose pool differs
 optimizes again for its own pool, from the model and the profile cached on disk (shared cache folder: no
 re-measuring what was measured).
 
@@ -123,6 +123,10 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=max_queue_delay_ms / 1000)
         async def _batch(self, requests: list) -> list:
             return run_batch(self.buckets, requests, self.metrics)
+
+        async def describe(self) -> list[dict]:
+            """This replica's buckets: what each plan runs and where it came from (loaded or optimized here)."""
+            return self.buckets.describe()
 
         async def infer(self, *inputs) -> Any:
             """The model's outputs for one request (a tuple of input tensors), batched with its neighbours."""
