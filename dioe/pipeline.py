@@ -105,8 +105,11 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: Map
         with stage("precision: warm start", precision=precision):
             opt = precision_warm.warm_start(job, plan, verdict, precision=precision, inputs=inputs)
     if opt is None:
-        opt = _fp32_then_lower(job, plan, verdict, precision=precision, budget=accuracy, calibration=calibration,
-                               inputs=inputs)
+        try:
+            opt = _fp32_then_lower(job, plan, verdict, precision=precision, budget=accuracy,
+                                   calibration=calibration, inputs=inputs)
+        finally:
+            precision_warm.release(inputs)   # a rebuilt winner the warm start handed on and the search did not take
     # 10. keep the disk cache under its cap: least recently used artifacts go, never the ones this plan runs
     try:
         _cache.trim(settings.cache_dir, max_bytes=settings.cache_max_bytes,

@@ -92,7 +92,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     verdict = Verdict(s.cache_dir, job, opt.plan, precision, budget, samples, options)
     if verdict.record is not None:
         from .precision_warm import reuse   # it builds on this module's search
-        reused = reuse(opt, job, verdict, samples)
+        reused = reuse(opt, job, verdict, samples, inputs)
         if reused is not None:
             return reused
     notes = [f"precision {precision}: budget {budget}, judged on {len(holdout) * batch} held-out samples "
@@ -162,6 +162,7 @@ class Inputs:
 
     def __init__(self, job: Job, budget: Budget | None, calibration: Any):
         self._args, self._got = (job, budget, calibration), None
+        self.handed: tuple | None = None   # a rebuilt winner, from the warm start to reuse (`precision_warm.hand_on`)
 
     def get(self) -> tuple[Budget, Samples]:
         if self._got is None:

@@ -68,8 +68,11 @@ def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision:
     # the fp32 plan's time is the search's: it was not built, and the verdict says by how much it lost. The winner
     # must still beat that time by the split margin (another load on the machine, a changed engine): else search
     searched = {FP32: rec.fast_ms[FP32], won.label: rec.fast_ms[won.label]}
-    if cand.runtime.stats["fallbacks"] or fast[racing.PLAN] > searched[FP32] * (1 - s.split_margin):
+    if cand.runtime.stats["fallbacks"]:
         cand.runtime.close()
+        return None
+    if fast[racing.PLAN] > searched[FP32] * (1 - s.split_margin):
+        hand_on(inputs, verdict.path, won, cand)   # the full path races it against the fp32 plan itself
         return None
     notes = list(verdict.notes) + [
         f"race verdict reused from {race_verdict.path.name} ({race_verdict.report}) and precision verdict reused "
@@ -86,16 +89,18 @@ def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision:
     return cand
 
 
-def reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Optimized | None:
+def reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples,
+          inputs: precisions.Inputs | None = None) -> Optimized | None:
     """A warm optimize: the precision an earlier search chose, rebuilt from its cached artifact and checked on one
-    held-out input against what the search measured, then timed again against the fp32 plan. None when the check
-    fails (the engine or its artifact no longer computes what was judged): the caller searches again."""
+    held-out input against what the search measured (or as the warm start handed it on through `inputs`, rebuilt
+    and checked already), then timed again against the fp32 plan. None when the check fails (the engine or its
+    artifact no longer computes what was judged): the caller searches again."""
     rec = verdict.record
     notes = list(verdict.notes) + [f"precision verdict reused from {verdict.path.name}"]
     if rec.winner == FP32:
         opt.precision_search = rec
         return precisions._keep_fp32(opt, rec.fp32, notes)
-    got = _rebuilt(job, verdict, samples)
+    got = (_take(inputs, verdict.path) if inputs is not None else None) or _rebuilt(job, verdict, samples)
     if got is None:
         return None
     won, cand = got
@@ -105,6 +110,29 @@ def reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples) -> Optim
         return None  # it no longer wins here (another load on the machine, a changed engine): search again
     notes.append(f"timed again against fp32 (faster half of rounds): {precisions._race_report(fast)}")
     return precisions._promote(opt, cand, won, fast, med, notes, replace(rec, fast_ms=fast))
+
+
+def hand_on(inputs: precisions.Inputs, verdict_path, won: Candidate, cand: Optimized) -> None:
+    """Keep the winner the warm start rebuilt and checked, then stepped aside from, for the search's `reuse` of
+    the same verdict: it races it against the fp32 plan without building and checking it again."""
+    release(inputs)
+    inputs.handed = (verdict_path, won, cand)
+
+
+def release(inputs: precisions.Inputs) -> None:
+    """Close what was handed on and not taken."""
+    _take(inputs, None)
+
+
+def _take(inputs: precisions.Inputs, verdict_path) -> tuple[Candidate, Optimized] | None:
+    """(candidate, model) handed on for `verdict_path`, once; one handed on for another verdict is closed."""
+    got, inputs.handed = inputs.handed, None
+    if got is None:
+        return None
+    if got[0] == verdict_path:
+        return got[1], got[2]
+    got[2].runtime.close()
+    return None
 
 
 def _rebuilt(job: Job, verdict: Verdict, samples: Samples) -> tuple[Candidate, Optimized] | None:

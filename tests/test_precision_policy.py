@@ -177,6 +177,44 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
     assert again.precision_search.reused is None and max(judged) > 1
 
 
+def test_a_winner_the_warm_start_steps_aside_from_is_raced_by_the_search_without_being_built_again(tmp_path,
+                                                                                                   monkeypatch):
+    """Timed beside eager, the rebuilt winner is scripted slower than the fp32 plan's searched time, so the warm
+    start steps aside; raced against the compiled fp32 plan it is scripted faster, so the search's reuse keeps it.
+    It is rebuilt and checked once, by the warm start, and handed on."""
+    from dioe import precision_warm, timing
+    model, x = _mlp()
+    calib = [(torch.randn(2, 32),) for _ in range(64)]
+    kw = dict(backends=["onnxruntime"], precision="int8", cache_dir=tmp_path,
+              accuracy=dioe.Budget(cosine=0.99, samples=32), calibration=calib)
+    script_int8_faster(monkeypatch, factor=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cold = dioe.optimize(model, (x,), **kw)
+    assert cold.precision_search.winner != FP32, cold.plan.summary()
+    scripted = timing.side_by_side
+
+    def beside_eager_slow(runs, flat, **kw2):
+        got = scripted(runs, flat, **kw2)
+        if "torch eager" in got and any("/int8" in k for k in got):
+            return {k: [1e3] * len(v) if "/int8" in k else v for k, v in got.items()}
+        return got
+    monkeypatch.setattr(timing, "side_by_side", beside_eager_slow)
+    rebuilt = []
+    real_rebuilt = precision_warm._rebuilt
+    monkeypatch.setattr(precision_warm, "_rebuilt", lambda *a: rebuilt.append(1) or real_rebuilt(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with dioe.trace(None) as tr:
+            warm = dioe.optimize(model, (x,), **kw)
+    stages = [r["name"] for r in tr.records if r["kind"] == "stage"]
+    assert "precision: warm start" in stages and "compile" in stages, stages
+    assert rebuilt == [1], "the winner was built and checked again after the warm start"
+    assert warm.precision_search.reused and warm.precision_search.winner == cold.precision_search.winner
+    assert [p.choice for p in warm.plan.partitions] == [p.choice for p in cold.plan.partitions]
+    torch.testing.assert_close(warm(x), cold(x), rtol=0, atol=0)
+
+
 def test_a_one_shot_calibration_iterator_is_read_once_when_the_warm_start_steps_aside(tmp_path):
     """A warm optimize draws its samples once, whether the warm start or the search asks first: here the cached
     verdict kept fp32 (a budget int8 cannot meet), so the warm start steps aside and the search reuses the verdict
