@@ -438,6 +438,35 @@ def test_saved_bucket_plans_load_on_a_share_of_the_cores_without_optimizing(tiny
         live.load(tmp_path / "b")
 
 
+def test_each_bucket_is_calibrated_and_judged_on_the_given_data_rebatched(tiny_mlp, tiny_bert, tmp_path):
+    """Calibration data shaped like the batch-1 example, given to the batcher, reaches every bucket's optimize
+    dealt into inputs of the bucket's batch: judged on it, not on generated inputs."""
+    from dioe.serve.buckets import Bucket, Buckets
+
+    model, inputs, opt = tiny_mlp
+    calib = [(torch.randn(1, 64, generator=torch.Generator().manual_seed(i)),) for i in range(200)]
+    b = Buckets(opt, model=model, max_batch_size=4, optimize_options={
+        "backends": ["onnxruntime"], "precision": "int8", "calibration": calib,
+        "settings": dioe.Settings(cache_dir=tmp_path)})
+    four = b.calibration_for(Bucket(4))
+    assert len(four) == 50 and all(x.shape == (4, 64) for (x,) in four)
+    torch.testing.assert_close(four[1][0], torch.cat([c[0] for c in calib[4:8]]), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # the warning that DIOE calibrates on generated inputs
+        two = b.plan(Bucket(2))
+    assert any("held-out samples (given inputs)" in n for n in two.plan.notes), two.plan.notes
+
+    bert, _, bopt = tiny_bert
+    rows = [(torch.randint(1, 1000, (1, 32)), torch.ones(1, 32, dtype=torch.long)) for _ in range(8)]
+    tb = Buckets(bopt, model=bert, max_batch_size=4, sequence_buckets=(16, 32),
+                 optimize_options={**OPTIONS, "calibration": rows})
+    (ids, mask), = tb.calibration_for(Bucket(4, 16))[:1]
+    assert ids.shape == mask.shape == (4, 16) and torch.equal(ids, torch.cat([r[0][:, :16] for r in rows[:4]]))
+    bad = Buckets(opt, model=model, max_batch_size=4, optimize_options={**OPTIONS, "calibration": [(1, 2)]})
+    with pytest.raises(dioe.DIOEError, match=r"calibration items must be tuples of 1 tensor\(s\) shaped like"):
+        bad.calibration_for(Bucket(2))
+
+
 def test_loadgen_counts_errors_and_refuses_remote_hosts():
     from dioe.serve.loadgen import check_loopback, closed_loop
 

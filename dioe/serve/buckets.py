@@ -88,6 +88,7 @@ class Buckets:
         self._plans: dict[Bucket, Any] = {own: opt}
         self.sources: dict[Bucket, str] = {own: "given"}   # where each bucket's plan came from
         self._lock = threading.Lock()
+        self._rows: list[tuple] | None = None   # the given calibration data, one row each (`calibration_for`)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def check(self, inputs: Sequence) -> tuple[int, int | None]:
@@ -170,7 +171,10 @@ class Buckets:
                                     "and building one needs the model: pass model= to the batcher")
                 from ..pipeline import optimize
 
-                self._plans[bucket] = optimize(self.model, self.examples(bucket), **self.options)
+                options = self.options
+                if options.get("calibration") is not None:
+                    options = {**options, "calibration": self.calibration_for(bucket)}
+                self._plans[bucket] = optimize(self.model, self.examples(bucket), **options)
                 self.sources[bucket] = "optimized"
             return self._plans[bucket]
 
@@ -251,6 +255,28 @@ class Buckets:
     def fallbacks(self) -> int:
         """Run-time engine fallbacks over every bucket's plan so far."""
         return sum(o.stats["fallback_calls"] for o in list(self._plans.values()))
+
+    def calibration_for(self, bucket: Bucket) -> list[tuple]:
+        """The calibration data given in `optimize_options` (inputs shaped like the example's), rebatched to
+        `bucket`: its rows, in order, dealt into inputs of `bucket.batch` rows, token inputs padded (or cut) to
+        the bucket's length. Each bucket's plan is then calibrated and judged on the same data, row for row; a
+        batch of 16 needs 16 times as many rows per input, so a short data set fails that bucket's optimize
+        with an error that says how many inputs it needs."""
+        if self._rows is None:
+            given = self.options["calibration"]
+            self._rows = []
+            for item in (given() if callable(given) else given):
+                item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+                if len(item) != len(self.specs) or not all(isinstance(x, torch.Tensor) and x.dim() for x in item):
+                    raise InputSpecError(f"{self.name}: calibration items must be tuples of {len(self.specs)} "
+                                         f"tensor(s) shaped like {self._expected()}")
+                self._rows += [tuple(x[r:r + 1] for x in item) for r in range(item[0].shape[0])]
+        out = []
+        for start in range(0, len(self._rows) - bucket.batch + 1, bucket.batch):
+            rows = self._rows[start:start + bucket.batch]
+            out.append(tuple(torch.cat([_pad_seq(r[i][:, :bucket.seq], bucket.seq) if i in self.seq_inputs else r[i]
+                                        for r in rows]) for i in range(len(self.specs))))
+        return out
 
     def examples(self, bucket: Bucket) -> tuple[torch.Tensor, ...]:
         """Inputs like the captured example's, at `bucket`'s batch and sequence length."""
