@@ -438,7 +438,8 @@ def test_saved_bucket_plans_load_on_a_share_of_the_cores_without_optimizing(tiny
         live.load(tmp_path / "b")
 
 
-def test_each_bucket_is_calibrated_and_judged_on_the_given_data_rebatched(tiny_mlp, tiny_bert, tmp_path):
+def test_each_bucket_is_calibrated_and_judged_on_the_given_data_rebatched(tiny_mlp, tiny_bert, tmp_path,
+                                                                          monkeypatch):
     """Calibration data shaped like the batch-1 example, given to the batcher, reaches every bucket's optimize
     dealt into inputs of the bucket's batch: judged on it, not on generated inputs."""
     from dioe.serve.buckets import Bucket, Buckets
@@ -465,6 +466,15 @@ def test_each_bucket_is_calibrated_and_judged_on_the_given_data_rebatched(tiny_m
     bad = Buckets(opt, model=model, max_batch_size=4, optimize_options={**OPTIONS, "calibration": [(1, 2)]})
     with pytest.raises(dioe.DIOEError, match=r"calibration items must be tuples of 1 tensor\(s\) shaped like"):
         bad.calibration_for(Bucket(2))
+    # too few rows for a batch of 4: that bucket fails once, says why, and is not optimized again on the next batch
+    short = Buckets(opt, model=model, max_batch_size=4, optimize_options={
+        "backends": ["onnxruntime"], "precision": "int8", "calibration": calib[:100],
+        "settings": dioe.Settings(cache_dir=tmp_path)})
+    for _ in range(2):
+        with pytest.raises(dioe.DIOEError, match=r"bucket batch=4 has no plan: its optimize failed: calibration "
+                                                 r"data has 25 distinct item\(s\)"):
+            short.plan(Bucket(4))
+        monkeypatch.setattr("dioe.pipeline.optimize", lambda *a, **k: pytest.fail("optimized again"))
 
 
 def test_loadgen_counts_errors_and_refuses_remote_hosts():

@@ -89,6 +89,7 @@ class Buckets:
         self.sources: dict[Bucket, str] = {own: "given"}   # where each bucket's plan came from
         self._lock = threading.Lock()
         self._rows: list[tuple] | None = None   # the given calibration data, one row each (`calibration_for`)
+        self._failed: dict[Bucket, str] = {}     # buckets whose optimize failed, and why
 
     # -- requests ----------------------------------------------------------------------------------------------
     def check(self, inputs: Sequence) -> tuple[int, int | None]:
@@ -164,17 +165,23 @@ class Buckets:
         if opt is not None:
             return opt
         with self._lock:  # one build per bucket, however many threads ask
+            if bucket in self._failed:   # not optimized again for every batch that asks: its requests run alone
+                raise DIOEError(self._failed[bucket])
             if bucket not in self._plans:
+                where = f"bucket batch={bucket.batch}{'' if bucket.seq is None else f', seq={bucket.seq}'}"
                 if self.model is None:
-                    raise DIOEError(f"{self.name}: bucket batch={bucket.batch}"
-                                    f"{'' if bucket.seq is None else f', seq={bucket.seq}'} needs a plan of its own, "
-                                    "and building one needs the model: pass model= to the batcher")
+                    raise DIOEError(f"{self.name}: {where} needs a plan of its own, and building one needs the "
+                                    "model: pass model= to the batcher")
                 from ..pipeline import optimize
 
                 options = self.options
-                if options.get("calibration") is not None:
-                    options = {**options, "calibration": self.calibration_for(bucket)}
-                self._plans[bucket] = optimize(self.model, self.examples(bucket), **options)
+                try:
+                    if options.get("calibration") is not None:
+                        options = {**options, "calibration": self.calibration_for(bucket)}
+                    self._plans[bucket] = optimize(self.model, self.examples(bucket), **options)
+                except DIOEError as e:
+                    self._failed[bucket] = f"{self.name}: {where} has no plan: its optimize failed: {e}"
+                    raise DIOEError(self._failed[bucket]) from e
                 self.sources[bucket] = "optimized"
             return self._plans[bucket]
 
