@@ -292,11 +292,22 @@ def _check_accuracy(report: Mapping, where: LineMap, path: Path_) -> None:
     from .accuracy import MetricResult   # reading a plan needs no accuracy code until it has a report
 
     want = {"met", "confidence", "results"}
-    if set(report) != want:
-        raise where.error(path, f"has keys {sorted(report)}; expected {sorted(want)}")
+    if not want <= set(report) <= want | {"example"}:
+        raise where.error(path, f"has keys {sorted(report)}; expected {sorted(want)} and optionally 'example'")
     build(bool, report["met"], where, path + ("met",))
     build(float, report["confidence"], where, path + ("confidence",))
     build(tuple[MetricResult, ...], report["results"], where, path + ("results",))
+    # the plan's agreement on its own example inputs when it was made, which `dioe.load` checks it still gives
+    example = report.get("example", [])
+    if not isinstance(example, (list, tuple)):
+        raise where.error(path + ("example",), f"expected a list, got {type(example).__name__}")
+    for i, e in enumerate(example):
+        at = path + ("example", i)
+        if not isinstance(e, Mapping) or set(e) != {"metric", "output", "value"}:
+            raise where.error(at, "expected {metric, output, value}")
+        build(str, e["metric"], where, at + ("metric",))
+        build(int, e["output"], where, at + ("output",))
+        build(float, e["value"], where, at + ("value",))
 
 
 __all__ = ["Choice", "OBJECTIVES", "PRECISIONS", "Plan", "PlanPartition", "PlanStage", "round_ms", "safe_name",

@@ -36,6 +36,7 @@ from .optimized import Optimized
 from .precision_record import FP32, Candidate, PrecisionRecord, Verdict
 from .plan import Choice, Plan
 from .planner import Job, whole_graph_plan
+from .reload import with_example
 from .text import round_ms, show_ms
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "live")
@@ -391,12 +392,11 @@ def _promote(opt: Optimized, winner: Optimized, won: Candidate, fast: dict, med:
 
 
 def promoted_plan(fp32: Plan, winner: Optimized, won: Candidate, fast: dict, med: dict, notes: Sequence[str]):
-    """`winner`'s plan saying why it won over the `fp32` plan (its runner-up): the budget it met and the times it
-    raced; the fp32 plan's notes and eager time carried over."""
-    best = won.label
+    """`winner`'s plan saying why it won over the `fp32` plan (its runner-up), the fp32 plan's notes and eager time
+    carried over; its accuracy report adds its agreement on the example inputs (`reload.with_example`)."""
+    best, fp32_parts = won.label, fp32.partitions
     said = (f"{won.option.precision} met the budget ({won.report.summary()}) and raced "
             f"{fast[FP32] / fast[best]:.2f}x faster than the fp32 plan")
-    fp32_parts = fp32.partitions
     if won.mix:   # each part says why it runs at its precision; the whole says why the mix won
         parts = winner.plan.partitions
         notes = tuple(notes) + (f"mixed precision: {won.label}: {said}",)
@@ -404,9 +404,9 @@ def promoted_plan(fp32: Plan, winner: Optimized, won: Candidate, fast: dict, med
         (part,) = winner.plan.partitions
         runner = replace(fp32_parts[0].choice, predicted_ms=round_ms(med[FP32])) if len(fp32_parts) == 1 else None
         parts = (replace(part, measured_ms=round_ms(med[best]), runner_up=runner, reason=said),)
-    return replace(winner.plan, partitions=parts, predicted_ms=round_ms(med[best]),
-                   measured_ms=round_ms(med[best]), eager_ms=fp32.eager_ms,
-                   accuracy=won.report.to_dict(), notes=fp32.notes + tuple(notes))
+    return replace(winner.plan, partitions=parts, predicted_ms=round_ms(med[best]), measured_ms=round_ms(med[best]),
+                   eager_ms=fp32.eager_ms, accuracy=with_example(winner, won.report.to_dict()),
+                   notes=fp32.notes + tuple(notes))
 
 
 def candidates(job: Job, precision: str) -> list[Choice]:

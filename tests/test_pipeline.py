@@ -260,4 +260,15 @@ def test_load_judges_a_partition_below_fp32_by_the_plans_accuracy(tmp_path):
             warnings.simplefilter("ignore")
             got = dioe.load(path, m, (x,), hardware=pool, cache_dir=tmp_path)
         assert (got.plan.partitions[0].precision == "bf16") == kept, (share, err, got.plan.summary())
+    # a plan records its agreement on its own example when made: an example unlike the held-out inputs, worse than
+    # their worst, still loads where the engine gives what it gave then
+    for share, kept in ((1.2 / WORST_SLACK, True), (0.8 / WORST_SLACK, False)):
+        path = tmp_path / f"example-{share}.plan.json"
+        tight = report(1 - 1e-12)
+        replace(bf16, accuracy={**tight, "example": [{"metric": "cosine", "output": 0,
+                                                      "value": 1 - share * err}]}).save(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = dioe.load(path, m, (x,), hardware=pool, cache_dir=tmp_path)
+        assert (got.plan.partitions[0].precision == "bf16") == kept, (share, err, got.plan.summary())
 

@@ -129,7 +129,10 @@ def test_a_truncated_plan_file_is_a_plan_error_naming_the_file_and_position(tmp_
                                         r"such as float32$"),
     (("inputs", 0), "shape", [1, -64], r"inputs\[0\]\.shape\[1\]: expected a size >= 0, got -64$"),
     (("inputs", 0), "shape", [1, 2.5], r"inputs\[0\]\.shape\[1\]: expected an integer or a string, got 2\.5$"),
-    ((), "accuracy", {"met": True}, r"accuracy: has keys \['met'\]; expected \['confidence', 'met', 'results'\]$"),
+    ((), "accuracy", {"met": True}, r"accuracy: has keys \['met'\]; expected \['confidence', 'met', 'results'\] and "
+                                    r"optionally 'example'$"),
+    ((), "accuracy", {"met": True, "confidence": 0.95, "results": [], "example": [{"metric": "cosine"}]},
+     r"accuracy.example\[0\]: expected \{metric, output, value\}$"),
 ])
 def test_a_malformed_plan_names_the_field_and_what_was_expected(tmp_path, where, key, value, message):
     path = _saved(tmp_path, _set(where, key, value))
