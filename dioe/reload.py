@@ -115,12 +115,13 @@ def verify_loaded(opt: Optimized, planned: Plan, *, source: str, settings: Setti
     return opt
 
 
-def example_accuracy(opt: Optimized, report: dict | None) -> AccuracyReport:
-    """`opt`'s agreement with eager on one call of its example inputs, under the budget of `report` (a plan's
-    accuracy report; the default budget for the model's outputs where there is none)."""
-    want = opt.captured.reference_outputs()
+def example_accuracy(opt: Optimized, report: dict | None, inputs: Any = None) -> AccuracyReport:
+    """`opt`'s agreement with eager on one call of `inputs` (default: its example inputs), under the budget of
+    `report` (a plan's accuracy report; the default budget for the model's outputs where there is none)."""
+    inputs = list(opt.captured.example_inputs if inputs is None else inputs)
     with torch.inference_mode():
-        got = tuple(opt.runtime.run(list(opt.captured.example_inputs)))
+        want = tuple(opt.captured.gm(*inputs))
+        got = tuple(opt.runtime.run(inputs))
     if report is not None and report["results"]:
         judged = AccuracyReport.from_dict(report)
         budget = Budget(**{r.metric: r.threshold for r in judged.results}, confidence=judged.confidence,
@@ -131,10 +132,14 @@ def example_accuracy(opt: Optimized, report: dict | None) -> AccuracyReport:
 
 
 def with_example(opt: Optimized, report: dict) -> dict:
-    """`report` (a plan's accuracy report) with `opt`'s agreement on its example inputs as `example`: what
-    `dioe.load` checks the plan still gives."""
+    """`report` (a plan's accuracy report) with `opt`'s agreement on the inputs `dioe.load` makes up for its plan
+    (`example_inputs_for`) as `example`: what a load that is given no inputs checks the plan still gives."""
+    try:
+        inputs = example_inputs_for(opt.plan)
+    except DIOEError:   # an input that is not a tensor: a load must be given inputs, and is checked as before
+        return report
     return {**report, "example": [{"metric": r.metric, "output": r.output, "value": r.value}
-                                  for r in example_accuracy(opt, report).results]}
+                                  for r in example_accuracy(opt, report, inputs).results]}
 
 
 def _accuracy_misses(opt: Optimized) -> list[str]:
@@ -147,7 +152,9 @@ def _accuracy_misses(opt: Optimized) -> list[str]:
     report = opt.plan.accuracy if opt.plan.accuracy is not None and opt.plan.accuracy["results"] else None
     judged = example_accuracy(opt, report)
     worst = {(r.metric, r.output): r.worst for r in AccuracyReport.from_dict(report).results} if report else {}
-    then = {(e["metric"], e["output"]): e["value"] for e in (report or {}).get("example", ())}
+    # what the plan gave when made, on the inputs a load given none makes up: only comparable on those same inputs
+    then = {(e["metric"], e["output"]): e["value"] for e in (report or {}).get("example", ())} \
+        if _made_up(opt) else {}
     misses = []
     for r in judged.results:
         higher = METRICS[r.metric]   # the higher-is-better metrics (cosine, top-1) are at most 1
@@ -160,6 +167,17 @@ def _accuracy_misses(opt: Optimized) -> list[str]:
         if not (r.value >= limit if higher else r.value <= limit):
             misses.append(f"{r.metric} of output {r.output} {r.value:.10g} {'<' if higher else '>'} {limit:.10g}")
     return misses
+
+
+def _made_up(opt: Optimized) -> bool:
+    """Whether `opt` was captured on the inputs `example_inputs_for` makes up for its plan."""
+    try:
+        made = example_inputs_for(opt.plan)
+    except DIOEError:
+        return False
+    have = opt.captured.example_inputs
+    return len(made) == len(have) and all(isinstance(h, torch.Tensor) and h.dtype == m.dtype and
+                                          h.shape == m.shape and torch.equal(h, m) for h, m in zip(have, made))
 
 
 __all__ = ["capture_for", "check_as_planned", "example_accuracy", "example_inputs_for", "verify_loaded",

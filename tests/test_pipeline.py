@@ -246,9 +246,9 @@ def test_load_judges_a_partition_below_fp32_by_the_plans_accuracy(tmp_path):
     from dioe.accuracy import Budget, evaluate
     from dioe.reload import WORST_SLACK
 
-    got = dioe.load(loose, m, (x,), hardware=pool, cache_dir=tmp_path)
+    as_bf16 = dioe.load(loose, m, (x,), hardware=pool, cache_dir=tmp_path)
     with torch.inference_mode():
-        v = evaluate(Budget(cosine=0.5), [g.reference_outputs()], [tuple(got.runtime.run([x]))])
+        v = evaluate(Budget(cosine=0.5), [g.reference_outputs()], [tuple(as_bf16.runtime.run([x]))])
     err = 1 - v.results[0].value
     assert err > 0
     for share, kept in ((1.2 / WORST_SLACK, True), (0.8 / WORST_SLACK, False)):
@@ -260,15 +260,22 @@ def test_load_judges_a_partition_below_fp32_by_the_plans_accuracy(tmp_path):
             warnings.simplefilter("ignore")
             got = dioe.load(path, m, (x,), hardware=pool, cache_dir=tmp_path)
         assert (got.plan.partitions[0].precision == "bf16") == kept, (share, err, got.plan.summary())
-    # a plan records its agreement on its own example when made: an example unlike the held-out inputs, worse than
-    # their worst, still loads where the engine gives what it gave then
-    for share, kept in ((1.2 / WORST_SLACK, True), (0.8 / WORST_SLACK, False)):
-        path = tmp_path / f"example-{share}.plan.json"
-        tight = report(1 - 1e-12)
-        replace(bf16, accuracy={**tight, "example": [{"metric": "cosine", "output": 0,
-                                                      "value": 1 - share * err}]}).save(path)
+    # a plan records its agreement on the inputs a load given none makes up (`accuracy.example`): inputs unlike the
+    # held-out ones, worse than their worst, still load where the engine gives what it gave then
+    made = dioe.reload.example_inputs_for(bf16)
+    with torch.inference_mode():   # relative L2, which a float32 cosine of bf16 outputs does not round away
+        l2 = evaluate(Budget(rel_l2=1.0), [tuple(g.gm(*made))], [tuple(as_bf16.runtime.run(list(made)))]).results[0].value
+    assert l2 > 0
+    tight = {"met": True, "confidence": 0.95, "results": [
+        {"metric": "rel_l2", "output": 0, "value": 1e-12, "bound": 1e-12, "worst": 1e-12, "threshold": 1e-12,
+         "samples": 64, "items": 64, "met": True}]}
+    for share, given, kept in ((1.2 / WORST_SLACK, None, True), (0.8 / WORST_SLACK, None, False),
+                               (1.2 / WORST_SLACK, (x,), False)):   # other inputs: what was recorded does not apply
+        path = tmp_path / f"example-{share}-{given is None}.plan.json"
+        replace(bf16, accuracy={**tight, "example": [{"metric": "rel_l2", "output": 0,
+                                                      "value": share * l2}]}).save(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = dioe.load(path, m, (x,), hardware=pool, cache_dir=tmp_path)
-        assert (got.plan.partitions[0].precision == "bf16") == kept, (share, err, got.plan.summary())
+            loaded = dioe.load(path, m, given, hardware=pool, cache_dir=tmp_path)
+        assert (loaded.plan.partitions[0].precision == "bf16") == kept, (share, given, l2, loaded.plan.summary())
 
