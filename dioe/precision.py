@@ -1,17 +1,15 @@
 """Precision policies: after the fp32 race, try the whole graph at the lower precisions each engine really runs on
-its member (int8 through NNCF, ONNX Runtime's quantizer or PT2E for Inductor, bf16 through an engine's own hint or
-torch's autocast): race each against the fp32 winner, judge those that gain on held-out samples against the
-accuracy budget, try those that miss it mixed with a higher precision (`dioe.mixed`), and race what meets it
-again.
+its member (int8 through NNCF, ONNX Runtime's quantizer or PT2E for Inductor, bf16 through an engine's hint or
+torch's autocast): race each against the fp32 winner, judge those that gain on held-out samples against the budget,
+try those that miss it mixed with a higher precision (`dioe.mixed`), and race what meets it again.
 
     >>> opt = dioe.optimize(model, inputs, precision="auto", accuracy=dioe.Budget(cosine=0.999))  # doctest: +SKIP
     >>> opt.plan.partitions[0].precision, opt.plan.accuracy["met"]                               # doctest: +SKIP
     ('int8', True)
 
 Candidates that race faster are judged, fastest first, against fp32 eager on samples held apart from those they
-were calibrated on (one clearly slower than a candidate that already met the budget is not); the plan keeps the
-report (each metric's estimate, its confidence bound and the worst sample), and says why a lower precision was not
-kept where it was not.
+were calibrated on (one clearly slower than one that met the budget already is not); the plan keeps the report
+(each metric's estimate, confidence bound and worst sample), and says why a lower precision was not kept.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from .optimized import Optimized
 from .precision_record import FP32, Candidate, PrecisionRecord, Verdict
 from .plan import Choice, Plan
 from .planner import Job, whole_graph_plan
-from .reload import with_example
+from .reload import example_agreement, with_example
 from .text import round_ms, show_ms
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "live")
@@ -107,7 +105,7 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     # fastest first: once one meets the budget, those that raced clearly slower cannot win the final race, and
     # judging them (or mixing them) would only cost time
     for label in sorted(fast_ones, key=speed.get):
-        cand, first = fast_ones[label], _fastest(built, speed) if built else None
+        cand, first = fast_ones[label], min(built, key=speed.get) if built else None
         if first and speed[label] > speed[first] * (1 + s.race_close) and not _may_be_high(label, missed):
             cand.runtime.close()
             tried.append(Candidate(Choice.parse(label), None, f"not judged: raced {speed[label] / speed[first]:.2f}x "
@@ -139,6 +137,9 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     notes += said
     if best == FP32:
         return keep_fp32(fast)
+    example = example_agreement(built[best], next(c for c in tried if c.label == best).report.to_dict())
+    # in the saved verdict, so that a warm optimize does not measure it again
+    tried = [replace(c, example=example and tuple(example)) if c.label == best else c for c in tried]
     won = next(c for c in tried if c.label == best)
     rec = PrecisionRecord(budget, samples.source, tuple(tried), None, fast, best)
     verdict.save(rec, notes)
@@ -228,10 +229,6 @@ def _judge_built(option: Choice, cand: Optimized, budget: Budget, reference: Seq
     return Candidate(option, report, why)
 
 
-def _fastest(labels: Iterable[str], speed: dict[str, float]) -> str:
-    return min(labels, key=speed.get)
-
-
 def _rest_for(low: Choice, c: Choice) -> bool:
     """Whether `c` could run the parts of a mix of `low` that stay out of it: a 16-bit float on the same member and
     engine."""
@@ -319,7 +316,7 @@ def mix(job: Job, missed: dict[str, Optimized], built: dict[str, Optimized], sam
         option = Choice.parse(label)
         # a mix runs no faster than its whole graph low: one that cannot beat what already met the budget is out
         met = [k for k in built if speed.get(k) is not None]
-        first = _fastest(met, speed) if met else None
+        first = min(met, key=speed.get) if met else None
         if first and speed[label] > speed[first] * (1 - margin):
             out.append(Candidate(option, None, f"not mixed: its whole graph raced {speed[label] / speed[first]:.2f}x "
                                  f"the time of {first}, which met the budget whole, and a mix must gain "
@@ -405,7 +402,7 @@ def promoted_plan(fp32: Plan, winner: Optimized, won: Candidate, fast: dict, med
         runner = replace(fp32_parts[0].choice, predicted_ms=round_ms(med[FP32])) if len(fp32_parts) == 1 else None
         parts = (replace(part, measured_ms=round_ms(med[best]), runner_up=runner, reason=said),)
     return replace(winner.plan, partitions=parts, predicted_ms=round_ms(med[best]), measured_ms=round_ms(med[best]),
-                   eager_ms=fp32.eager_ms, accuracy=with_example(winner, won.report.to_dict()),
+                   eager_ms=fp32.eager_ms, accuracy=with_example(winner, won.report.to_dict(), won.example),
                    notes=fp32.notes + tuple(notes))
 
 

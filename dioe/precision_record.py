@@ -32,6 +32,9 @@ class Candidate:
     report: AccuracyReport | None      # None: it could not be built
     why: str = ""                      # why it is out, if it is
     mix: Mix | None = None             # a mix of `option` and a higher precision over parts, else the whole graph
+    # the winner's agreement on the inputs `dioe.load` makes up (`reload.example_agreement`), measured once by
+    # the search: a warm optimize that rebuilds the winner records it in the plan without an eager call more
+    example: tuple[dict, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -57,7 +60,9 @@ class PrecisionRecord:
                 "fast_ms": self.fast_ms,
                 "candidates": [{"option": c.option.label(), "why": c.why,
                                 "report": c.report.to_dict() if c.report else None,
-                                **({"mix": c.mix.to_dict()} if c.mix else {})} for c in self.candidates]}
+                                **({"mix": c.mix.to_dict()} if c.mix else {}),
+                                **({"example": list(c.example)} if c.example is not None else {})}
+                               for c in self.candidates]}
 
     @classmethod
     def from_dict(cls, d: dict, budget: Budget, reused: str) -> "PrecisionRecord":
@@ -65,7 +70,8 @@ class PrecisionRecord:
             raise DIOEError("the fp32 plan won but the record has no accuracy report for it")
         return cls(budget, d["source"], tuple(Candidate(Choice.parse(c["option"]), c["report"] and
                                                         AccuracyReport.from_dict(c["report"]), c["why"],
-                                                        Mix.from_dict(c["mix"]) if c.get("mix") else None)
+                                                        Mix.from_dict(c["mix"]) if c.get("mix") else None,
+                                                        _example(c.get("example")))
                                               for c in d["candidates"]),
                    d["fp32"] and AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
                    str(d["winner"]), reused)
@@ -74,6 +80,13 @@ class PrecisionRecord:
     def kept(self) -> tuple[Candidate, ...]:
         """The candidates that met the budget."""
         return tuple(c for c in self.candidates if not c.why)
+
+
+def _example(got) -> tuple[dict, ...] | None:
+    """A candidate's recorded example agreement, as `reload.example_agreement` gives it, checked entry by entry."""
+    if got is None:
+        return None
+    return tuple({"metric": str(e["metric"]), "output": int(e["output"]), "value": float(e["value"])} for e in got)
 
 
 # -- the verdict of an earlier precision search ------------------------------------------------------------------------

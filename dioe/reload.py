@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -132,15 +132,23 @@ def example_accuracy(opt: Optimized, report: dict | None, inputs: Any = None) ->
     return evaluate(budget, [want], [got])
 
 
-def with_example(opt: Optimized, report: dict) -> dict:
+def with_example(opt: Optimized, report: dict, example: Sequence[dict] | None = None) -> dict:
     """`report` (a plan's accuracy report) with `opt`'s agreement on the inputs `dioe.load` makes up for its plan
-    (`example_inputs_for`) as `example`: what a load that is given no inputs checks the plan still gives."""
+    (`example_inputs_for`) as `example`: what a load that is given no inputs checks the plan still gives.
+    `example`, where given, is that agreement measured already (`example_agreement`), and is not measured again."""
+    example = example if example is not None else example_agreement(opt, report)
+    return report if example is None else {**report, "example": list(example)}
+
+
+def example_agreement(opt: Optimized, report: dict) -> list[dict] | None:
+    """`opt`'s agreement, metric by metric, on the inputs `dioe.load` makes up for its plan, under `report`'s
+    budget; None where it makes none (an input that is not a tensor: a load must be given inputs)."""
     try:
         inputs = example_inputs_for(opt.plan)
-    except DIOEError:   # an input that is not a tensor: a load must be given inputs, and is checked as before
-        return report
-    return {**report, "example": [{"metric": r.metric, "output": r.output, "value": r.value}
-                                  for r in example_accuracy(opt, report, inputs).results]}
+    except DIOEError:
+        return None
+    return [{"metric": r.metric, "output": r.output, "value": r.value}
+            for r in example_accuracy(opt, report, inputs).results]
 
 
 def _accuracy_misses(opt: Optimized) -> list[str]:
@@ -182,4 +190,4 @@ def _made_up(opt: Optimized) -> bool:
 
 
 __all__ = ["capture_for", "check_as_planned", "example_accuracy", "example_inputs_for", "verify_loaded",
-           "with_example"]
+           "with_example", "example_agreement"]

@@ -136,7 +136,7 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
     import json
 
     from dioe import precision as precisions
-    from dioe import precision_warm
+    from dioe import precision_warm, reload
     model, x = _mlp()
     # far faster: the warm start times the winner beside eager and checks it against the fp32 plan's searched time
     script_int8_faster(monkeypatch, factor=0.01)
@@ -148,12 +148,17 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
     for module in (precisions, precision_warm):
         monkeypatch.setattr(module, "evaluate",
                             lambda b, ref, got: judged.append(len(ref)) or real_evaluate(b, ref, got))
+    examples = []   # calls on the inputs a load makes up: the search measures them once, in the verdict
+    real_example = reload.example_accuracy
+    monkeypatch.setattr(reload, "example_accuracy", lambda *a: examples.append(1) or real_example(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cold = dioe.optimize(model, (x,), **kw)
         cold_judged, judged[:] = list(judged), []
+        assert examples == [1] and cold.plan.accuracy["example"], cold.plan.accuracy
         with dioe.trace(None) as tr:
             warm = dioe.optimize(model, (x,), **kw)
+    assert examples == [1], "the warm optimize measured the example agreement again"
     stages = [r["name"] for r in tr.records if r["kind"] == "stage"]
     assert "precision: warm start" in stages and "compile" not in stages, f"the fp32 plan was built again: {stages}"
     assert warm.plan.eager_ms and warm.plan.measured_ms and warm.race.reused
