@@ -191,6 +191,31 @@ def test_a_batch_is_padded_to_a_bigger_plan_only_when_that_plan_runs_more_rows_p
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ms_at_8, rows, ran", [(8.0, [1] * 5, [(4, 4), (1, 1)]), (4.4, [1] * 5, [(5, 8)]),
+                                                (8.0, [3, 2], [(3, 4), (2, 2)])])
+def test_rows_that_must_all_run_now_go_in_the_chunks_their_plans_run_fastest(tiny_mlp, ms_at_8, rows, ran):
+    """What Ray Serve hands a replica is answered in one call. Five rows with time per row flat (1 ms a row, 8 ms
+    for 8) run as 4 and 1, not padded to 8; where 8 rows take 4.4 ms, padding wins. A request is never cut: 3 and 2
+    rows aimed at chunks of 4 and 1 run as 3 and 2."""
+    from dataclasses import replace
+
+    from dioe.serve.buckets import Buckets
+    from dioe.serve.ray import run_batch
+
+    model, _, opt = tiny_mlp
+    buckets = Buckets(opt, model=model, max_batch_size=8, optimize_options=OPTIONS)
+    buckets.build()
+    for bucket in buckets.built:
+        p = buckets.plan(bucket)
+        p.plan = replace(p.plan, measured_ms={1: 1.0, 2: 2.0, 4: 4.0, 8: ms_at_8}[bucket.batch])
+    xs = [torch.randn(k, 64) for k in rows]
+    rec = Recorder()
+    outs = run_batch(buckets, [((x,), buckets.check((x,))) for x in xs], rec)
+    assert rec.batches == ran and rec.outcomes == ["ok"] * len(xs)
+    for x, out in zip(xs, outs):
+        assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
+
+
 def test_requests_of_one_batch_own_their_outputs(tiny_mlp):
     """Each request's outputs are its own: editing one in place changes no other request's, and a later batch
     (whose engine may reuse its output buffers) changes neither."""

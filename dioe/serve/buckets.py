@@ -21,6 +21,7 @@ import torch
 
 from ..errors import DIOEError, InputSpecError
 from ..runtime import Runtime
+from ..settings import Settings
 
 
 @dataclass(frozen=True, order=True)
@@ -90,6 +91,7 @@ class Buckets:
         self._lock = threading.Lock()
         self._rows: list[tuple] | None = None   # the given calibration data, one row each (`calibration_for`)
         self._failed: dict[Bucket, str] = {}     # buckets whose optimize failed, and why
+        self._chunks: dict[tuple, list[int]] = {}   # `chunk_sizes`, by rows and plans built
 
     # -- requests ----------------------------------------------------------------------------------------------
     def check(self, inputs: Sequence) -> tuple[int, int | None]:
@@ -150,6 +152,31 @@ class Buckets:
         if t_up is None or t_down is None:
             return rows
         return down if down / t_down >= rows / t_up else rows
+
+    def chunk_sizes(self, rows: int) -> list[int]:
+        """How to run `rows` rows that must all be answered now (what Ray Serve's `@serve.batch` hands a replica):
+        as chunks of at most max_batch_size rows, or as the chunks whose bucket plans take the least time in all,
+        where that saves more than the split margin of it. 5 rows padded to a plan for 8 pay for 8; plans for 2, 2
+        and 1 may take less. Decided on the plans' measured times, so only between buckets already built."""
+        key = (rows, len(self._plans))   # plans are only ever added
+        got = self._chunks.get(key)
+        if got is None:
+            got = self._chunks[key] = self._least_time(rows)
+        return list(got)
+
+    def _least_time(self, rows: int) -> list[int]:
+        default = [min(self.max_batch_size, rows - i) for i in range(0, rows, self.max_batch_size)]
+        times = {k: self._measured_ms(self.longest(k)) for k in range(1, self.max_batch_size + 1)}
+        if any(times[k] is None for k in default):
+            return default
+        # best[n]: the least time for n rows, in the fewest chunks of those that take it, and the chunks
+        best: list[tuple[float, int, list[int]]] = [(0.0, 0, [])]
+        for n in range(1, rows + 1):
+            best.append(min((best[n - k][0] + times[k], best[n - k][1] + 1, best[n - k][2] + [k])
+                            for k in range(1, min(n, self.max_batch_size) + 1) if times[k] is not None))
+        took, _, chunks = best[rows]
+        return sorted(chunks, reverse=True) if took < (1 - Settings.split_margin) * sum(times[k] for k in default) \
+            else default
 
     def _measured_ms(self, bucket: Bucket) -> float | None:
         opt = self._plans.get(bucket)

@@ -164,8 +164,9 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
 
 
 def run_batch(buckets, requests: list, metrics: Metrics) -> list:
-    """Run `@serve.batch`'s requests ((inputs, shape) pairs) in chunks of at most max_batch_size rows; a chunk
-    that fails is re-run one request at a time, and a request that fails alone gets its error as its answer."""
+    """Run `@serve.batch`'s requests ((inputs, shape) pairs) in the chunks that its bucket plans run fastest
+    (`Buckets.chunk_sizes`), at most max_batch_size rows each; a chunk that fails is re-run one request at a time,
+    and a request that fails alone gets its error as its answer."""
     import time
 
     from .batcher import RequestFailed
@@ -197,11 +198,15 @@ def run_batch(buckets, requests: list, metrics: Metrics) -> list:
         chunk.clear()
 
     metrics.queue_depth(len(requests))
-    rows = 0
+    left = sum(r[1][0] for r in requests)
+    rows, size = 0, 0
     for r in requests:
-        if rows + r[1][0] > buckets.max_batch_size:
+        if chunk and rows + r[1][0] > size:   # a request is never cut: a chunk ends short or a request begins one
             flush()
+            left -= rows
             rows = 0
+        if not chunk:
+            size = buckets.chunk_sizes(left)[0]
         chunk.append(r)
         rows += r[1][0]
     flush()
