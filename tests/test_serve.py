@@ -502,6 +502,24 @@ def test_each_bucket_is_calibrated_and_judged_on_the_given_data_rebatched(tiny_m
         monkeypatch.setattr("dioe.pipeline.optimize", lambda *a, **k: pytest.fail("optimized again"))
 
 
+def test_a_served_zoo_model_below_fp32_is_calibrated_on_the_zoo_data_in_every_bucket(tmp_path):
+    """`dioe serve MODEL --precision auto` gives the batcher's own optimize, and each bucket's, the zoo's data:
+    enough rows for the largest bucket, so no bucket is calibrated or judged on generated inputs."""
+    from dioe.serve.buckets import Bucket, Buckets
+    from dioe.serve.command import load_model, zoo_calibration
+
+    assert zoo_calibration("resnet50", small=True, max_batch_size=4) is None   # no realistic data: generated
+    assert zoo_calibration("my.module:build", small=True, max_batch_size=4) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # the warning that DIOE calibrates on generated inputs
+        model, _, opt, options = load_model("tiny-bert", small=True, precision="int8", backends=["onnxruntime"],
+                                            quiet=True, max_batch_size=4)
+        assert len(options["calibration"]) == (32 + 16) * 4
+        assert opt.precision_search is not None and opt.precision_search.source == "given"
+        four = Buckets(opt, model=model, max_batch_size=4, optimize_options=options).plan(Bucket(4, 32))
+    assert four.precision_search.source == "given", four.plan.notes
+
+
 def test_loadgen_counts_errors_and_refuses_remote_hosts():
     from dioe.serve.loadgen import check_loopback, closed_loop
 

@@ -23,6 +23,7 @@ import dioe
 from dioe.files import write_text
 from dioe.serve import Batcher
 from dioe.serve.buckets import engines
+from dioe.serve.command import zoo_calibration
 from dioe.serve.http import make_app, start
 from dioe.serve.loadgen import closed_loop, plot
 from dioe.serve.metrics import PrometheusMetrics
@@ -117,7 +118,8 @@ def http_ceiling(model: torch.nn.Module, inputs: tuple, args) -> "object":
         return external_load(url, single.name, args, CEILING)
 
 
-def ray_rows(args, plan_path: Path, buckets: Path, request: tuple, knobs: dict, started: dict) -> list:
+def ray_rows(args, plan_path: Path, buckets: Path, request: tuple, knobs: dict, started: dict,
+             options: dict) -> list:
     """The two Ray rows; `started` gets each deployment's seconds from `serve.run` to its first answer (its
     replicas loading or building their plans)."""
     import ray
@@ -134,7 +136,7 @@ def ray_rows(args, plan_path: Path, buckets: Path, request: tuple, knobs: dict, 
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         common = {"num_replicas": args.ray_replicas, "threads": 1, **knobs}
         for label, app in (("DIOE on Ray Serve", deployment(plan_path, model_spec=args.model, small=args.small,
-                                                             optimize_options={"precision": args.precision},
+                                                             optimize_options=options,
                                                              bucket_plans=buckets, **common)),
                            (PLAIN_RAY, plain_torch_deployment(args.model, small=args.small,
                                                                              **common))):
@@ -166,13 +168,19 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     out = Path(args.out)
     model, inputs = dioe.zoo.load(args.model, size="small" if args.small else "full")
-    opt = dioe.optimize(model, inputs, precision=args.precision, name=args.model)
+    # below fp32, every bucket is calibrated and judged on the zoo's data where it has some, as `dioe serve` does
+    options = {"precision": args.precision}
+    data = zoo_calibration(args.model, small=args.small, max_batch_size=args.max_batch_size) \
+        if args.precision != "fp32" else None
+    if data is not None:
+        options["calibration"] = data
+    opt = dioe.optimize(model, inputs, name=args.model, **options)
     knobs = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms}
     plan_path = opt.save(Path(tempfile.mkdtemp()) / f"{args.model}.plan.json")
     metrics = PrometheusMetrics(args.model)
     loads = []
-    with Batcher(opt, model=model, queue_size=4 * args.clients, metrics=metrics,
-                 optimize_options={"precision": args.precision}, **knobs) as batcher:
+    with Batcher(opt, model=model, queue_size=4 * args.clients, metrics=metrics, optimize_options=options,
+                 **knobs) as batcher:
         batcher.buckets.build()
         buckets = plan_path.parent / "buckets"
         batcher.buckets.save(buckets)   # what the Ray replicas load
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
         loads.append(external_load(url, single.name, args, "unbatched, HTTP"))
     started: dict = {}
     if args.ray_replicas:
-        loads += ray_rows(args, plan_path, buckets, inputs, knobs, started)
+        loads += ray_rows(args, plan_path, buckets, inputs, knobs, started, options)
     loads.append(http_ceiling(model, tuple(inputs), args))
     rows = [[f"offline, batch {r['batch']} ({r['plan']})", f"{r['rows_per_s']:.1f}", f"{r['latency_ms']:.1f}", "-",
              "-", "-"] for r in offline_rows]

@@ -65,9 +65,25 @@ def add_parsers(sub) -> None:
     t.set_defaults(fn=cmd_loadtest)
 
 
+def zoo_calibration(name: str, *, small: bool, max_batch_size: int) -> list[tuple] | None:
+    """The zoo's realistic calibration inputs for `name` (None where it has none), enough rows for every bucket
+    up to `max_batch_size` (`Buckets.calibration_for` deals them into each bucket's batch): served plans are
+    calibrated and judged on the data `dioe optimize` judges the model on, not on generated inputs."""
+    from .. import zoo
+    from ..accuracy import Budget
+    from ..settings import Settings
+
+    if name not in zoo.names():
+        return None
+    per = Settings().calibration_samples + Budget(cosine=0.999).holdout_inputs(max_batch_size)
+    rows = max(per * max_batch_size, Settings().calibration_samples + Budget(cosine=0.999).holdout_inputs(1))
+    return zoo.calibration(name, n=rows, size="small" if small else "full")
+
+
 def load_model(spec: str | None, *, small: bool, model_spec: str | None = None, precision: str = "fp32",
-               backends=None, quiet: bool = False):
-    """(model, example inputs, optimized, optimize options) for a zoo name, package.module:function or plan."""
+               backends=None, quiet: bool = False, max_batch_size: int = 1):
+    """(model, example inputs, optimized, optimize options) for a zoo name, package.module:function or plan;
+    below fp32, a zoo model is calibrated on the zoo's data, enough for buckets up to `max_batch_size`."""
     from .. import zoo
     from ..pipeline import load, optimize
     from ..plan import Plan
@@ -89,6 +105,9 @@ def load_model(spec: str | None, *, small: bool, model_spec: str | None = None, 
         options["precision"] = "fp32" if all(p.precision == "fp32" for p in plan.partitions) else "auto"
         return model, inputs, opt, options
     model, inputs = zoo.resolve(spec, size=size)
+    calibration = zoo_calibration(spec, small=small, max_batch_size=max_batch_size) if precision != "fp32" else None
+    if calibration is not None:
+        options["calibration"] = calibration
     return model, inputs, optimize(model, inputs, name=spec, progress=not quiet, **options), options
 
 
@@ -110,7 +129,8 @@ def cmd_serve(args) -> int:
         raise DIOEError(f"--bucket-plans {args.bucket_plans}: a file is there; expected a folder (new or written by "
                         "an earlier --bucket-plans)")
     model, _, opt, options = load_model(args.model, small=args.small, model_spec=args.model_spec,
-                                        precision=args.precision, backends=args.backends)
+                                        precision=args.precision, backends=args.backends,
+                                        max_batch_size=args.max_batch_size)
     metrics = PrometheusMetrics(opt.captured.name)
     with make_batcher(opt, model, options, args, metrics) as batcher:
         if args.bucket_plans:
