@@ -255,7 +255,9 @@ def calibration(name: str, *, n: int, batch: int = 1, size: Size = "full") -> li
         enc = tokenizer.encode_batch(_texts(n * batch))
         ids = torch.tensor([e.ids for e in enc], dtype=torch.long)              # (n * batch, T)
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)  # (n * batch, T)
-        return [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, n * batch, batch)]
+        # each input owns its rows: a slice would carry the whole set with it wherever it is pickled (to a Ray
+        # replica: n times the set)
+        return [(ids[i:i + batch].clone(), mask[i:i + batch].clone()) for i in range(0, n * batch, batch)]
     if name in ("bert-base", "tiny-bert", "gpt2"):
         from .calibration import generate
 

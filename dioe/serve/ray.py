@@ -72,6 +72,15 @@ def load_for_replica(plan_path: str, model_spec: str | None, *, small: bool, set
     return model, optimize(model, inputs, hardware=pool, settings=settings, name=plan.model, **options)
 
 
+def owned(items: Sequence) -> list:
+    """Calibration items with every tensor owning its storage: each replica receives the options pickled, and a
+    pickled view carries its whole base (576 slices of one tokenized set made a 680 MB message)."""
+    import torch
+
+    return [tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in item) if isinstance(item, (tuple, list))
+            else item.clone() if isinstance(item, torch.Tensor) else item for item in items]
+
+
 def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: bool = False, num_replicas: int = 2,
                threads: int = 1, max_batch_size: int = 8, max_queue_delay_ms: float = 2.0,
                preferred_batch_sizes: Sequence[int] = (), queue_size: int = 64, cache_dir: str | None = None,
@@ -93,6 +102,8 @@ def deployment(plan_path: str | Path, *, model_spec: str | None = None, small: b
         raise DIOEError(f"optimize_options may not name {', '.join(taken)}: each replica sets them itself (its own "
                         "pool, capped at threads; cache_dir= for the cache folder; the plan's model name)")
     options.setdefault("precision", "fp32" if all(p.precision == "fp32" for p in plan.partitions) else "auto")
+    if isinstance(options.get("calibration"), (list, tuple)):
+        options["calibration"] = owned(options["calibration"])
     if bucket_plans is not None:
         bucket_plans = str(Path(bucket_plans).resolve())
         if not Path(bucket_plans).is_dir():   # here, not in every replica
