@@ -32,7 +32,9 @@ from .accuracy import AccuracyReport, Budget, evaluate
 from .calibration import Samples
 from .errors import DIOEError
 from .optimized import Optimized
+from .plan import Choice
 from .planner import Job
+from .precision_record import Candidate
 from .reservoir import Reservoir
 from .runtime import RoutedRuntime
 
@@ -291,15 +293,18 @@ class LivePrecision:
         holdout = [list(x) for x in samples.holdout]
         with _trace.stage("precision live: build and shadow-test", candidates=[o.label() for o in options]):
             reference = precisions.eager_outputs(job, holdout)
-            tried, built = precisions.judge(job, options, samples, self.budget, reference)
+            missed: dict[str, Optimized] = {}
+            tried, built = precisions.judge(job, options, samples, self.budget, reference, missed=missed)
+            if missed:
+                tried += self._mixes(missed, built, samples, reference)
             if not built:
-                self._reject("; ".join(f"{c.option}: {c.why}" for c in tried))
+                self._reject("; ".join(f"{c.label}: {c.why}" for c in tried))
                 return
             best, fast, med, said = precisions.pick(self.safe, built, job)
         if best == precisions.FP32:
             self._reject(f"no gain over the fp32 plan: {said[0]}")
             return
-        won = next(c for c in tried if c.option.label() == best)
+        won = next(c for c in tried if c.label == best)
         cand = built[best]
         notes = [f"precision live: budget {self.budget}, judged on {len(holdout) * self.batch} shadow samples of "
                  f"served inputs against fp32 eager; calibrated on {len(samples.calibrate)} others"] + said
@@ -312,7 +317,23 @@ class LivePrecision:
             self._window.clear()
             self.serving, self.state = cand, PROMOTED
             self.counts["promotions"] += 1
-        self._event("promoted", cand.plan.partitions[0].reason, plan=best)
+        self._event("promoted", cand.plan.notes[-1] if won.mix else cand.plan.partitions[0].reason, plan=best)
+
+    def _mixes(self, missed: dict[str, Optimized], built: dict[str, Optimized], samples: Samples,
+               reference: list) -> list[Candidate]:
+        """The lower precisions whose whole graph missed the budget, mixed with a higher precision over parts
+        (`precisions.mix`, which adds what meets it to `built`), as the search at optimize does; only those that
+        race faster than the fp32 plan that serves, since a mix runs no faster than its whole graph. Each is
+        closed here."""
+        job, margin = self.job, self.job.settings.split_margin
+        fast, _ = precisions._race({precisions.FP32: self.safe, **built, **missed}, job, job.settings.race_rounds)
+        speed = {k: v / fast[precisions.FP32] for k, v in fast.items() if k != precisions.FP32}
+        out = []
+        for label in [k for k in missed if speed.get(k, 1.0) > 1 - margin]:
+            missed.pop(label).runtime.close()
+            out.append(Candidate(Choice.parse(label), None, "not mixed: its whole graph did "
+                                            f"not race {margin:.0%} faster than the fp32 plan"))
+        return out + precisions.mix(job, missed, built, samples, self.budget, reference, speed)
 
     def _check(self, serving: Optimized, flat: tuple, got: tuple) -> None:
         """One promoted call judged against fp32 eager; once a budget's worth of samples is in the window, the
@@ -380,7 +401,9 @@ class LivePrecision:
 
 def _label(opt: Optimized) -> str:
     parts = opt.plan.partitions
-    return parts[0].choice.label() if len(parts) == 1 else f"{len(parts)}-partition fp32 plan"
+    if len(parts) == 1:
+        return parts[0].choice.label()
+    return f"{len(parts)}-partition {'+'.join(sorted({p.precision for p in parts}))} plan"
 
 
 __all__ = ["LiveModel", "LivePrecision", "check_options", "serve"]

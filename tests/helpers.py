@@ -213,3 +213,34 @@ def script_int8_faster(monkeypatch, factor: float = 0.5) -> None:
         fastest = min(others) if others else min(t for v in got.values() for t in v)
         return {k: [factor * fastest] * len(v) if "/int8" in k else v for k, v in got.items()}
     monkeypatch.setattr(timing, "side_by_side", scripted)
+
+
+class Block(torch.nn.Module):
+    """relu(fc(x * scale)) + x. With `outlier`, one input channel is scaled 1000x up and its weights 1000x down:
+    the same kind of function, but the activation's range is 1000x wider than its other channels, so a per-tensor
+    int8 scale crushes them."""
+
+    def __init__(self, d: int, outlier: bool = False, residual: bool = True):
+        super().__init__()
+        self.residual = residual
+        self.fc = torch.nn.Linear(d, d)
+        scale = torch.ones(d)
+        if outlier:
+            scale[0] = 1000.0
+            with torch.no_grad():
+                self.fc.weight[:, 0] /= 1000.0
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        y = torch.relu(self.fc(x * self.scale))
+        return y + x if self.residual else y
+
+
+def outlier_model(residual: bool = True, outlier: int | None = 2):
+    """Four blocks and a head, block `outlier` with a channel of 1000x the others' range: int8 over the whole
+    graph misses a cosine budget of 0.999, and a mix that keeps that block's part fp32 meets it. (model, example
+    input, 64 calibration inputs)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[Block(64, outlier=i == outlier, residual=residual) for i in range(4)],
+                                torch.nn.Linear(64, 8)).eval()
+    return model, torch.randn(2, 64), [(torch.randn(2, 64),) for _ in range(64)]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import eager, script_int8_faster
+from helpers import eager, outlier_model, script_int8_faster
 
 import dioe
 from dioe import mixed
@@ -16,34 +16,6 @@ from dioe.accuracy import AccuracyReport, MetricResult
 from dioe.plan import Choice
 from dioe.precision import FP32, Candidate, PrecisionRecord
 from dioe.settings import Settings
-
-
-class Block(torch.nn.Module):
-    """relu(fc(x * scale)) + x. With `outlier`, one input channel is scaled 1000x up and its weights 1000x down:
-    the same kind of function, but the activation's range is 1000x wider than its other channels, so a per-tensor
-    int8 scale crushes them."""
-
-    def __init__(self, d: int, outlier: bool = False, residual: bool = True):
-        super().__init__()
-        self.residual = residual
-        self.fc = torch.nn.Linear(d, d)
-        scale = torch.ones(d)
-        if outlier:
-            scale[0] = 1000.0
-            with torch.no_grad():
-                self.fc.weight[:, 0] /= 1000.0
-        self.register_buffer("scale", scale)
-
-    def forward(self, x):
-        y = torch.relu(self.fc(x * self.scale))
-        return y + x if self.residual else y
-
-
-def _model(residual: bool = True, outlier: int | None = 2):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[Block(64, outlier=i == outlier, residual=residual) for i in range(4)],
-                                torch.nn.Linear(64, 8)).eval()
-    return model, torch.randn(2, 64), [(torch.randn(2, 64),) for _ in range(64)]
 
 
 def _optimize(model, x, calib, tmp_path, **kw):
@@ -60,7 +32,7 @@ def _cosine(a, b):
 def test_the_sensitive_part_stays_fp32_and_the_mix_reloads_without_calibrating(tmp_path, monkeypatch):
     """int8 is made to win the timing (its accuracy is real): the whole graph in int8 misses the budget, the
     part holding the wide-range block stays fp32, the others run int8, and the plan says why for each."""
-    model, x, calib = _model()
+    model, x, calib = outlier_model()
     script_int8_faster(monkeypatch)
     opt = _optimize(model, x, calib, tmp_path)
     whole, mix = opt.precision_search.candidates
@@ -102,7 +74,7 @@ def test_the_sensitive_part_stays_fp32_and_the_mix_reloads_without_calibrating(t
 def test_a_part_whose_int8_engine_fails_stays_fp32_and_says_why(tmp_path, monkeypatch):
     """The int8 engine of the first part raises on every call: the search goes on without it, and the mix it
     keeps runs that part in fp32, saying why; nothing fails and no call falls back."""
-    model, x, calib = _model()
+    model, x, calib = outlier_model()
     script_int8_faster(monkeypatch)
     real = mixed._engines
 
@@ -129,7 +101,7 @@ def test_a_part_whose_int8_engine_fails_to_compile_stays_fp32_and_says_why(tmp_p
     from dioe.backends.onnxruntime import OnnxruntimeBackend
     from dioe.errors import BackendError
 
-    model, x, calib = _model()
+    model, x, calib = outlier_model()
     script_int8_faster(monkeypatch)
     real = OnnxruntimeBackend.compile_fn
 
@@ -148,7 +120,7 @@ def test_a_part_whose_int8_engine_fails_to_compile_stays_fp32_and_says_why(tmp_p
 
 
 def test_a_slower_precision_is_neither_judged_nor_mixed_and_mixing_can_be_off(tmp_path, monkeypatch):
-    model, x, calib = _model()
+    model, x, calib = outlier_model()
     script_int8_faster(monkeypatch, factor=3.0)   # int8 three times slower than anything else
     judged = []
     real = mixed.evaluate
@@ -172,7 +144,7 @@ def test_a_precision_close_to_the_bar_is_timed_again_over_more_rounds(tmp_path, 
     """int8 scripted 1% faster than the fp32 plan: inside `race_close` of the 3% a lower precision must gain, so
     the screen times it again over `race_rounds + race_extra` rounds before leaving it unjudged."""
     from dioe import timing
-    model, x, calib = _model()
+    model, x, calib = outlier_model()
     real, rounds = timing.side_by_side, []
 
     def scripted(runs, flat, **kw):
@@ -214,7 +186,7 @@ def test_int8_mixes_with_bf16_where_bf16_met_the_budget_whole(tmp_path, monkeypa
     pytest.importorskip("torchao")
     # no residual add: torchao's x86 fusion pass fails on linear -> relu -> add in int8 (a build failure DIOE
     # reports as such), which is not what this test is about
-    model, x, calib = _model(residual=False)
+    model, x, calib = outlier_model(residual=False)
     _script_low_faster(monkeypatch)
     pool = dioe.ResourcePool.discover(POOLS / "standin-inductor-lowp.yaml")
 
@@ -249,7 +221,7 @@ def test_int8_mixes_with_bf16_where_bf16_met_the_budget_whole(tmp_path, monkeypa
     assert warm.precision_search.reused and [(p.precision, p.reason) for p in warm.plan.partitions] == \
         [(p.precision, p.reason) for p in parts]
     # no outlier: int8 meets the budget whole, and bf16, raced 1.6x its time, is not judged
-    plain, _, _ = _model(residual=False, outlier=None)
+    plain, _, _ = outlier_model(residual=False, outlier=None)
     opt = optimize(plain, tmp_path / "plain")
     by = {c.label: c for c in opt.precision_search.candidates}
     assert by["inductor@cpu0/int8"].report.met and opt.plan.partitions[0].precision == "int8", by

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import eager, script_int8_faster
+from helpers import eager, outlier_model, script_int8_faster
 
 import dioe
 from dioe import precision as precisions
@@ -105,6 +105,32 @@ def test_serves_fp32_then_promotes_from_served_inputs_and_demotes_a_corrupt_cand
     assert not opt.live._thread.is_alive()
     with pytest.raises(dioe.DIOEError, match="this live model is closed"):
         opt(x)
+
+
+def test_an_int8_graph_that_misses_the_budget_whole_is_promoted_as_a_mix(int8_is_faster, tmp_path):
+    """Live, as at optimize: int8 over the whole graph misses the budget on the shadow samples, so the part holding
+    the wide-range block stays fp32 and the others run int8; that mix is what is promoted."""
+    model, x, _ = outlier_model()
+    s = dioe.Settings(live_after_calls=8, live_shadow_every=1, calibration_samples=16, timing_budget_s=0.2,
+                      race_rounds=2, race_extra=0, race_repeats=20, cache_dir=tmp_path)
+    budget = dioe.Budget(cosine=0.999, samples=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dioe.optimize(model, (x,), backends=["onnxruntime"], precision="live", settings=s, accuracy=budget)
+    try:
+        g = torch.Generator().manual_seed(1)
+        _serve_until(opt, "promoted", lambda: torch.randn(2, 64, generator=g))
+        parts = opt.plan.partitions
+        assert len(parts) >= 2 and {p.precision for p in parts} == {"int8", "fp32"}, opt.plan.summary()
+        sensitive = next(p for p in parts if any(seg.endswith(":2.fc") for seg in p.segments))
+        assert sensitive.precision == "fp32", opt.plan.summary()
+        stats = opt.stats["precision"]
+        assert stats["events"][-1]["event"] == "promoted" and "mixed precision" in stats["events"][-1]["why"]
+        assert stats["serving"] == f"{len(parts)}-partition fp32+int8 plan", stats["serving"]
+        fresh = [torch.randn(2, 64, generator=g) for _ in range(16)]
+        assert evaluate(budget, [(eager(model, (f,)),) for f in fresh], [(opt(f),) for f in fresh]).met
+    finally:
+        opt.close()
 
 
 def test_inputs_that_drift_from_the_int8_calibration_demote_it(int8_is_faster):
