@@ -217,6 +217,27 @@ def test_rows_that_must_all_run_now_go_in_the_chunks_their_plans_run_fastest(tin
         assert_matches_eager(eager(model, (x,)), out, rtol=1e-4)
 
 
+def test_chunks_are_made_of_built_buckets_only_and_follow_a_plan_whose_time_changes(tiny_mlp):
+    from dataclasses import replace
+
+    from dioe.serve.buckets import Buckets
+
+    model, _, opt = tiny_mlp
+    buckets = Buckets(opt, model=model, max_batch_size=8, optimize_options=OPTIONS)
+    eight = buckets.plan(buckets.longest(8))   # built: the given plan for 1 and this one; not 2 or 4
+    given = opt.plan
+    try:
+        opt.plan, eight.plan = replace(given, measured_ms=1.0), replace(eight.plan, measured_ms=8.0)
+        assert buckets.chunk_sizes(5) == [1] * 5 and buckets.chunk_sizes(13) == [8] + [1] * 5
+        eight.plan = replace(eight.plan, measured_ms=4.4)   # a live plan promoted: its bucket's time changes
+        assert buckets.chunk_sizes(5) == [5]
+    finally:
+        opt.plan = given
+    # rows no chunks of built buckets make up: the plain chunking, not an error
+    times = {k: None if k == 1 else float(k) for k in range(1, 9)}
+    assert buckets._least_time(3, times) == [3] and sum(buckets._least_time(13, times)) == 13
+
+
 def test_requests_of_one_batch_own_their_outputs(tiny_mlp):
     """Each request's outputs are its own: editing one in place changes no other request's, and a later batch
     (whose engine may reuse its output buffers) changes neither."""

@@ -10,6 +10,7 @@ Both the in-process `Batcher` and the Ray Serve replicas run their batches throu
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from concurrent.futures import Future
@@ -91,7 +92,7 @@ class Buckets:
         self._lock = threading.Lock()
         self._rows: list[tuple] | None = None   # the given calibration data, one row each (`calibration_for`)
         self._failed: dict[Bucket, str] = {}     # buckets whose optimize failed, and why
-        self._chunks: dict[tuple, list[int]] = {}   # `chunk_sizes`, by rows and plans built
+        self._chunks: dict[tuple, list[int]] = {}   # `chunk_sizes`, by rows and the buckets' times
 
     # -- requests ----------------------------------------------------------------------------------------------
     def check(self, inputs: Sequence) -> tuple[int, int | None]:
@@ -156,27 +157,30 @@ class Buckets:
     def chunk_sizes(self, rows: int) -> list[int]:
         """How to run `rows` rows that must all be answered now (what Ray Serve's `@serve.batch` hands a replica):
         as chunks of at most max_batch_size rows, or as the chunks whose bucket plans take the least time in all,
-        where that saves more than the split margin of it. 5 rows padded to a plan for 8 pay for 8; plans for 2, 2
-        and 1 may take less. Decided on the plans' measured times, so only between buckets already built."""
-        key = (rows, len(self._plans))   # plans are only ever added
+        where that saves more than the split margin of it. 5 rows padded to a plan for 8 pay for 8; where time
+        grows with the rows, plans for 4 and 1 take less. Decided on the plans' measured times, so only between
+        buckets already built."""
+        times = tuple(self._measured_ms(self.longest(k)) for k in range(1, self.max_batch_size + 1))
+        key = (rows, times)   # a live plan's promotion changes its time, not the buckets
         got = self._chunks.get(key)
         if got is None:
-            got = self._chunks[key] = self._least_time(rows)
+            got = self._chunks[key] = self._least_time(rows, dict(enumerate(times, start=1)))
         return list(got)
 
-    def _least_time(self, rows: int) -> list[int]:
+    def _least_time(self, rows: int, times: dict[int, float | None]) -> list[int]:
         default = [min(self.max_batch_size, rows - i) for i in range(0, rows, self.max_batch_size)]
-        times = {k: self._measured_ms(self.longest(k)) for k in range(1, self.max_batch_size + 1)}
         if any(times[k] is None for k in default):
             return default
-        # best[n]: the least time for n rows, in the fewest chunks of those that take it, and the chunks
+        # best[n]: the least time for n rows (rounded, so that sums equal but for float error tie), in the fewest
+        # chunks of those that take it, and the chunks; inf where n rows cannot be made of built buckets
         best: list[tuple[float, int, list[int]]] = [(0.0, 0, [])]
         for n in range(1, rows + 1):
-            best.append(min((best[n - k][0] + times[k], best[n - k][1] + 1, best[n - k][2] + [k])
-                            for k in range(1, min(n, self.max_batch_size) + 1) if times[k] is not None))
+            best.append(min(((round(best[n - k][0] + times[k], 9), best[n - k][1] + 1, best[n - k][2] + [k])
+                             for k in range(1, min(n, self.max_batch_size) + 1)
+                             if times[k] is not None and best[n - k][0] < math.inf), default=(math.inf, 0, [])))
         took, _, chunks = best[rows]
-        return sorted(chunks, reverse=True) if took < (1 - Settings.split_margin) * sum(times[k] for k in default) \
-            else default
+        margin = (self.options.get("settings") or Settings()).split_margin
+        return sorted(chunks, reverse=True) if took < (1 - margin) * sum(times[k] for k in default) else default
 
     def _measured_ms(self, bucket: Bucket) -> float | None:
         opt = self._plans.get(bucket)
