@@ -85,6 +85,7 @@ def warm_start(job: Job, plan: Plan, race_verdict: racing.Verdict, *, precision:
         f"{show_ms(med[racing.EAGER])} ms"]
     # the search kept fast-half times only: the fp32 plan's stands for its median as the runner-up's time
     promoted = precisions.promoted_plan(plan, cand, won, searched, {**searched, won.label: med[racing.PLAN]}, notes)
+    _keep_example(verdict, won, promoted)
     cand.plan = replace(promoted, eager_ms=round_ms(med[racing.EAGER]))
     cand.race = racing.RaceRecord({k: tuple(v) for k, v in rounds.items()}, fast, med, racing.PLAN,
                                   reused=race_verdict.path.name)
@@ -112,7 +113,20 @@ def reuse(opt: Optimized, job: Job, verdict: Verdict, samples: Samples,
         cand.runtime.close()
         return None  # it no longer wins here (another load on the machine, a changed engine): search again
     notes.append(f"timed again against fp32 (faster half of rounds): {precisions._race_report(fast)}")
-    return precisions._promote(opt, cand, won, fast, med, notes, replace(rec, fast_ms=fast))
+    got = precisions._promote(opt, cand, won, fast, med, notes, replace(rec, fast_ms=fast))
+    _keep_example(verdict, won, got.plan)
+    return got
+
+
+def _keep_example(verdict: Verdict, won: Candidate, plan: Plan) -> None:
+    """Where the verdict (saved before winners recorded it) lacks the winner's agreement on the inputs a load
+    makes up, which `plan` has just measured, save it in, so that the next warm optimize does not measure it."""
+    example = (plan.accuracy or {}).get("example")
+    if won.example is not None or example is None:
+        return
+    rec = verdict.record
+    verdict.save(replace(rec, candidates=tuple(replace(c, example=tuple(example)) if c.label == won.label else c
+                                               for c in rec.candidates)), verdict.notes)
 
 
 def hand_on(inputs: precisions.Inputs, verdict_path, won: Candidate, cand: Optimized) -> None:

@@ -168,8 +168,20 @@ def test_a_warm_optimize_reuses_the_precision_verdict_and_searches_again_when_it
     assert [p.choice for p in warm.plan.partitions] == [p.choice for p in cold.plan.partitions]
     assert warm.plan.accuracy == cold.plan.accuracy and any("verdict reused" in n for n in warm.plan.notes)
     torch.testing.assert_close(warm(x), cold(x), rtol=0, atol=0)
-    # a verdict whose worst sample the engine cannot reproduce (here: claimed better than exact) is not trusted
+    # a verdict saved before winners recorded their example agreement: measured once, then kept in it
     (path,) = (tmp_path / "profiles").glob("*.precision.json")
+    data = json.loads(path.read_text())
+    for c in data["record"]["candidates"]:
+        c.pop("example", None)
+    path.write_text(integrity.dumps_checked(data))
+    examples[:] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            again = dioe.optimize(model, (x,), **kw)
+            assert again.precision_search.reused and again.plan.accuracy == cold.plan.accuracy
+    assert examples == [1], examples
+    # a verdict whose worst sample the engine cannot reproduce (here: claimed better than exact) is not trusted
     data = json.loads(path.read_text())
     for c in data["record"]["candidates"]:
         for r in (c["report"] or {"results": []})["results"]:
