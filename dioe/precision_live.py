@@ -331,8 +331,8 @@ class LivePrecision:
         out = []
         for label in [k for k in missed if speed.get(k, 1.0) > 1 - margin]:
             missed.pop(label).runtime.close()
-            out.append(Candidate(Choice.parse(label), None, "not mixed: its whole graph did "
-                                            f"not race {margin:.0%} faster than the fp32 plan"))
+            out.append(Candidate(Choice.parse(label), None,
+                                 f"not mixed: its whole graph did not race {margin:.0%} faster than the fp32 plan"))
         return out + precisions.mix(job, missed, built, samples, self.budget, reference, speed)
 
     def _check(self, serving: Optimized, flat: tuple, got: tuple) -> None:
