@@ -89,7 +89,8 @@ def zoo_calibration(name: str, *, small: bool, max_batch_size: int) -> list[tupl
 def load_model(spec: str | None, *, small: bool, model_spec: str | None = None, precision: str = "fp32",
                backends=None, quiet: bool = False, max_batch_size: int = 1):
     """(model, example inputs, optimized, optimize options) for a zoo name, package.module:function or plan;
-    below fp32, a zoo model is calibrated on the zoo's data, enough for buckets up to `max_batch_size`."""
+    below fp32, a zoo model (or a plan of one) is calibrated on the zoo's data, enough for buckets up to
+    `max_batch_size`."""
     from .. import zoo
     from ..pipeline import load, optimize
     from ..plan import Plan
@@ -109,6 +110,10 @@ def load_model(spec: str | None, *, small: bool, model_spec: str | None = None, 
         model, inputs = zoo.resolve(model_spec or plan.model, size=size)
         opt = load(spec, model)
         options["precision"] = "fp32" if all(p.precision == "fp32" for p in plan.partitions) else "auto"
+        calibration = zoo_calibration(model_spec or plan.model, small=small, max_batch_size=max_batch_size) \
+            if options["precision"] != "fp32" else None
+        if calibration is not None:   # the buckets the plan does not cover are judged as a MODEL's are
+            options["calibration"] = calibration
         return model, inputs, opt, options
     model, inputs = zoo.resolve(spec, size=size)
     calibration = zoo_calibration(spec, small=small, max_batch_size=max_batch_size) if precision != "fp32" else None
