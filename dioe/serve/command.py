@@ -174,10 +174,13 @@ def cmd_loadtest(args) -> int:
         from .http import make_app, start
         from .metrics import PrometheusMetrics
 
-        model, inputs, opt, options = load_model(args.target, small=args.small, model_spec=args.model_spec)
+        model, inputs, opt, options = load_model(args.target, small=args.small, model_spec=args.model_spec,
+                                                 max_batch_size=args.max_batch_size)
         metrics = PrometheusMetrics(opt.captured.name)
         with make_batcher(opt, model, options, args, metrics) as batcher, \
                 start(make_app(batcher, metrics)) as url:
+            # every bucket's plan before the load starts: its first batches would otherwise time optimize
+            batcher.buckets.build()
             body = (encode_inputs_binary if args.binary else encode_inputs_json)(opt.captured.input_names, inputs)
             result = closed_loop(http_caller(url, batcher.name, body, binary=args.binary), [None],
                                  concurrency=args.concurrency, duration_s=args.duration, rate=args.rate,
