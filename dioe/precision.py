@@ -137,11 +137,11 @@ def choose(opt: Optimized, job: Job, *, precision: str, budget: Budget | None, c
     notes += said
     if best == FP32:
         return keep_fp32(fast)
-    example = example_agreement(built[best], next(c for c in tried if c.label == best).report.to_dict())
-    # in the saved verdict, so that a warm optimize does not measure it again
-    tried = [replace(c, example=example and tuple(example)) if c.label == best else c for c in tried]
-    won = next(c for c in tried if c.label == best)
     rec = PrecisionRecord(budget, samples.source, tuple(tried), None, fast, best)
+    # in the saved verdict, so that a warm optimize does not measure it again
+    rec = rec.with_example(best, example_agreement(built[best], next(c for c in tried if c.label == best)
+                                                   .report.to_dict()))
+    won = next(c for c in rec.candidates if c.label == best)
     verdict.save(rec, notes)
     return _promote(opt, built[best], won, fast, med, notes, rec)
 

@@ -8,7 +8,7 @@ cached beside the profile (`Verdict`), so that a warm optimize judges nothing ag
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from . import integrity
@@ -75,6 +75,12 @@ class PrecisionRecord:
                                               for c in d["candidates"]),
                    d["fp32"] and AccuracyReport.from_dict(d["fp32"]), {k: float(v) for k, v in d["fast_ms"].items()},
                    str(d["winner"]), reused)
+
+    def with_example(self, label: str, example) -> "PrecisionRecord":
+        """This record with candidate `label`'s agreement on the inputs `dioe.load` makes up (None: none made)."""
+        got = None if example is None else tuple(example)
+        return replace(self, candidates=tuple(replace(c, example=got) if c.label == label else c
+                                              for c in self.candidates))
 
     @property
     def kept(self) -> tuple[Candidate, ...]:

@@ -124,9 +124,7 @@ def _keep_example(verdict: Verdict, won: Candidate, plan: Plan) -> None:
     example = (plan.accuracy or {}).get("example")
     if won.example is not None or example is None:
         return
-    rec = verdict.record
-    verdict.save(replace(rec, candidates=tuple(replace(c, example=tuple(example)) if c.label == won.label else c
-                                               for c in rec.candidates)), verdict.notes)
+    verdict.save(verdict.record.with_example(won.label, example), verdict.notes)
 
 
 def hand_on(inputs: precisions.Inputs, verdict_path, won: Candidate, cand: Optimized) -> None:

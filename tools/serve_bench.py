@@ -23,7 +23,7 @@ import dioe
 from dioe.files import write_text
 from dioe.serve import Batcher
 from dioe.serve.buckets import engines
-from dioe.serve.command import zoo_calibration
+from dioe.serve.command import calibrated
 from dioe.serve.http import make_app, start
 from dioe.serve.loadgen import closed_loop, plot
 from dioe.serve.metrics import PrometheusMetrics
@@ -169,11 +169,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     model, inputs = dioe.zoo.load(args.model, size="small" if args.small else "full")
     # below fp32, every bucket is calibrated and judged on the zoo's data where it has some, as `dioe serve` does
-    options = {"precision": args.precision}
-    data = zoo_calibration(args.model, small=args.small, max_batch_size=args.max_batch_size) \
-        if args.precision != "fp32" else None
-    if data is not None:
-        options["calibration"] = data
+    options = calibrated({"precision": args.precision}, args.model, small=args.small,
+                         max_batch_size=args.max_batch_size)
     opt = dioe.optimize(model, inputs, name=args.model, **options)
     knobs = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms}
     plan_path = opt.save(Path(tempfile.mkdtemp()) / f"{args.model}.plan.json")

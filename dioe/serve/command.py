@@ -66,6 +66,14 @@ def add_parsers(sub) -> None:
     t.set_defaults(fn=cmd_loadtest)
 
 
+def calibrated(options: dict, name: str, *, small: bool, max_batch_size: int) -> dict:
+    """`options` (optimize's) with the zoo's calibration data for `name` (`zoo_calibration`) where they ask for a
+    precision below fp32 and the zoo has some."""
+    data = zoo_calibration(name, small=small, max_batch_size=max_batch_size) \
+        if options.get("precision", "auto") != "fp32" else None
+    return options if data is None else {**options, "calibration": data}
+
+
 def zoo_calibration(name: str, *, small: bool, max_batch_size: int) -> list[tuple] | None:
     """The zoo's realistic calibration inputs for `name` (None where it has none), enough rows for every bucket
     up to `max_batch_size` (`Buckets.calibration_for` deals them into each bucket's batch): served plans are
@@ -110,15 +118,11 @@ def load_model(spec: str | None, *, small: bool, model_spec: str | None = None, 
         model, inputs = zoo.resolve(model_spec or plan.model, size=size)
         opt = load(spec, model)
         options["precision"] = "fp32" if all(p.precision == "fp32" for p in plan.partitions) else "auto"
-        calibration = zoo_calibration(model_spec or plan.model, small=small, max_batch_size=max_batch_size) \
-            if options["precision"] != "fp32" else None
-        if calibration is not None:   # the buckets the plan does not cover are judged as a MODEL's are
-            options["calibration"] = calibration
-        return model, inputs, opt, options
+        # the buckets the plan does not cover are judged as a MODEL's are
+        return model, inputs, opt, calibrated(options, model_spec or plan.model, small=small,
+                                              max_batch_size=max_batch_size)
     model, inputs = zoo.resolve(spec, size=size)
-    calibration = zoo_calibration(spec, small=small, max_batch_size=max_batch_size) if precision != "fp32" else None
-    if calibration is not None:
-        options["calibration"] = calibration
+    options = calibrated(options, spec, small=small, max_batch_size=max_batch_size)
     return model, inputs, optimize(model, inputs, name=spec, progress=not quiet, **options), options
 
 
